@@ -1,0 +1,89 @@
+"""One registry from model names to builders, as torchvision's `get_model` and timm's `create_model`.
+
+A checkpoint stores `{"name": ..., "kwargs": ...}`; `build(name, **kwargs)` turns that back into the module.
+"""
+import inspect
+import re
+from typing import Callable
+
+import torch.nn as nn
+
+_BUILDERS: dict[str, Callable[..., nn.Module]] = {}
+_PLAIN_ALIAS = re.compile(r"plain(\d+)$")
+
+
+class ModelError(ValueError):
+    """An unknown model name or an argument the builder does not take: the user's mistake, not a bug."""
+
+
+def register(name: str):
+    def decorator(builder):
+        if name in _BUILDERS:
+            raise ValueError(f"model {name!r} is already registered")
+        _BUILDERS[name] = builder
+        return builder
+    return decorator
+
+
+def _resolve(name: str, kwargs: dict) -> tuple[str, dict]:
+    """Turn the alias `plainNN` into `resnetNN` with `skip=False`."""
+    match = _PLAIN_ALIAS.match(name)
+    if match and f"resnet{match.group(1)}" in _BUILDERS:
+        if kwargs.get("skip", False):
+            raise ModelError(f"{name} is the network without skip connections; it cannot take skip=True")
+        return f"resnet{match.group(1)}", {**kwargs, "skip": False}
+    return name, kwargs
+
+
+def available() -> list[str]:
+    """Every name `build` accepts, the `plainNN` aliases included."""
+    aliases = [f"plain{name[len('resnet'):]}" for name in _BUILDERS if re.fullmatch(r"resnet\d+", name)]
+    return sorted(list(_BUILDERS) + aliases, key=_natural_key)
+
+
+def _natural_key(name: str):
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def canonical(name: str, **kwargs) -> tuple[str, dict]:
+    """The registered name and the keyword arguments that build `name`, checked against the builder."""
+    name, kwargs = _resolve(name, kwargs)
+    if name not in _BUILDERS:
+        raise ModelError(f"unknown model {name!r}; choose one of: {', '.join(available())}")
+    accepted = inspect.signature(_BUILDERS[name]).parameters
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise ModelError(f"{name} does not take {', '.join(unknown)}; it takes: {', '.join(accepted)}")
+    return name, kwargs
+
+
+def build(name: str, **kwargs) -> nn.Module:
+    name, kwargs = canonical(name, **kwargs)
+    return _BUILDERS[name](**kwargs)
+
+
+def label(name: str, kwargs: dict | None = None) -> str:
+    """The model's label in datasets and figures: `plain56` / `resnet56` / `vgg16`."""
+    name, kwargs = _resolve(name, dict(kwargs or {}))
+    if name == "cifar_resnet":
+        name = f"resnet{kwargs.get('depth', 20)}"
+    if name.startswith("resnet") and kwargs.get("skip", True) is False:
+        return "plain" + name[len("resnet"):]
+    return name
+
+
+def response_layers(model: nn.Module) -> list[str]:
+    """The paper's "responses" (Fig. 7): the normalisation layer right after each 3x3 convolution.
+
+    Leaf modules are visited in registration order, which is forward order in this package's models and in
+    torchvision's. A module counts when it directly follows a 3x3 conv and is a BatchNorm, or the Identity
+    that stands in its place in a model built with `bn=False`.
+    """
+    names, previous_is_3x3 = [], False
+    for name, module in model.named_modules():
+        if list(module.children()):
+            continue
+        if previous_is_3x3 and isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.Identity)):
+            names.append(name)
+        previous_is_3x3 = isinstance(module, nn.Conv2d) and module.kernel_size == (3, 3)
+    return names

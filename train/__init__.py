@@ -1,0 +1,1 @@
+"""Data, checkpoints and the trainer (`python -m train`). Imports `models` only."""

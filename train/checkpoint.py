@@ -1,0 +1,271 @@
+"""Checkpoints and run directories (DESIGN.md §2): save atomically, load safely, rebuild the model.
+
+A checkpoint holds only what `torch.load(path, weights_only=True)` reads: tensors, dicts, lists, strings,
+numbers, bools and None. Nothing in a file can run code when we load it. Files other projects wrote (a bare
+`state_dict`, akamaster's CIFAR ResNets, torchvision's ResNets) are accepted with an explicit model name; their
+keys are mapped onto ours here, once, before the model sees them.
+"""
+import os
+import pickle
+import re
+import subprocess
+import sys
+import tempfile
+import zipfile
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+import models
+
+from .data import DatasetSpec, get_spec
+from .errors import UserError
+
+FORMAT = "resnet-diagnostics/1"
+FORMAT_VERSION = 1
+EPOCH_FILE = re.compile(r"epoch_(\d+)\.pt$")
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+@contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside `path`; on success it replaces `path` whole, on any failure it vanishes,
+    so a reader finds the old file or the new one, never half of one."""
+    path = Path(path)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        yield Path(temporary)
+        with open(temporary, "rb") as file:
+            os.fsync(file.fileno())
+        os.chmod(temporary, 0o666 & ~_UMASK)  # mkstemp makes files private; outputs are ordinary files
+        os.replace(temporary, path)
+    except BaseException:
+        with suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+
+
+def save(checkpoint: dict, path) -> None:
+    with atomic_path(path) as temporary:
+        torch.save(checkpoint, temporary)
+
+
+def provenance() -> dict:
+    import torchvision
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                                text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {
+        "software": {"resnet-diagnostics": models.__version__, "torch": torch.__version__,
+                     "torchvision": torchvision.__version__},
+        "argv": list(sys.argv),
+        "git_commit": commit,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading
+
+
+def read(path) -> dict:
+    """`torch.load(weights_only=True)` with every way a user's file can be wrong turned into one line."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path} does not exist; give a checkpoint file (.pt) or a run directory")
+    if path.is_dir():
+        raise UserError(f"{path} is a directory without config.json, not a run directory; give a checkpoint "
+                        "file or the folder `python -m train --out` wrote")
+    if path.stat().st_size == 0:
+        raise UserError(f"{path} is empty; it is not a checkpoint (was the copy interrupted?)")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+            raise UserError(f"{path} holds Python objects other than tensors and plain data, so it was not "
+                            "loaded (loading it could run code); re-save its state_dict with torch.save") from None
+        raise UserError(f"{path} is not a PyTorch checkpoint (it cannot be unpickled)") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+        reason = "truncated or corrupt" if "zip" in str(exc).lower() or isinstance(exc, EOFError) else "unreadable"
+        raise UserError(f"{path} is {reason} as a PyTorch checkpoint ({str(exc).splitlines()[0][:120]}); "
+                        "copy it again") from None
+    if not isinstance(checkpoint, dict):
+        raise UserError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dict or state_dict")
+    return checkpoint
+
+
+def is_own(checkpoint: dict) -> bool:
+    return isinstance(checkpoint.get("format"), str) and checkpoint["format"].startswith("resnet-diagnostics/")
+
+
+def _check_format(checkpoint: dict, path) -> None:
+    try:
+        version = int(checkpoint["format"].split("/", 1)[1])
+    except ValueError:
+        raise UserError(f"{path} has an unknown checkpoint format {checkpoint['format']!r}") from None
+    if version > FORMAT_VERSION:
+        raise UserError(f"{path} was written by a newer resnet-diagnostics (format {version}, this version reads "
+                        f"{FORMAT_VERSION}); upgrade with pip install -U resnet-diagnostics")
+
+
+def check_finite(state_dict: dict, path) -> None:
+    for key, value in state_dict.items():
+        if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all():
+            raise UserError(f"{path} has non-finite values (NaN or inf) in {key}; the run diverged before this "
+                            "checkpoint: use an earlier epoch's file")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Foreign files: a bare state_dict, akamaster's {"state_dict", "best_prec1"}, torchvision's ResNets
+
+_FOREIGN_KEYS = [  # (pattern, replacement), applied in order to each key
+    (re.compile(r"^(module\.|_orig_mod\.)+"), ""),  # DataParallel / DDP / torch.compile wrappers
+    (re.compile(r"^conv1\."), "stem.conv."),
+    (re.compile(r"^bn1\."), "stem.bn."),
+    (re.compile(r"^layer(\d+)\.(\d+)\."), lambda m: f"stage{m[1]}.block{int(m[2]) + 1}."),
+    (re.compile(r"\.(downsample|shortcut)\.0\."), ".shortcut.conv."),
+    (re.compile(r"\.(downsample|shortcut)\.1\."), ".shortcut.bn."),
+    (re.compile(r"^linear\."), "fc."),
+]
+
+
+def foreign_state_dict(checkpoint: dict, path) -> dict:
+    """The tensors of a foreign file, with its layout's names mapped onto this package's (README: "Foreign
+    checkpoints"): akamaster's `module.conv1`, `module.layer1.0.conv1`, `module.linear`; torchvision's
+    `conv1`, `layer1.0.downsample.0`, `fc`; and `module.`/`_orig_mod.` prefixes."""
+    for key in ("state_dict", "model", "model_state_dict", "net"):
+        if isinstance(checkpoint.get(key), dict):
+            checkpoint = checkpoint[key]
+            break
+    tensors = {k: v for k, v in checkpoint.items() if torch.is_tensor(v)}
+    if not tensors:
+        raise UserError(f"{path} holds no tensors under a known key; it is not a model checkpoint")
+    mapped = {}
+    for key, value in tensors.items():
+        for pattern, replacement in _FOREIGN_KEYS:
+            key = pattern.sub(replacement, key)
+        mapped[key] = value
+    return mapped
+
+
+def _load_weights(model: nn.Module, state_dict: dict, name: str, path) -> None:
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state_dict if k not in expected]
+    if missing or unexpected:
+        detail = "; ".join(part for part in (
+            f"missing {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}" if missing else "",
+            f"unexpected {', '.join(unexpected[:3])}{' ...' if len(unexpected) > 3 else ''}" if unexpected else "",
+        ) if part)
+        raise UserError(f"{path} does not hold the weights of {name} ({detail}); check --model")
+    for key, value in state_dict.items():
+        if value.shape != expected[key].shape:
+            raise UserError(f"{path} does not fit {name}: {key} is {tuple(value.shape)} in the file but "
+                            f"{tuple(expected[key].shape)} in the model; check --model")
+    model.load_state_dict(state_dict, strict=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# From a file to a model
+
+
+@dataclass
+class Loaded:
+    """A model rebuilt from a checkpoint, with what the analyses need to know about it."""
+    model: nn.Module
+    name: str
+    kwargs: dict
+    label: str
+    spec: DatasetSpec
+    path: str
+    epoch: int | None = None
+    config: dict | None = None
+    history: dict | None = None
+
+
+def _infer_dataset(state_dict: dict) -> str | None:
+    """The dataset a foreign model was most likely trained on, from its classifier and first conv."""
+    classes = next((v.shape[0] for k, v in state_dict.items() if k == "fc.weight"), None)
+    first_conv = next((v for k, v in state_dict.items() if v.ndim == 4), None)
+    channels = first_conv.shape[1] if first_conv is not None else None
+    return {(10, 3): "cifar10", (100, 3): "cifar100", (3, 3): "mini-cifar10", (10, 1): "fashion-mnist",
+            (4, 3): "synthetic"}.get((classes, channels))
+
+
+def load(path, model_name: str | None = None, dataset: str | None = None, mean=None, std=None,
+         device="cpu") -> Loaded:
+    """Rebuild the model of a checkpoint, in eval mode on `device`.
+
+    Our checkpoints carry the model's name and arguments and the dataset's statistics. A foreign file needs
+    `model_name`; its number of classes and input channels are read off its weights, and its normalisation is
+    the dataset's standard one unless `mean`/`std` say otherwise.
+    """
+    checkpoint = read(path)
+    if is_own(checkpoint):
+        _check_format(checkpoint, path)
+        name, kwargs = checkpoint["model"]["name"], dict(checkpoint["model"]["kwargs"])
+        if model_name is not None and models.canonical(model_name)[0] != name:
+            raise UserError(f"{path} is a {models.label(name, kwargs)} checkpoint; drop --model {model_name}")
+        state_dict = checkpoint["state_dict"]
+        spec_dict = dict(checkpoint["dataset"])
+        spec = DatasetSpec(**{**spec_dict, "mean": tuple(spec_dict["mean"]), "std": tuple(spec_dict["std"]),
+                              "classes": tuple(spec_dict["classes"])})
+        if dataset is not None and dataset != spec.name:
+            raise UserError(f"{path} was trained on {spec.name}; drop --dataset {dataset}")
+        extra = {"epoch": checkpoint.get("epoch"), "config": checkpoint.get("config"),
+                 "history": checkpoint.get("history")}
+    else:
+        if model_name is None:
+            raise UserError(f"{path} is not a resnet-diagnostics checkpoint; say which model its weights are for "
+                            "with --model NAME (e.g. --model resnet56)")
+        state_dict = foreign_state_dict(checkpoint, path)
+        dataset = dataset or _infer_dataset(state_dict)
+        if dataset is None:
+            raise UserError(f"cannot tell which dataset {path} was trained on; give --dataset NAME")
+        spec = get_spec(dataset)
+        name, kwargs = models.canonical(model_name)
+        first_conv = next(v for v in state_dict.values() if v.ndim == 4)
+        fc = state_dict.get("fc.weight")
+        kwargs = {**kwargs, "in_channels": first_conv.shape[1],
+                  "num_classes": fc.shape[0] if fc is not None else spec.num_classes}
+        extra = {}
+    check_finite(state_dict, path)
+    model = models.build(name, **kwargs)
+    _load_weights(model, state_dict, models.label(name, kwargs), path)
+    if mean is not None or std is not None:
+        if mean is None or std is None or len(mean) != spec.in_channels or len(std) != spec.in_channels:
+            raise UserError(f"--mean and --std need {spec.in_channels} value(s) each, for the dataset's channels")
+        spec = replace(spec, mean=tuple(mean), std=tuple(std))
+    model.to(device).eval()
+    return Loaded(model, name, kwargs, models.label(name, kwargs), spec, str(path), **extra)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Run directories
+
+
+def is_run_dir(path) -> bool:
+    return Path(path).is_dir() and (Path(path) / "config.json").is_file()
+
+
+def epoch_files(run_dir) -> list[Path]:
+    """The run's epoch checkpoints in numeric order."""
+    found = [(int(m.group(1)), p) for p in Path(run_dir).iterdir() if (m := EPOCH_FILE.match(p.name))]
+    return [path for _, path in sorted(found)]
+
+
+def run_checkpoints(run_dir) -> list[Path]:
+    """What tools read from a run: its epoch files in order, or `last.pt` where there are none."""
+    files = epoch_files(run_dir) or [p for p in [Path(run_dir) / "last.pt"] if p.is_file()]
+    if not files:
+        raise UserError(f"{run_dir} holds no checkpoints yet (no epoch_NNN.pt or last.pt); let the run finish "
+                        "an epoch, or point at another run")
+    return files

@@ -1,0 +1,383 @@
+"""Datasets by name, loaded whole as uint8 tensors, and the batches the trainer and the analyses use.
+
+Training batches are made on the device from a device-resident uint8 copy of the dataset: crop, flip and
+cutout for the whole batch at once, as the fastest CIFAR trainers (airbench) do; there is no per-image Python
+on the hot path. AutoAugment's policy is per image, so that preset runs the policy in DataLoader workers and
+the rest on the device.
+
+Files are read by this module, not by torchvision's dataset classes: torchvision checks CIFAR's md5 sums (so
+tests could not use tiny files in the real format) and unpickles with no restriction (so a planted file could
+run code). torchvision is used for what it is good at: downloading, where the network allows.
+"""
+import gzip
+import os
+import pickle
+import struct
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import UserError
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+CIFAR100_CLASSES = tuple("""apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus
+butterfly camel can castle caterpillar cattle chair chimpanzee clock cloud cockroach couch crab crocodile cup
+dinosaur dolphin elephant flatfish forest fox girl hamster house kangaroo keyboard lamp lawn_mower leopard lion
+lizard lobster man maple_tree motorcycle mountain mouse mushroom oak_tree orange orchid otter palm_tree pear
+pickup_truck pine_tree plain plate poppy porcupine possum rabbit raccoon ray road rocket rose sea seal shark shrew
+skunk skyscraper snail snake spider squirrel streetcar sunflower sweet_pepper table tank telephone television
+tiger tractor train trout tulip turtle wardrobe whale willow_tree wolf woman worm""".split())
+FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                   "Ankle boot")
+MINI_CIFAR10_LABELS = (0, 1, 2)  # airplane, automobile, bird
+SYNTHETIC_SIZES = {"train": 1024, "test": 256}
+AUGMENTATIONS = ("none", "crop-flip", "cutout", "autoaugment")
+SPLITS = ("train", "val", "test")
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """What a model trained on the dataset needs to know; stored in every checkpoint."""
+    name: str
+    num_classes: int
+    in_channels: int
+    image_size: int
+    mean: tuple[float, ...]  # per channel, of pixel values in [0, 1], over the training images
+    std: tuple[float, ...]
+    classes: tuple[str, ...]
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "mean": list(self.mean), "std": list(self.std), "classes": list(self.classes)}
+
+
+SPECS = {
+    "cifar10": DatasetSpec("cifar10", 10, 3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
+                           CIFAR10_CLASSES),
+    "cifar100": DatasetSpec("cifar100", 100, 3, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762),
+                            CIFAR100_CLASSES),
+    # CIFAR-10's statistics: the three classes are a subset of the same photographs.
+    "mini-cifar10": DatasetSpec("mini-cifar10", 3, 3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
+                                CIFAR10_CLASSES[:3]),
+    # Measured over the 60,000 training images after padding 28x28 to 32x32 with zeros.
+    "fashion-mnist": DatasetSpec("fashion-mnist", 10, 1, 32, (0.2190,), (0.3318,), FASHION_CLASSES),
+    "synthetic": DatasetSpec("synthetic", 4, 3, 32, (0.5, 0.5, 0.5), (0.155, 0.155, 0.155),
+                             ("stripes-horizontal", "stripes-vertical", "checkerboard", "rings")),
+}
+
+
+def get_spec(name: str) -> DatasetSpec:
+    if name not in SPECS:
+        raise UserError(f"unknown dataset {name!r}; choose one of: {', '.join(SPECS)}")
+    return SPECS[name]
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("RESNET_DIAG_DATA", "./data"))
+
+
+@dataclass
+class Images:
+    images: torch.Tensor  # uint8, (N, C, H, W)
+    labels: torch.Tensor  # int64, (N,)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index) -> "Images":
+        return Images(self.images[index], self.labels[index])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading the files
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles CIFAR's batches (dicts of lists and numpy arrays) and refuses any other global."""
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+    }
+
+    def find_class(self, module, name):
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"it refers to {module}.{name}, which a CIFAR batch never does")
+        if name == "_reconstruct":
+            return np.ndarray.__reduce__(np.zeros(0))[0]  # numpy's own reconstructor, whatever its module
+        return super().find_class(module, name)
+
+
+def _read_cifar_batch(path: Path, label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with open(path, "rb") as file:
+            batch = _ArrayUnpickler(file, encoding="bytes").load()
+        data = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        labels = np.asarray(batch[label_key], dtype=np.int64)
+    except Exception as exc:  # any defect of a file the user supplied is bad input, not a bug
+        raise UserError(f"{path} is not a CIFAR batch file ({exc}); delete it and run again to download "
+                        "a fresh copy") from None
+    if len(data) != len(labels):
+        raise UserError(f"{path} has {len(data)} images but {len(labels)} labels; delete it and download again")
+    return data, labels
+
+
+def _read_cifar(name: str, split: str, data_dir: Path, download: bool) -> Images:
+    folder, files, label_key = {
+        "cifar10": ("cifar-10-batches-py", {"train": [f"data_batch_{i}" for i in range(1, 6)],
+                                            "test": ["test_batch"]}, b"labels"),
+        "cifar100": ("cifar-100-python", {"train": ["train"], "test": ["test"]}, b"fine_labels"),
+    }[name]
+    paths = [data_dir / folder / file for file in files[split]]
+    if not all(path.is_file() for path in paths):
+        _download(name, data_dir, download, f"{data_dir / folder}/ ({', '.join(files[split])})")
+    parts = [_read_cifar_batch(path, label_key) for path in paths]
+    images = torch.from_numpy(np.concatenate([data for data, _ in parts]))
+    labels = torch.from_numpy(np.concatenate([labels for _, labels in parts]))
+    return Images(images, labels)
+
+
+def _read_idx(path: Path, expected_dims: int) -> np.ndarray:
+    """An idx file (the MNIST format), gzipped or not."""
+    try:
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rb") as file:
+            raw = file.read()
+        zero, dtype_code, dims = struct.unpack(">HBB", raw[:4])
+        shape = struct.unpack(f">{dims}I", raw[4:4 + 4 * dims])
+        if zero != 0 or dtype_code != 0x08 or dims != expected_dims:
+            raise ValueError("its header is not that of a uint8 idx file")
+        data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * dims)
+        return data.reshape(shape)
+    except (OSError, EOFError, ValueError, struct.error) as exc:
+        raise UserError(f"{path} is not a readable idx file ({exc}); replace it with the original") from None
+
+
+def fashion_mnist_folders(data_dir: Path) -> list[Path]:
+    return [data_dir / "fashion-mnist", data_dir / "FashionMNIST" / "raw", DEBIAN_FASHION_MNIST]
+
+
+def _find_idx(folders: list[Path], stem: str) -> Path | None:
+    for folder in folders:
+        for path in (folder / stem, folder / f"{stem}.gz"):
+            if path.is_file():
+                return path
+    return None
+
+
+def _read_fashion_mnist(split: str, data_dir: Path, download: bool) -> Images:
+    prefix = "train" if split == "train" else "t10k"
+    stems = (f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte")
+    folders = fashion_mnist_folders(data_dir)
+    paths = [_find_idx(folders, stem) for stem in stems]
+    if None in paths:
+        _download("fashion-mnist", data_dir, download, " or ".join(f"{folder}/" for folder in folders) +
+                  " (or: apt-get install dataset-fashion-mnist)")
+        paths = [_find_idx(folders, stem) for stem in stems]
+    images, labels = _read_idx(paths[0], 3), _read_idx(paths[1], 1)
+    if len(images) != len(labels):
+        raise UserError(f"{paths[0]} has {len(images)} images but {paths[1]} has {len(labels)} labels")
+    images = torch.from_numpy(images.copy()).unsqueeze(1)
+    return Images(F.pad(images, (2, 2, 2, 2)), torch.from_numpy(labels.astype(np.int64)))
+
+
+def _download(name: str, data_dir: Path, download: bool, expected: str) -> None:
+    """torchvision's download, which checks the archive's md5; offline, one line on what to do instead."""
+    import torchvision.datasets as tvd
+    dataset_class = {"cifar10": tvd.CIFAR10, "mini-cifar10": tvd.CIFAR10, "cifar100": tvd.CIFAR100,
+                     "fashion-mnist": tvd.FashionMNIST}[name]
+    if download:
+        try:
+            for train in (True, False):
+                dataset_class(root=str(data_dir), train=train, download=True)
+            return
+        except Exception:  # offline, a proxy, a full disk: all mean "not here"; say where it must go
+            pass
+    raise UserError(f"{name} is not in {expected} and could not be downloaded; download it where the network "
+                    f"allows (torchvision.datasets.{dataset_class.__name__}(root='{data_dir}', download=True)) "
+                    "or point --data-dir at a folder that has it")
+
+
+def _synthetic(split: str) -> Images:
+    """Four kinds of texture (horizontal or vertical stripes, a checkerboard, rings) of random frequency, phase
+    and tint under noise: deterministic, tiny, learnable by a small CNN in a few epochs, and every class is
+    invariant to the crop-flip augmentation."""
+    n = SYNTHETIC_SIZES[split]
+    generator = torch.Generator().manual_seed(0 if split == "train" else 1)
+    labels = (torch.arange(n) % 4)[torch.randperm(n, generator=generator)]
+    frequency = (0.5 + 0.4 * torch.rand(n, generator=generator))[:, None, None]
+    phase = 2 * torch.pi * torch.rand(n, 2, generator=generator)
+    centre = 8 + 16 * torch.rand(n, 2, generator=generator)
+    y, x = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    rows = torch.sin(frequency * y + phase[:, :1, None])
+    cols = torch.sin(frequency * x + phase[:, 1:, None])
+    radius = torch.hypot(y - centre[:, :1, None], x - centre[:, 1:, None])
+    textures = torch.stack([rows, cols, rows * cols * 2, torch.sin(frequency * radius)], dim=1)
+    texture = textures[torch.arange(n), labels]
+    tint = 0.5 + 0.5 * torch.rand(n, 3, 1, 1, generator=generator)
+    noise = 0.3 * torch.randn(n, 3, 32, 32, generator=generator)
+    pixels = 0.5 + 0.25 * (tint * texture[:, None] + noise)
+    return Images((pixels.clamp(0, 1) * 255).round().to(torch.uint8), labels)
+
+
+def load_images(name: str, split: str, data_dir: Path | str | None = None, download: bool = True) -> Images:
+    """The whole `train` or `test` split of a dataset as uint8 tensors on the CPU."""
+    get_spec(name)
+    data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
+    if name == "synthetic":
+        return _synthetic(split)
+    if name == "fashion-mnist":
+        return _read_fashion_mnist(split, data_dir, download)
+    images = _read_cifar("cifar10" if name == "mini-cifar10" else name, split, data_dir, download)
+    if name == "mini-cifar10":
+        images = images[torch.isin(images.labels, torch.tensor(MINI_CIFAR10_LABELS))]
+    return images
+
+
+def load_split(name: str, split: str, data_dir=None, val_split: int = 0, train_images: int | None = None,
+               download: bool = True) -> Images:
+    """`train`: the training images minus the held-out last `val_split`, then the first `train_images` of
+    them; `val`: the held-out images, or the test split when none are held out (as the paper's curves);
+    `test`: the test split."""
+    if split not in SPLITS:
+        raise UserError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
+    if split == "test" or (split == "val" and not val_split):
+        return load_images(name, "test", data_dir, download)
+    images = load_images(name, "train", data_dir, download)
+    if val_split and not 0 < val_split < len(images):
+        raise UserError(f"--val-split {val_split} must be between 0 and the {len(images)} training images")
+    if split == "val":
+        return images[len(images) - val_split:]
+    images = images[:len(images) - val_split]
+    if train_images is not None:
+        if not 0 < train_images <= len(images):
+            raise UserError(f"--train-images {train_images} must be between 1 and the {len(images)} "
+                            "training images available")
+        images = images[:train_images]
+    return images
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Batches
+
+
+def normalise(images: torch.Tensor, spec: DatasetSpec, channels_last: bool = False) -> torch.Tensor:
+    """uint8 (N, C, H, W) -> float32, standardised with the dataset's per-channel mean and std."""
+    mean = torch.tensor(spec.mean, device=images.device).view(1, -1, 1, 1) * 255
+    std = torch.tensor(spec.std, device=images.device).view(1, -1, 1, 1) * 255
+    x = (images.float() - mean) / std
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def augment(images: torch.Tensor, spec: DatasetSpec, augmentation: str, generator: torch.Generator,
+            channels_last: bool = False) -> torch.Tensor:
+    """A whole uint8 batch at once: pad 4 and random 32x32 crop, horizontal flip, then normalise and, for
+    `cutout`, zero a 16x16 square (clipped at the border) of the normalised image, as DeVries & Taylor."""
+    if augmentation == "none":
+        return normalise(images, spec, channels_last)
+    n, _, height, width = images.shape
+    device = images.device
+    padded = F.pad(images, (4, 4, 4, 4))
+    dy = torch.randint(0, 9, (n,), device=device, generator=generator)
+    dx = torch.randint(0, 9, (n,), device=device, generator=generator)
+    rows = (dy[:, None] + torch.arange(height, device=device))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(width, device=device))[:, None, None, :]
+    channels = torch.arange(images.shape[1], device=device)[None, :, None, None]
+    cropped = padded[torch.arange(n, device=device)[:, None, None, None], channels, rows, cols]
+    flip = torch.rand(n, device=device, generator=generator) < 0.5
+    flipped = torch.where(flip[:, None, None, None], cropped.flip(3), cropped)
+    x = normalise(flipped, spec, channels_last)
+    if augmentation == "cutout":
+        cy = torch.randint(0, height, (n, 1, 1, 1), device=device, generator=generator)
+        cx = torch.randint(0, width, (n, 1, 1, 1), device=device, generator=generator)
+        ys = torch.arange(height, device=device).view(1, 1, -1, 1)
+        xs = torch.arange(width, device=device).view(1, 1, 1, -1)
+        inside = (ys >= cy - 8) & (ys < cy + 8) & (xs >= cx - 8) & (xs < cx + 8)
+        x = x.masked_fill(inside, 0.0)
+    return x
+
+
+class _AutoAugmented(torch.utils.data.Dataset):
+    """torchvision's CIFAR-10 AutoAugment policy, one image at a time (run in DataLoader workers)."""
+
+    def __init__(self, images: torch.Tensor):
+        import torchvision.transforms as T
+        self.images, self.policy = images, T.AutoAugment(T.AutoAugmentPolicy.CIFAR10)
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        return self.policy(self.images[index])
+
+
+class TrainBatches:
+    """Shuffled, augmented, normalised training batches. The same (seed, epoch) gives the same batches, so a
+    resumed run sees what an uninterrupted one would. With several processes each takes its share of the
+    epoch's permutation (`rank::world_size`); `batch_size` is the global batch."""
+
+    def __init__(self, data: Images, spec: DatasetSpec, batch_size: int, augmentation: str, device, seed: int,
+                 rank: int = 0, world_size: int = 1, channels_last: bool = False, workers: int = 0):
+        if augmentation not in AUGMENTATIONS:
+            raise UserError(f"unknown augmentation {augmentation!r}; choose one of: {', '.join(AUGMENTATIONS)}")
+        if batch_size > len(data):
+            raise UserError(f"the batch size {batch_size} is larger than the {len(data)} training images")
+        self.spec, self.augmentation, self.device = spec, augmentation, torch.device(device)
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.channels_last, self.workers = channels_last, workers
+        self.local_batch = batch_size // world_size
+        self.steps = len(data) // batch_size  # the last partial batch is dropped: every step sees B images
+        self.labels = data.labels.to(self.device)
+        if augmentation == "autoaugment":  # the policy runs on CPU in workers; the rest on the device
+            self.images, self.policy_data = None, _AutoAugmented(data.images)
+        else:
+            self.images = data.images.to(self.device)
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def epoch(self, epoch: int):
+        order = torch.randperm(len(self.labels), generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
+        order = order[self.rank::self.world_size][:self.steps * self.local_batch]
+        generator = torch.Generator(self.device).manual_seed(self.seed * 1_000_003 + epoch + 7919)
+        for images, index in self._uint8_batches(order, epoch):
+            x = augment(images, self.spec, "crop-flip" if self.augmentation == "autoaugment" else self.augmentation,
+                        generator, self.channels_last)
+            yield x, self.labels[index.to(self.device)]
+
+    def _uint8_batches(self, order: torch.Tensor, epoch: int):
+        batches = order.view(self.steps, self.local_batch)
+        if self.images is not None:
+            for index in batches:
+                yield self.images[index.to(self.device)], index
+            return
+        loader = torch.utils.data.DataLoader(
+            self.policy_data, batch_sampler=batches.tolist(), num_workers=self.workers,
+            generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch + 104729),
+            pin_memory=self.device.type == "cuda", persistent_workers=False)
+        for images, index in zip(loader, batches):
+            yield images.to(self.device, non_blocking=True), index
+
+
+class EvalBatches:
+    """Fixed-order, normalised batches of a whole split, re-iterable; the data stay on the device."""
+
+    def __init__(self, data: Images, spec: DatasetSpec, batch_size: int, device, channels_last: bool = False):
+        if batch_size < 1:
+            raise UserError(f"the batch size must be positive, not {batch_size}")
+        self.spec, self.batch_size, self.channels_last = spec, batch_size, channels_last
+        self.images, self.labels = data.images.to(device), data.labels.to(device)
+
+    def __len__(self) -> int:
+        return -(-len(self.labels) // self.batch_size)
+
+    @property
+    def n_images(self) -> int:
+        return len(self.labels)
+
+    def __iter__(self):
+        for start in range(0, len(self.labels), self.batch_size):
+            stop = start + self.batch_size
+            yield normalise(self.images[start:stop], self.spec, self.channels_last), self.labels[start:stop]
