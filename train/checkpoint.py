@@ -64,8 +64,8 @@ def provenance() -> dict:
     except (OSError, subprocess.SubprocessError):
         commit = None
     return {
-        "software": {"resnet-diagnostics": models.__version__, "torch": torch.__version__,
-                     "torchvision": torchvision.__version__},
+        "software": {"resnet-diagnostics": models.__version__, "torch": str(torch.__version__),
+                     "torchvision": str(torchvision.__version__)},
         "argv": list(sys.argv),
         "git_commit": commit,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -110,11 +110,12 @@ class _ArrayUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def _read_cifar_batch(path: Path, label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
+def _read_cifar_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
     try:
         with open(path, "rb") as file:
             batch = _ArrayUnpickler(file, encoding="bytes").load()
-        data = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        batch = {key.decode() if isinstance(key, bytes) else key: value for key, value in batch.items()}
+        data = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
         labels = np.asarray(batch[label_key], dtype=np.int64)
     except Exception as exc:  # any defect of a file the user supplied is bad input, not a bug
         raise UserError(f"{path} is not a CIFAR batch file ({exc}); delete it and run again to download "
@@ -127,8 +128,8 @@ def _read_cifar_batch(path: Path, label_key: bytes) -> tuple[np.ndarray, np.ndar
 def _read_cifar(name: str, split: str, data_dir: Path, download: bool) -> Images:
     folder, files, label_key = {
         "cifar10": ("cifar-10-batches-py", {"train": [f"data_batch_{i}" for i in range(1, 6)],
-                                            "test": ["test_batch"]}, b"labels"),
-        "cifar100": ("cifar-100-python", {"train": ["train"], "test": ["test"]}, b"fine_labels"),
+                                            "test": ["test_batch"]}, "labels"),
+        "cifar100": ("cifar-100-python", {"train": ["train"], "test": ["test"]}, "fine_labels"),
     }[name]
     paths = [data_dir / folder / file for file in files[split]]
     if not all(path.is_file() for path in paths):

@@ -1,0 +1,79 @@
+"""Shared fixtures: tiny datasets written in the real on-disk formats, and tiny trained runs."""
+import gzip
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from train.__main__ import main as train_main
+
+TINY_RUN = ["--dataset", "synthetic", "--train-images", "256", "--batch-size", "64", "--epochs", "2",
+            "--eval-batch-size", "128", "--lr", "0.05"]
+
+
+def write_cifar_batch(path: Path, images: np.ndarray, labels, label_key: bytes = b"labels") -> None:
+    """One batch exactly as CIFAR's python version stores it: a protocol-2 pickle of a dict with bytes keys,
+    `data` an (N, 3072) uint8 array (1024 red, 1024 green, 1024 blue values, row-major)."""
+    batch = {b"batch_label": b"tiny batch", label_key: list(map(int, labels)),
+             b"data": images.reshape(len(images), -1), b"filenames": [b"img%d.png" % i for i in range(len(images))]}
+    if label_key == b"fine_labels":
+        batch[b"coarse_labels"] = [0] * len(images)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as file:
+        pickle.dump(batch, file, protocol=2)
+
+
+def tiny_images(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(n, 3, 32, 32), dtype=np.uint8)
+
+
+@pytest.fixture
+def cifar10_dir(tmp_path) -> Path:
+    """CIFAR-10 with 20 images per training batch and 30 test images; label i % 10."""
+    folder = tmp_path / "cifar-10-batches-py"
+    for i in range(1, 6):
+        write_cifar_batch(folder / f"data_batch_{i}", tiny_images(20, i), [j % 10 for j in range(20)])
+    write_cifar_batch(folder / "test_batch", tiny_images(30, 0), [j % 10 for j in range(30)])
+    with open(folder / "batches.meta", "wb") as file:
+        pickle.dump({b"label_names": [b"airplane"] * 10, b"num_vis": 3072}, file, protocol=2)
+    return tmp_path
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    opener = gzip.open if path.suffix == ".gz" else open
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with opener(path, "wb") as file:
+        file.write(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture
+def fashion_dir(tmp_path) -> Path:
+    """Fashion-MNIST as Debian ships it (gzipped idx) under DATA_DIR/fashion-mnist/: 40 train, 20 test."""
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 40), ("t10k", 20)):
+        write_idx(tmp_path / "fashion-mnist" / f"{prefix}-images-idx3-ubyte.gz",
+                  rng.integers(0, 256, size=(n, 28, 28)))
+        write_idx(tmp_path / "fashion-mnist" / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    return tmp_path
+
+
+def train_tiny(out: Path, model: str, *extra: str) -> Path:
+    assert train_main(["--model", model, "--out", str(out), *TINY_RUN, *extra]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tmp_path_factory) -> dict[str, Path]:
+    """A residual and a plain ResNet-20 trained for 2 epochs of 256 synthetic images (shared, read-only)."""
+    root = tmp_path_factory.mktemp("runs")
+    return {name: train_tiny(root / name, name) for name in ("resnet20", "plain20")}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_torch_state():
+    torch.manual_seed(0)
+    yield

@@ -1,0 +1,149 @@
+"""Data: real on-disk formats read by the real loaders, batch augmentation, determinism, offline errors."""
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_images, write_cifar_batch, write_idx
+from train import data
+from train.errors import UserError
+
+
+def test_cifar10_files_in_the_real_format(cifar10_dir):
+    train = data.load_images("cifar10", "train", cifar10_dir, download=False)
+    assert train.images.shape == (100, 3, 32, 32) and train.images.dtype == torch.uint8
+    assert torch.equal(train.images[:20], torch.from_numpy(tiny_images(20, 1)))  # batch 1 first, pixel-exact
+    assert train.labels[:12].tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
+    assert len(data.load_images("cifar10", "test", cifar10_dir, download=False)) == 30
+
+
+def test_mini_cifar10_keeps_airplane_automobile_bird(cifar10_dir):
+    mini = data.load_images("mini-cifar10", "train", cifar10_dir, download=False)
+    assert len(mini) == 30 and set(mini.labels.tolist()) == {0, 1, 2}
+    assert data.get_spec("mini-cifar10").classes == ("airplane", "automobile", "bird")
+
+
+def test_cifar100_uses_fine_labels(tmp_path):
+    folder = tmp_path / "cifar-100-python"
+    write_cifar_batch(folder / "train", tiny_images(10, 0), [99 - i for i in range(10)], b"fine_labels")
+    write_cifar_batch(folder / "test", tiny_images(5, 1), list(range(5)), b"fine_labels")
+    train = data.load_images("cifar100", "train", tmp_path, download=False)
+    assert train.labels.tolist() == list(range(99, 89, -1))
+    assert len(data.get_spec("cifar100").classes) == 100
+
+
+def test_a_cifar_file_that_would_run_code_is_refused(cifar10_dir, tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    with open(cifar10_dir / "cifar-10-batches-py" / "data_batch_3", "wb") as file:
+        pickle.dump({b"data": Exploit(), b"labels": []}, file, protocol=2)
+    with pytest.raises(UserError, match="data_batch_3 is not a CIFAR batch file"):
+        data.load_images("cifar10", "train", cifar10_dir, download=False)
+    assert not marker.exists()
+
+
+def test_fashion_mnist_gz_idx_padded_to_32(fashion_dir):
+    train = data.load_images("fashion-mnist", "train", fashion_dir, download=False)
+    assert train.images.shape == (40, 1, 32, 32)
+    assert train.images[:, :, :2].sum() == 0 and train.images[:, :, :, -2:].sum() == 0  # 2-pixel zero border
+    assert train.labels.tolist()[:11] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0]
+
+
+def test_fashion_mnist_unpacked_in_torchvisions_folder(tmp_path):
+    raw = tmp_path / "FashionMNIST" / "raw"
+    write_idx(raw / "t10k-images-idx3-ubyte", np.full((3, 28, 28), 7))
+    write_idx(raw / "t10k-labels-idx1-ubyte", np.array([1, 2, 3]))
+    test = data.load_images("fashion-mnist", "test", tmp_path, download=False)
+    assert test.images[:, :, 2:30, 2:30].eq(7).all() and test.labels.tolist() == [1, 2, 3]
+
+
+def test_missing_dataset_offline_says_where_and_how(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", tmp_path / "nowhere")
+    with pytest.raises(UserError) as error:
+        data.load_images("fashion-mnist", "train", tmp_path, download=False)
+    message = str(error.value)
+    assert str(tmp_path / "fashion-mnist") in message and "apt-get install dataset-fashion-mnist" in message
+    assert "\n" not in message
+    with pytest.raises(UserError, match="cifar-10-batches-py.*--data-dir"):
+        data.load_images("cifar10", "test", tmp_path, download=False)
+
+
+def test_download_failure_is_one_line(tmp_path, monkeypatch):
+    import torchvision.datasets as tvd
+
+    def offline(*args, **kwargs):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(tvd, "CIFAR10", offline)
+    with pytest.raises(UserError, match="could not be downloaded"):
+        data.load_images("cifar10", "train", tmp_path, download=True)
+
+
+def test_splits_and_train_images():
+    train = data.load_split("synthetic", "train", val_split=200, train_images=100)
+    val = data.load_split("synthetic", "val", val_split=200)
+    full = data.load_images("synthetic", "train")
+    assert torch.equal(train.images, full.images[:100]) and torch.equal(val.images, full.images[-200:])
+    assert torch.equal(data.load_split("synthetic", "val").images, data.load_images("synthetic", "test").images)
+    with pytest.raises(UserError, match="--train-images"):
+        data.load_split("synthetic", "train", train_images=5000)
+
+
+def test_synthetic_is_deterministic_and_balanced():
+    a, b = data.load_images("synthetic", "train"), data.load_images("synthetic", "train")
+    assert torch.equal(a.images, b.images) and a.labels.bincount().tolist() == [256] * 4
+
+
+def test_crop_flip_is_a_translation_with_zero_padding_and_a_flip():
+    spec = data.get_spec("synthetic")
+    images = torch.randint(1, 256, (64, 3, 32, 32), dtype=torch.uint8)  # no zeros: padding is recognisable
+    generator = torch.Generator().manual_seed(0)
+    x = data.augment(images, spec, "crop-flip", generator)
+    pixels = (x * torch.tensor(spec.std).view(1, 3, 1, 1) + torch.tensor(spec.mean).view(1, 3, 1, 1)) * 255
+    pixels = pixels.round().to(torch.uint8)
+    padded = torch.nn.functional.pad(images, (4, 4, 4, 4))
+    for i in range(len(images)):
+        candidates = [padded[i, :, dy:dy + 32, dx:dx + 32] for dy in range(9) for dx in range(9)]
+        candidates += [c.flip(2) for c in candidates]
+        assert any(torch.equal(pixels[i], c) for c in candidates)
+
+
+def test_cutout_zeroes_a_clipped_16x16_square_of_the_normalised_image():
+    spec = data.get_spec("synthetic")
+    images = torch.full((200, 3, 32, 32), 255, dtype=torch.uint8)
+    x = data.augment(images, spec, "cutout", torch.Generator().manual_seed(1))
+    zeros = (x == 0).all(1).sum((1, 2))
+    assert zeros.max() == 256 and zeros.min() >= 64  # a corner centre clips the square to 8x8
+    assert (x != 0).any()
+
+
+def test_train_batches_are_deterministic_per_epoch_and_shard_across_processes():
+    images = data.load_images("synthetic", "train")
+    spec = data.get_spec("synthetic")
+    make = lambda rank=0, world=1: data.TrainBatches(images, spec, 128, "crop-flip", "cpu", seed=3, rank=rank,
+                                                      world_size=world)
+    first, again = list(make().epoch(1)), list(make().epoch(1))
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, again))
+    assert not torch.equal(first[0][0], next(make().epoch(2))[0])
+    assert len(first) == len(images) // 128 and first[0][0].shape == (128, 3, 32, 32)
+    shards = [torch.cat([y for _, y in make(rank, 2).epoch(1)]) for rank in (0, 1)]
+    assert len(shards[0]) == len(shards[1]) == len(images) // 2
+
+
+def test_autoaugment_runs_the_policy_in_workers():
+    images = data.load_images("synthetic", "train")[:128]
+    batches = data.TrainBatches(images, data.get_spec("synthetic"), 64, "autoaugment", "cpu", seed=0, workers=1)
+    out = list(batches.epoch(1))
+    assert len(out) == 2 and out[0][0].shape == (64, 3, 32, 32) and torch.isfinite(out[0][0]).all()
+
+
+def test_eval_batches_cover_the_split_in_order():
+    images = data.load_images("synthetic", "test")
+    batches = data.EvalBatches(images, data.get_spec("synthetic"), 100, "cpu")
+    labels = torch.cat([y for _, y in batches])
+    assert len(batches) == 3 and torch.equal(labels, images.labels)

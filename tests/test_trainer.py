@@ -1,0 +1,139 @@
+"""The trainer as users run it: run directory, schedules, resume after SIGKILL, divergence, DDP on CPU."""
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TINY_RUN, train_tiny
+from train import checkpoint as ckpt
+from train import config as cfg
+from train import data
+from train.__main__ import main as train_main
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMING = {"epoch_seconds", "images_per_second"}
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path) as file:
+        return list(csv.DictReader(file))
+
+
+def test_run_directory_contents(tiny_runs):
+    run = tiny_runs["resnet20"]
+    names = {p.name for p in run.iterdir()}
+    assert {"config.json", "metrics.csv", "steps.csv", "epoch_001.pt", "epoch_002.pt", "last.pt", "best.pt"} <= names
+    rows = read_csv(run / "metrics.csv")
+    assert list(rows[0]) == ["epoch", "step", "train_loss", "train_acc", "val_loss", "val_acc", "lr",
+                             "epoch_seconds", "images_per_second"]
+    assert [int(r["step"]) for r in rows] == [4, 8]
+    steps = read_csv(run / "steps.csv")
+    assert [int(r["step"]) for r in steps] == list(range(1, 9))
+    assert float(rows[0]["train_loss"]) == pytest.approx(sum(float(r["train_loss"]) for r in steps[:4]) / 4)
+    config = json.loads((run / "config.json").read_text())
+    assert config["total_steps"] == 8 and config["precision_used"] == "fp32" and config["per_device_batch"] == 64
+    last = torch.load(run / "last.pt", weights_only=True)
+    assert {"optimizer", "scheduler", "scaler", "rng"} <= set(last) and last["history"]["val_acc"][1] == float(
+        rows[1]["val_acc"])
+
+
+def test_schedules_are_defined_in_iterations():
+    config = cfg.Config(model="resnet20", dataset="synthetic", out="x", schedule="multistep", lr=0.1, warmup=10,
+                        iterations=100, epochs=None, milestones=[50, 75])
+    config.resolve_length(30)
+    assert config.total_epochs == 4 and config.total_steps == 100
+    factors = [cfg.lr_factor(config, step) for step in range(100)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == 1 and factors[49] == 1
+    assert factors[50] == pytest.approx(0.1) and factors[75] == pytest.approx(0.01)
+    config.schedule = "cosine"
+    assert cfg.lr_factor(config, 10) == 1 and cfg.lr_factor(config, 55) == pytest.approx(0.5)
+    he = cfg.from_args(cfg.parser().parse_args(["--model", "resnet110", "--dataset", "cifar10", "--out", "x",
+                                                  "--preset", "he2016"]))
+    assert (he.iterations, he.milestones, he.weight_decay, he.keep) == (64000, [32000, 48000], 1e-4, "5")
+    he.resolve_length(50000 // 128)
+    assert he.total_epochs == 165  # 64k iterations of the 390 full batches of 50k images
+    override = cfg.from_args(cfg.parser().parse_args(["--model", "resnet20", "--dataset", "cifar10", "--out",
+                                                        "x", "--preset", "he2016", "--epochs", "3"]))
+    assert override.iterations is None and override.epochs == 3 and override.schedule == "multistep"
+
+
+def test_keep_every_nth_and_last(tmp_path):
+    train_tiny(tmp_path / "every2", "resnet20", "--epochs", "3", "--keep", "2", "--train-images", "128")
+    assert sorted(p.name for p in (tmp_path / "every2").glob("epoch_*.pt")) == ["epoch_002.pt", "epoch_003.pt"]
+    train_tiny(tmp_path / "last", "resnet20", "--epochs", "2", "--keep", "last", "--train-images", "128")
+    assert [p.name for p in (tmp_path / "last").glob("epoch_*.pt")] == ["epoch_002.pt"]
+
+
+def test_precise_bn_recomputes_running_statistics(tmp_path):
+    run = train_tiny(tmp_path / "pbn", "resnet20", "--epochs", "1", "--precise-bn", "128", "--bn-momentum",
+                     "0.01", "--train-images", "128")
+    state = torch.load(run / "epoch_001.pt", weights_only=True)
+    assert state["config"]["precise_bn"] == 128 and state["config"]["bn_momentum"] == 0.01
+    # The saved running statistics are the population statistics of the BN input over those 128 images.
+    loaded = ckpt.load(run / "epoch_001.pt")
+    images = data.load_split("synthetic", "train", train_images=128)
+    x = data.normalise(images.images, loaded.spec)
+    conv_out = loaded.model.stem.conv(x).detach().double()
+    bn = loaded.model.stem.bn
+    assert torch.allclose(bn.running_mean.double(), conv_out.mean((0, 2, 3)), atol=1e-5)
+    assert torch.allclose(bn.running_var.double(), conv_out.var((0, 2, 3)), rtol=1e-3)
+
+
+def test_nan_loss_stops_with_exit_3_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+    out = tmp_path / "diverge"
+    code = train_main(["--model", "plain20", "--out", str(out), *TINY_RUN, "--lr", "1e30", "--no-bn",
+                       "--train-images", "128"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 3 and len(err) == 1 and err[0].startswith("error: the training loss became")
+    assert "at step 1 " in err[0] or "at step 2 " in err[0]
+    assert not (out / "last.pt").exists() and not list(out.glob("epoch_*.pt"))
+
+
+def run_cli(*args, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "train", *args], cwd=kwargs.pop("cwd", ROOT), capture_output=True,
+                          text=True, timeout=600, **kwargs)
+
+
+def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path):
+    args = ["--model", "resnet20", *TINY_RUN, "--epochs", "4", "--train-images", "512", "--deterministic"]
+    reference = run_cli(*args, "--out", str(tmp_path / "reference"))
+    assert reference.returncode == 0, reference.stderr
+    out = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, "-m", "train", *args, "--out", str(out)], cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (out / "epoch_002.pt").exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGKILL)  # during epoch 3
+    process.wait()
+    assert not (out / "epoch_004.pt").exists()
+    second = run_cli("--out", str(out), "--model", "resnet20", "--dataset", "synthetic")
+    assert second.returncode == 2 and "--resume" in second.stderr  # the folder holds a run already
+    resumed = run_cli("--resume", str(out))
+    assert resumed.returncode == 0, resumed.stderr
+    final = torch.load(out / "last.pt", weights_only=True)["state_dict"]
+    expected = torch.load(tmp_path / "reference" / "last.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(final[k], expected[k]) for k in expected)
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+    assert strip(read_csv(out / "metrics.csv")) == strip(read_csv(tmp_path / "reference" / "metrics.csv"))
+    assert read_csv(out / "steps.csv") == read_csv(tmp_path / "reference" / "steps.csv")
+
+
+def test_two_processes_with_gloo(tmp_path):
+    out = tmp_path / "ddp"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+         "-m", "train", "--model", "resnet20", "--out", str(out), *TINY_RUN, "--epochs", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    state = torch.load(out / "epoch_001.pt", weights_only=True)
+    assert (state["config"]["world_size"], state["config"]["per_device_batch"]) == (2, 32)
+    assert state["config"]["sync_bn"] is False and state["step"] == 4
+    assert not any(k.startswith("module.") for k in state["state_dict"])
