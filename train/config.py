@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, fields
 import models
 
 from .data import AUGMENTATIONS, SPECS, default_data_dir
-from .errors import UserError
+from .errors import ArgumentParser, UserError, positive_int
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SCHEDULES = ("constant", "cosine", "multistep")
@@ -106,7 +106,7 @@ def lr_factor(config: Config, step: int) -> float:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m train", description="Train a plain or residual CNN and write a "
+    p = ArgumentParser(prog="python -m train", description="Train a plain or residual CNN and write a "
                                 "run directory (config.json, metrics.csv, epoch checkpoints).")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.pt")
     g = p.add_argument_group("model")
@@ -121,15 +121,15 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--dataset", help=f"one of: {', '.join(SPECS)}")
     g.add_argument("--data-dir", help="where datasets live (default ./data or $RESNET_DIAG_DATA)")
     g.add_argument("--augment", choices=AUGMENTATIONS)
-    g.add_argument("--train-images", type=int, help="use the first N training images")
+    g.add_argument("--train-images", type=positive_int, help="use the first N training images")
     g.add_argument("--val-split", type=int, help="hold out the last N training images for validation "
                    "(default: validate on the test split, as the paper's curves)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--preset", choices=tuple(PRESETS))
     length = g.add_mutually_exclusive_group()
-    length.add_argument("--epochs", type=int)
-    length.add_argument("--iterations", type=int)
-    g.add_argument("--batch-size", type=int)
+    length.add_argument("--epochs", type=positive_int)
+    length.add_argument("--iterations", type=positive_int)
+    g.add_argument("--batch-size", type=positive_int)
     g.add_argument("--lr", type=float)
     g.add_argument("--momentum", type=float)
     g.add_argument("--weight-decay", type=float)
@@ -148,7 +148,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--compile", action="store_true", default=None)
     g.add_argument("--deterministic", action="store_true", default=None)
     g.add_argument("--sync-bn", action="store_true", default=None, help="synchronise BN across GPUs")
-    g.add_argument("--eval-batch-size", type=int)
+    g.add_argument("--eval-batch-size", type=positive_int)
     g.add_argument("--workers", type=int, help="DataLoader workers for AutoAugment")
     g.add_argument("--keep", help="epoch checkpoints to keep: all, last, or N (every N-th)")
     g.add_argument("--out", metavar="RUN_DIR", help="the run directory to create")

@@ -1,0 +1,208 @@
+"""What every diagnostics command shares: inputs to models and images, output folder, atomic writes, exit codes.
+
+A command is: `parser(...)` for its options, `collect_sources(args)` for its inputs, an analysis per
+checkpoint, `analyses.common.combine` into one dataset, a figure, `write_outputs(...)`; `main_guard` turns
+bad input into one line `error: ...` and exit code 2 (DESIGN.md §5).
+"""
+import os
+import sys
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import models
+from train import checkpoint as ckpt
+from train.data import SPECS, SPLITS, EvalBatches, default_data_dir, load_split
+from train.errors import ArgumentParser, UserError, positive_int
+
+
+def parser(name: str, description: str, *, model_names: bool = False, n_images: int | None = 2000,
+           batch_size: int = 256) -> ArgumentParser:
+    """The options of DESIGN.md §5; `model_names` lets inputs also be bare model names (`resnet56`)."""
+    p = ArgumentParser(prog=f"python -m diagnostics.{name}", description=description)
+    what = "CHECKPOINT_OR_RUN_OR_MODEL" if model_names else "CHECKPOINT_OR_RUN"
+    p.add_argument("inputs", nargs="+", metavar=what, help="checkpoint files (.pt) or run directories"
+                   + (", or model names for an untrained model" if model_names else ""))
+    p.add_argument("--model", help="the model a foreign checkpoint (a bare state_dict) holds, e.g. resnet56")
+    p.add_argument("--dataset", choices=tuple(SPECS), help="the dataset of a foreign checkpoint")
+    p.add_argument("--data-dir", default=str(default_data_dir()), help="where datasets live")
+    p.add_argument("--split", choices=SPLITS, default="val",
+                   help="val: the run's held-out images, or the test split where none were held out")
+    p.add_argument("--n-images", type=positive_int, default=n_images,
+                   help="the first N images of the split" + (f" (default {n_images})" if n_images else
+                                                                " (default: all)"))
+    p.add_argument("--batch-size", type=positive_int, default=batch_size)
+    p.add_argument("--mean", type=float, nargs="+", help="normalisation mean of a foreign checkpoint")
+    p.add_argument("--std", type=float, nargs="+", help="normalisation std of a foreign checkpoint")
+    p.add_argument("--epochs", default="all", help="which epochs of a run: all, last, or a list such as 5,10,20")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--out", help="output folder (default: diagnostics/ in the first input's run directory)")
+    return p
+
+
+def device_of(args) -> torch.device:
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no GPU is visible; use --device cpu")
+    return torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                        else "cpu")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Inputs
+
+
+@dataclass
+class Source:
+    """One model of the output: a run's checkpoints (its `epoch` axis), a single file, or a bare model name."""
+    label: str
+    paths: list[Path] = field(default_factory=list)
+    run_dir: Path | None = None
+    model_name: str | None = None
+
+
+def _select_epochs(files: list[Path], selection: str, run_dir: Path) -> list[Path]:
+    if selection == "all":
+        return files
+    if selection == "last":
+        return files[-1:]
+    try:
+        wanted = {int(part) for part in selection.split(",")}
+    except ValueError:
+        raise UserError(f"--epochs must be all, last or a list such as 5,10,20, not {selection!r}") from None
+    chosen = [path for path in files if (m := ckpt.EPOCH_FILE.match(path.name)) and int(m.group(1)) in wanted]
+    if not chosen:
+        raise UserError(f"{run_dir} has none of the epochs {selection}; it has {len(files)} epoch files")
+    return chosen
+
+
+def collect_sources(args, *, model_names: bool = False) -> list[Source]:
+    """Resolve every input before any work, so a bad one fails fast and nothing is written.
+
+    Files of the same run directory are one source (the model along `epoch`); where sources share a label,
+    their run directory's (or file's) name is used instead.
+    """
+    sources: dict[Path | str, Source] = {}
+    for text in args.inputs:
+        path = Path(text)
+        if not path.exists() and model_names and text in models.available():
+            sources[text] = Source(models.label(text, {}), model_name=text)
+            continue
+        if not path.exists():
+            hint = " or a model name (see models.available())" if model_names else ""
+            raise UserError(f"{path} does not exist; give a checkpoint file or a run directory{hint}")
+        if ckpt.is_run_dir(path):
+            files = _select_epochs(ckpt.run_checkpoints(path), args.epochs, path)
+            key, run_dir = path.resolve(), path
+        else:
+            files = [path]
+            run_dir = path.parent if ckpt.is_run_dir(path.parent) else None
+            key = run_dir.resolve() if run_dir is not None else path.resolve()
+        source = sources.setdefault(key, Source("", run_dir=run_dir))
+        source.paths += [f for f in files if f not in source.paths]
+    for source in sources.values():
+        if source.paths:
+            source.paths.sort(key=lambda p: ckpt.EPOCH_FILE.match(p.name) is None)  # epoch files first, in order
+            source.label = load_checkpoint(source.paths[0], args).label  # validates the first file now
+    labels = [source.label for source in sources.values()]
+    for key, source in sources.items():
+        if labels.count(source.label) > 1:
+            source.label = source.run_dir.name if source.run_dir is not None else Path(str(key)).stem
+    return list(sources.values())
+
+
+def load_checkpoint(path: Path, args, device="cpu") -> ckpt.Loaded:
+    return ckpt.load(path, model_name=args.model, dataset=args.dataset, mean=args.mean, std=args.std,
+                     device=device)
+
+
+def loaded_models(source: Source, args, device):
+    """Yield the source's checkpoints one at a time (a long run never sits in memory whole)."""
+    for path in source.paths:
+        yield load_checkpoint(path, args, device)
+
+
+def epoch_of(loaded: ckpt.Loaded) -> int:
+    """The checkpoint's epoch; -1 where the file does not say (a foreign checkpoint)."""
+    return loaded.epoch if loaded.epoch is not None else -1
+
+
+_IMAGES = {}
+
+
+def image_batches(loaded: ckpt.Loaded, args, device, n_images: int | None = None) -> EvalBatches:
+    """The first `--n-images` of `--split`, normalised with the checkpoint's own statistics, on `device`."""
+    val_split = (loaded.config or {}).get("val_split", 0)
+    key = (loaded.spec.name, args.split, val_split, args.data_dir)
+    if key not in _IMAGES:
+        _IMAGES[key] = load_split(loaded.spec.name, args.split, args.data_dir, val_split)
+    images = _IMAGES[key]
+    n_images = n_images or args.n_images
+    if n_images is not None:
+        images = images[:n_images]
+    return EvalBatches(images, loaded.spec, args.batch_size, device)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Outputs
+
+
+def output_dir(args, sources: list[Source]) -> Path:
+    """--out, else `diagnostics/` in the first input's run directory, else ./diagnostics/; checked writable
+    now, created only when the results are written."""
+    if args.out:
+        out = Path(args.out)
+    else:
+        run_dir = sources[0].run_dir if sources else None
+        out = run_dir / "diagnostics" if run_dir is not None else Path("diagnostics")
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"--out {out}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write to {existing}; choose another --out")
+    return out
+
+
+def write_outputs(out: Path, name: str, dataset, figure=None) -> list[Path]:
+    """`<name>.nc` and, with a figure, `<name>.png` and `<name>.pdf`: all written to temporary files first and
+    then moved into place, so an error leaves none of them half-written. Prints the paths."""
+    import matplotlib.pyplot as plt
+    created = [folder for folder in (out, *out.parents) if not folder.exists()]
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"{name}.nc"] + ([out / f"{name}.png", out / f"{name}.pdf"] if figure is not None else [])
+    try:
+        with ExitStack() as stack:
+            temporaries = [stack.enter_context(ckpt.atomic_path(path)) for path in paths]
+            dataset.to_netcdf(temporaries[0], engine="netcdf4")
+            if figure is not None:
+                figure.savefig(temporaries[1], format="png", dpi=200)
+                figure.savefig(temporaries[2], format="pdf")
+    except BaseException:
+        for folder in created:  # innermost first: leave no empty folder behind
+            folder.rmdir()
+        raise
+    finally:
+        if figure is not None:
+            plt.close(figure)
+    for path in paths:
+        print(path)
+    return paths
+
+
+def progress(iterable, total: int | None = None, desc: str = ""):
+    """A tqdm bar on a terminal, nothing otherwise."""
+    from tqdm import tqdm
+    return tqdm(iterable, total=total, desc=desc, leave=False, disable=not sys.stderr.isatty())
+
+
+def main_guard(main) -> int:
+    """Run `main()`; bad input -> `error: ...` on stderr and exit 2, no traceback."""
+    try:
+        main()
+    except (UserError, models.ModelError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0

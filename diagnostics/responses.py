@@ -1,0 +1,69 @@
+"""`python -m diagnostics.responses CKPT_OR_RUN [...]`: the paper's Fig. 7, std of each 3x3 layer's response."""
+import sys
+
+import numpy as np
+from matplotlib.ticker import MaxNLocator
+
+from analyses.common import attrs, combine
+from analyses.responses import DEFINITION, layer_responses
+
+from . import common, plotting
+
+
+def figure(ds, plain: dict[str, bool]):
+    """Top: std per layer in the network's order; bottom: sorted by magnitude; one line per model at its last
+    epoch, or for a single model one line per epoch."""
+    fig, axes = plotting.figure(2, 1, height=3.6)
+    top, bottom = axes[:, 0]
+    lines = []
+    if ds.sizes["model"] == 1 and ds.sizes["epoch"] > 1:
+        import matplotlib.cm as cm
+        colours = cm.viridis(np.linspace(0, 1, ds.sizes["epoch"]))
+        for colour, epoch in zip(colours, ds.epoch.values):
+            values = ds.response_std.sel(model=ds.model.values[0], epoch=epoch).values
+            lines.append((values, {"color": colour, "label": f"epoch {epoch}"}))
+    else:
+        for index, label in enumerate(ds.model.values):
+            series = ds.response_std.sel(model=label).dropna("epoch", how="all")
+            values = series.isel(epoch=-1).values
+            lines.append((values, plotting.model_style(str(label), index, plain.get(str(label)))))
+    for values, style in lines:
+        values = values[~np.isnan(values)]
+        top.plot(np.arange(1, len(values) + 1), values, **style)
+        bottom.plot(np.arange(1, len(values) + 1), np.sort(values)[::-1], **style)
+    for axis in (top, bottom):
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    top.set_xlabel("layer index (original)")
+    bottom.set_xlabel("layer index (sorted by magnitude)")
+    for axis in (top, bottom):
+        axis.set_ylabel("std")
+        axis.grid(True)
+    top.legend(ncol=2 if len(lines) > 3 else 1)
+    fig.tight_layout()
+    return fig
+
+
+def main(argv=None) -> None:
+    args = common.parser("responses", __doc__).parse_args(argv)
+    device = common.device_of(args)
+    sources = common.collect_sources(args)
+    out = common.output_dir(args, sources)
+    datasets, labels, epochs, paths, plain, n_images = [], [], [], [], {}, 0
+    for source in sources:
+        for loaded in common.progress(common.loaded_models(source, args, device), len(source.paths), source.label):
+            batches = common.image_batches(loaded, args, device)
+            datasets.append(layer_responses(loaded.model, batches, checkpoint=loaded.path, dataset=loaded.spec.name,
+                                            split=args.split))
+            labels.append(source.label)
+            epochs.append(common.epoch_of(loaded))
+            paths.append(loaded.path)
+            plain[source.label] = loaded.kwargs.get("skip", True) is False
+            n_images = batches.n_images
+    ds = combine(datasets, labels, epochs, attrs(
+        DEFINITION, checkpoint=paths, dataset=sorted({d.attrs["dataset"] for d in datasets}), split=args.split,
+        n_images=n_images, batch_size=args.batch_size, bn_mode="eval"))
+    common.write_outputs(out, "responses", ds, figure(ds, plain))
+
+
+if __name__ == "__main__":
+    sys.exit(common.main_guard(main))
