@@ -1,0 +1,113 @@
+"""Loss and accuracy of a model on a split, with BatchNorm in any of the three modes a spike diagnosis needs.
+
+- `eval`: BN normalises with its running statistics (the EMA training kept): the model as trained.
+- `recalibrated`: the running statistics are first recomputed exactly over other batches with the weights
+  fixed (PreciseBN, fvcore's `update_bn_stats`), then BN runs in eval mode.
+- `train`: BN normalises each batch with that batch's own statistics; nothing is updated.
+
+The model is left exactly as it came: its BN buffers are restored whatever the mode.
+"""
+from contextlib import contextmanager
+from typing import Iterable
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import xarray as xr
+
+import models
+
+from .common import attrs, model_device, variable
+
+BN_MODES = ("eval", "recalibrated", "train")
+
+
+@contextmanager
+def preserved_bn_state(model: nn.Module):
+    """Restore every BN buffer (running mean, var, batches tracked), BN momentum and module mode on exit."""
+    saved = {name: {key: buffer.clone() for key, buffer in module.named_buffers(recurse=False)}
+             for name, module in models.bn_layers(model)}
+    momenta = {module: module.momentum for _, module in models.bn_layers(model)}
+    modes = {module: module.training for module in model.modules()}
+    try:
+        yield
+    finally:
+        modules = dict(model.named_modules())
+        with torch.no_grad():
+            for name, buffers in saved.items():
+                for key, value in buffers.items():
+                    getattr(modules[name], key).copy_(value)
+        for module, momentum in momenta.items():
+            module.momentum = momentum
+        for module, training in modes.items():
+            module.train(training)
+
+
+def set_bn_mode(model: nn.Module, bn_mode: str) -> None:
+    """Everything in eval mode (no dropout); BN layers in train mode for `train`, with momentum 0 so that
+    their running statistics stay as they are."""
+    model.eval()
+    if bn_mode == "train":
+        for _, module in models.bn_layers(model):
+            module.train()
+            module.momentum = 0.0
+
+
+@torch.no_grad()
+def predict(model: nn.Module, batches: Iterable) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-image cross-entropy (float64), predictions and labels, accumulated on the device."""
+    device = model_device(model)
+    losses, predictions, labels = [], [], []
+    for x, y in batches:
+        logits = model(x.to(device)).float()
+        losses.append(F.cross_entropy(logits, y.to(device), reduction="none").double())
+        predictions.append(logits.argmax(1))
+        labels.append(y.to(device))
+    return torch.cat(losses), torch.cat(predictions), torch.cat(labels)
+
+
+def evaluate(model: nn.Module, batches: Iterable, *, bn_mode: str = "eval", recalibration: Iterable | None = None,
+             num_classes: int | None = None, class_names=None, checkpoint=None, dataset=None,
+             split=None) -> xr.Dataset:
+    """Mean cross-entropy, accuracy and per-class accuracy over `batches` of `(images, labels)`.
+
+    `recalibration`: the batches (images, or `(images, labels)` pairs) whose population statistics replace
+    the running ones when `bn_mode="recalibrated"`.
+    """
+    if bn_mode not in BN_MODES:
+        raise ValueError(f"bn_mode must be one of {', '.join(BN_MODES)}, not {bn_mode!r}")
+    if bn_mode == "recalibrated" and recalibration is None:
+        raise ValueError("bn_mode='recalibrated' needs the recalibration batches")
+    recal_images = 0
+    with preserved_bn_state(model):
+        if bn_mode == "recalibrated":
+            recal = [batch[0] if isinstance(batch, (tuple, list)) else batch for batch in recalibration]
+            recal_images = sum(len(x) for x in recal)
+            device = model_device(model)
+            models.recalibrate_bn(model, (x.to(device) for x in recal), len(recal))
+        set_bn_mode(model, bn_mode)
+        losses, predictions, labels = predict(model, batches)
+    if len(labels) == 0:
+        raise ValueError("no images were given")
+    num_classes = num_classes or int(labels.max()) + 1
+    correct = (predictions == labels).double()
+    per_class_total = torch.bincount(labels, minlength=num_classes).double()
+    per_class_correct = torch.bincount(labels, weights=correct, minlength=num_classes)
+    class_accuracy = (per_class_correct / per_class_total).cpu().numpy()  # NaN for an absent class
+    names = list(class_names) if class_names is not None else [str(c) for c in range(num_classes)]
+    definition = (f"mean cross-entropy (natural log, no label smoothing) and top-1 accuracy over the images, "
+                  f"BN in {bn_mode} mode" + (f" after recomputing BN population statistics over {recal_images} "
+                                             "images (fvcore update_bn_stats)" if bn_mode == "recalibrated" else ""))
+    return xr.Dataset(
+        {
+            "loss": variable((), losses.mean().item(), "cross-entropy", "nats"),
+            "accuracy": variable((), correct.mean().item(), "top-1 accuracy", "1"),
+            "class_accuracy": variable("class", class_accuracy, "top-1 accuracy of the images of each class", "1"),
+            "class_count": variable("class", per_class_total.cpu().numpy().astype(np.int64), "images per class",
+                                    "1"),
+        },
+        coords={"class": np.arange(num_classes), "class_name": ("class", np.array(names, dtype=object))},
+        attrs=attrs(definition, checkpoint=checkpoint, dataset=dataset, split=split, n_images=len(labels),
+                    bn_mode=bn_mode, recalibration_images=recal_images),
+    )
