@@ -4,7 +4,6 @@ A command is: `parser(...)` for its options, `collect_sources(args)` for its inp
 checkpoint, `analyses.common.combine` into one dataset, a figure, `write_outputs(...)`; `main_guard` turns
 bad input into one line `error: ...` and exit code 2 (DESIGN.md §5).
 """
-import os
 import sys
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -156,13 +155,7 @@ def output_dir(args, sources: list[Source]) -> Path:
     else:
         run_dir = sources[0].run_dir if sources else None
         out = run_dir / "diagnostics" if run_dir is not None else Path("diagnostics")
-    existing = out
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise UserError(f"--out {out}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"cannot write to {existing}; choose another --out")
+    ckpt.check_writable(out)
     return out
 
 

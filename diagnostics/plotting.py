@@ -22,10 +22,12 @@ def figure(rows: int = 1, cols: int = 1, width: float = COLUMN_WIDTH, height: fl
 
 
 def model_style(label: str, index: int = 0, plain: bool | None = None) -> dict:
-    """The paper's convention: plain nets dashed, residual solid; one colour per depth, shared by the twins."""
+    """The paper's convention: plain nets dashed, residual solid; one colour per depth, shared by the twins
+    (CIFAR and ImageNet-style ResNets in tab20's dark shades, VGGs in its light ones)."""
     plain = label.startswith("plain") if plain is None else plain
     depth = re.search(r"(\d+)", label)
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    palette = {20: 0, 32: 1, 44: 2, 56: 3, 110: 4, 1202: 5, 18: 6, 34: 7, 50: 8, 101: 9}
-    slot = palette.get(int(depth.group(1)), index) if depth else index
-    return {"color": colours[slot % len(colours)], "linestyle": "--" if plain else "-", "label": label}
+    slots = {20: 0, 32: 2, 44: 4, 56: 6, 110: 8, 1202: 10, 18: 12, 34: 14, 50: 16, 101: 18}
+    if label.startswith("vgg"):
+        slots = {11: 1, 13: 3, 16: 5, 19: 7}
+    slot = slots.get(int(depth.group(1)), 2 * index) if depth else 2 * index
+    return {"color": plt.get_cmap("tab20")(slot % 20), "linestyle": "--" if plain else "-", "label": label}

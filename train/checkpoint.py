@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import warnings
 import zipfile
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
@@ -51,6 +52,22 @@ def atomic_path(path):
         raise
 
 
+def check_writable(folder) -> None:
+    """Fail now, before any work, if `folder` (or the nearest existing parent it would be made in) cannot take
+    a file. A real probe file, not `os.access`, which says yes to root on read-only mounts."""
+    folder = Path(folder)
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"cannot create {folder}: {existing} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise UserError(f"cannot write to {existing} ({exc.strerror or exc}); choose another output folder") from None
+
+
 def save(checkpoint: dict, path) -> None:
     with atomic_path(path) as temporary:
         torch.save(checkpoint, temporary)
@@ -87,9 +104,11 @@ def read(path) -> dict:
     if path.stat().st_size == 0:
         raise UserError(f"{path} is empty; it is not a checkpoint (was the copy interrupted?)")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about the pickle protocol of files it then refuses
+            warnings.simplefilter("ignore")
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+        if "global" in str(exc).lower():  # "Unsupported global" or "unsupported GLOBAL ... blocked"
             raise UserError(f"{path} holds Python objects other than tensors and plain data, so it was not "
                             "loaded (loading it could run code); re-save its state_dict with torch.save") from None
         raise UserError(f"{path} is not a PyTorch checkpoint (it cannot be unpickled)") from None

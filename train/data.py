@@ -190,15 +190,27 @@ def _download(name: str, data_dir: Path, download: bool, expected: str) -> None:
     dataset_class = {"cifar10": tvd.CIFAR10, "mini-cifar10": tvd.CIFAR10, "cifar100": tvd.CIFAR100,
                      "fashion-mnist": tvd.FashionMNIST}[name]
     if download:
+        before = {path for path in data_dir.rglob("*")} if data_dir.exists() else None
         try:
             for train in (True, False):
                 dataset_class(root=str(data_dir), train=train, download=True)
             return
         except Exception:  # offline, a proxy, a full disk: all mean "not here"; say where it must go
-            pass
+            _remove_new_files(data_dir, before)
     raise UserError(f"{name} is not in {expected} and could not be downloaded; download it where the network "
                     f"allows (torchvision.datasets.{dataset_class.__name__}(root='{data_dir}', download=True)) "
                     "or point --data-dir at a folder that has it")
+
+
+def _remove_new_files(data_dir: Path, before: set | None) -> None:
+    """Undo a failed download: the partial archive and the folders it made, nothing that was there before."""
+    if not data_dir.exists():
+        return
+    for path in sorted(data_dir.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        if before is None or path not in before:
+            path.unlink() if path.is_file() else path.rmdir()
+    if before is None:
+        data_dir.rmdir()
 
 
 def _synthetic(split: str) -> Images:

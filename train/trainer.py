@@ -54,11 +54,23 @@ def setup_processes(config: Config) -> tuple[int, int, torch.device]:
     return rank, world_size, device
 
 
+def cpu_has_native_bf16() -> bool:
+    """avx512_bf16 or AMX: without them bf16 autocast on a CPU is emulated and slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def resolve_precision(config: Config, device: torch.device) -> torch.dtype | None:
     """The autocast dtype, or None for fp32. auto: bf16 on a GPU, fp32 on a CPU."""
     precision = config.precision
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+        print("warning: this CPU has no native bf16 (avx512_bf16/AMX); bf16 autocast will be slower than fp32",
+              file=sys.stderr)
     config.precision_used = precision
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
@@ -325,6 +337,7 @@ def start(config: Config) -> Path:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         hint = f"use --resume {out} to continue it" if ckpt.is_run_dir(out) else "choose an empty or new folder"
         raise UserError(f"--out {out} already exists and is not empty; {hint}")
+    ckpt.check_writable(out)
     return run(config)
 
 

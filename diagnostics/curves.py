@@ -1,0 +1,224 @@
+"""`python -m diagnostics.curves RUN [RUN ...]`: training and validation curves of several runs, and their summary.
+
+Runs whose options differ only in seed form a group: drawn as the mean with a ±std band, summarised as
+mean ± std. A group is defined by every training option of config.json except `seed`, `out`, `data_dir`
+(where the data live changes nothing) and the fields the trainer resolves when the run starts (world_size,
+per_device_batch, precision_used, device_used, steps_per_epoch, total_steps, total_epochs: consequences of the
+options and of the machine). `model` and `skip` count through the model label, so `--model plain20` and
+`--model resnet20 --no-skip` are one group.
+"""
+import csv
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
+
+from analyses.curves import training_curves
+from analyses.flops import total_cost
+from train import checkpoint as ckpt
+from train.errors import ArgumentParser, UserError, positive_int
+from train.trainer import METRICS
+
+from . import common, plotting
+from .evaluate import print_table
+
+NOT_GROUPING = {"seed", "out", "data_dir", "world_size", "per_device_batch", "precision_used", "device_used",
+                "steps_per_epoch", "total_steps", "total_epochs"}
+TRAIN_STYLE = {"linestyle": "--", "linewidth": 0.8}  # He et al. 2016, Fig. 6: "dashed lines denote training
+VAL_STYLE = {"linestyle": "-", "linewidth": 1.6}  # error, and bold lines denote testing error"
+
+
+def parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m diagnostics.curves", description=__doc__)
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run directories (the folders python -m train --out wrote)")
+    p.add_argument("--early", type=positive_int, default=5, metavar="N",
+                   help="judge early stability by the mean and std of validation accuracy over the first N epochs")
+    p.add_argument("--out", help="output folder (default: diagnostics/ in the first run directory)")
+    return p
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading a run
+
+
+@dataclass
+class Run:
+    path: Path
+    history: dict[str, list]
+    config: dict
+    model_label: str
+    flops: int
+    params: int
+
+
+def read_metrics(run_dir: Path) -> dict[str, list]:
+    """metrics.csv as one list per column (DESIGN.md §2); extra columns are ignored."""
+    path = run_dir / "metrics.csv"
+    if not path.is_file():
+        raise UserError(f"{run_dir} has no metrics.csv; the run has not finished an epoch yet")
+    try:
+        with open(path, newline="") as file:
+            lines = list(csv.reader(file))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise UserError(f"{path} cannot be read as CSV ({exc}); copy the run again") from None
+    header, rows = (lines[0], lines[1:]) if lines else ([], [])
+    missing = [column for column in METRICS if column not in header]
+    if missing:
+        raise UserError(f"{path} is not a metrics.csv of python -m train (no column {', '.join(missing)}); give a "
+                        "run directory it wrote")
+    if not rows:
+        raise UserError(f"{path} has no epochs yet; let the run finish one")
+    history = {column: [] for column in METRICS}
+    positions = {column: header.index(column) for column in METRICS}
+    for line, row in enumerate(rows, start=2):
+        try:
+            if len(row) != len(header):
+                raise ValueError(f"{len(row)} fields instead of {len(header)}")
+            for column, position in positions.items():
+                history[column].append(float(row[position]))
+        except ValueError as exc:
+            raise UserError(f"{path} line {line} is damaged ({exc}); the file is truncated or was edited: copy the "
+                            "run again") from None
+    history["epoch"] = [int(epoch) for epoch in history["epoch"]]
+    return history
+
+
+def read_config(run_dir: Path) -> dict:
+    path = run_dir / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path} is not readable JSON ({exc}); copy the run again") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path} holds no training options; give a run directory python -m train wrote")
+    return config
+
+
+def model_cost(loaded: ckpt.Loaded) -> tuple[int, int]:
+    """(forward FLOPs per image as fvcore counts them, parameters) of the run's model on its dataset's images."""
+    spec = loaded.spec
+    return total_cost(loaded.model, (1, spec.in_channels, spec.image_size, spec.image_size))
+
+
+def read_run(path: Path) -> Run:
+    if not ckpt.is_run_dir(path):
+        what = "does not exist" if not path.exists() else "is a file" if path.is_file() else "has no config.json"
+        raise UserError(f"{path} {what}; curves reads run directories: give the folder python -m train --out wrote")
+    history, config = read_metrics(path), read_config(path)
+    loaded = ckpt.load(ckpt.run_checkpoints(path)[-1])  # the model spec and dataset of the run
+    flops, params = model_cost(loaded)
+    return Run(path, history, config, loaded.label, flops, params)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Groups and labels
+
+
+def group_options(run: Run) -> dict:
+    """What defines the run's group (see the module's docstring)."""
+    options = {key: value for key, value in run.config.items() if key not in NOT_GROUPING | {"model", "skip"}}
+    return {"model": run.model_label, **options}
+
+
+def group_labels(runs: list[Run]) -> list[str]:
+    """Each run's group label: its model label and every option whose value differs between runs. Runs share a
+    label exactly when they share their group options."""
+    keys = [group_options(run) for run in runs]
+    names = list(dict.fromkeys(name for key in keys for name in key if name != "model"))
+    varying = [name for name in names if len({json.dumps(key.get(name)) for key in keys}) > 1]
+    return [" ".join([key["model"], *(f"{name}={key.get(name)}" for name in varying)]) for key in keys]
+
+
+def run_labels(runs: list[Run]) -> list[str]:
+    """The run directory's name, or its whole path where two runs share a name."""
+    names = [run.path.name for run in runs]
+    return [name if names.count(name) == 1 else str(run.path) for name, run in zip(names, runs)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Table and figure
+
+
+def _mean_std(mean: float, std: float, with_std: bool, scale: float = 1.0, digits: int = 2) -> str:
+    if np.isnan(mean):
+        return "?"
+    return f"{scale * mean:.{digits}f}" + (f" ± {scale * std:.{digits}f}" if with_std else "")
+
+
+def summary_rows(ds) -> list[list[str]]:
+    """One row per group: mean ± std over its runs (a single run: its value). The early column is always
+    mean ± std over the first epochs (averaged over a group's runs); params and FLOPs are one model's."""
+    rows = []
+    for group in ds.group.values:
+        g = ds.sel(group=group)
+        n = int(g.n_runs)
+
+        def over_runs(name, scale=1.0, digits=2):
+            return _mean_std(g[f"{name}_group_mean"].item(), g[f"{name}_group_std"].item(), n > 1, scale, digits)
+
+        early = _mean_std(g.early_val_acc_mean_group_mean.item(), g.early_val_acc_std_group_mean.item(), True, 100)
+        rows.append([str(group), str(n), over_runs("best_val_acc", 100), over_runs("last_val_acc", 100), early,
+                     over_runs("seconds_per_epoch", digits=1), f"{g.params_group_mean.item():,.0f}",
+                     _mean_std(g.flops_group_mean.item(), 0.0, False, 1e-6, 1)])  # one model per group
+    return rows
+
+
+def figure(ds):
+    """Loss (top, log scale) and accuracy (bottom) per epoch: one colour per group, training thin dashed,
+    validation bold solid; a group of several runs is its mean with a ±std band."""
+    fig, axes = plotting.figure(2, 1, height=3.8, sharex=True)
+    loss_axis, accuracy_axis = axes[:, 0]
+    colours = plotting.plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    handles = []
+    for index, group in enumerate(ds.group.values):
+        g, colour = ds.sel(group=group), colours[index % len(colours)]
+        n = int(g.n_runs)
+        for axis, quantity, scale in ((loss_axis, "loss", 1), (accuracy_axis, "acc", 100)):
+            for split, style, alpha in (("train", TRAIN_STYLE, 0.08), ("val", VAL_STYLE, 0.2)):
+                mean = scale * g[f"{split}_{quantity}_group_mean"].values
+                axis.plot(ds.epoch, mean, color=colour, **style)
+                if n > 1:
+                    std = scale * g[f"{split}_{quantity}_group_std"].values
+                    axis.fill_between(ds.epoch, mean - std, mean + std, color=colour, alpha=alpha, linewidth=0)
+        handles.append(Line2D([], [], color=colour, **VAL_STYLE, label=f"{group}" + (f" (n={n})" if n > 1 else "")))
+    handles += [Line2D([], [], color="grey", **TRAIN_STYLE, label="training"),
+                Line2D([], [], color="grey", **VAL_STYLE, label="validation")]
+    loss_axis.set_yscale("log")
+    loss_axis.set_ylabel("loss (nats)")
+    accuracy_axis.set_ylabel("accuracy (%)")
+    accuracy_axis.set_xlabel("epoch")
+    accuracy_axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for axis in (loss_axis, accuracy_axis):
+        axis.grid(True)
+    long_labels = max(len(handle.get_label()) for handle in handles) > 24  # two columns overflow the width
+    loss_axis.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=1 if long_labels else 2)
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The command
+
+
+def main(argv=None) -> None:
+    args = parser().parse_args(argv)
+    paths = list(dict.fromkeys(Path(text) for text in args.runs))
+    runs = [read_run(path) for path in paths]
+    out = common.output_dir(args, [common.Source(paths[0].name, run_dir=paths[0])])
+    ds = training_curves([run.history for run in runs], run_labels(runs), group_labels(runs), early=args.early,
+                         params=[run.params for run in runs], flops=[run.flops for run in runs],
+                         checkpoint=[str(path) for path in paths],
+                         dataset=sorted({str(run.config.get("dataset")) for run in runs}))
+    print(f"early: validation accuracy over epochs 1-{args.early}, mean ± std over the epochs (averaged over a "
+          "group's runs); other ± are the std over a group's runs")
+    print_table(["group", "runs", "best acc %", "last acc %", "early acc %", "s/epoch", "params", "MFLOPs"],
+                summary_rows(ds))
+    common.write_outputs(out, "curves", ds, figure(ds))
+
+
+if __name__ == "__main__":
+    sys.exit(common.main_guard(main))

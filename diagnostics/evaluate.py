@@ -1,0 +1,176 @@
+"""`python -m diagnostics.evaluate CKPT_OR_RUN [...]`: loss, accuracy and per-class accuracy of each checkpoint.
+
+BN runs in eval mode (the model as trained) unless `--bn train` (each batch's own statistics) or
+`--precise-bn N` (running statistics recomputed over the first N training images, then eval mode).
+"""
+import sys
+from functools import lru_cache
+
+import numpy as np
+from matplotlib.ticker import MaxNLocator
+
+from analyses.common import attrs, combine
+from analyses.evaluate import evaluate
+from train.data import EvalBatches, load_split
+from train.errors import positive_int
+
+from . import common, plotting
+
+MAX_BARS = 20  # classes beyond which bars are unreadable at column width: the sorted accuracies are drawn instead
+
+
+def parser():
+    p = common.parser("evaluate", __doc__, n_images=None)
+    p.add_argument("--bn", choices=("eval", "train"), default="eval",
+                   help="eval: running statistics (as trained); train: each batch's own statistics")
+    p.add_argument("--precise-bn", type=positive_int, metavar="N",
+                   help="first recompute BN statistics over the first N training images, then evaluate in eval mode")
+    return p
+
+
+@lru_cache(maxsize=None)
+def _training_images(dataset: str, data_dir: str, val_split: int, n_images: int):
+    return load_split(dataset, "train", data_dir, val_split)[:n_images]
+
+
+def recalibration_batches(loaded, args, device) -> EvalBatches:
+    """The first `--precise-bn` images of the checkpoint's own training split (its held-out images excluded), in
+    batches of the size each device trained with, as the trainer's own --precise-bn recalibrates."""
+    config = loaded.config or {}
+    images = _training_images(loaded.spec.name, args.data_dir, config.get("val_split", 0), args.precise_bn)
+    return EvalBatches(images, loaded.spec, config.get("per_device_batch") or args.batch_size, device)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Table and figure
+
+
+def print_table(header: list[str], rows: list[list[str]]) -> None:
+    """Columns as wide as their widest cell: the first left-aligned, the rest right-aligned."""
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        cells = [str(cell).ljust(width) if i == 0 else str(cell).rjust(width)
+                 for i, (cell, width) in enumerate(zip(row, widths))]
+        print("  ".join(cells).rstrip())
+
+
+def table_rows(ds) -> list[list[str]]:
+    """One row per (model, epoch) evaluated: loss, accuracy, and the class with the lowest accuracy."""
+    rows = []
+    for model in ds.model.values:
+        for epoch in ds.epoch.values:
+            point = ds.sel(model=model, epoch=epoch)
+            if np.isnan(point.accuracy.item()):
+                continue  # this model has no checkpoint of that epoch
+            worst = int(np.nanargmin(point.class_accuracy.values))
+            rows.append([str(model), str(epoch), f"{point.loss.item():.4f}", f"{100 * point.accuracy.item():.2f}",
+                         str(point.class_name.values[worst]), f"{100 * point.class_accuracy.values[worst]:.2f}"])
+    return rows
+
+
+def figure(ds, plain: dict[str, bool]):
+    """One run with several epochs: accuracy (overall and per class) and loss vs epoch. Otherwise: per-class
+    accuracy of each model at its last epoch."""
+    if ds.sizes["model"] == 1 and ds.sizes["epoch"] > 1:
+        return _epochs_figure(ds, str(ds.model.values[0]), plain)
+    return _classes_figure(ds, plain)
+
+
+def _epochs_figure(ds, label: str, plain: dict[str, bool]):
+    fig, axes = plotting.figure(2, 1, height=3.4, sharex=True)
+    accuracy, loss = axes[:, 0]
+    style = plotting.model_style(label, 0, plain.get(label))
+    point = ds.sel(model=label)
+    if ds.sizes["class"] <= 10:
+        for index in range(ds.sizes["class"]):
+            accuracy.plot(ds.epoch, 100 * point.class_accuracy.isel({"class": index}), linewidth=0.6, marker="o",
+                          markersize=2, label=str(ds.class_name.values[index]))
+    accuracy.plot(ds.epoch, 100 * point.accuracy, color="black", linewidth=1.8, label="all classes")
+    loss.plot(ds.epoch, point.loss, **{**style, "label": label})
+    accuracy.set_ylabel("accuracy (%)")
+    loss.set_ylabel("loss (nats)")
+    loss.set_xlabel("epoch")
+    loss.xaxis.set_major_locator(MaxNLocator(integer=True))
+    accuracy.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=3, title=f"{label}, {ds.attrs['split']} split")
+    loss.legend()
+    for axis in (accuracy, loss):
+        axis.grid(True)
+    fig.tight_layout()
+    return fig
+
+
+def _last_epoch(ds, label: str):
+    return ds.sel(model=label).dropna("epoch", subset=["accuracy"]).isel(epoch=-1)
+
+
+def _classes_figure(ds, plain: dict[str, bool]):
+    fig, axes = plotting.figure(1, 1, height=2.4)
+    axis = axes[0, 0]
+    labels = [str(label) for label in ds.model.values]
+    n_classes = ds.sizes["class"]
+    positions = np.arange(n_classes)
+    width = 0.8 / len(labels)
+    for index, label in enumerate(labels):
+        last = _last_epoch(ds, label)
+        style = plotting.model_style(label, index, plain.get(label))
+        name = f"{label} ep. {last.epoch.item()}: {100 * last.accuracy.item():.1f}%"
+        values = 100 * last.class_accuracy.values
+        if n_classes <= MAX_BARS:
+            axis.bar(positions + (index - (len(labels) - 1) / 2) * width, values, width, color=style["color"],
+                     hatch="////" if style["linestyle"] == "--" else None, edgecolor="white", linewidth=0.3,
+                     label=name)
+        else:
+            axis.plot(positions, np.sort(values)[::-1], **{**style, "label": name})
+    if n_classes <= MAX_BARS:
+        shared = ds.class_name.ndim == 1  # checkpoints of different datasets name their classes apart
+        names = [str(name) for name in (ds.class_name.values if shared else ds["class"].values)]
+        crowded = n_classes * max(map(len, names)) > 40  # characters that fit side by side at column width
+        axis.set_xticks(positions, names, rotation=30 if crowded else 0, ha="right" if crowded else "center",
+                        rotation_mode="anchor")
+    else:
+        axis.set_xlabel("classes, sorted by accuracy")
+    axis.set_ylabel(f"accuracy on {ds.attrs['split']} (%)")
+    axis.set_ylim(0, 100)
+    axis.grid(True, axis="y")
+    axis.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The command
+
+
+def main(argv=None) -> None:
+    p = parser()
+    args = p.parse_args(argv)
+    if args.precise_bn and args.bn == "train":
+        p.error("--precise-bn recalibrates the running statistics that --bn train does not use; give one of them")
+    bn_mode = "recalibrated" if args.precise_bn else args.bn
+    device = common.device_of(args)
+    sources = common.collect_sources(args)
+    out = common.output_dir(args, sources)
+    datasets, labels, epochs, paths, plain, n_images = [], [], [], [], {}, 0
+    for source in sources:
+        for loaded in common.progress(common.loaded_models(source, args, device), len(source.paths), source.label):
+            batches = common.image_batches(loaded, args, device)
+            recalibration = recalibration_batches(loaded, args, device) if args.precise_bn else None
+            datasets.append(evaluate(loaded.model, batches, bn_mode=bn_mode, recalibration=recalibration,
+                                     num_classes=loaded.spec.num_classes, class_names=loaded.spec.classes,
+                                     checkpoint=loaded.path, dataset=loaded.spec.name, split=args.split))
+            labels.append(source.label)
+            epochs.append(common.epoch_of(loaded))
+            paths.append(loaded.path)
+            plain[source.label] = loaded.kwargs.get("skip", True) is False
+            n_images = batches.n_images
+    definitions = dict.fromkeys(d.attrs["definition"] for d in datasets)
+    ds = combine(datasets, labels, epochs, attrs(
+        "; ".join(definitions), checkpoint=paths, dataset=sorted({d.attrs["dataset"] for d in datasets}),
+        split=args.split, n_images=n_images, batch_size=args.batch_size, bn_mode=bn_mode,
+        recalibration_images=max(d.attrs["recalibration_images"] for d in datasets)))
+    print_table(["model", "epoch", "loss", "acc %", "worst class", "acc %"], table_rows(ds))
+    common.write_outputs(out, "evaluate", ds, figure(ds, plain))
+
+
+if __name__ == "__main__":
+    sys.exit(common.main_guard(main))

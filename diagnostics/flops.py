@@ -1,0 +1,116 @@
+"""`python -m diagnostics.flops CKPT_OR_RUN_OR_MODEL [...]`: multiply-adds and parameters of each model.
+
+Inputs are checkpoints, run directories or model names (`resnet56`, `plain110`: the untrained model, built for
+`--dataset`'s classes and image shape, CIFAR-10's by default). A run directory counts as its last checkpoint:
+the cost of a forward pass does not change with training. No images are read, so `--split`, `--n-images` and
+`--batch-size` do nothing here. The output has no `epoch` axis; models of different depth share `depth`.
+Prints a table (fvcore counts one multiply-add as one flop; FlopCounterMode counts two, hence the /2), then
+the paths written.
+"""
+import sys
+
+import numpy as np
+import xarray as xr
+from matplotlib.ticker import MaxNLocator
+
+import models
+from analyses.common import attrs, combine
+from analyses.flops import DEFINITION, flop_count
+from train.data import get_spec
+
+from . import common, plotting
+
+WEIGHTED_KINDS = ("Conv1d", "Conv2d", "Conv3d", "Linear")
+
+
+def counted_model(source: common.Source, args, device):
+    """(model, dataset spec, checkpoint path or None, whether it is a plain net) of one input."""
+    if source.model_name is not None:
+        spec = get_spec(args.dataset or "cifar10")
+        name, kwargs = models.canonical(source.model_name)
+        model = models.build(name, **kwargs, num_classes=spec.num_classes, in_channels=spec.in_channels)
+        return model.to(device), spec, None, kwargs.get("skip", True) is False
+    loaded = common.load_checkpoint(source.paths[-1], args, device)
+    return loaded.model, loaded.spec, loaded.path, loaded.kwargs.get("skip", True) is False
+
+
+def table(ds: xr.Dataset) -> str:
+    rows = [("model", "parameters", "MFLOPs", "conv+fc MFLOPs", "FlopCounterMode/2", "agreement")]
+    for label in ds.model.values:
+        one = ds.sel(model=label)
+        conv_fc, torch_count = int(one.conv_fc_flops), int(one.total_flops_torch)
+        agreement = "exact" if conv_fc == torch_count else f"{torch_count / conv_fc:.4f}x"
+        rows.append((str(label), f"{int(one.total_params):,}", f"{int(one.total_flops) / 1e6:.2f}",
+                     f"{conv_fc / 1e6:.2f}", f"{torch_count / 1e6:.2f}", agreement))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+             for row in rows]
+    note = "MFLOPs: millions of multiply-adds per image (fvcore: all counted operators; conv+fc: its convolutions "\
+           "and matrix products)"
+    return "\n".join([note, *lines])
+
+
+def figure(ds: xr.Dataset, plain: dict[str, bool]):
+    """Top: parameters and multiply-adds per model; bottom: multiply-adds summed over the conv and fc layers in
+    forward order (the paper's layer count on the x axis): equal slopes where each 3x3 layer costs the same."""
+    fig, axes = plotting.figure(2, 2, height=3.8, gridspec_kw={"height_ratios": [1, 1.4]})
+    grid = axes[1, 0].get_gridspec()
+    for axis in axes[1]:
+        axis.remove()
+    params_axis, flops_axis = axes[0]
+    layers_axis = fig.add_subplot(grid[1, :])
+    labels = [str(label) for label in ds.model.values]
+    styles = [plotting.model_style(label, i, plain.get(label)) for i, label in enumerate(labels)]
+    rows = np.arange(len(labels))[::-1]
+    for axis, values, xlabel in ((params_axis, ds.total_params.values / 1e6, "parameters (millions)"),
+                                 (flops_axis, ds.total_flops.values / 1e6, "MFLOPs (multiply-adds, fvcore)")):
+        bars = axis.barh(rows, values, color=[s["color"] for s in styles], edgecolor="white", linewidth=0.3)
+        for bar, style in zip(bars, styles):
+            bar.set_hatch("////" if style["linestyle"] == "--" else None)
+        axis.bar_label(bars, [f"{v:.3g}" for v in values], padding=1.5, fontsize=5)
+        axis.set_yticks(rows, labels if axis is params_axis else [])
+        axis.set_xlabel(xlabel)
+        axis.set_xlim(0, values.max() * 1.3)
+        axis.grid(True, axis="x")
+    for label, style in zip(labels, styles):
+        one = ds.sel(model=label)
+        weighted = one.kind.isin(WEIGHTED_KINDS).values
+        values = np.cumsum(one.flops.values[weighted]) / 1e6
+        on_top = 2 + 1 / len(values)  # shorter (shallower) lines over the longer ones they coincide with
+        layers_axis.plot(np.arange(1, len(values) + 1), values, zorder=on_top, **style)
+        layers_axis.plot(len(values), values[-1], "o", markersize=2.5, color=style["color"], zorder=on_top)
+    layers_axis.set_xlabel("conv or fc layer (forward order)")
+    layers_axis.set_ylabel("cumulative MFLOPs (conv + fc)")
+    layers_axis.set_xlim(left=0)
+    layers_axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    layers_axis.set_ylim(bottom=0)
+    layers_axis.grid(True)
+    layers_axis.legend(ncol=2 if len(labels) > 3 else 1)
+    fig.tight_layout()
+    return fig
+
+
+def main(argv=None) -> None:
+    args = common.parser("flops", __doc__, model_names=True).parse_args(argv)
+    device = common.device_of(args)
+    sources = common.collect_sources(args, model_names=True)
+    out = common.output_dir(args, sources)
+    datasets, paths, plain = [], [], {}
+    for source in sources:
+        model, spec, path, plain[source.label] = counted_model(source, args, device)
+        shape = (1, spec.in_channels, spec.image_size, spec.image_size)
+        datasets.append(flop_count(model, shape, checkpoint=path, dataset=spec.name))
+        paths.append(path or "")
+    labels = [source.label for source in sources]
+    ds = combine(datasets, labels, [0] * len(datasets), attrs(
+        DEFINITION, checkpoint=paths, dataset=sorted({d.attrs["dataset"] for d in datasets}), bn_mode="eval",
+        **{key: ", ".join(sorted({part for d in datasets for part in d.attrs[key].split(", ") if part}))
+           for key in ("input_shape", "counted_operators", "skipped_operators")}))
+    ds = ds.isel(epoch=0, drop=True)
+    ds["flops_by_operator"] = ds.flops_by_operator.fillna(0).astype(np.int64)  # an operator a model lacks costs 0
+    print(table(ds))
+    common.write_outputs(out, "flops", ds, figure(ds, plain))
+
+
+if __name__ == "__main__":
+    sys.exit(common.main_guard(main))

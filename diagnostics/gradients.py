@@ -1,0 +1,183 @@
+"""`python -m diagnostics.gradients [CKPT_OR_RUN ...] [--init MODEL ...]`: the L2 norm of the loss gradient of
+every conv and fc weight, by depth, over mini-batches; `--init plain56 --init resnet56 --dataset cifar10` sets
+plain against residual at initialisation."""
+import sys
+
+import numpy as np
+import torch
+from matplotlib.colors import LogNorm
+from matplotlib.ticker import LogFormatter, MaxNLocator
+
+import models
+from analyses.common import attrs, combine
+from analyses.gradients import BN_MODES, definition, gradient_norms
+from train import checkpoint as ckpt
+from train.data import get_spec
+from train.errors import UserError, positive_int
+
+from . import common, plotting
+
+NAME = "gradients"
+
+
+def parser():
+    p = common.parser(NAME, __doc__, n_images=None, batch_size=128)
+    # Inputs are optional here: `--init` models alone are a complete request.
+    next(action for action in p._actions if action.dest == "inputs").nargs = "*"
+    p.add_argument("--init", action="append", default=[], metavar="MODEL",
+                   help="also measure this model untrained, as epoch 0 (repeatable), e.g. --init plain56")
+    p.add_argument("--seed", type=int, default=0, help="the seed the --init models are built with")
+    p.add_argument("--batches", type=positive_int, default=10, help="mini-batches to average over")
+    p.add_argument("--bn", choices=BN_MODES, default="train",
+                   help="BN with each batch's statistics as in training (train) or the running ones (eval)")
+    return p
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Inputs
+
+
+def init_sources(args, sources: list[common.Source]) -> list[common.Source]:
+    """A source per `--init` name, labelled `plain56` etc. or `plain56-init` where a checkpoint has that label."""
+    taken = {source.label for source in sources}
+    added = []
+    for name in args.init:
+        if args.init.count(name) > 1:
+            raise UserError(f"--init {name} is given more than once; an untrained model is the same every time")
+        label = models.label(*models.canonical(name))  # an unknown name fails here, before any work
+        added.append(common.Source(label + "-init" if label in taken else label, model_name=name))
+        taken.add(added[-1].label)
+    return added
+
+
+def init_spec(args, sources: list[common.Source]):
+    """The dataset of the `--init` models: `--dataset`, else the first checkpoint's."""
+    if args.dataset:
+        return get_spec(args.dataset)
+    if sources:
+        return common.load_checkpoint(sources[0].paths[0], args).spec
+    raise UserError("--init needs --dataset NAME (e.g. --dataset cifar10) when no checkpoint is given")
+
+
+def untrained(name: str, label: str, spec, seed: int, device) -> ckpt.Loaded:
+    name, kwargs = models.canonical(name, num_classes=spec.num_classes, in_channels=spec.in_channels)
+    torch.manual_seed(seed)
+    model = models.build(name, **kwargs).to(device).eval()
+    return ckpt.Loaded(model, name, kwargs, label, spec, f"untrained {label}, seed {seed}", epoch=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Figure
+
+
+class PlainLogFormatter(LogFormatter):
+    """The log-axis ticks matplotlib chooses to label, written 0.2 or 5 rather than 2x10^-1."""
+
+    def __call__(self, x, pos=None):
+        return f"{x:g}" if super().__call__(x, pos) else ""
+
+
+def plain_log_labels(axis) -> None:
+    axis.set_major_formatter(PlainLogFormatter(labelOnlyBase=False))
+    axis.set_minor_formatter(PlainLogFormatter(labelOnlyBase=False))
+
+
+def line_styles(labels: list[str], plain: dict[str, bool]) -> list[dict]:
+    """plotting.model_style's colour per depth, or one colour per line where two lines would look the same
+    (two runs of one model, a run and the same model at init)."""
+    styles = [plotting.model_style(label, index, plain.get(label)) for index, label in enumerate(labels)]
+    looks = [(style["color"], style["linestyle"]) for style in styles]
+    if len(set(looks)) < len(looks):
+        colours = plotting.plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        styles = [{**style, "color": colours[index % len(colours)]} for index, style in enumerate(styles)]
+    return styles
+
+
+def figure(ds, plain: dict[str, bool]):
+    """A single model with several epochs: heat map depth x epoch. Otherwise one line per model at its last
+    epoch, shaded +-std over the mini-batches."""
+    if ds.sizes["model"] == 1 and ds.sizes["epoch"] > 1:
+        return heat_map(ds.grad_norm_mean.isel(model=0))
+    fig, axes = plotting.figure(height=2.4)
+    axis = axes[0, 0]
+    labels = [str(label) for label in ds.model.values]
+    for label, style in zip(labels, line_styles(labels, plain)):
+        series = ds.sel(model=label).dropna("epoch", how="all", subset=["grad_norm_mean"])
+        last = series.isel(epoch=-1).dropna("depth", subset=["grad_norm_mean"])
+        mean, std = last.grad_norm_mean.values, last.grad_norm_std.values
+        style["label"] += f" (epoch {last.epoch.item()})"
+        axis.plot(last.depth.values, mean, **style)
+        # A band reaching zero is cut a decade below the mean, to keep the log axis on the data.
+        axis.fill_between(last.depth.values, np.maximum(mean - std, mean / 10), mean + std,
+                          color=style["color"], alpha=0.2, linewidth=0)
+    axis.set_yscale("log")
+    plain_log_labels(axis.yaxis)
+    axis.set_xlabel("layer depth (forward order; last = fc)")
+    axis.set_ylabel(r"$\|\partial L / \partial W\|_2$")
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axis.grid(True, which="major")
+    axis.legend(ncol=2, loc="lower left", bbox_to_anchor=(0, 1.02), borderaxespad=0)  # above: lines fill the axes
+    fig.tight_layout()
+    return fig
+
+
+def heat_map(norms):
+    """depth (y) x epoch (x), log colour scale; epochs may be unevenly spaced."""
+    fig, axes = plotting.figure(height=2.4)
+    axis = axes[0, 0]
+    values = norms.transpose("depth", "epoch").values
+    mesh = axis.pcolormesh(norms.epoch.values, norms.depth.values, values, shading="nearest", cmap="viridis",
+                           norm=LogNorm(vmin=np.nanmin(values), vmax=np.nanmax(values)))
+    colour_bar = fig.colorbar(mesh, ax=axis, label=r"$\|\partial L / \partial W\|_2$ (mean over batches)")
+    plain_log_labels(colour_bar.ax.yaxis)
+    axis.set_title(str(norms.model.item()))
+    axis.set_xlabel("epoch")
+    axis.set_ylabel("layer depth (forward order)")
+    for axis_ in (axis.xaxis, axis.yaxis):
+        axis_.set_major_locator(MaxNLocator(integer=True))
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command
+
+
+def main(argv=None) -> None:
+    args = parser().parse_args(argv)
+    if not args.inputs and not args.init:
+        raise UserError("give checkpoints or run directories, or --init MODEL (e.g. --init resnet56 --dataset "
+                        "cifar10)")
+    device = common.device_of(args)
+    sources = common.collect_sources(args) if args.inputs else []
+    inits = init_sources(args, sources)
+    spec = init_spec(args, sources) if inits else None
+    out = common.output_dir(args, sources + inits)
+    n_images = min(args.batches * args.batch_size, args.n_images or sys.maxsize)  # only what is measured
+
+    def checkpoints():
+        for source in sources:
+            for loaded in common.progress(common.loaded_models(source, args, device), len(source.paths),
+                                          source.label):
+                yield source.label, loaded
+        for source in inits:
+            yield source.label, untrained(source.model_name, source.label, spec, args.seed, device)
+
+    datasets, labels, epochs, plain = [], [], [], {}
+    for label, loaded in checkpoints():
+        batches = common.image_batches(loaded, args, device, n_images)
+        datasets.append(gradient_norms(loaded.model, batches, args.batches, bn_mode=args.bn,
+                                       checkpoint=loaded.path, dataset=loaded.spec.name, split=args.split))
+        labels.append(label)
+        epochs.append(common.epoch_of(loaded))
+        plain[label] = loaded.kwargs.get("skip", True) is False
+    ds = combine(datasets, labels, epochs, attrs(
+        definition(args.bn), checkpoint=[d.attrs["checkpoint"] for d in datasets],
+        dataset=sorted({d.attrs["dataset"] for d in datasets}), split=args.split,
+        n_images=max(d.attrs["n_images"] for d in datasets), batch_size=args.batch_size,
+        n_batches=max(d.attrs["n_batches"] for d in datasets), bn_mode=args.bn))
+    common.write_outputs(out, NAME, ds, figure(ds, plain))
+
+
+if __name__ == "__main__":
+    sys.exit(common.main_guard(main))

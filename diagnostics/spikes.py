@@ -1,0 +1,177 @@
+"""`python -m diagnostics.spikes RUN_DIR [...]`: is a validation-loss spike in the BN running statistics or in
+the weights? Every epoch checkpoint is evaluated with running, recalibrated (PreciseBN) and batch statistics."""
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+from matplotlib.colors import LogNorm
+from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+import models
+from analyses.spikes import BN_STATISTICS, diagnose_checkpoint, running_statistics, spike_diagnosis
+from train import checkpoint as ckpt
+from train.data import EvalBatches, load_split
+from train.errors import UserError, positive_int
+
+from . import common, plotting
+
+COLOURS = {"running": "C3", "recalibrated": "C0", "batch": "C2"}
+LABELS = {"running": "(a) running stats", "recalibrated": "(b) recalibrated", "batch": "(c) batch stats"}
+
+
+def _number(minimum: float, inclusive: bool):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if value < minimum or (value == minimum and not inclusive):
+            raise argparse.ArgumentTypeError(f"{value:g} must be {'at least' if inclusive else 'above'} {minimum:g}")
+        return value
+    return parse
+
+
+def parser():
+    p = common.parser("spikes", __doc__, n_images=None)
+    p.add_argument("--recal-images", type=positive_int, default=2000,
+                   help="recompute BN statistics over the first N training images, un-augmented (default 2000)")
+    p.add_argument("--window", type=positive_int, default=3,
+                   help="a spike is measured against the median of this many previous checkpoints (default 3)")
+    p.add_argument("--factor", type=_number(1.0, inclusive=False), default=3.0,
+                   help="a spike exceeds that median by this factor (default 3)")
+    p.add_argument("--min-increase", type=_number(0.0, inclusive=True), default=0.1,
+                   help="... and by at least this many nats (default 0.1)")
+    return p
+
+
+def recalibration_batches(loaded: ckpt.Loaded, args, device) -> EvalBatches:
+    """The first --recal-images training images of the run's own training split, in batches of the size
+    each device trained with, as BN saw them."""
+    config = loaded.config or {}
+    images = load_split(loaded.spec.name, "train", args.data_dir, config.get("val_split", 0))
+    return EvalBatches(images[:args.recal_images], loaded.spec, config.get("per_device_batch") or args.batch_size,
+                       device)
+
+
+def logged_val_loss(loaded: ckpt.Loaded) -> float:
+    """The validation loss the trainer wrote for this checkpoint's epoch; NaN where its history has none."""
+    history = loaded.history or {}
+    logged = dict(zip(history.get("epoch", []), history.get("val_loss", [])))
+    return float(logged.get(loaded.epoch, np.nan))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The figure
+
+
+def figure(ds, plain: dict[str, bool]):
+    """Per run (a column): top, validation loss with the three kinds of BN statistics, spikes shaded; bottom,
+    the running-mean shift of every BN layer (depth x epoch), the largest annotated."""
+    labels = [str(label) for label in ds.model.values]
+    width = plotting.COLUMN_WIDTH if len(labels) == 1 else plotting.FULL_WIDTH
+    fig, axes = plotting.figure(2, len(labels), width=width, height=4.4, sharex="col",
+                                gridspec_kw={"height_ratios": [1, 1.4]})
+    shift = ds.drift.sel(stat="mean_shift")
+    positive = shift.values[np.isfinite(shift.values) & (shift.values > 0)]
+    low, high = (np.min(positive), np.max(positive)) if len(positive) else (1e-3, 1.0)
+    norm = LogNorm(vmin=max(low, 1e-3), vmax=max(high, 10 * max(low, 1e-3)))
+    for column, label in enumerate(labels):
+        one = ds.sel(model=label)
+        one = one.isel(epoch=np.flatnonzero(one.val_acc.sel(bn="running").notnull().values))
+        _loss_panel(axes[0, column], one, plotting.model_style(label, column, plain.get(label)))
+        mesh = _drift_panel(axes[1, column], one, norm)
+        axes[0, column].set_title(label)
+    axes[0, 0].legend(loc="best")
+    axes[0, 0].set_ylabel("validation loss (nats)")
+    axes[1, 0].set_ylabel("BN layer (forward order)")
+    fig.tight_layout()
+    fig.colorbar(mesh, ax=list(axes[1, :]), label="|running - population mean| / population std",
+                 fraction=0.05 if len(labels) == 1 else 0.025, pad=0.02)
+    return fig
+
+
+def _loss_panel(axis, one, style: dict) -> None:
+    epochs = one.epoch.values
+    for bn in BN_STATISTICS:
+        axis.plot(epochs, one.val_loss.sel(bn=bn).values, color=COLOURS[bn], linestyle=style["linestyle"],
+                  marker="o", markersize=2, label=LABELS[bn])
+    axis.plot(epochs, one.history_val_loss.values, "x", color="0.4", markersize=3, label="logged in training")
+    for k, epoch in enumerate(epochs[one.spike.values]):
+        axis.axvspan(epoch - 0.5, epoch + 0.5, color="C1", alpha=0.25, linewidth=0, label="spike" if k == 0 else None)
+    axis.set_yscale("log")
+    low, high = axis.get_ylim()
+    if high < 10 * low:  # within a decade the major ticks alone leave the axis unlabelled
+        axis.yaxis.set_minor_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    axis.grid(True)
+
+
+def _drift_panel(axis, one, norm):
+    shift = one.drift.sel(stat="mean_shift").transpose("depth", "epoch")
+    layers = one.layer.values
+    shift = shift.isel(depth=np.flatnonzero(layers != ""))
+    epochs, depths = one.epoch.values, shift.depth.values
+    values = np.clip(shift.values, norm.vmin, None)
+    mesh = axis.pcolormesh(np.append(epochs - 0.5, epochs[-1] + 0.5), np.append(depths - 0.5, depths[-1] + 0.5),
+                           values, norm=norm, cmap="viridis", shading="flat")
+    d, e = np.unravel_index(np.nanargmax(shift.values), shift.shape)
+    if shift.values[d, e] > norm.vmin:  # below the colour scale it is rounding, not a layer to point at
+        axis.plot(epochs[e], depths[d], "o", markerfacecolor="none", markeredgecolor="red", markersize=6)
+        axis.annotate(f"{layers[d]} ({shift.values[d, e]:.3g})", (epochs[e], depths[d]), xytext=(0.5, 1.02),
+                      textcoords="axes fraction", ha="center", va="bottom", fontsize=6, color="red",
+                      arrowprops={"arrowstyle": "-", "color": "red", "linewidth": 0.5})
+    axis.set_xlabel("epoch")
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axis.yaxis.set_major_locator(MaxNLocator(integer=True))
+    return mesh
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The command
+
+
+def main(argv=None) -> None:
+    args = parser().parse_args(argv)
+    for text in args.inputs:
+        if not ckpt.is_run_dir(text):
+            what = "is not a run directory (a folder with config.json)" if Path(text).exists() else "does not exist"
+            raise UserError(f"{text} {what}; the spike diagnosis needs a run's epoch checkpoints: give the folder "
+                            "`python -m train --out` wrote")
+    device = common.device_of(args)
+    sources = common.collect_sources(args)
+    out = common.output_dir(args, sources)
+    parts, labels, epochs, paths, logged, n_images = [], [], [], [], [], 0
+    plain, bn_momentum, precise_bn = {}, [], []
+    for source in sources:
+        previous, recal = None, None
+        for loaded in common.progress(common.loaded_models(source, args, device), len(source.paths), source.label):
+            if not models.bn_layers(loaded.model):
+                raise UserError(f"{loaded.path} has no BatchNorm layers (trained with --no-bn); there are no BN "
+                                "statistics to diagnose")
+            if recal is None:
+                recal = recalibration_batches(loaded, args, device)
+            val = common.image_batches(loaded, args, device)
+            parts.append(diagnose_checkpoint(loaded.model, val, recal, previous=previous, checkpoint=loaded.path,
+                                             dataset=loaded.spec.name, split=args.split))
+            previous = running_statistics(loaded.model)
+            labels.append(source.label)
+            epochs.append(common.epoch_of(loaded))
+            paths.append(loaded.path)
+            logged.append(logged_val_loss(loaded))
+            n_images = val.n_images
+        config = loaded.config or {}
+        plain[source.label] = loaded.kwargs.get("skip", True) is False
+        bn_momentum.append(config.get("bn_momentum", np.nan))
+        precise_bn.append(config.get("precise_bn", np.nan))
+    ds = spike_diagnosis(parts, labels, epochs, history_val_loss=logged, window=args.window, factor=args.factor,
+                         min_increase=args.min_increase, checkpoint=paths,
+                         dataset=sorted({part.attrs["dataset"] for part in parts}), split=args.split,
+                         n_images=n_images, batch_size=args.batch_size, bn_momentum=bn_momentum,
+                         precise_bn=precise_bn)
+    for line in ds.attrs["verdict"]:
+        print(line)
+    common.write_outputs(out, "spikes", ds, figure(ds, plain))
+
+
+if __name__ == "__main__":
+    sys.exit(common.main_guard(main))

@@ -1,0 +1,118 @@
+"""Every bad input through the real command lines: exit 2, one line `error: ...`, no traceback, nothing written.
+
+One row a case. A row names the command, its arguments (with placeholders for the hostile files made
+below) and a phrase the error line must contain, so that the line says what is wrong.
+"""
+import math
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import models
+
+ROOT = Path(__file__).resolve().parents[1]
+SYNTHETIC = ["--dataset", "synthetic"]
+
+ROWS = [
+    # (id, module, arguments, phrase in the error line)
+    ("missing path", "diagnostics.responses", ["{tmp}/nowhere.pt"], "does not exist"),
+    ("empty file", "diagnostics.responses", ["{empty}"], "is empty"),
+    ("truncated checkpoint", "diagnostics.responses", ["{truncated}"], "truncated or corrupt"),
+    ("random bytes", "diagnostics.responses", ["{random}"], "not a PyTorch checkpoint"),
+    ("code-running pickle in a torch file", "diagnostics.responses", ["{exploit_torch}", "--model", "resnet20"],
+     "could run code"),
+    ("code-running plain pickle", "diagnostics.responses", ["{exploit_pickle}", "--model", "resnet20"],
+     "not a PyTorch checkpoint"),
+    ("foreign state_dict without --model", "diagnostics.responses", ["{foreign}"], "--model NAME"),
+    ("state_dict shapes do not match --model", "diagnostics.responses", ["{foreign}", "--model", "resnet56"],
+     "check --model"),
+    ("NaN weights", "diagnostics.responses", ["{nan}"], "non-finite"),
+    ("newer checkpoint format", "diagnostics.responses", ["{newer}"], "newer resnet-diagnostics"),
+    ("run directory without checkpoints", "diagnostics.responses", ["{empty_run}"], "holds no checkpoints"),
+    ("folder that is not a run", "diagnostics.responses", ["{tmp}"], "not a run directory"),
+    ("unknown model for a foreign file", "diagnostics.responses", ["{foreign}", "--model", "resnet57"],
+     "unknown model 'resnet57'"),
+    ("negative batch size (diagnostics)", "diagnostics.responses", ["{good}", "--batch-size", "-4"],
+     "must be a positive integer"),
+    ("unknown split", "diagnostics.responses", ["{good}", "--split", "holdout"], "invalid choice"),
+    ("bad --epochs selection", "diagnostics.responses", ["{good_run}", "--epochs", "five"], "--epochs must be"),
+    ("read-only --out (diagnostics)", "diagnostics.responses", ["{good}", "--out", "{readonly}/out"],
+     "cannot write"),
+    ("unknown model (train)", "train", ["--model", "resnet57", *SYNTHETIC, "--out", "{out}"],
+     "unknown model 'resnet57'"),
+    ("unknown dataset (train)", "train", ["--model", "resnet20", "--dataset", "imagenet", "--out", "{out}"],
+     "unknown dataset 'imagenet'"),
+    ("negative batch size (train)", "train", ["--model", "resnet20", *SYNTHETIC, "--batch-size", "-5", "--out",
+                                              "{out}"], "must be a positive integer"),
+    ("option the model does not take", "train", ["--model", "vgg16", "--no-skip", *SYNTHETIC, "--out", "{out}"],
+     "vgg16 does not take skip"),
+    ("dataset folder missing offline", "train", ["--model", "resnet20", "--dataset", "cifar10", "--data-dir",
+                                                 "{tmp}/data", "--out", "{out}"], "could not be downloaded"),
+    ("read-only --out (train)", "train", ["--model", "resnet20", *SYNTHETIC, "--out", "{readonly}/out"],
+     "cannot write"),
+    ("resume a folder that is not a run", "train", ["--resume", "{tmp}"], "not a run directory"),
+    ("missing --out", "train", ["--model", "resnet20", *SYNTHETIC], "--out is required"),
+]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, tiny_runs) -> dict[str, str]:
+    tmp = tmp_path_factory.mktemp("bad")
+    good = tiny_runs["resnet20"] / "epoch_001.pt"
+    raw = good.read_bytes()
+    (tmp / "empty.pt").write_bytes(b"")
+    (tmp / "truncated.pt").write_bytes(raw[: len(raw) // 2])
+    (tmp / "random.pt").write_bytes(os.urandom(4096))
+    marker = tmp / "code-ran"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"state_dict": {"fc.weight": torch.zeros(1)}, "payload": Exploit()}, tmp / "exploit.pt")
+    with open(tmp / "exploit.pkl", "wb") as file:
+        pickle.dump(Exploit(), file)
+    torch.save(models.build("resnet20").state_dict(), tmp / "foreign.pt")
+    state = torch.load(good, weights_only=True)
+    state["state_dict"]["stage2.block1.conv1.weight"][0, 0, 0, 0] = math.nan
+    torch.save(state, tmp / "nan.pt")
+    state = torch.load(good, weights_only=True)
+    state["format"] = "resnet-diagnostics/2"
+    torch.save(state, tmp / "newer.pt")
+    (tmp / "empty_run").mkdir()
+    (tmp / "empty_run" / "config.json").write_text("{}")
+    readonly = tmp / "readonly"
+    readonly.mkdir()
+    readonly.chmod(0o555)
+    if os.geteuid() == 0:  # root writes through permissions: use a file system nobody can write to
+        readonly = Path("/proc")
+    return {"tmp": str(tmp), "empty": str(tmp / "empty.pt"), "truncated": str(tmp / "truncated.pt"),
+            "random": str(tmp / "random.pt"), "exploit_torch": str(tmp / "exploit.pt"),
+            "exploit_pickle": str(tmp / "exploit.pkl"), "foreign": str(tmp / "foreign.pt"),
+            "nan": str(tmp / "nan.pt"), "newer": str(tmp / "newer.pt"), "empty_run": str(tmp / "empty_run"),
+            "good": str(good), "good_run": str(tiny_runs["resnet20"]), "readonly": str(readonly),
+            "marker": str(marker)}
+
+
+@pytest.mark.parametrize("case, module, arguments, phrase", ROWS, ids=[row[0] for row in ROWS])
+def test_bad_input(case, module, arguments, phrase, files, tmp_path):
+    out = tmp_path / "out"
+    values = {**files, "out": str(out)}
+    argv = [argument.format(**values) for argument in arguments]
+    if module.startswith("diagnostics") and "--out" not in argv:
+        argv += ["--out", str(out)]
+    env = {**os.environ, "RESNET_DIAG_DATA": str(tmp_path / "no-data")}
+    result = subprocess.run([sys.executable, "-m", module, *argv], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=300, env=env)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert phrase in lines[0]
+    assert "Traceback" not in result.stderr and result.stdout == ""
+    assert not out.exists() and not (tmp_path / "diagnostics").exists()
+    assert not Path(files["marker"]).exists()  # no file ever ran code
