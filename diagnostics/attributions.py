@@ -118,11 +118,9 @@ def figure(ds):
 
 
 def print_table(ds) -> None:
-    print(f"{'model':<16} {'method':<10} deletion AUC (lower = more faithful)")
-    for label in ds.model.values:
-        for method in ds.method.values:
-            auc = ds.deletion_auc.sel({"model": label, "method": method}).item()
-            print(f"{label:<16} {method:<10} {auc:.3f}")
+    rows = [[str(label), str(method), f"{ds.deletion_auc.sel({'model': label, 'method': method}).item():.3f}"]
+            for label in ds.model.values for method in ds.method.values]
+    common.print_table(["model", "method", "deletion AUC (lower = more faithful)"], rows)
 
 
 def main(argv=None) -> None:

@@ -17,13 +17,21 @@ from train.data import SPECS, SPLITS, EvalBatches, default_data_dir, load_split
 from train.errors import ArgumentParser, UserError, positive_int
 
 
-def parser(name: str, description: str, *, model_names: bool = False, n_images: int | None = 2000,
-           batch_size: int = 256) -> ArgumentParser:
-    """The options of DESIGN.md §5; `model_names` lets inputs also be bare model names (`resnet56`)."""
+INPUTS = {  # what a command's positional inputs may be: (metavar, help)
+    "checkpoints": ("CHECKPOINT_OR_RUN", "checkpoint files (.pt) or run directories"),
+    "models": ("CHECKPOINT_OR_RUN_OR_MODEL", "checkpoint files (.pt), run directories, or model names for an "
+               "untrained model"),
+    "runs": ("RUN_DIR", "run directories (the folders `python -m train --out` wrote)"),
+}
+
+
+def parser(name: str, description: str, *, inputs: str = "checkpoints", inputs_required: bool = True,
+           n_images: int | None = 2000, batch_size: int = 256) -> ArgumentParser:
+    """The options of DESIGN.md §5. `inputs`: one of INPUTS; `inputs_required=False` where an option such as
+    `--init MODEL` can stand in for them."""
     p = ArgumentParser(prog=f"python -m diagnostics.{name}", description=description)
-    what = "CHECKPOINT_OR_RUN_OR_MODEL" if model_names else "CHECKPOINT_OR_RUN"
-    p.add_argument("inputs", nargs="+", metavar=what, help="checkpoint files (.pt) or run directories"
-                   + (", or model names for an untrained model" if model_names else ""))
+    metavar, what = INPUTS[inputs]
+    p.add_argument("inputs", nargs="+" if inputs_required else "*", metavar=metavar, help=what)
     p.add_argument("--model", help="the model a foreign checkpoint (a bare state_dict) holds, e.g. resnet56")
     p.add_argument("--dataset", choices=tuple(SPECS), help="the dataset of a foreign checkpoint")
     p.add_argument("--data-dir", default=str(default_data_dir()), help="where datasets live")
@@ -39,6 +47,16 @@ def parser(name: str, description: str, *, model_names: bool = False, n_images: 
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--out", help="output folder (default: diagnostics/ in the first input's run directory)")
     return p
+
+
+def require_run_dirs(inputs: list[str], why: str) -> None:
+    """For commands that read a run's history: every input must be a run directory."""
+    for text in inputs:
+        if not ckpt.is_run_dir(text):
+            what = ("is a checkpoint file" if Path(text).is_file() else "has no config.json" if Path(text).is_dir()
+                    else "does not exist")
+            raise UserError(f"{text} {what}, not a run directory; {why}: give the folder `python -m train --out` "
+                            "wrote")
 
 
 def device_of(args) -> torch.device:
@@ -111,15 +129,39 @@ def collect_sources(args, *, model_names: bool = False) -> list[Source]:
     return list(sources.values())
 
 
+def checkpoints(sources: list[Source], args, device):
+    """(source, loaded checkpoint) for every checkpoint of every source, in order, one in memory at a time."""
+    for source in sources:
+        for path in progress(source.paths, len(source.paths), source.label):
+            yield source, load_checkpoint(path, args, device)
+
+
+@dataclass
+class Results:
+    """Per-checkpoint datasets of one command and what `analyses.common.combine` needs to stack them."""
+    datasets: list = field(default_factory=list)
+    labels: list[str] = field(default_factory=list)
+    epochs: list[int] = field(default_factory=list)
+    plain: dict[str, bool] = field(default_factory=dict)  # label -> a network without skip connections
+
+    def add(self, label: str, loaded: ckpt.Loaded, dataset) -> None:
+        self.datasets.append(dataset)
+        self.labels.append(label)
+        self.epochs.append(epoch_of(loaded))
+        self.plain[label] = loaded.kwargs.get("skip", True) is False
+
+    def combined(self, definition: str, split: str | None, **extra):
+        """One dataset along `model` and `epoch`, with the attrs of DESIGN.md §4 over all checkpoints."""
+        from analyses.common import attrs, combine
+        return combine(self.datasets, self.labels, self.epochs, attrs(
+            definition, checkpoint=[d.attrs["checkpoint"] for d in self.datasets],
+            dataset=sorted({d.attrs["dataset"] for d in self.datasets}), split=split,
+            n_images=max(d.attrs["n_images"] for d in self.datasets), **extra))
+
+
 def load_checkpoint(path: Path, args, device="cpu") -> ckpt.Loaded:
     return ckpt.load(path, model_name=args.model, dataset=args.dataset, mean=args.mean, std=args.std,
                      device=device)
-
-
-def loaded_models(source: Source, args, device):
-    """Yield the source's checkpoints one at a time (a long run never sits in memory whole)."""
-    for path in source.paths:
-        yield load_checkpoint(path, args, device)
 
 
 def epoch_of(loaded: ckpt.Loaded) -> int:
@@ -141,6 +183,17 @@ def image_batches(loaded: ckpt.Loaded, args, device, n_images: int | None = None
     if n_images is not None:
         images = images[:n_images]
     return EvalBatches(images, loaded.spec, args.batch_size, device)
+
+
+def training_batches(loaded: ckpt.Loaded, args, device, n_images: int) -> EvalBatches:
+    """The first `n_images` training images of the checkpoint's own training split (its held-out images
+    excluded), un-augmented, in batches of the size each device trained with: what BN recalibration reads."""
+    config = loaded.config or {}
+    key = (loaded.spec.name, "train", config.get("val_split", 0), args.data_dir)
+    if key not in _IMAGES:
+        _IMAGES[key] = load_split(loaded.spec.name, "train", args.data_dir, config.get("val_split", 0))
+    batch_size = config.get("per_device_batch") or args.batch_size
+    return EvalBatches(_IMAGES[key][:n_images], loaded.spec, batch_size, device)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -183,6 +236,15 @@ def write_outputs(out: Path, name: str, dataset, figure=None) -> list[Path]:
     for path in paths:
         print(path)
     return paths
+
+
+def print_table(header: list[str], rows: list[list[str]]) -> None:
+    """Columns as wide as their widest cell: the first left-aligned, the rest right-aligned."""
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        cells = [str(cell).ljust(width) if i == 0 else str(cell).rjust(width)
+                 for i, (cell, width) in enumerate(zip(row, widths))]
+        print("  ".join(cells).rstrip())
 
 
 def progress(iterable, total: int | None = None, desc: str = ""):

@@ -24,7 +24,6 @@ from train.errors import ArgumentParser, UserError, positive_int
 from train.trainer import METRICS
 
 from . import common, plotting
-from .evaluate import print_table
 
 NOT_GROUPING = {"seed", "out", "data_dir", "world_size", "per_device_batch", "precision_used", "device_used",
                 "steps_per_epoch", "total_steps", "total_epochs"}
@@ -105,9 +104,6 @@ def model_cost(loaded: ckpt.Loaded) -> tuple[int, int]:
 
 
 def read_run(path: Path) -> Run:
-    if not ckpt.is_run_dir(path):
-        what = "does not exist" if not path.exists() else "is a file" if path.is_file() else "has no config.json"
-        raise UserError(f"{path} {what}; curves reads run directories: give the folder python -m train --out wrote")
     history, config = read_metrics(path), read_config(path)
     loaded = ckpt.load(ckpt.run_checkpoints(path)[-1])  # the model spec and dataset of the run
     flops, params = model_cost(loaded)
@@ -206,6 +202,7 @@ def figure(ds):
 
 def main(argv=None) -> None:
     args = parser().parse_args(argv)
+    common.require_run_dirs(args.runs, "curves reads a run's metrics.csv and config.json")
     paths = list(dict.fromkeys(Path(text) for text in args.runs))
     runs = [read_run(path) for path in paths]
     out = common.output_dir(args, [common.Source(paths[0].name, run_dir=paths[0])])
@@ -215,8 +212,8 @@ def main(argv=None) -> None:
                          dataset=sorted({str(run.config.get("dataset")) for run in runs}))
     print(f"early: validation accuracy over epochs 1-{args.early}, mean ± std over the epochs (averaged over a "
           "group's runs); other ± are the std over a group's runs")
-    print_table(["group", "runs", "best acc %", "last acc %", "early acc %", "s/epoch", "params", "MFLOPs"],
-                summary_rows(ds))
+    header = ["group", "runs", "best acc %", "last acc %", "early acc %", "s/epoch", "params", "MFLOPs"]
+    common.print_table(header, summary_rows(ds))
     common.write_outputs(out, "curves", ds, figure(ds))
 
 

@@ -4,14 +4,11 @@ BN runs in eval mode (the model as trained) unless `--bn train` (each batch's ow
 `--precise-bn N` (running statistics recomputed over the first N training images, then eval mode).
 """
 import sys
-from functools import lru_cache
 
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
-from analyses.common import attrs, combine
 from analyses.evaluate import evaluate
-from train.data import EvalBatches, load_split
 from train.errors import positive_int
 
 from . import common, plotting
@@ -28,30 +25,8 @@ def parser():
     return p
 
 
-@lru_cache(maxsize=None)
-def _training_images(dataset: str, data_dir: str, val_split: int, n_images: int):
-    return load_split(dataset, "train", data_dir, val_split)[:n_images]
-
-
-def recalibration_batches(loaded, args, device) -> EvalBatches:
-    """The first `--precise-bn` images of the checkpoint's own training split (its held-out images excluded), in
-    batches of the size each device trained with, as the trainer's own --precise-bn recalibrates."""
-    config = loaded.config or {}
-    images = _training_images(loaded.spec.name, args.data_dir, config.get("val_split", 0), args.precise_bn)
-    return EvalBatches(images, loaded.spec, config.get("per_device_batch") or args.batch_size, device)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Table and figure
-
-
-def print_table(header: list[str], rows: list[list[str]]) -> None:
-    """Columns as wide as their widest cell: the first left-aligned, the rest right-aligned."""
-    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        cells = [str(cell).ljust(width) if i == 0 else str(cell).rjust(width)
-                 for i, (cell, width) in enumerate(zip(row, widths))]
-        print("  ".join(cells).rstrip())
 
 
 def table_rows(ds) -> list[list[str]]:
@@ -150,26 +125,18 @@ def main(argv=None) -> None:
     device = common.device_of(args)
     sources = common.collect_sources(args)
     out = common.output_dir(args, sources)
-    datasets, labels, epochs, paths, plain, n_images = [], [], [], [], {}, 0
-    for source in sources:
-        for loaded in common.progress(common.loaded_models(source, args, device), len(source.paths), source.label):
-            batches = common.image_batches(loaded, args, device)
-            recalibration = recalibration_batches(loaded, args, device) if args.precise_bn else None
-            datasets.append(evaluate(loaded.model, batches, bn_mode=bn_mode, recalibration=recalibration,
-                                     num_classes=loaded.spec.num_classes, class_names=loaded.spec.classes,
-                                     checkpoint=loaded.path, dataset=loaded.spec.name, split=args.split))
-            labels.append(source.label)
-            epochs.append(common.epoch_of(loaded))
-            paths.append(loaded.path)
-            plain[source.label] = loaded.kwargs.get("skip", True) is False
-            n_images = batches.n_images
-    definitions = dict.fromkeys(d.attrs["definition"] for d in datasets)
-    ds = combine(datasets, labels, epochs, attrs(
-        "; ".join(definitions), checkpoint=paths, dataset=sorted({d.attrs["dataset"] for d in datasets}),
-        split=args.split, n_images=n_images, batch_size=args.batch_size, bn_mode=bn_mode,
-        recalibration_images=max(d.attrs["recalibration_images"] for d in datasets)))
-    print_table(["model", "epoch", "loss", "acc %", "worst class", "acc %"], table_rows(ds))
-    common.write_outputs(out, "evaluate", ds, figure(ds, plain))
+    results = common.Results()
+    for source, loaded in common.checkpoints(sources, args, device):
+        batches = common.image_batches(loaded, args, device)
+        recalibration = common.training_batches(loaded, args, device, args.precise_bn) if args.precise_bn else None
+        results.add(source.label, loaded, evaluate(
+            loaded.model, batches, bn_mode=bn_mode, recalibration=recalibration, num_classes=loaded.spec.num_classes,
+            class_names=loaded.spec.classes, checkpoint=loaded.path, dataset=loaded.spec.name, split=args.split))
+    definitions = dict.fromkeys(d.attrs["definition"] for d in results.datasets)
+    ds = results.combined("; ".join(definitions), args.split, batch_size=args.batch_size, bn_mode=bn_mode,
+                          recalibration_images=max(d.attrs["recalibration_images"] for d in results.datasets))
+    common.print_table(["model", "epoch", "loss", "acc %", "worst class", "acc %"], table_rows(ds))
+    common.write_outputs(out, "evaluate", ds, figure(ds, results.plain))
 
 
 if __name__ == "__main__":

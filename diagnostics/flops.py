@@ -34,20 +34,17 @@ def counted_model(source: common.Source, args, device):
     return loaded.model, loaded.spec, loaded.path, loaded.kwargs.get("skip", True) is False
 
 
-def table(ds: xr.Dataset) -> str:
-    rows = [("model", "parameters", "MFLOPs", "conv+fc MFLOPs", "FlopCounterMode/2", "agreement")]
+def print_table(ds: xr.Dataset) -> None:
+    print("MFLOPs: millions of multiply-adds per image (fvcore: all counted operators; conv+fc: its convolutions "
+          "and matrix products)")
+    rows = []
     for label in ds.model.values:
         one = ds.sel(model=label)
         conv_fc, torch_count = int(one.conv_fc_flops), int(one.total_flops_torch)
         agreement = "exact" if conv_fc == torch_count else f"{torch_count / conv_fc:.4f}x"
-        rows.append((str(label), f"{int(one.total_params):,}", f"{int(one.total_flops) / 1e6:.2f}",
-                     f"{conv_fc / 1e6:.2f}", f"{torch_count / 1e6:.2f}", agreement))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
-             for row in rows]
-    note = "MFLOPs: millions of multiply-adds per image (fvcore: all counted operators; conv+fc: its convolutions "\
-           "and matrix products)"
-    return "\n".join([note, *lines])
+        rows.append([str(label), f"{int(one.total_params):,}", f"{int(one.total_flops) / 1e6:.2f}",
+                     f"{conv_fc / 1e6:.2f}", f"{torch_count / 1e6:.2f}", agreement])
+    common.print_table(["model", "parameters", "MFLOPs", "conv+fc MFLOPs", "FlopCounterMode/2", "agreement"], rows)
 
 
 def figure(ds: xr.Dataset, plain: dict[str, bool]):
@@ -91,7 +88,7 @@ def figure(ds: xr.Dataset, plain: dict[str, bool]):
 
 
 def main(argv=None) -> None:
-    args = common.parser("flops", __doc__, model_names=True).parse_args(argv)
+    args = common.parser("flops", __doc__, inputs="models").parse_args(argv)
     device = common.device_of(args)
     sources = common.collect_sources(args, model_names=True)
     out = common.output_dir(args, sources)
@@ -108,7 +105,7 @@ def main(argv=None) -> None:
            for key in ("input_shape", "counted_operators", "skipped_operators")}))
     ds = ds.isel(epoch=0, drop=True)
     ds["flops_by_operator"] = ds.flops_by_operator.fillna(0).astype(np.int64)  # an operator a model lacks costs 0
-    print(table(ds))
+    print_table(ds)
     common.write_outputs(out, "flops", ds, figure(ds, plain))
 
 

@@ -6,10 +6,9 @@ import sys
 import numpy as np
 import torch
 from matplotlib.colors import LogNorm
-from matplotlib.ticker import LogFormatter, MaxNLocator
+from matplotlib.ticker import MaxNLocator
 
 import models
-from analyses.common import attrs, combine
 from analyses.gradients import BN_MODES, definition, gradient_norms
 from train import checkpoint as ckpt
 from train.data import get_spec
@@ -21,9 +20,7 @@ NAME = "gradients"
 
 
 def parser():
-    p = common.parser(NAME, __doc__, n_images=None, batch_size=128)
-    # Inputs are optional here: `--init` models alone are a complete request.
-    next(action for action in p._actions if action.dest == "inputs").nargs = "*"
+    p = common.parser(NAME, __doc__, inputs_required=False, n_images=None, batch_size=128)  # --init alone will do
     p.add_argument("--init", action="append", default=[], metavar="MODEL",
                    help="also measure this model untrained, as epoch 0 (repeatable), e.g. --init plain56")
     p.add_argument("--seed", type=int, default=0, help="the seed the --init models are built with")
@@ -70,29 +67,6 @@ def untrained(name: str, label: str, spec, seed: int, device) -> ckpt.Loaded:
 # Figure
 
 
-class PlainLogFormatter(LogFormatter):
-    """The log-axis ticks matplotlib chooses to label, written 0.2 or 5 rather than 2x10^-1."""
-
-    def __call__(self, x, pos=None):
-        return f"{x:g}" if super().__call__(x, pos) else ""
-
-
-def plain_log_labels(axis) -> None:
-    axis.set_major_formatter(PlainLogFormatter(labelOnlyBase=False))
-    axis.set_minor_formatter(PlainLogFormatter(labelOnlyBase=False))
-
-
-def line_styles(labels: list[str], plain: dict[str, bool]) -> list[dict]:
-    """plotting.model_style's colour per depth, or one colour per line where two lines would look the same
-    (two runs of one model, a run and the same model at init)."""
-    styles = [plotting.model_style(label, index, plain.get(label)) for index, label in enumerate(labels)]
-    looks = [(style["color"], style["linestyle"]) for style in styles]
-    if len(set(looks)) < len(looks):
-        colours = plotting.plt.rcParams["axes.prop_cycle"].by_key()["color"]
-        styles = [{**style, "color": colours[index % len(colours)]} for index, style in enumerate(styles)]
-    return styles
-
-
 def figure(ds, plain: dict[str, bool]):
     """A single model with several epochs: heat map depth x epoch. Otherwise one line per model at its last
     epoch, shaded +-std over the mini-batches."""
@@ -101,7 +75,7 @@ def figure(ds, plain: dict[str, bool]):
     fig, axes = plotting.figure(height=2.4)
     axis = axes[0, 0]
     labels = [str(label) for label in ds.model.values]
-    for label, style in zip(labels, line_styles(labels, plain)):
+    for label, style in zip(labels, plotting.line_styles(labels, plain)):
         series = ds.sel(model=label).dropna("epoch", how="all", subset=["grad_norm_mean"])
         last = series.isel(epoch=-1).dropna("depth", subset=["grad_norm_mean"])
         mean, std = last.grad_norm_mean.values, last.grad_norm_std.values
@@ -111,7 +85,7 @@ def figure(ds, plain: dict[str, bool]):
         axis.fill_between(last.depth.values, np.maximum(mean - std, mean / 10), mean + std,
                           color=style["color"], alpha=0.2, linewidth=0)
     axis.set_yscale("log")
-    plain_log_labels(axis.yaxis)
+    plotting.plain_log_labels(axis.yaxis)
     axis.set_xlabel("layer depth (forward order; last = fc)")
     axis.set_ylabel(r"$\|\partial L / \partial W\|_2$")
     axis.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -129,7 +103,7 @@ def heat_map(norms):
     mesh = axis.pcolormesh(norms.epoch.values, norms.depth.values, values, shading="nearest", cmap="viridis",
                            norm=LogNorm(vmin=np.nanmin(values), vmax=np.nanmax(values)))
     colour_bar = fig.colorbar(mesh, ax=axis, label=r"$\|\partial L / \partial W\|_2$ (mean over batches)")
-    plain_log_labels(colour_bar.ax.yaxis)
+    plotting.plain_log_labels(colour_bar.ax.yaxis)
     axis.set_title(str(norms.model.item()))
     axis.set_xlabel("epoch")
     axis.set_ylabel("layer depth (forward order)")
@@ -155,28 +129,20 @@ def main(argv=None) -> None:
     out = common.output_dir(args, sources + inits)
     n_images = min(args.batches * args.batch_size, args.n_images or sys.maxsize)  # only what is measured
 
-    def checkpoints():
-        for source in sources:
-            for loaded in common.progress(common.loaded_models(source, args, device), len(source.paths),
-                                          source.label):
-                yield source.label, loaded
+    def measured():
+        yield from common.checkpoints(sources, args, device)
         for source in inits:
-            yield source.label, untrained(source.model_name, source.label, spec, args.seed, device)
+            yield source, untrained(source.model_name, source.label, spec, args.seed, device)
 
-    datasets, labels, epochs, plain = [], [], [], {}
-    for label, loaded in checkpoints():
+    results = common.Results()
+    for source, loaded in measured():
         batches = common.image_batches(loaded, args, device, n_images)
-        datasets.append(gradient_norms(loaded.model, batches, args.batches, bn_mode=args.bn,
-                                       checkpoint=loaded.path, dataset=loaded.spec.name, split=args.split))
-        labels.append(label)
-        epochs.append(common.epoch_of(loaded))
-        plain[label] = loaded.kwargs.get("skip", True) is False
-    ds = combine(datasets, labels, epochs, attrs(
-        definition(args.bn), checkpoint=[d.attrs["checkpoint"] for d in datasets],
-        dataset=sorted({d.attrs["dataset"] for d in datasets}), split=args.split,
-        n_images=max(d.attrs["n_images"] for d in datasets), batch_size=args.batch_size,
-        n_batches=max(d.attrs["n_batches"] for d in datasets), bn_mode=args.bn))
-    common.write_outputs(out, NAME, ds, figure(ds, plain))
+        results.add(source.label, loaded, gradient_norms(loaded.model, batches, args.batches, bn_mode=args.bn,
+                                                         checkpoint=loaded.path, dataset=loaded.spec.name,
+                                                         split=args.split))
+    ds = results.combined(definition(args.bn), args.split, batch_size=args.batch_size, bn_mode=args.bn,
+                          n_batches=max(d.attrs["n_batches"] for d in results.datasets))
+    common.write_outputs(out, NAME, ds, figure(ds, results.plain))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import LogFormatter  # noqa: E402
 
 COLUMN_WIDTH, FULL_WIDTH = 3.3, 6.9  # inches, a two-column paper
 STYLE = {
@@ -31,3 +32,26 @@ def model_style(label: str, index: int = 0, plain: bool | None = None) -> dict:
         slots = {11: 1, 13: 3, 16: 5, 19: 7}
     slot = slots.get(int(depth.group(1)), 2 * index) if depth else 2 * index
     return {"color": plt.get_cmap("tab20")(slot % 20), "linestyle": "--" if plain else "-", "label": label}
+
+
+def line_styles(labels: list[str], plain: dict[str, bool]) -> list[dict]:
+    """`model_style` for each label, or one colour per line where two lines would look the same (two runs of
+    one model, a run and the same model at initialisation)."""
+    styles = [model_style(label, index, plain.get(label)) for index, label in enumerate(labels)]
+    looks = [(style["color"], style["linestyle"]) for style in styles]
+    if len(set(looks)) < len(looks):
+        colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        styles = [{**style, "color": colours[index % len(colours)]} for index, style in enumerate(styles)]
+    return styles
+
+
+class PlainLogFormatter(LogFormatter):
+    """The log-axis ticks matplotlib chooses to label, written 0.2 or 5 rather than 2x10^-1."""
+
+    def __call__(self, x, pos=None):
+        return f"{x:g}" if super().__call__(x, pos) else ""
+
+
+def plain_log_labels(axis) -> None:
+    axis.set_major_formatter(PlainLogFormatter(labelOnlyBase=False))
+    axis.set_minor_formatter(PlainLogFormatter(labelOnlyBase=False))

@@ -4,7 +4,6 @@ import sys
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
-from analyses.common import attrs, combine
 from analyses.responses import DEFINITION, layer_responses
 
 from . import common, plotting
@@ -23,10 +22,10 @@ def figure(ds, plain: dict[str, bool]):
             values = ds.response_std.sel(model=ds.model.values[0], epoch=epoch).values
             lines.append((values, {"color": colour, "label": f"epoch {epoch}"}))
     else:
-        for index, label in enumerate(ds.model.values):
+        labels = [str(label) for label in ds.model.values]
+        for label, style in zip(labels, plotting.line_styles(labels, plain)):
             series = ds.response_std.sel(model=label).dropna("epoch", how="all")
-            values = series.isel(epoch=-1).values
-            lines.append((values, plotting.model_style(str(label), index, plain.get(str(label)))))
+            lines.append((series.isel(epoch=-1).values, style))
     for values, style in lines:
         values = values[~np.isnan(values)]
         top.plot(np.arange(1, len(values) + 1), values, **style)
@@ -48,21 +47,13 @@ def main(argv=None) -> None:
     device = common.device_of(args)
     sources = common.collect_sources(args)
     out = common.output_dir(args, sources)
-    datasets, labels, epochs, paths, plain, n_images = [], [], [], [], {}, 0
-    for source in sources:
-        for loaded in common.progress(common.loaded_models(source, args, device), len(source.paths), source.label):
-            batches = common.image_batches(loaded, args, device)
-            datasets.append(layer_responses(loaded.model, batches, checkpoint=loaded.path, dataset=loaded.spec.name,
-                                            split=args.split))
-            labels.append(source.label)
-            epochs.append(common.epoch_of(loaded))
-            paths.append(loaded.path)
-            plain[source.label] = loaded.kwargs.get("skip", True) is False
-            n_images = batches.n_images
-    ds = combine(datasets, labels, epochs, attrs(
-        DEFINITION, checkpoint=paths, dataset=sorted({d.attrs["dataset"] for d in datasets}), split=args.split,
-        n_images=n_images, batch_size=args.batch_size, bn_mode="eval"))
-    common.write_outputs(out, "responses", ds, figure(ds, plain))
+    results = common.Results()
+    for source, loaded in common.checkpoints(sources, args, device):
+        batches = common.image_batches(loaded, args, device)
+        results.add(source.label, loaded, layer_responses(loaded.model, batches, checkpoint=loaded.path,
+                                                          dataset=loaded.spec.name, split=args.split))
+    ds = results.combined(DEFINITION, args.split, batch_size=args.batch_size, bn_mode="eval")
+    common.write_outputs(out, "responses", ds, figure(ds, results.plain))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,6 @@
 the weights? Every epoch checkpoint is evaluated with running, recalibrated (PreciseBN) and batch statistics."""
 import argparse
 import sys
-from pathlib import Path
 
 import numpy as np
 from matplotlib.colors import LogNorm
@@ -11,7 +10,6 @@ from matplotlib.ticker import FuncFormatter, MaxNLocator
 import models
 from analyses.spikes import BN_STATISTICS, diagnose_checkpoint, running_statistics, spike_diagnosis
 from train import checkpoint as ckpt
-from train.data import EvalBatches, load_split
 from train.errors import UserError, positive_int
 
 from . import common, plotting
@@ -33,7 +31,7 @@ def _number(minimum: float, inclusive: bool):
 
 
 def parser():
-    p = common.parser("spikes", __doc__, n_images=None)
+    p = common.parser("spikes", __doc__, inputs="runs", n_images=None)
     p.add_argument("--recal-images", type=positive_int, default=2000,
                    help="recompute BN statistics over the first N training images, un-augmented (default 2000)")
     p.add_argument("--window", type=positive_int, default=3,
@@ -43,15 +41,6 @@ def parser():
     p.add_argument("--min-increase", type=_number(0.0, inclusive=True), default=0.1,
                    help="... and by at least this many nats (default 0.1)")
     return p
-
-
-def recalibration_batches(loaded: ckpt.Loaded, args, device) -> EvalBatches:
-    """The first --recal-images training images of the run's own training split, in batches of the size
-    each device trained with, as BN saw them."""
-    config = loaded.config or {}
-    images = load_split(loaded.spec.name, "train", args.data_dir, config.get("val_split", 0))
-    return EvalBatches(images[:args.recal_images], loaded.spec, config.get("per_device_batch") or args.batch_size,
-                       device)
 
 
 def logged_val_loss(loaded: ckpt.Loaded) -> float:
@@ -132,45 +121,37 @@ def _drift_panel(axis, one, norm):
 
 def main(argv=None) -> None:
     args = parser().parse_args(argv)
-    for text in args.inputs:
-        if not ckpt.is_run_dir(text):
-            what = "is not a run directory (a folder with config.json)" if Path(text).exists() else "does not exist"
-            raise UserError(f"{text} {what}; the spike diagnosis needs a run's epoch checkpoints: give the folder "
-                            "`python -m train --out` wrote")
+    common.require_run_dirs(args.inputs, "the spike diagnosis needs a run's epoch checkpoints")
     device = common.device_of(args)
     sources = common.collect_sources(args)
     out = common.output_dir(args, sources)
-    parts, labels, epochs, paths, logged, n_images = [], [], [], [], [], 0
-    plain, bn_momentum, precise_bn = {}, [], []
-    for source in sources:
-        previous, recal = None, None
-        for loaded in common.progress(common.loaded_models(source, args, device), len(source.paths), source.label):
-            if not models.bn_layers(loaded.model):
-                raise UserError(f"{loaded.path} has no BatchNorm layers (trained with --no-bn); there are no BN "
-                                "statistics to diagnose")
-            if recal is None:
-                recal = recalibration_batches(loaded, args, device)
-            val = common.image_batches(loaded, args, device)
-            parts.append(diagnose_checkpoint(loaded.model, val, recal, previous=previous, checkpoint=loaded.path,
-                                             dataset=loaded.spec.name, split=args.split))
-            previous = running_statistics(loaded.model)
-            labels.append(source.label)
-            epochs.append(common.epoch_of(loaded))
-            paths.append(loaded.path)
-            logged.append(logged_val_loss(loaded))
-            n_images = val.n_images
-        config = loaded.config or {}
-        plain[source.label] = loaded.kwargs.get("skip", True) is False
-        bn_momentum.append(config.get("bn_momentum", np.nan))
-        precise_bn.append(config.get("precise_bn", np.nan))
-    ds = spike_diagnosis(parts, labels, epochs, history_val_loss=logged, window=args.window, factor=args.factor,
-                         min_increase=args.min_increase, checkpoint=paths,
+    results, logged, bn_momentum, precise_bn = common.Results(), [], [], []
+    previous, recal, current = None, None, None
+    for source, loaded in common.checkpoints(sources, args, device):
+        if source is not current:  # a new run: its own recalibration images, no previous epoch
+            current, previous = source, None
+            recal = common.training_batches(loaded, args, device, args.recal_images)
+            bn_momentum.append((loaded.config or {}).get("bn_momentum", np.nan))
+            precise_bn.append((loaded.config or {}).get("precise_bn", np.nan))
+        if not models.bn_layers(loaded.model):
+            raise UserError(f"{loaded.path} has no BatchNorm layers (trained with --no-bn); there are no BN "
+                            "statistics to diagnose")
+        val = common.image_batches(loaded, args, device)
+        results.add(source.label, loaded, diagnose_checkpoint(loaded.model, val, recal, previous=previous,
+                                                              checkpoint=loaded.path, dataset=loaded.spec.name,
+                                                              split=args.split))
+        previous = running_statistics(loaded.model)
+        logged.append(logged_val_loss(loaded))
+    parts = results.datasets
+    ds = spike_diagnosis(parts, results.labels, results.epochs, history_val_loss=logged, window=args.window,
+                         factor=args.factor, min_increase=args.min_increase,
+                         checkpoint=[part.attrs["checkpoint"] for part in parts],
                          dataset=sorted({part.attrs["dataset"] for part in parts}), split=args.split,
-                         n_images=n_images, batch_size=args.batch_size, bn_momentum=bn_momentum,
-                         precise_bn=precise_bn)
+                         n_images=max(part.attrs["n_images"] for part in parts), batch_size=args.batch_size,
+                         bn_momentum=bn_momentum, precise_bn=precise_bn)
     for line in ds.attrs["verdict"]:
         print(line)
-    common.write_outputs(out, "spikes", ds, figure(ds, plain))
+    common.write_outputs(out, "spikes", ds, figure(ds, results.plain))
 
 
 if __name__ == "__main__":

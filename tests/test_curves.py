@@ -115,7 +115,7 @@ def test_a_checkpoint_or_a_missing_folder_asks_for_a_run_directory(tmp_path, cap
     for given in (checkpoint, tmp_path / "nowhere"):
         assert common.main_guard(lambda: command.main([str(given), "--out", str(tmp_path / "out")])) == 2
         error = capsys.readouterr().err
-        assert error.startswith(f"error: {given} ") and "give the folder python -m train --out wrote" in error
+        assert error.startswith(f"error: {given} ") and "give the folder `python -m train --out` wrote" in error
         assert error.count("\n") == 1 and not (tmp_path / "out").exists()
 
 
