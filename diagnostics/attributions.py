@@ -126,9 +126,7 @@ def print_table(ds) -> None:
 def main(argv=None) -> None:
     args = parse(argv)
     methods = list(dict.fromkeys(args.method or METHODS))
-    device = common.device_of(args)
-    sources = common.collect_sources(args)
-    out = common.output_dir(args, sources)
+    device, sources, out = common.prepare(args)
     datasets = []
     for loaded, batches in inputs(sources, args, device):
         images, labels = (torch.cat(parts) for parts in zip(*batches))

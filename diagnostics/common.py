@@ -129,6 +129,13 @@ def collect_sources(args, *, model_names: bool = False) -> list[Source]:
     return list(sources.values())
 
 
+def prepare(args, *, model_names: bool = False) -> tuple[torch.device, list[Source], Path]:
+    """The device, the resolved inputs and the output folder: every check on the inputs, before any work."""
+    device = device_of(args)
+    sources = collect_sources(args, model_names=model_names)
+    return device, sources, output_dir(args, sources)
+
+
 def checkpoints(sources: list[Source], args, device):
     """(source, loaded checkpoint) for every checkpoint of every source, in order, one in memory at a time."""
     for source in sources:

@@ -122,9 +122,7 @@ def main(argv=None) -> None:
     if args.precise_bn and args.bn == "train":
         p.error("--precise-bn recalibrates the running statistics that --bn train does not use; give one of them")
     bn_mode = "recalibrated" if args.precise_bn else args.bn
-    device = common.device_of(args)
-    sources = common.collect_sources(args)
-    out = common.output_dir(args, sources)
+    device, sources, out = common.prepare(args)
     results = common.Results()
     for source, loaded in common.checkpoints(sources, args, device):
         batches = common.image_batches(loaded, args, device)

@@ -89,9 +89,7 @@ def figure(ds: xr.Dataset, plain: dict[str, bool]):
 
 def main(argv=None) -> None:
     args = common.parser("flops", __doc__, inputs="models").parse_args(argv)
-    device = common.device_of(args)
-    sources = common.collect_sources(args, model_names=True)
-    out = common.output_dir(args, sources)
+    device, sources, out = common.prepare(args, model_names=True)
     datasets, paths, plain = [], [], {}
     for source in sources:
         model, spec, path, plain[source.label] = counted_model(source, args, device)

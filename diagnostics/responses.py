@@ -44,9 +44,7 @@ def figure(ds, plain: dict[str, bool]):
 
 def main(argv=None) -> None:
     args = common.parser("responses", __doc__).parse_args(argv)
-    device = common.device_of(args)
-    sources = common.collect_sources(args)
-    out = common.output_dir(args, sources)
+    device, sources, out = common.prepare(args)
     results = common.Results()
     for source, loaded in common.checkpoints(sources, args, device):
         batches = common.image_batches(loaded, args, device)

@@ -122,9 +122,7 @@ def _drift_panel(axis, one, norm):
 def main(argv=None) -> None:
     args = parser().parse_args(argv)
     common.require_run_dirs(args.inputs, "the spike diagnosis needs a run's epoch checkpoints")
-    device = common.device_of(args)
-    sources = common.collect_sources(args)
-    out = common.output_dir(args, sources)
+    device, sources, out = common.prepare(args)
     results, logged, bn_momentum, precise_bn = common.Results(), [], [], []
     previous, recal, current = None, None, None
     for source, loaded in common.checkpoints(sources, args, device):

@@ -194,8 +194,8 @@ def save_epoch_files(run_dir: Path, state: dict, full: dict, config: Config, epo
 # The run
 
 
-def run(config: Config, resume: dict | None = None) -> Path:
-    """Train `config` into `config.out`; `resume` is the run's last.pt when continuing."""
+def run(config: Config, resume: dict | None = None, lock=None) -> Path:
+    """Train `config` into `config.out`; `resume` is the run's last.pt when continuing, read under `lock`."""
     rank, world_size, device = setup_processes(config)
     is_main = rank == 0
     config.world_size, config.per_device_batch = world_size, config.batch_size // world_size
@@ -255,10 +255,9 @@ def run(config: Config, resume: dict | None = None) -> Path:
         history = {column: list(values) for column, values in resume["history"].items()}
         step_rows = [list(row) for row in resume["step_history"]]
         start_epoch, step = resume["epoch"] + 1, resume["step"]
-    lock = None
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        lock = lock_run_dir(run_dir)
+        lock = lock or lock_run_dir(run_dir)
         with ckpt.atomic_path(run_dir / "config.json") as temporary:
             temporary.write_text(json.dumps(asdict(config), indent=2) + "\n")
     best_acc = max(history["val_acc"], default=-1.0)
@@ -346,16 +345,21 @@ def resume(run_dir) -> Path:
     run_dir = Path(run_dir)
     if not ckpt.is_run_dir(run_dir):
         raise UserError(f"{run_dir} is not a run directory (no config.json); give the folder `--out` named")
-    last = run_dir / "last.pt"
-    if not last.is_file():
-        raise UserError(f"{run_dir} has no last.pt (it stopped before its first epoch ended); start it again "
-                        "with a new --out")
-    state = ckpt.read(last)
-    if not ckpt.is_own(state) or "optimizer" not in state:
-        raise UserError(f"{last} is not a resumable resnet-diagnostics checkpoint")
-    config = Config(**{k: v for k, v in state["config"].items() if k in Config.__dataclass_fields__})
-    config.out = str(run_dir)
-    if state["epoch"] >= config.total_epochs:
-        print(f"{run_dir} finished all {config.total_epochs} epochs; nothing to resume")
-        return run_dir
-    return run(config, resume=state)
+    lock = lock_run_dir(run_dir) if int(os.environ.get("RANK", 0)) == 0 else None  # before reading last.pt
+    try:
+        last = run_dir / "last.pt"
+        if not last.is_file():
+            raise UserError(f"{run_dir} has no last.pt (it stopped before its first epoch ended); start it again "
+                            "with a new --out")
+        state = ckpt.read(last)
+        if not ckpt.is_own(state) or "optimizer" not in state:
+            raise UserError(f"{last} is not a resumable resnet-diagnostics checkpoint")
+        config = Config(**{k: v for k, v in state["config"].items() if k in Config.__dataclass_fields__})
+        config.out = str(run_dir)
+        if state["epoch"] >= config.total_epochs:
+            print(f"{run_dir} finished all {config.total_epochs} epochs; nothing to resume")
+            return run_dir
+        return run(config, resume=state, lock=lock)
+    finally:
+        if lock is not None:
+            lock.close()
