@@ -7,7 +7,10 @@ BIN := $(VENV)/bin
 TORCH := torch==2.14.1 torchvision==0.29.1
 DATA ?= data
 DEMO ?= demo
-DEMO_ARGS := --dataset fashion-mnist --data-dir $(DATA) --train-images 8000 --epochs 3 --batch-size 128 --lr 0.1
+# Validation on 2,000 held-out training images keeps the demo's evaluations short.
+DEMO_ARGS := --dataset fashion-mnist --data-dir $(DATA) --train-images 6000 --val-split 2000 --epochs 4
+RUNS := $(DEMO)/plain20 $(DEMO)/resnet20
+DIAG := --data-dir $(DATA) --out $(DEMO)/diagnostics
 
 .PHONY: install test demo bench fashion-mnist clean
 
@@ -36,7 +39,14 @@ demo: install fashion-mnist
 	rm -rf $(DEMO)
 	$(BIN)/python -m train --model plain20 --out $(DEMO)/plain20 $(DEMO_ARGS)
 	$(BIN)/python -m train --model resnet20 --out $(DEMO)/resnet20 $(DEMO_ARGS)
-	$(BIN)/python -m diagnostics.demo $(DEMO)/plain20 $(DEMO)/resnet20 --data-dir $(DATA) --out $(DEMO)/diagnostics
+	$(BIN)/python -m diagnostics.curves $(RUNS) --out $(DEMO)/diagnostics
+	$(BIN)/python -m diagnostics.evaluate $(RUNS) --epochs last $(DIAG)
+	$(BIN)/python -m diagnostics.responses $(RUNS) --epochs last $(DIAG)
+	$(BIN)/python -m diagnostics.gradients $(RUNS) --epochs last --init plain20 --init resnet20 $(DIAG)
+	$(BIN)/python -m diagnostics.flops $(RUNS) resnet56 plain56 resnet110 $(DIAG)
+	$(BIN)/python -m diagnostics.attributions $(RUNS) $(DIAG)
+	$(BIN)/python -m diagnostics.spikes $(RUNS) $(DIAG)
+	@echo "demo: runs in $(DEMO)/plain20 and $(DEMO)/resnet20, figures and datasets in $(DEMO)/diagnostics"
 
 bench: install
 	$(BIN)/python -m benchmarks.train_throughput

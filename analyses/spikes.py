@@ -18,7 +18,7 @@ import xarray as xr
 
 import models
 
-from .common import attrs, combine, inputs_of, layer_coords, model_device, variable
+from .common import ChannelMoments, attrs, combine, forward_hooks, inputs_of, layer_coords, model_device, variable
 from .evaluate import evaluate, preserved_bn_state
 
 BN_STATISTICS = ("running", "recalibrated", "batch")  # the `bn` dim
@@ -32,7 +32,10 @@ DEFINITION = (
     "own statistics (batch); and per BN layer, over channels (drift: mean, drift_max: max), the distance of the "
     "running statistics from those population statistics, mean_shift = |mu_running - mu_pop| / sqrt(var_pop + "
     "eps) and log_var_ratio = |ln((var_running + eps) / (var_pop + eps))|, and the same for the running "
-    "statistics against the previous checkpoint's (drift_consecutive, still in units of the population std); "
+    "statistics against the previous checkpoint's (drift_consecutive, still in units of the population std), and "
+    "the same measures between the statistics of each BN layer's input on the validation images in eval mode "
+    "(every BN upstream normalising with its running statistics) and the layer's running statistics "
+    "(eval_mismatch, in units of the running std): how a mismatch propagates and grows through the depth; "
     "{rule}"
 )
 
@@ -132,14 +135,19 @@ def diagnose_checkpoint(model: nn.Module, val_batches: Iterable, recal_batches: 
     recal = [x.to(device) for x in inputs_of(recal_batches)]
     if not recal:
         raise ValueError("no recalibration images were given")
-    scores = {"running": evaluate(model, val_batches, bn_mode="eval"),
-              "batch": evaluate(model, val_batches, bn_mode="train")}
+    scores, as_evaluated = {}, {name: ChannelMoments() for name in running}
+    hooks = {name: (lambda module, inputs, output, m=as_evaluated[name]: m.update(inputs[0])) for name in running}
+    with forward_hooks(model, hooks):
+        scores["running"] = evaluate(model, val_batches, bn_mode="eval")
+    scores["batch"] = evaluate(model, val_batches, bn_mode="train")
     with preserved_bn_state(model):
         models.recalibrate_bn(model, iter(recal), len(recal))
         population = running_statistics(model)
         scores["recalibrated"] = evaluate(model, val_batches, bn_mode="eval")
     drift, drift_max = _drift_table(running, population, population)
     consecutive, _ = _drift_table(running, previous or {}, population)
+    inputs = {name: BNStatistics(m.mean, m.variance, running[name].eps) for name, m in as_evaluated.items()}
+    mismatch, mismatch_max = _drift_table(inputs, running, running)
     recal_images = sum(len(x) for x in recal)
     layers = list(running)
     return xr.Dataset(
@@ -154,6 +162,10 @@ def diagnose_checkpoint(model: nn.Module, val_batches: Iterable, recal_batches: 
                                   "population statistics of the layer's input, max over channels", "1"),
             "drift_consecutive": variable(("depth", "stat"), consecutive, "change of BN running statistics since "
                                           "the previous checkpoint, mean over channels", "1"),
+            "eval_mismatch": variable(("depth", "stat"), mismatch, "mismatch of the layer's input in eval mode with "
+                                      "its running statistics, mean over channels", "1"),
+            "eval_mismatch_max": variable(("depth", "stat"), mismatch_max, "mismatch of the layer's input in eval "
+                                          "mode with its running statistics, max over channels", "1"),
         },
         coords={**layer_coords(layers), "bn": ("bn", list(BN_STATISTICS)), "bn_mode": ("bn", list(EVALUATE_MODES)),
                 "stat": ("stat", list(STATS))},
@@ -229,14 +241,37 @@ def _spike_sentence(label: str, one: xr.Dataset, loss: dict, i: int, rule: dict)
     return f"{evidence}: {cause}; {batch}; {_largest_drift(one, i)}"
 
 
+def layer_drift(drift: xr.DataArray) -> xr.DataArray:
+    """One drift per layer: the larger of the two measures, both deviations of the normalisation in natural
+    units (a shift in population std, a log ratio of variances)."""
+    return np.fmax(drift.sel(stat="mean_shift", drop=True), drift.sel(stat="log_var_ratio", drop=True))
+
+
 def _largest_drift(one: xr.Dataset, i: int) -> str:
-    """The layer whose running statistics are furthest from the population's by either measure: both are
-    deviations of the normalisation in natural units (a shift in std, a log ratio of variances)."""
+    """The layer whose running statistics are furthest from the population's, and whether it stands out from
+    the others or the mismatch is spread over the depth."""
     shift = one.drift.sel(stat="mean_shift").isel(epoch=i).values
     ratio = one.drift.sel(stat="log_var_ratio").isel(epoch=i).values
-    j = int(np.nanargmax(np.fmax(shift, ratio)))
+    combined = layer_drift(one.drift.isel(epoch=i)).values
+    j = int(np.nanargmax(combined))
+    median = float(np.nanmedian(combined))
+    spread = ("it stands out from the other layers" if combined[j] > 3 * median else
+              f"no single layer stands out (median over the {int(np.isfinite(combined).sum())} BN layers "
+              f"{median:.2g}): many small mismatches add up through the depth")
     return (f"the largest drift is in {one.layer.values[j]} (running mean {shift[j]:.3g} population std off, log "
-            f"variance ratio {ratio[j]:.2g})")
+            f"variance ratio {ratio[j]:.2g}); {spread}; {_propagation(one, i)}")
+
+
+def _propagation(one: xr.Dataset, i: int) -> str:
+    """How far, in eval mode, each layer's input is from its running statistics at epoch `i`, against the
+    previous epochs: where the mismatch grows through the depth, the largest is deep."""
+    mismatch = layer_drift(one.eval_mismatch).values  # (epoch, depth)
+    now = mismatch[i]
+    j = int(np.nanargmax(now))
+    before = np.nanmax(mismatch[max(0, i - 3):i]) if i else np.nan
+    text = (f"in eval mode the inputs of the BN layers are off their running statistics by {np.nanmin(now):.2g} to "
+            f"{now[j]:.3g} (largest at {one.layer.values[j]}, depth {j + 1} of {int(np.isfinite(now).sum())}")
+    return text + (f"; at most {before:.3g} in the previous epochs)" if np.isfinite(before) else ")")
 
 
 def _no_spike(label: str, one: xr.Dataset, loss: dict, rule: dict) -> str:

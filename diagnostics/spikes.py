@@ -5,10 +5,10 @@ import sys
 
 import numpy as np
 from matplotlib.colors import LogNorm
-from matplotlib.ticker import FuncFormatter, MaxNLocator
+from matplotlib.ticker import MaxNLocator
 
 import models
-from analyses.spikes import BN_STATISTICS, diagnose_checkpoint, running_statistics, spike_diagnosis
+from analyses.spikes import BN_STATISTICS, diagnose_checkpoint, layer_drift, running_statistics, spike_diagnosis
 from train import checkpoint as ckpt
 from train.errors import UserError, positive_int
 
@@ -54,29 +54,42 @@ def logged_val_loss(loaded: ckpt.Loaded) -> float:
 # The figure
 
 
+HEAT_MAPS = (  # (variable, colour-bar label): the layer's own drift, then how a mismatch propagates in eval mode
+    ("drift", "running vs population stats"),
+    ("eval_mismatch", "eval-mode input vs running stats"),
+)
+
+
 def figure(ds, plain: dict[str, bool]):
-    """Per run (a column): top, validation loss with the three kinds of BN statistics, spikes shaded; bottom,
-    the running-mean shift of every BN layer (depth x epoch), the largest annotated."""
+    """Per run (a column): top, validation loss with the three kinds of BN statistics, spikes shaded; then two
+    heat maps (BN layer x epoch, both on one log scale of max(|mean shift| / std, |ln var ratio|)): each layer's
+    running statistics against the population statistics of its input, and, in eval mode, its input against
+    its running statistics, where a mismatch upstream shows up downstream. The largest of each is marked."""
     labels = [str(label) for label in ds.model.values]
     width = plotting.COLUMN_WIDTH if len(labels) == 1 else plotting.FULL_WIDTH
-    fig, axes = plotting.figure(2, len(labels), width=width, height=4.4, sharex="col",
-                                gridspec_kw={"height_ratios": [1, 1.4]})
-    shift = ds.drift.sel(stat="mean_shift")
-    positive = shift.values[np.isfinite(shift.values) & (shift.values > 0)]
+    fig, axes = plotting.figure(3, len(labels), width=width, height=6.0, sharex="col",
+                                gridspec_kw={"height_ratios": [1, 1.2, 1.2]})
+    values = np.concatenate([layer_drift(ds[name]).values.ravel() for name, _ in HEAT_MAPS])
+    positive = values[np.isfinite(values) & (values > 0)]
     low, high = (np.min(positive), np.max(positive)) if len(positive) else (1e-3, 1.0)
     norm = LogNorm(vmin=max(low, 1e-3), vmax=max(high, 10 * max(low, 1e-3)))
     for column, label in enumerate(labels):
         one = ds.sel(model=label)
         one = one.isel(epoch=np.flatnonzero(one.val_acc.sel(bn="running").notnull().values))
         _loss_panel(axes[0, column], one, plotting.model_style(label, column, plain.get(label)))
-        mesh = _drift_panel(axes[1, column], one, norm)
+        for row, (name, title) in enumerate(HEAT_MAPS, start=1):
+            mesh = _drift_panel(axes[row, column], layer_drift(one[name]), one.layer.values, norm)
+            axes[row, column].set_title(title, loc="left", fontsize=6)
         axes[0, column].set_title(label)
+        axes[-1, column].set_xlabel("epoch")
     axes[0, 0].legend(loc="best")
     axes[0, 0].set_ylabel("validation loss (nats)")
-    axes[1, 0].set_ylabel("BN layer (forward order)")
+    for row in (1, 2):
+        axes[row, 0].set_ylabel("BN layer (forward order)")
     fig.tight_layout()
-    fig.colorbar(mesh, ax=list(axes[1, :]), label="|running - population mean| / population std",
-                 fraction=0.05 if len(labels) == 1 else 0.025, pad=0.02)
+    colour_bar = fig.colorbar(mesh, ax=list(axes[1:, :].ravel()), label="max(|Δmean| / std, |ln var ratio|)",
+                              fraction=0.05 if len(labels) == 1 else 0.025, pad=0.02)
+    plotting.plain_log_labels(colour_bar.ax.yaxis)
     return fig
 
 
@@ -89,27 +102,22 @@ def _loss_panel(axis, one, style: dict) -> None:
     for k, epoch in enumerate(epochs[one.spike.values]):
         axis.axvspan(epoch - 0.5, epoch + 0.5, color="C1", alpha=0.25, linewidth=0, label="spike" if k == 0 else None)
     axis.set_yscale("log")
-    low, high = axis.get_ylim()
-    if high < 10 * low:  # within a decade the major ticks alone leave the axis unlabelled
-        axis.yaxis.set_minor_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    plotting.plain_log_labels(axis.yaxis)
     axis.grid(True)
 
 
-def _drift_panel(axis, one, norm):
-    shift = one.drift.sel(stat="mean_shift").transpose("depth", "epoch")
-    layers = one.layer.values
-    shift = shift.isel(depth=np.flatnonzero(layers != ""))
-    epochs, depths = one.epoch.values, shift.depth.values
-    values = np.clip(shift.values, norm.vmin, None)
+def _drift_panel(axis, drift, layers, norm):
+    """A (depth, epoch) heat map of one run's drift; the largest value circled and named."""
+    drift = drift.transpose("depth", "epoch").isel(depth=np.flatnonzero(layers != ""))
+    epochs, depths = drift.epoch.values, drift.depth.values
     mesh = axis.pcolormesh(np.append(epochs - 0.5, epochs[-1] + 0.5), np.append(depths - 0.5, depths[-1] + 0.5),
-                           values, norm=norm, cmap="viridis", shading="flat")
-    d, e = np.unravel_index(np.nanargmax(shift.values), shift.shape)
-    if shift.values[d, e] > norm.vmin:  # below the colour scale it is rounding, not a layer to point at
+                           np.clip(drift.values, norm.vmin, None), norm=norm, cmap="viridis", shading="flat")
+    d, e = np.unravel_index(np.nanargmax(drift.values), drift.shape)
+    if drift.values[d, e] > norm.vmin:  # below the colour scale it is rounding, not a layer to point at
         axis.plot(epochs[e], depths[d], "o", markerfacecolor="none", markeredgecolor="red", markersize=6)
-        axis.annotate(f"{layers[d]} ({shift.values[d, e]:.3g})", (epochs[e], depths[d]), xytext=(0.5, 1.02),
-                      textcoords="axes fraction", ha="center", va="bottom", fontsize=6, color="red",
+        axis.annotate(f"{layers[d]} ({drift.values[d, e]:.3g})", (epochs[e], depths[d]), xytext=(0.98, 1.02),
+                      textcoords="axes fraction", ha="right", va="bottom", fontsize=6, color="red",
                       arrowprops={"arrowstyle": "-", "color": "red", "linewidth": 0.5})
-    axis.set_xlabel("epoch")
     axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     axis.yaxis.set_major_locator(MaxNLocator(integer=True))
     return mesh

@@ -206,6 +206,12 @@ def test_command_names_the_bn_layer_whose_statistics_were_corrupted(run, tmp_pat
     drift = ds.drift.sel(model="resnet20", epoch=3, stat="mean_shift")
     culprit = (ds.layer.sel(model="resnet20") == CULPRIT).values
     assert drift.values[culprit].item() == pytest.approx(50, rel=1e-4) and drift.values[~culprit].max() < 1e-3
+    # In eval mode the culprit's input is its usual self, 50 running std off its shifted statistics; the layers
+    # before it see nothing wrong, the layers after it inherit the damage.
+    mismatch = ds.eval_mismatch.sel(model="resnet20", epoch=3, stat="mean_shift").dropna("depth").values
+    at = int(np.flatnonzero(culprit)[0])
+    assert mismatch[at] == pytest.approx(50, rel=0.05) and mismatch[:at].max() < 0.5
+    assert mismatch[at + 1:].max() > 10 * mismatch[:at].max()
     loss = ds.val_loss.sel(model="resnet20", epoch=3)
     logged = ds.history_val_loss.sel(model="resnet20", epoch=3).item()  # what the intact checkpoint scored
     assert loss.sel(bn="recalibrated").item() == pytest.approx(logged, rel=1e-3)
