@@ -14,6 +14,7 @@ import os
 import pickle
 import struct
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -276,10 +277,16 @@ def load_split(name: str, split: str, data_dir=None, val_split: int = 0, train_i
 # Batches
 
 
+@lru_cache(maxsize=None)
+def _channel_statistics(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Made once per device: a tensor built from Python numbers is a blocking copy to a GPU."""
+    return (torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255,
+            torch.tensor(std, device=device).view(1, -1, 1, 1) * 255)
+
+
 def normalise(images: torch.Tensor, spec: DatasetSpec, channels_last: bool = False) -> torch.Tensor:
     """uint8 (N, C, H, W) -> float32, standardised with the dataset's per-channel mean and std."""
-    mean = torch.tensor(spec.mean, device=images.device).view(1, -1, 1, 1) * 255
-    std = torch.tensor(spec.std, device=images.device).view(1, -1, 1, 1) * 255
+    mean, std = _channel_statistics(tuple(spec.mean), tuple(spec.std), images.device)
     x = (images.float() - mean) / std
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
@@ -355,23 +362,24 @@ class TrainBatches:
         order = torch.randperm(len(self.labels), generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
         order = order[self.rank::self.world_size][:self.steps * self.local_batch]
         generator = torch.Generator(self.device).manual_seed(self.seed * 1_000_003 + epoch + 7919)
-        for images, index in self._uint8_batches(order, epoch):
+        batches = order.view(self.steps, self.local_batch)
+        on_device = batches.to(self.device)  # one copy an epoch: a copy a step would wait for the GPU each step
+        for images, index in zip(self._uint8_batches(batches, on_device, epoch), on_device):
             x = augment(images, self.spec, "crop-flip" if self.augmentation == "autoaugment" else self.augmentation,
                         generator, self.channels_last)
-            yield x, self.labels[index.to(self.device)]
+            yield x, self.labels[index]
 
-    def _uint8_batches(self, order: torch.Tensor, epoch: int):
-        batches = order.view(self.steps, self.local_batch)
+    def _uint8_batches(self, batches: torch.Tensor, on_device: torch.Tensor, epoch: int):
         if self.images is not None:
-            for index in batches:
-                yield self.images[index.to(self.device)], index
+            for index in on_device:
+                yield self.images[index]
             return
         loader = torch.utils.data.DataLoader(
             self.policy_data, batch_sampler=batches.tolist(), num_workers=self.workers,
             generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch + 104729),
             pin_memory=self.device.type == "cuda", persistent_workers=False)
-        for images, index in zip(loader, batches):
-            yield images.to(self.device, non_blocking=True), index
+        for images in loader:
+            yield images.to(self.device, non_blocking=True)
 
 
 class EvalBatches:
