@@ -120,6 +120,9 @@ def combine(datasets: list[xr.Dataset], models_: list[str], epochs: list[int], d
     Models of different depth are aligned on `depth` (missing entries NaN); per-depth coordinates such as
     `layer` become (model, depth) coordinates, with "" (strings) or -1 (integers) where a model has no layer.
     """
+    pairs = list(zip(models_, epochs))
+    if len(set(pairs)) < len(pairs):
+        raise ValueError(f"two datasets share a (model, epoch): {sorted(p for p in pairs if pairs.count(p) > 1)[0]}")
     keyed = {}
     for ds, model_label, epoch in zip(datasets, models_, epochs):
         keyed.setdefault(model_label, []).append(ds.expand_dims(epoch=[epoch]))

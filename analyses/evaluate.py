@@ -7,7 +7,6 @@
 
 The model is left exactly as it came: its BN buffers are restored whatever the mode.
 """
-from contextlib import contextmanager
 from typing import Iterable
 
 import numpy as np
@@ -23,27 +22,6 @@ from .common import attrs, model_device, variable
 BN_MODES = ("eval", "recalibrated", "train")
 
 
-@contextmanager
-def preserved_bn_state(model: nn.Module):
-    """Restore every BN buffer (running mean, var, batches tracked), BN momentum and module mode on exit."""
-    saved = {name: {key: buffer.clone() for key, buffer in module.named_buffers(recurse=False)}
-             for name, module in models.bn_layers(model)}
-    momenta = {module: module.momentum for _, module in models.bn_layers(model)}
-    modes = {module: module.training for module in model.modules()}
-    try:
-        yield
-    finally:
-        modules = dict(model.named_modules())
-        with torch.no_grad():
-            for name, buffers in saved.items():
-                for key, value in buffers.items():
-                    getattr(modules[name], key).copy_(value)
-        for module, momentum in momenta.items():
-            module.momentum = momentum
-        for module, training in modes.items():
-            module.train(training)
-
-
 def set_bn_mode(model: nn.Module, bn_mode: str) -> None:
     """Everything in eval mode (no dropout); BN layers in train mode for `train`, with momentum 0 so that
     their running statistics stay as they are."""
@@ -55,8 +33,9 @@ def set_bn_mode(model: nn.Module, bn_mode: str) -> None:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, batches: Iterable) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-image cross-entropy (float64), predictions and labels, accumulated on the device."""
+def predict(model: nn.Module, batches: Iterable) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Per-image cross-entropy (float64), predictions and labels, accumulated on the device, and the largest
+    batch (with BN in train mode the statistics are that batch's)."""
     device = model_device(model)
     losses, predictions, labels = [], [], []
     for x, y in batches:
@@ -64,7 +43,7 @@ def predict(model: nn.Module, batches: Iterable) -> tuple[torch.Tensor, torch.Te
         losses.append(F.cross_entropy(logits, y.to(device), reduction="none").double())
         predictions.append(logits.argmax(1))
         labels.append(y.to(device))
-    return torch.cat(losses), torch.cat(predictions), torch.cat(labels)
+    return torch.cat(losses), torch.cat(predictions), torch.cat(labels), max(map(len, labels), default=0)
 
 
 def evaluate(model: nn.Module, batches: Iterable, *, bn_mode: str = "eval", recalibration: Iterable | None = None,
@@ -80,14 +59,14 @@ def evaluate(model: nn.Module, batches: Iterable, *, bn_mode: str = "eval", reca
     if bn_mode == "recalibrated" and recalibration is None:
         raise ValueError("bn_mode='recalibrated' needs the recalibration batches")
     recal_images = 0
-    with preserved_bn_state(model):
+    with models.preserved_state(model):
         if bn_mode == "recalibrated":
             recal = [batch[0] if isinstance(batch, (tuple, list)) else batch for batch in recalibration]
             recal_images = sum(len(x) for x in recal)
             device = model_device(model)
             models.recalibrate_bn(model, (x.to(device) for x in recal), len(recal))
         set_bn_mode(model, bn_mode)
-        losses, predictions, labels = predict(model, batches)
+        losses, predictions, labels, batch_size = predict(model, batches)
     if len(labels) == 0:
         raise ValueError("no images were given")
     num_classes = num_classes or int(labels.max()) + 1
@@ -109,5 +88,5 @@ def evaluate(model: nn.Module, batches: Iterable, *, bn_mode: str = "eval", reca
         },
         coords={"class": np.arange(num_classes), "class_name": ("class", np.array(names, dtype=object))},
         attrs=attrs(definition, checkpoint=checkpoint, dataset=dataset, split=split, n_images=len(labels),
-                    bn_mode=bn_mode, recalibration_images=recal_images),
+                    bn_mode=bn_mode, recalibration_images=recal_images, batch_size=batch_size),
     )

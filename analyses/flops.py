@@ -9,7 +9,6 @@ linear totals. Counting needs no data: fvcore traces the model on zeros in eval 
 meta tensors (shapes only).
 """
 from collections import Counter
-from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -17,6 +16,8 @@ import torch.nn as nn
 import xarray as xr
 from fvcore.nn import FlopCountAnalysis
 from torch.utils.flop_counter import FlopCounterMode
+
+import models
 
 from .common import attrs, layer_coords, model_device, variable
 
@@ -30,28 +31,6 @@ DEFINITION = ("multiply-adds of one forward pass per image in eval mode, counted
               "parameters each module holds itself; conv_fc_flops is the part from convolutions and matrix "
               "products, and total_flops_torch is torch.utils.flop_counter.FlopCounterMode's total divided by 2, "
               "as it counts 2 flops per multiply-add and only convolutions and matrix products")
-
-
-@contextmanager
-def _untouched(model: nn.Module):
-    """Eval mode while counting; on exit every module's mode is restored and any hook a failed trace left is
-    removed (fvcore registers its scope hooks outside a `try`, so an error inside its trace leaves them)."""
-    modes = {module: module.training for module in model.modules()}
-    hooks_before = {module: (set(module._forward_pre_hooks), set(module._forward_hooks)) for module in model.modules()}
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, (pre_hooks, hooks) in hooks_before.items():
-            for key in set(module._forward_pre_hooks) - pre_hooks:
-                module._forward_pre_hooks.pop(key)
-                module._forward_pre_hooks_with_kwargs.pop(key, None)
-            for key in set(module._forward_hooks) - hooks:
-                module._forward_hooks.pop(key)
-                module._forward_hooks_with_kwargs.pop(key, None)
-                module._forward_hooks_always_called.pop(key, None)
-        for module, training in modes.items():
-            module.train(training)
 
 
 def _zeros(model: nn.Module, input_shape) -> torch.Tensor:
@@ -102,7 +81,8 @@ def flop_count(model: nn.Module, input_shape=(1, 3, 32, 32), *, checkpoint=None,
     `input_shape` is the traced batch `(batch, channels, height, width)`; every count is divided by `batch`.
     The model is left as it came: modes restored, no hook left, weights untouched.
     """
-    with _untouched(model):
+    with models.preserved_state(model, bn_statistics=False):
+        model.eval()
         x = _zeros(model, input_shape)
         by_module, unsupported = _fvcore_counts(model, x)
         torch_total = _torch_total(model, x)
@@ -124,8 +104,8 @@ def flop_count(model: nn.Module, input_shape=(1, 3, 32, 32), *, checkpoint=None,
             "flops_by_operator": variable("operator", np.array([by_operator[op] // batch for op in operators],
                                                                dtype=np.int64),
                                           "multiply-adds per image by operator (fvcore)", "multiply-adds"),
-            "total_flops": variable((), sum(by_operator.values()) // batch, "multiply-adds per image (fvcore)",
-                                    "multiply-adds"),
+            "total_flops": variable((), sum(by_operator.values()) // batch, "flops per image of every operator "
+                                    "fvcore counts (conv and fc multiply-adds, BN and pooling operations)", "flops"),
             "conv_fc_flops": variable((), conv_fc // batch,
                                       "multiply-adds per image of convolutions and matrix products (fvcore)",
                                       "multiply-adds"),
@@ -141,8 +121,11 @@ def flop_count(model: nn.Module, input_shape=(1, 3, 32, 32), *, checkpoint=None,
 
 
 def total_cost(model: nn.Module, input_shape=(1, 3, 32, 32)) -> tuple[int, int]:
-    """(fvcore multiply-adds per image, parameter count): the two numbers of the paper's cost comparisons."""
-    with _untouched(model):
+    """(multiply-adds of the convolutions and fc layers per image, parameter count): the FLOPs and parameters
+    of the paper's cost comparisons (He et al. count conv and fc multiply-adds, not BN or pooling)."""
+    with models.preserved_state(model, bn_statistics=False):
+        model.eval()
         x = _zeros(model, input_shape)
         by_module, _ = _fvcore_counts(model, x)
-    return sum(by_module[""].values()) // x.shape[0], sum(p.numel() for p in model.parameters())
+    conv_fc = sum(by_module[""][op] for op in MATRIX_OPERATORS)
+    return conv_fc // x.shape[0], sum(p.numel() for p in model.parameters())

@@ -34,18 +34,14 @@ def layer_responses(model: nn.Module, batches: Iterable, layers: list[str] | Non
         raise ValueError("the model has no 3x3 conv followed by BN; pass the layers to measure")
     moments = {name: ChannelMoments() for name in layers}
     hooks = {name: (lambda module, inputs, output, m=moments[name]: m.update(output)) for name in layers}
-    was_training = model.training
-    model.eval()
     device = model_device(model)
     n_images, batch_size = 0, 0
-    try:
-        with forward_hooks(model, hooks):
-            for x in inputs_of(batches):
-                model(x.to(device))
-                n_images += len(x)
-                batch_size = max(batch_size, len(x))
-    finally:
-        model.train(was_training)
+    with models.preserved_state(model, bn_statistics=False), forward_hooks(model, hooks):
+        model.eval()
+        for x in inputs_of(batches):
+            model(x.to(device))
+            n_images += len(x)
+            batch_size = max(batch_size, len(x))
     if n_images == 0:
         raise ValueError("no images were given")
     width = max(len(m.mean) for m in moments.values())

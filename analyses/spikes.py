@@ -19,7 +19,7 @@ import xarray as xr
 import models
 
 from .common import ChannelMoments, attrs, combine, forward_hooks, inputs_of, layer_coords, model_device, variable
-from .evaluate import evaluate, preserved_bn_state
+from .evaluate import evaluate
 
 BN_STATISTICS = ("running", "recalibrated", "batch")  # the `bn` dim
 EVALUATE_MODES = ("eval", "recalibrated", "train")  # the same, as analyses.evaluate names them
@@ -140,7 +140,7 @@ def diagnose_checkpoint(model: nn.Module, val_batches: Iterable, recal_batches: 
     with forward_hooks(model, hooks):
         scores["running"] = evaluate(model, val_batches, bn_mode="eval")
     scores["batch"] = evaluate(model, val_batches, bn_mode="train")
-    with preserved_bn_state(model):
+    with models.preserved_state(model):
         models.recalibrate_bn(model, iter(recal), len(recal))
         population = running_statistics(model)
         scores["recalibrated"] = evaluate(model, val_batches, bn_mode="eval")
@@ -171,8 +171,8 @@ def diagnose_checkpoint(model: nn.Module, val_batches: Iterable, recal_batches: 
                 "stat": ("stat", list(STATS))},
         attrs=attrs(DEFINITION.format(recal_images=recal_images, rule="no spike rule applied to one checkpoint"),
                     checkpoint=checkpoint, dataset=dataset, split=split,
-                    n_images=scores["running"].attrs["n_images"], recal_images=recal_images,
-                    recal_batch_size=max(len(x) for x in recal)),
+                    n_images=scores["running"].attrs["n_images"], batch_size=scores["batch"].attrs["batch_size"],
+                    recal_images=recal_images, recal_batch_size=max(len(x) for x in recal)),
     )
 
 

@@ -24,8 +24,10 @@ def parse(argv):
     p.set_defaults(epochs="last")
     p.add_argument("--method", nargs="+", action="extend", choices=METHODS, metavar="METHOD",
                    help=f"any of {', '.join(METHODS)}, given together or repeated (default: all)")
-    p.add_argument("--target", choices=TARGETS, default="label",
-                   help="explain the logit of the true label (default) or of the predicted class")
+    p.add_argument("--target", choices=TARGETS, default="prediction",
+                   help="the class whose logit is explained: the model's prediction (default; deletion then "
+                   "measures agreement with its own decision, so models of different accuracy compare) or the "
+                   "true label (deletion then measures accuracy)")
     p.add_argument("--steps", type=positive_int, default=32, help="Integrated Gradients steps (default 32)")
     return p.parse_args(argv)
 

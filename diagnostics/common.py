@@ -13,7 +13,7 @@ import torch
 
 import models
 from train import checkpoint as ckpt
-from train.data import SPECS, SPLITS, EvalBatches, default_data_dir, load_split
+from train.data import SPECS, SPLITS, EvalBatches, TrainBatches, default_data_dir, load_split
 from train.errors import ArgumentParser, UserError, positive_int
 
 
@@ -26,7 +26,7 @@ INPUTS = {  # what a command's positional inputs may be: (metavar, help)
 
 
 def parser(name: str, description: str, *, inputs: str = "checkpoints", inputs_required: bool = True,
-           n_images: int | None = 2000, batch_size: int = 256) -> ArgumentParser:
+           n_images: int | None = 2000, batch_size: int | None = 256) -> ArgumentParser:
     """The options of DESIGN.md §5. `inputs`: one of INPUTS; `inputs_required=False` where an option such as
     `--init MODEL` can stand in for them."""
     p = ArgumentParser(prog=f"python -m diagnostics.{name}", description=description)
@@ -40,7 +40,8 @@ def parser(name: str, description: str, *, inputs: str = "checkpoints", inputs_r
     p.add_argument("--n-images", type=positive_int, default=n_images,
                    help="the first N images of the split" + (f" (default {n_images})" if n_images else
                                                                 " (default: all)"))
-    p.add_argument("--batch-size", type=positive_int, default=batch_size)
+    p.add_argument("--batch-size", type=positive_int, default=batch_size,
+                   help=f"images per forward pass (default {batch_size or 'the run’s per-device training batch'})")
     p.add_argument("--mean", type=float, nargs="+", help="normalisation mean of a foreign checkpoint")
     p.add_argument("--std", type=float, nargs="+", help="normalisation std of a foreign checkpoint")
     p.add_argument("--epochs", default="all", help="which epochs of a run: all, last, or a list such as 5,10,20")
@@ -120,13 +121,26 @@ def collect_sources(args, *, model_names: bool = False) -> list[Source]:
         source.paths += [f for f in files if f not in source.paths]
     for source in sources.values():
         if source.paths:
-            source.paths.sort(key=lambda p: ckpt.EPOCH_FILE.match(p.name) is None)  # epoch files first, in order
+            source.paths.sort(key=_epoch_order)
             source.label = load_checkpoint(source.paths[0], args).label  # validates the first file now
-    labels = [source.label for source in sources.values()]
-    for key, source in sources.items():
-        if labels.count(source.label) > 1:
-            source.label = source.run_dir.name if source.run_dir is not None else Path(str(key)).stem
+    _distinct_labels(sources)
     return list(sources.values())
+
+
+def _epoch_order(path: Path) -> tuple[bool, int]:
+    """Epoch files by number, then the run's other files (last.pt, best.pt)."""
+    match = ckpt.EPOCH_FILE.match(path.name)
+    return match is None, int(match.group(1)) if match else 0
+
+
+def _distinct_labels(sources: dict) -> None:
+    """Where sources share a label, the run directory's (or file's) name; where those clash too, the path."""
+    for rename in (lambda key, source: source.run_dir.name if source.run_dir is not None else Path(str(key)).stem,
+                   lambda key, source: str(source.run_dir or key)):
+        labels = [source.label for source in sources.values()]
+        for key, source in sources.items():
+            if labels.count(source.label) > 1:
+                source.label = rename(key, source)
 
 
 def prepare(args, *, model_names: bool = False) -> tuple[torch.device, list[Source], Path]:
@@ -158,8 +172,12 @@ class Results:
         self.plain[label] = loaded.kwargs.get("skip", True) is False
 
     def combined(self, definition: str, split: str | None, **extra):
-        """One dataset along `model` and `epoch`, with the attrs of DESIGN.md §4 over all checkpoints."""
+        """One dataset along `model` and `epoch`, with the attrs of DESIGN.md §4 over all checkpoints (the
+        largest batch any of them used, where their analysis records one)."""
         from analyses.common import attrs, combine
+        batch_sizes = [d.attrs["batch_size"] for d in self.datasets if d.attrs.get("batch_size", "") != ""]
+        if batch_sizes:
+            extra = {"batch_size": max(batch_sizes), **extra}
         return combine(self.datasets, self.labels, self.epochs, attrs(
             definition, checkpoint=[d.attrs["checkpoint"] for d in self.datasets],
             dataset=sorted({d.attrs["dataset"] for d in self.datasets}), split=split,
@@ -179,28 +197,39 @@ def epoch_of(loaded: ckpt.Loaded) -> int:
 _IMAGES = {}
 
 
+def _split_images(loaded: ckpt.Loaded, args, split: str):
+    """A split as the checkpoint's run defined it (its held-out images, its first --train-images), read once."""
+    config = loaded.config or {}
+    key = (loaded.spec.name, split, config.get("val_split", 0), config.get("train_images"), args.data_dir)
+    if key not in _IMAGES:
+        _IMAGES[key] = load_split(loaded.spec.name, split, args.data_dir, config.get("val_split", 0),
+                                  config.get("train_images") if split == "train" else None)
+    return _IMAGES[key]
+
+
+def batch_size_of(loaded: ckpt.Loaded, args) -> int:
+    """--batch-size, else the batch each device trained with: what BN in train mode normalises over."""
+    return args.batch_size or (loaded.config or {}).get("per_device_batch") or 256
+
+
 def image_batches(loaded: ckpt.Loaded, args, device, n_images: int | None = None) -> EvalBatches:
     """The first `--n-images` of `--split`, normalised with the checkpoint's own statistics, on `device`."""
-    val_split = (loaded.config or {}).get("val_split", 0)
-    key = (loaded.spec.name, args.split, val_split, args.data_dir)
-    if key not in _IMAGES:
-        _IMAGES[key] = load_split(loaded.spec.name, args.split, args.data_dir, val_split)
-    images = _IMAGES[key]
+    images = _split_images(loaded, args, args.split)
     n_images = n_images or args.n_images
     if n_images is not None:
         images = images[:n_images]
-    return EvalBatches(images, loaded.spec, args.batch_size, device)
+    return EvalBatches(images, loaded.spec, batch_size_of(loaded, args), device)
 
 
-def training_batches(loaded: ckpt.Loaded, args, device, n_images: int) -> EvalBatches:
-    """The first `n_images` training images of the checkpoint's own training split (its held-out images
-    excluded), un-augmented, in batches of the size each device trained with: what BN recalibration reads."""
+def training_batches(loaded: ckpt.Loaded, args, device, n_images: int) -> list:
+    """What BN recalibration reads, as the trainer's --precise-bn: the first `n_images` of the run's training
+    images (whole batches of the size each device trained with, or fewer), with the run's augmentation and seed 0,
+    so that population statistics describe what training normalised."""
     config = loaded.config or {}
-    key = (loaded.spec.name, "train", config.get("val_split", 0), args.data_dir)
-    if key not in _IMAGES:
-        _IMAGES[key] = load_split(loaded.spec.name, "train", args.data_dir, config.get("val_split", 0))
-    batch_size = config.get("per_device_batch") or args.batch_size
-    return EvalBatches(_IMAGES[key][:n_images], loaded.spec, batch_size, device)
+    images = _split_images(loaded, args, "train")[:n_images]
+    batch_size = min(config.get("per_device_batch") or batch_size_of(loaded, args), len(images))
+    batches = TrainBatches(images, loaded.spec, batch_size, config.get("augment", "none"), device, seed=0)
+    return list(batches.epoch(0))
 
 
 # ---------------------------------------------------------------------------------------------------------------

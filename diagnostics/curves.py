@@ -1,11 +1,12 @@
 """`python -m diagnostics.curves RUN [RUN ...]`: training and validation curves of several runs, and their summary.
 
 Runs whose options differ only in seed form a group: drawn as the mean with a ±std band, summarised as
-mean ± std. A group is defined by every training option of config.json except `seed`, `out`, `data_dir`
-(where the data live changes nothing) and the fields the trainer resolves when the run starts (world_size,
-per_device_batch, precision_used, device_used, steps_per_epoch, total_steps, total_epochs: consequences of the
-options and of the machine). `model` and `skip` count through the model label, so `--model plain20` and
-`--model resnet20 --no-skip` are one group.
+mean ± std. A group is defined by every training option of config.json except those that change where or how
+fast a run went and not what it learned (seed, out, data_dir, device, workers, keep, eval_batch_size, compile,
+channels_last, deterministic and the derived steps_per_epoch, total_steps, total_epochs). The precision used,
+the number of processes and the per-device batch do define a group: they change what BN normalises over and
+the arithmetic. `model` and `skip` count through the model label, so `--model plain20` and `--model resnet20
+--no-skip` are one group.
 """
 import csv
 import json
@@ -25,8 +26,9 @@ from train.trainer import METRICS
 
 from . import common, plotting
 
-NOT_GROUPING = {"seed", "out", "data_dir", "world_size", "per_device_batch", "precision_used", "device_used",
-                "steps_per_epoch", "total_steps", "total_epochs"}
+NOT_GROUPING = {  # options that change where or how fast a run went, not what it learned
+    "seed", "out", "data_dir", "device", "precision", "workers", "keep", "eval_batch_size", "compile",
+    "channels_last", "deterministic", "device_used", "steps_per_epoch", "total_steps", "total_epochs"}
 TRAIN_STYLE = {"linestyle": "--", "linewidth": 0.8}  # He et al. 2016, Fig. 6: "dashed lines denote training
 VAL_STYLE = {"linestyle": "-", "linewidth": 1.6}  # error, and bold lines denote testing error"
 

@@ -17,7 +17,7 @@ MAX_BARS = 20  # classes beyond which bars are unreadable at column width: the s
 
 
 def parser():
-    p = common.parser("evaluate", __doc__, n_images=None)
+    p = common.parser("evaluate", __doc__, n_images=None, batch_size=None)
     p.add_argument("--bn", choices=("eval", "train"), default="eval",
                    help="eval: running statistics (as trained); train: each batch's own statistics")
     p.add_argument("--precise-bn", type=positive_int, metavar="N",
@@ -131,7 +131,7 @@ def main(argv=None) -> None:
             loaded.model, batches, bn_mode=bn_mode, recalibration=recalibration, num_classes=loaded.spec.num_classes,
             class_names=loaded.spec.classes, checkpoint=loaded.path, dataset=loaded.spec.name, split=args.split))
     definitions = dict.fromkeys(d.attrs["definition"] for d in results.datasets)
-    ds = results.combined("; ".join(definitions), args.split, batch_size=args.batch_size, bn_mode=bn_mode,
+    ds = results.combined("; ".join(definitions), args.split, bn_mode=bn_mode,
                           recalibration_images=max(d.attrs["recalibration_images"] for d in results.datasets))
     common.print_table(["model", "epoch", "loss", "acc %", "worst class", "acc %"], table_rows(ds))
     common.write_outputs(out, "evaluate", ds, figure(ds, results.plain))

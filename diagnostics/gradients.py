@@ -101,7 +101,7 @@ def heat_map(norms):
     axis = axes[0, 0]
     values = norms.transpose("depth", "epoch").values
     mesh = axis.pcolormesh(norms.epoch.values, norms.depth.values, values, shading="nearest", cmap="viridis",
-                           norm=LogNorm(vmin=np.nanmin(values), vmax=np.nanmax(values)))
+                           norm=LogNorm(vmin=np.nanmin(values[values > 0]), vmax=np.nanmax(values)))
     colour_bar = fig.colorbar(mesh, ax=axis, label=r"$\|\partial L / \partial W\|_2$ (mean over batches)")
     plotting.plain_log_labels(colour_bar.ax.yaxis)
     axis.set_title(str(norms.model.item()))
@@ -140,7 +140,7 @@ def main(argv=None) -> None:
         results.add(source.label, loaded, gradient_norms(loaded.model, batches, args.batches, bn_mode=args.bn,
                                                          checkpoint=loaded.path, dataset=loaded.spec.name,
                                                          split=args.split))
-    ds = results.combined(definition(args.bn), args.split, batch_size=args.batch_size, bn_mode=args.bn,
+    ds = results.combined(definition(args.bn), args.split, bn_mode=args.bn,
                           n_batches=max(d.attrs["n_batches"] for d in results.datasets))
     common.write_outputs(out, NAME, ds, figure(ds, results.plain))
 

@@ -50,7 +50,7 @@ def main(argv=None) -> None:
         batches = common.image_batches(loaded, args, device)
         results.add(source.label, loaded, layer_responses(loaded.model, batches, checkpoint=loaded.path,
                                                           dataset=loaded.spec.name, split=args.split))
-    ds = results.combined(DEFINITION, args.split, batch_size=args.batch_size, bn_mode="eval")
+    ds = results.combined(DEFINITION, args.split, bn_mode="eval")
     common.write_outputs(out, "responses", ds, figure(ds, results.plain))
 
 

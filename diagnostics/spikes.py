@@ -31,7 +31,7 @@ def _number(minimum: float, inclusive: bool):
 
 
 def parser():
-    p = common.parser("spikes", __doc__, inputs="runs", n_images=None)
+    p = common.parser("spikes", __doc__, inputs="runs", n_images=None, batch_size=None)
     p.add_argument("--recal-images", type=positive_int, default=2000,
                    help="recompute BN statistics over the first N training images, un-augmented (default 2000)")
     p.add_argument("--window", type=positive_int, default=3,
@@ -110,8 +110,8 @@ def _drift_panel(axis, drift, layers, norm):
     """A (depth, epoch) heat map of one run's drift; the largest value circled and named."""
     drift = drift.transpose("depth", "epoch").isel(depth=np.flatnonzero(layers != ""))
     epochs, depths = drift.epoch.values, drift.depth.values
-    mesh = axis.pcolormesh(np.append(epochs - 0.5, epochs[-1] + 0.5), np.append(depths - 0.5, depths[-1] + 0.5),
-                           np.clip(drift.values, norm.vmin, None), norm=norm, cmap="viridis", shading="flat")
+    mesh = axis.pcolormesh(epochs, depths, np.clip(drift.values, norm.vmin, None), norm=norm, cmap="viridis",
+                           shading="nearest")  # centred on the epochs, which --keep N spaces unevenly
     d, e = np.unravel_index(np.nanargmax(drift.values), drift.shape)
     if drift.values[d, e] > norm.vmin:  # below the colour scale it is rounding, not a layer to point at
         axis.plot(epochs[e], depths[d], "o", markerfacecolor="none", markeredgecolor="red", markersize=6)
@@ -153,7 +153,8 @@ def main(argv=None) -> None:
                          factor=args.factor, min_increase=args.min_increase,
                          checkpoint=[part.attrs["checkpoint"] for part in parts],
                          dataset=sorted({part.attrs["dataset"] for part in parts}), split=args.split,
-                         n_images=max(part.attrs["n_images"] for part in parts), batch_size=args.batch_size,
+                         n_images=max(part.attrs["n_images"] for part in parts),
+                         batch_size=max(part.attrs["batch_size"] for part in parts),
                          bn_momentum=bn_momentum, precise_bn=precise_bn)
     for line in ds.attrs["verdict"]:
         print(line)

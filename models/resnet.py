@@ -122,6 +122,9 @@ class ResNet(nn.Module):
         super().__init__()
         if shortcut not in SHORTCUTS:
             raise ModelError(f"shortcut must be one of {', '.join(SHORTCUTS)}, not {shortcut!r}")
+        if zero_init_residual and not skip:
+            raise ModelError("zero_init_residual zeroes each block's last BN so the block starts as its shortcut; "
+                             "without skip connections that kills the signal: drop one of them")
         self.stem = nn.Sequential(OrderedDict(
             conv=nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=not bn),
             bn=norm2d(widths[0], bn),

@@ -179,8 +179,8 @@ def test_command_on_a_plain_and_a_residual_run(tiny_runs, tmp_path):
     assert ds.deletion_accuracy.sizes == {"model": 2, "method": 4, "fraction": 6}
     assert ds.attrs["n_images"] == 4 and ds.attrs["n_steps"] == 4 and ds.attrs["checkpoint"][0].endswith("epoch_002.pt")
     assert ds.class_name.values[0] == "stripes-horizontal"
-    np.testing.assert_allclose(ds.deletion_accuracy.isel(fraction=0), (ds.prediction == ds.label).mean("sample")
-                               .broadcast_like(ds.deletion_accuracy.isel(fraction=0)))
+    # By default the prediction is explained: before any deletion every image keeps it.
+    assert ds.attrs["target"] == "prediction" and (ds.deletion_accuracy.isel(fraction=0) == 1).all()
 
 
 def test_command_refuses_bad_input_in_one_line(tiny_runs, tmp_path, capsys):

@@ -142,3 +142,20 @@ def test_bare_state_dict_of_our_model_with_compile_prefix(tmp_path):
     assert loaded.spec.name == "mini-cifar10" and loaded.kwargs["num_classes"] == 3
     x = torch.randn(2, 3, 32, 32)
     assert torch.equal(loaded.model(x), model.eval()(x))
+
+
+def test_own_checkpoints_refuse_contradicting_options(tiny_runs):
+    path = tiny_runs["resnet20"] / "epoch_001.pt"
+    with pytest.raises(UserError, match="is a resnet20 checkpoint; drop --model plain20"):
+        ckpt.load(path, model_name="plain20")
+    with pytest.raises(UserError, match="drop --mean/--std"):
+        ckpt.load(path, mean=(0.5, 0.5, 0.5), std=(0.2, 0.2, 0.2))
+    assert ckpt.load(path, model_name="resnet20").label == "resnet20"
+
+
+def test_a_damaged_own_checkpoint_is_bad_input(tiny_runs, tmp_path):
+    state = torch.load(tiny_runs["resnet20"] / "epoch_001.pt", weights_only=True)
+    del state["dataset"]
+    torch.save(state, tmp_path / "damaged.pt")
+    with pytest.raises(UserError, match="damaged"):
+        ckpt.load(tmp_path / "damaged.pt")

@@ -103,7 +103,7 @@ def test_registry_sweep(name):
     assert max(counts.values()) == 1
     assert torch.allclose(model.forward_head(model.forward_features(x)), logits)
     logits.sum().backward()
-    assert all(p.grad is not None for p in model.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
     assert not any(getattr(m, "inplace", False) for m in model.modules())
 
 
@@ -148,3 +148,8 @@ def test_no_bn_networks_have_conv_biases_instead():
     model = models.build("resnet20", bn=False)
     assert model.stem.conv.bias is not None and isinstance(model.stem.bn, nn.Identity)
     assert models.build("resnet20").stem.conv.bias is None
+
+
+def test_zero_init_residual_needs_skip_connections():
+    with pytest.raises(models.ModelError, match="without skip connections"):
+        models.build("plain20", zero_init_residual=True)

@@ -21,7 +21,7 @@ from diagnostics.spikes import main as spikes_command
 from tests.conftest import train_tiny
 from tests.test_evaluate_analysis import bn_net
 from train import checkpoint as ckpt
-from train.data import EvalBatches, load_split
+from train.data import EvalBatches, TrainBatches, load_split
 
 ROOT = Path(__file__).resolve().parents[1]
 CULPRIT = "stage2.block2.bn1"
@@ -148,7 +148,8 @@ def diagnose_file(path: Path, previous=None) -> tuple[xr.Dataset, dict, float]:
     images; with the checkpoint's running statistics and the validation loss its trainer logged."""
     loaded = ckpt.load(path)
     val = EvalBatches(load_split("synthetic", "val", val_split=32), loaded.spec, 64, "cpu")
-    recal = EvalBatches(load_split("synthetic", "train", val_split=32)[:RECAL_IMAGES], loaded.spec, 32, "cpu")
+    recal = TrainBatches(load_split("synthetic", "train", val_split=32)[:RECAL_IMAGES], loaded.spec, 32, "crop-flip",
+                         "cpu", seed=0).epoch(0)  # as training augmented them, as the trainer's --precise-bn
     part = diagnose_checkpoint(loaded.model, val, recal, previous=previous)
     assert no_hooks_left(loaded.model)
     return part, running_statistics(loaded.model), loaded.history["val_loss"][-1]

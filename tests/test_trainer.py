@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import models
+from analyses.common import ChannelMoments, forward_hooks
 from conftest import TINY_RUN, train_tiny
 from train import checkpoint as ckpt
 from train import config as cfg
@@ -76,14 +78,24 @@ def test_precise_bn_recomputes_running_statistics(tmp_path):
                      "0.01", "--train-images", "128")
     state = torch.load(run / "epoch_001.pt", weights_only=True)
     assert state["config"]["precise_bn"] == 128 and state["config"]["bn_momentum"] == 0.01
-    # The saved running statistics are the population statistics of the BN input over those 128 images.
+    # The saved running statistics are the population statistics of each BN layer's input over those 128
+    # images as training augments them (fixed seed), every BN upstream normalising with its batch's statistics.
     loaded = ckpt.load(run / "epoch_001.pt")
+    model = loaded.model
     images = data.load_split("synthetic", "train", train_images=128)
-    x = data.normalise(images.images, loaded.spec)
-    conv_out = loaded.model.stem.conv(x).detach().double()
-    bn = loaded.model.stem.bn
-    assert torch.allclose(bn.running_mean.double(), conv_out.mean((0, 2, 3)), atol=1e-5)
-    assert torch.allclose(bn.running_var.double(), conv_out.var((0, 2, 3)), rtol=1e-3)
+    batches = [x for x, _ in data.TrainBatches(images, loaded.spec, 64, "crop-flip", "cpu", seed=0).epoch(0)]
+    expected = {name: ChannelMoments() for name in ("stem.bn", "stage2.block3.bn2")}
+    hooks = {name: (lambda module, inputs, output, m=m: m.update(inputs[0])) for name, m in expected.items()}
+    saved = {name: (module.running_mean.clone(), module.running_var.clone()) for name, module in
+             models.bn_layers(model) if name in expected}
+    with models.preserved_state(model), forward_hooks(model, hooks), torch.no_grad():
+        for _, module in models.bn_layers(model):
+            module.train()
+        for x in batches:
+            model(x)
+    for name, (mean, var) in saved.items():
+        assert torch.allclose(mean.double(), expected[name].mean, atol=1e-4)
+        assert torch.allclose(var.double(), expected[name].variance, rtol=2e-3)
 
 
 def test_nan_loss_stops_with_exit_3_and_keeps_the_last_good_checkpoint(tmp_path, capsys):

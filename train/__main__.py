@@ -1,4 +1,5 @@
 """`python -m train ...`: exit 0 done, 2 bad input (one line `error: ...`), 3 diverged, 1 a bug (traceback)."""
+import os
 import sys
 
 import models
@@ -19,15 +20,19 @@ def main(argv=None) -> int:
         else:
             start(from_args(args))
     except (UserError, models.ModelError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return report(exc, 2)
     except TrainingDiverged as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 3
+        return report(exc, 3)
     except KeyboardInterrupt:
-        print("error: interrupted; continue with --resume RUN_DIR", file=sys.stderr)
-        return 130
+        return report("interrupted; continue with --resume RUN_DIR", 130)
     return 0
+
+
+def report(message, code: int) -> int:
+    """One line on stderr, from the first process only where torchrun started several."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"error: {message}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

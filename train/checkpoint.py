@@ -230,15 +230,22 @@ def load(path, model_name: str | None = None, dataset: str | None = None, mean=N
     checkpoint = read(path)
     if is_own(checkpoint):
         _check_format(checkpoint, path)
-        name, kwargs = checkpoint["model"]["name"], dict(checkpoint["model"]["kwargs"])
-        if model_name is not None and models.canonical(model_name)[0] != name:
+        try:
+            name, kwargs = checkpoint["model"]["name"], dict(checkpoint["model"]["kwargs"])
+            state_dict = checkpoint["state_dict"]
+            spec_dict = dict(checkpoint["dataset"])
+            spec = DatasetSpec(**{**spec_dict, "mean": tuple(spec_dict["mean"]), "std": tuple(spec_dict["std"]),
+                                  "classes": tuple(spec_dict["classes"])})
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UserError(f"{path} claims format {checkpoint['format']} but lacks {exc}; it is damaged: use "
+                            "another copy or epoch") from None
+        if model_name is not None and models.label(*models.canonical(model_name)) != models.label(name, kwargs):
             raise UserError(f"{path} is a {models.label(name, kwargs)} checkpoint; drop --model {model_name}")
-        state_dict = checkpoint["state_dict"]
-        spec_dict = dict(checkpoint["dataset"])
-        spec = DatasetSpec(**{**spec_dict, "mean": tuple(spec_dict["mean"]), "std": tuple(spec_dict["std"]),
-                              "classes": tuple(spec_dict["classes"])})
         if dataset is not None and dataset != spec.name:
             raise UserError(f"{path} was trained on {spec.name}; drop --dataset {dataset}")
+        if mean is not None or std is not None:
+            raise UserError(f"{path} stores the normalisation it was trained with; drop --mean/--std (they are for "
+                            "foreign checkpoints)")
         extra = {"epoch": checkpoint.get("epoch"), "config": checkpoint.get("config"),
                  "history": checkpoint.get("history")}
     else:

@@ -91,6 +91,9 @@ class Config:
         self.total_epochs = math.ceil(self.total_steps / steps_per_epoch)
         if self.schedule == "multistep" and not self.milestones:
             self.milestones = [self.total_steps // 2, self.total_steps * 3 // 4]
+        if self.schedule == "multistep" and max(self.milestones) >= self.total_steps:
+            raise UserError(f"--milestones {' '.join(map(str, self.milestones))} reach past the run's "
+                            f"{self.total_steps} iterations; give milestones below it")
 
 
 def lr_factor(config: Config, step: int) -> float:
@@ -166,6 +169,8 @@ def from_args(args: argparse.Namespace) -> Config:
         values["iterations"] = None
     if "iterations" in given:
         values["epochs"] = None
+    if ("epochs" in given or "iterations" in given) and "milestones" not in given:
+        values["milestones"] = []  # the preset's are for its own length: derive them for the new one
     config = Config(**values)
     validate(config)
     return config

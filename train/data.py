@@ -361,7 +361,8 @@ class TrainBatches:
     def epoch(self, epoch: int):
         order = torch.randperm(len(self.labels), generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
         order = order[self.rank::self.world_size][:self.steps * self.local_batch]
-        generator = torch.Generator(self.device).manual_seed(self.seed * 1_000_003 + epoch + 7919)
+        # Each process its own crops and flips; the same (seed, epoch, rank) the same ones.
+        generator = torch.Generator(self.device).manual_seed(self.seed * 1_000_003 + epoch + 7919 + 104_729 * self.rank)
         batches = order.view(self.steps, self.local_batch)
         on_device = batches.to(self.device)  # one copy an epoch: a copy a step would wait for the GPU each step
         for images, index in zip(self._uint8_batches(batches, on_device, epoch), on_device):
@@ -376,7 +377,7 @@ class TrainBatches:
             return
         loader = torch.utils.data.DataLoader(
             self.policy_data, batch_sampler=batches.tolist(), num_workers=self.workers,
-            generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch + 104729),
+            generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch + 104_729 * (self.rank + 1)),
             pin_memory=self.device.type == "cuda", persistent_workers=False)
         for images in loader:
             yield images.to(self.device, non_blocking=True)

@@ -64,10 +64,11 @@ def cpu_has_native_bf16() -> bool:
 
 
 def resolve_precision(config: Config, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for fp32. auto: bf16 on a GPU, fp32 on a CPU."""
+    """The autocast dtype, or None for fp32. auto: bf16 (fp16 on GPUs without bf16) on a GPU, fp32 on a CPU."""
     precision = config.precision
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "auto":  # bf16 where the GPU has it natively (Ampere on), fp16 with loss scaling before
+        native_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+        precision = "fp32" if device.type == "cpu" else "bf16" if native_bf16 else "fp16"
     if precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
         print("warning: this CPU has no native bf16 (avx512_bf16/AMX); bf16 autocast will be slower than fp32",
               file=sys.stderr)
@@ -176,18 +177,21 @@ def write_csv(path: Path, columns: list[str], rows: list[list]) -> None:
             writer.writerows(rows)
 
 
-def save_epoch_files(run_dir: Path, state: dict, full: dict, config: Config, epoch: int, is_best: bool) -> None:
-    """last.pt (resumable) always; epoch_NNN.pt by `--keep`; best.pt when validation accuracy improved."""
-    ckpt.save({**state, **full}, run_dir / "last.pt")
+def save_epoch_files(run_dir: Path, state: dict, full: dict, config: Config, epoch: int, is_best: bool,
+                     metrics: dict, steps: list) -> None:
+    """epoch_NNN.pt by `--keep`, best.pt when validation accuracy improved, metrics.csv and steps.csv, and
+    last.pt (resumable) last: a run killed before last.pt is written redoes the whole epoch on resume."""
     final = epoch == config.total_epochs
-    if config.keep == "all" or final or (config.keep.isdigit() and epoch % int(config.keep) == 0) \
-            or config.keep == "last":
+    if config.keep in ("all", "last") or final or epoch % int(config.keep) == 0:
         ckpt.save(state, run_dir / f"epoch_{epoch:03d}.pt")
     if config.keep == "last":
         for old in ckpt.epoch_files(run_dir)[:-1]:
             old.unlink()
     if is_best:
         ckpt.save(state, run_dir / "best.pt")
+    write_csv(run_dir / "metrics.csv", METRICS, list(zip(*metrics.values())))
+    write_csv(run_dir / "steps.csv", STEPS, steps)
+    ckpt.save({**state, **full}, run_dir / "last.pt")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -213,10 +217,12 @@ def run(config: Config, resume: dict | None = None, lock=None) -> Path:
                            world_size, config.channels_last, config.workers)
     config.resolve_length(len(batches))
     val_batches = EvalBatches(val_data, spec, config.eval_batch_size, device, config.channels_last)
-    recal_batches = None
-    if config.precise_bn:
-        recal_images = train_data[:min(config.precise_bn, len(train_data))]
-        recal_batches = EvalBatches(recal_images, spec, config.per_device_batch, device, config.channels_last)
+    recal_inputs = None
+    if config.precise_bn:  # the same augmented images every time: statistics of what training normalised
+        recal_images = train_data[:config.precise_bn]
+        recal_inputs = [x for x, _ in TrainBatches(recal_images, spec, min(config.per_device_batch, len(recal_images)),
+                                                   config.augment, device, seed=0, channels_last=config.channels_last,
+                                                   workers=config.workers).epoch(0)]
 
     torch.manual_seed(config.seed)
     model_kwargs = config.model_kwargs(spec.num_classes, spec.in_channels)
@@ -285,10 +291,11 @@ def run(config: Config, resume: dict | None = None, lock=None) -> Path:
                 torch.cuda.synchronize(device)
             train_seconds = time.perf_counter() - started
             step_rows += [[first_step + i + 1, epoch, loss, lr] for i, (loss, lr) in enumerate(zip(losses, lrs))]
+            check_weights(model, epoch, run_dir)  # on every process: the weights are the same everywhere
+            if recal_inputs is not None:  # on every process too: SyncBatchNorm gathers across them
+                with autocast:
+                    models.recalibrate_bn(model, iter(recal_inputs), len(recal_inputs))
             if is_main:
-                if recal_batches is not None:
-                    with autocast:
-                        models.recalibrate_bn(model, (x for x, _ in recal_batches), len(recal_batches))
                 val_loss, val_acc = evaluate(model, val_batches, autocast)
                 row = [epoch, step, sum(losses) / len(losses), train_acc, val_loss, val_acc, lrs[-1],
                        time.perf_counter() - started, (step - first_step) * config.batch_size / train_seconds]
@@ -303,11 +310,9 @@ def run(config: Config, resume: dict | None = None, lock=None) -> Path:
                         "scaler": scaler.state_dict(), "step_history": step_rows,
                         "rng": {"torch": torch.get_rng_state(),
                                 "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []}}
-                check_weights(model, epoch, run_dir)
-                save_epoch_files(run_dir, state, full, config, epoch, is_best=val_acc > best_acc)
+                save_epoch_files(run_dir, state, full, config, epoch, is_best=val_acc > best_acc, metrics=history,
+                                 steps=step_rows)
                 best_acc = max(best_acc, val_acc)
-                write_csv(run_dir / "metrics.csv", METRICS, list(zip(*history.values())))
-                write_csv(run_dir / "steps.csv", STEPS, step_rows)
                 progress.write(f"epoch {epoch}/{config.total_epochs}  step {step}  train_loss {row[2]:.4f}  "
                                f"train_acc {train_acc:.2%}  val_loss {val_loss:.4f}  val_acc {val_acc:.2%}  "
                                f"lr {lrs[-1]:.4g}  {row[7]:.1f}s  {row[8]:,.0f} img/s")
@@ -356,6 +361,10 @@ def resume(run_dir) -> Path:
             raise UserError(f"{last} is not a resumable resnet-diagnostics checkpoint")
         config = Config(**{k: v for k, v in state["config"].items() if k in Config.__dataclass_fields__})
         config.out = str(run_dir)
+        world_size = int(os.environ.get("WORLD_SIZE", 1))
+        if world_size != config.world_size:  # the per-device batch is what BN normalises over
+            raise UserError(f"{run_dir} was trained by {config.world_size} process(es); resume it with as many, "
+                            f"not {world_size}")
         if state["epoch"] >= config.total_epochs:
             print(f"{run_dir} finished all {config.total_epochs} epochs; nothing to resume")
             return run_dir
