@@ -27,7 +27,7 @@ STATS = ("mean_shift", "log_var_ratio")  # the `stat` dim
 
 DEFINITION = (
     "validation cross-entropy and top-1 accuracy of each epoch checkpoint with BN normalising by its running "
-    "statistics (running), by population statistics recomputed over {recal_images} un-augmented training images "
+    "statistics (running), by population statistics recomputed over {recal_images} training images "
     "with the weights fixed (recalibrated; fvcore update_bn_stats, BN in train mode upstream), or by each batch's "
     "own statistics (batch); and per BN layer, over channels (drift: mean, drift_max: max), the distance of the "
     "running statistics from those population statistics, mean_shift = |mu_running - mu_pop| / sqrt(var_pop + "
@@ -285,6 +285,13 @@ def _no_spike(label: str, one: xr.Dataset, loss: dict, rule: dict) -> str:
             f"running stats, {np.min(loss['recalibrated']):.3g}-{np.max(loss['recalibrated']):.3g} recalibrated, "
             f"{np.min(loss['batch']):.3g}-{np.max(loss['batch']):.3g} with batch stats; the largest drift is in "
             f"{one.layer.values[d]} at epoch {epochs[e]} (running mean {shift[e, d]:.3g} population std off)")
+    gap = loss["running"] - loss["recalibrated"]
+    k = int(np.nanargmax(gap))
+    if gap[k] > rule["min_increase"]:
+        text += (f"; the running statistics cost most at epoch {epochs[k]}: {loss['running'][k]:.3g} against "
+                 f"{loss['recalibrated'][k]:.3g} recalibrated, a jump below the spike rule")
+    else:
+        text += f"; the running statistics never cost more than {max(gap[k], 0):.2f} nats over recalibrated ones"
     excess = np.median(loss["running"] / loss["recalibrated"])
     if excess > rule["factor"]:
         text += (f"; but the running statistics are off throughout: the loss with them is a median "

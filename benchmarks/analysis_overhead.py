@@ -75,10 +75,10 @@ def run_analysis(model_name: str, n_images: int, batch_size: int, analysis: str)
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="+", default=["resnet20", "resnet56", "plain56", "resnet110"])
-    p.add_argument("--images", type=int, default=1024)
+    p.add_argument("--models", nargs="+", default=["resnet20", "resnet56", "plain56"])
+    p.add_argument("--images", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=2)
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(machine_line(device))

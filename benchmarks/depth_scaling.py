@@ -22,7 +22,7 @@ def main(argv=None) -> None:
     p.add_argument("--models", nargs="+", default=["resnet20", "resnet56", "resnet110", "resnet1202"])
     p.add_argument("--images", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=2)
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     data = batches(args.images, args.batch_size, device)

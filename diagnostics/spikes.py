@@ -33,7 +33,8 @@ def _number(minimum: float, inclusive: bool):
 def parser():
     p = common.parser("spikes", __doc__, inputs="runs", n_images=None, batch_size=None)
     p.add_argument("--recal-images", type=positive_int, default=2000,
-                   help="recompute BN statistics over the first N training images, un-augmented (default 2000)")
+                   help="recompute BN statistics over the first N training images, augmented as the run trained "
+                        "(default 2000)")
     p.add_argument("--window", type=positive_int, default=3,
                    help="a spike is measured against the median of this many previous checkpoints (default 3)")
     p.add_argument("--factor", type=_number(1.0, inclusive=False), default=3.0,
@@ -131,7 +132,7 @@ def main(argv=None) -> None:
     args = parser().parse_args(argv)
     common.require_run_dirs(args.inputs, "the spike diagnosis needs a run's epoch checkpoints")
     device, sources, out = common.prepare(args)
-    results, logged, bn_momentum, precise_bn = common.Results(), [], [], []
+    results, logged, bn_momentum, precise_bn, recal_augment = common.Results(), [], [], [], []
     previous, recal, current = None, None, None
     for source, loaded in common.checkpoints(sources, args, device):
         if source is not current:  # a new run: its own recalibration images, no previous epoch
@@ -139,6 +140,7 @@ def main(argv=None) -> None:
             recal = common.training_batches(loaded, args, device, args.recal_images)
             bn_momentum.append((loaded.config or {}).get("bn_momentum", np.nan))
             precise_bn.append((loaded.config or {}).get("precise_bn", np.nan))
+            recal_augment.append((loaded.config or {}).get("augment", "none"))
         if not models.bn_layers(loaded.model):
             raise UserError(f"{loaded.path} has no BatchNorm layers (trained with --no-bn); there are no BN "
                             "statistics to diagnose")
@@ -155,7 +157,7 @@ def main(argv=None) -> None:
                          dataset=sorted({part.attrs["dataset"] for part in parts}), split=args.split,
                          n_images=max(part.attrs["n_images"] for part in parts),
                          batch_size=max(part.attrs["batch_size"] for part in parts),
-                         bn_momentum=bn_momentum, precise_bn=precise_bn)
+                         bn_momentum=bn_momentum, precise_bn=precise_bn, recal_augment=recal_augment)
     for line in ds.attrs["verdict"]:
         print(line)
     common.write_outputs(out, "spikes", ds, figure(ds, results.plain))

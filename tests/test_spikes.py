@@ -173,10 +173,23 @@ def test_an_untouched_run_has_no_spike(untouched):
     ds = diagnosis(untouched)
     assert not ds.spike.values.any()
     assert ds.attrs["verdict"] == [ds.attrs["verdict"][0]] and "no validation-loss spike" in ds.attrs["verdict"][0]
+    assert "the running statistics never cost more than 0.00 nats over recalibrated ones" in ds.attrs["verdict"][0]
     # The run's BN statistics are already population statistics: nothing drifted, recalibrating changes nothing.
     assert np.nanmax(ds.drift.values) < 1e-3
     np.testing.assert_allclose(ds.val_loss.sel(bn="running"), ds.val_loss.sel(bn="recalibrated"), rtol=1e-4)
     np.testing.assert_allclose(ds.val_loss.sel(bn="running"), ds.history_val_loss, rtol=1e-3)
+
+
+def test_a_bn_jump_below_the_spike_rule_is_still_reported(run, untouched, tmp_path):
+    path = corrupt(Path(shutil.copy(run / "epoch_003.pt", tmp_path)), shift_culprit_mean)
+    parts = untouched[:2] + [diagnose_file(path, previous=untouched[1][1])]
+    ds = spike_diagnosis([part for part, _, _ in parts], ["resnet20"] * 3, [1, 2, 3], factor=1e9,
+                         history_val_loss=[logged for _, _, logged in parts])
+    (line,) = ds.attrs["verdict"]
+    running, recalibrated = ds.val_loss.sel(model="resnet20", epoch=3).sel(bn=["running", "recalibrated"]).values
+    assert not ds.spike.values.any() and "no validation-loss spike" in line
+    assert (f"the running statistics cost most at epoch 3: {running:.3g} against {recalibrated:.3g} recalibrated, "
+            "a jump below the spike rule") in line
 
 
 def test_scrambled_weights_are_not_blamed_on_bn(run, untouched, tmp_path):
