@@ -289,7 +289,7 @@ def _no_spike(label: str, one: xr.Dataset, loss: dict, rule: dict) -> str:
     k = int(np.nanargmax(gap))
     if gap[k] > rule["min_increase"]:
         text += (f"; the running statistics cost most at epoch {epochs[k]}: {loss['running'][k]:.3g} against "
-                 f"{loss['recalibrated'][k]:.3g} recalibrated, a jump below the spike rule")
+                 f"{loss['recalibrated'][k]:.3g} recalibrated, which the spike rule does not flag")
     else:
         text += f"; the running statistics never cost more than {max(gap[k], 0):.2f} nats over recalibrated ones"
     excess = np.median(loss["running"] / loss["recalibrated"])

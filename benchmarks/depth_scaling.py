@@ -32,6 +32,9 @@ def main(argv=None) -> None:
     per_layer = {}
     for name in args.models:
         model = models.build(name).to(device)
+        # At initialisation every BN normalises by mean 0, var 1 in eval mode, and 600 residual additions
+        # overflow to inf: statistics of the model's own activations keep the timed passes finite.
+        models.recalibrate_bn(model, (x for x, _ in data), len(data))
         layers = len(models.response_layers(model))
         forward, responses = [], []
         for repeat in range(args.repeats + 1):

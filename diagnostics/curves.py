@@ -186,6 +186,7 @@ def figure(ds):
     handles += [Line2D([], [], color="grey", **TRAIN_STYLE, label="training"),
                 Line2D([], [], color="grey", **VAL_STYLE, label="validation")]
     loss_axis.set_yscale("log")
+    plotting.plain_log_labels(loss_axis.yaxis)
     loss_axis.set_ylabel("loss (nats)")
     accuracy_axis.set_ylabel("accuracy (%)")
     accuracy_axis.set_xlabel("epoch")
@@ -212,7 +213,8 @@ def main(argv=None) -> None:
                          params=[run.params for run in runs], flops=[run.flops for run in runs],
                          checkpoint=[str(path) for path in paths],
                          dataset=sorted({str(run.config.get("dataset")) for run in runs}))
-    print(f"early: validation accuracy over epochs 1-{args.early}, mean ± std over the epochs (averaged over a "
+    early = min(args.early, max(len(run.history["epoch"]) for run in runs))
+    print(f"early: validation accuracy over epochs 1-{early}, mean ± std over the epochs (averaged over a "
           "group's runs); other ± are the std over a group's runs")
     header = ["group", "runs", "best acc %", "last acc %", "early acc %", "s/epoch", "params", "MFLOPs"]
     common.print_table(header, summary_rows(ds))
