@@ -113,9 +113,10 @@ def read(path) -> dict:
                             "loaded (loading it could run code); re-save its state_dict with torch.save") from None
         raise UserError(f"{path} is not a PyTorch checkpoint (it cannot be unpickled)") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        reason = "truncated or corrupt" if "zip" in str(exc).lower() or isinstance(exc, EOFError) else "unreadable"
-        raise UserError(f"{path} is {reason} as a PyTorch checkpoint ({str(exc).splitlines()[0][:120]}); "
-                        "copy it again") from None
+        if "zip" in str(exc).lower() or isinstance(exc, EOFError):  # the archive's end is missing or damaged
+            raise UserError(f"{path} is truncated or corrupt as a PyTorch checkpoint; copy it again") from None
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"{path} is unreadable as a PyTorch checkpoint ({detail[:120]}); copy it again") from None
     if not isinstance(checkpoint, dict):
         raise UserError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dict or state_dict")
     return checkpoint
