@@ -88,41 +88,38 @@ def forward_hooks(model: nn.Module, hooks: dict[str, Callable]):
 
 
 class ChannelMoments:
-    """Per-channel count, mean and sum of squared deviations, merged batch by batch in float64 on the
-    tensor's device (Chan et al.'s parallel update). Nothing but these three vectors is kept.
+    """Per-channel count, mean and variance of a stream of batches, from three float64 vectors on the tensor's
+    device: the count and the sums of the deviations, and of their squares, from a fixed per-channel shift
+    near the mean (the first image's first value). Nothing else is kept.
 
-    Each batch's deviations from a per-channel shift near the mean (the first image's first value, fixed for the
-    stream) and their squares are summed in float64 straight from the activation as it is (float32, in its
-    memory format): one pass, no cancellation, no float64 copy of the activation, half the time of
-    `torch.var_mean`, and the same result whatever the batch size up to float64 rounding."""
+    The sums are taken in float64 straight from the activation as it is (float32, in its memory format): one
+    pass, no float64 copy of the activation, no cancellation (the shift is near the mean), and the same result
+    whatever the batch size up to float64 rounding."""
 
     def __init__(self):
-        self.count, self.mean, self.m2, self.shift = 0, None, None, None
+        self.count, self.shift, self.total, self.squares = 0, None, 0.0, 0.0
 
     def update(self, x: torch.Tensor) -> None:
         """x: (N, C, ...) -> statistics over every dim but C."""
         x = x.detach()
         if x.dtype not in (torch.float32, torch.float64):  # bf16/fp16 activations under autocast
             x = x.float()
-        dims, n = [0, *range(2, x.dim())], x.numel() // x.shape[1]
         if self.shift is None:
             self.shift = x[(0, slice(None)) + (0,) * (x.dim() - 2)].clone()
         deviation = x - self.shift.to(x.dtype).view(1, -1, *([1] * (x.dim() - 2)))
-        total, squares = (t.sum(dims, dtype=torch.float64) for t in (deviation, deviation.square()))
-        mean, m2 = self.shift.double() + total / n, (squares - total.square() / n).clamp_min(0)
-        if self.mean is None:
-            self.count, self.mean, self.m2 = n, mean, m2
-            return
-        merged = self.count + n
-        delta = mean - self.mean
-        self.mean = self.mean + delta * (n / merged)
-        self.m2 = self.m2 + m2 + delta.square() * (self.count * n / merged)
-        self.count = merged
+        dims = [0, *range(2, x.dim())]
+        self.total = self.total + deviation.sum(dims, dtype=torch.float64)
+        self.squares = self.squares + deviation.square().sum(dims, dtype=torch.float64)
+        self.count += x.numel() // x.shape[1]
+
+    @property
+    def mean(self) -> torch.Tensor | None:
+        return None if self.shift is None else self.shift.double() + self.total / self.count
 
     @property
     def variance(self) -> torch.Tensor:
         """Population variance (divided by the count, not count - 1)."""
-        return self.m2 / self.count
+        return (self.squares / self.count - (self.total / self.count).square()).clamp_min(0)
 
 
 def combine(datasets: list[xr.Dataset], models_: list[str], epochs: list[int], dataset_attrs: dict) -> xr.Dataset:

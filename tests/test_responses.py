@@ -59,7 +59,7 @@ def test_streaming_does_not_depend_on_batch_size():
     assert one.attrs["batch_size"] == 40 and many.attrs["batch_size"] == 7
 
 
-def test_chan_merge_matches_the_two_pass_answer():
+def test_streamed_moments_match_the_two_pass_answer():
     data = torch.randn(50, 3, 5, 5, dtype=torch.float64) * 1e3 + 1e6  # large offset: naive sums would cancel
     moments = ChannelMoments()
     for part in data.split(9):
