@@ -19,9 +19,7 @@ import torch.nn as nn
 import xarray as xr
 from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam, Saliency
 
-import models
-
-from .common import attrs, model_device, variable
+from .common import attrs, model_device, preserved_state, variable
 
 METHODS = ("ig", "saliency", "gradcam")
 TARGETS = ("label", "prediction")
@@ -155,7 +153,7 @@ def _explain(model, x, labels, methods, target: str, baseline, n_steps: int, lay
     """Everything that runs the model (in eval mode, its modes restored after): logits, maps, deletion curves."""
     noise = torch.rand(x.shape[0], *x.shape[2:], generator=torch.Generator().manual_seed(RANDOM_SEED))
     noise = noise.to(x.device)
-    with models.preserved_state(model):
+    with preserved_state(model):
         model.eval()
         with torch.no_grad():
             logits = _in_batches(lambda part: model(x[part]), len(x), batch_size)

@@ -17,7 +17,7 @@ import xarray as xr
 
 import models
 
-from .common import attrs, model_device, variable
+from .common import attrs, model_device, preserved_state, variable
 
 BN_MODES = ("eval", "recalibrated", "train")
 
@@ -33,13 +33,15 @@ def set_bn_mode(model: nn.Module, bn_mode: str) -> None:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, batches: Iterable) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+def predict(model: nn.Module, batches: Iterable, dtype: torch.dtype | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """Per-image cross-entropy (float64), predictions and labels, accumulated on the device, and the largest
-    batch (with BN in train mode the statistics are that batch's)."""
+    batch (with BN in train mode the statistics are that batch's). `dtype`: the autocast dtype (None: fp32)."""
     device = model_device(model)
     losses, predictions, labels = [], [], []
     for x, y in batches:
-        logits = model(x.to(device)).float()
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            logits = model(x.to(device)).float()
         losses.append(F.cross_entropy(logits, y.to(device), reduction="none").double())
         predictions.append(logits.argmax(1))
         labels.append(y.to(device))
@@ -59,7 +61,7 @@ def evaluate(model: nn.Module, batches: Iterable, *, bn_mode: str = "eval", reca
     if bn_mode == "recalibrated" and recalibration is None:
         raise ValueError("bn_mode='recalibrated' needs the recalibration batches")
     recal_images = 0
-    with models.preserved_state(model):
+    with preserved_state(model):
         if bn_mode == "recalibrated":
             recal = [batch[0] if isinstance(batch, (tuple, list)) else batch for batch in recalibration]
             recal_images = sum(len(x) for x in recal)

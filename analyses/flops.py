@@ -17,9 +17,7 @@ import xarray as xr
 from fvcore.nn import FlopCountAnalysis
 from torch.utils.flop_counter import FlopCounterMode
 
-import models
-
-from .common import attrs, layer_coords, model_device, variable
+from .common import attrs, layer_coords, model_device, preserved_state, variable
 
 # fvcore's names of the operators that are multiply-adds of a weight with the input, as FlopCounterMode's are.
 MATRIX_OPERATORS = ("conv", "linear", "addmm", "mm", "matmul", "bmm", "einsum")
@@ -81,7 +79,7 @@ def flop_count(model: nn.Module, input_shape=(1, 3, 32, 32), *, checkpoint=None,
     `input_shape` is the traced batch `(batch, channels, height, width)`; every count is divided by `batch`.
     The model is left as it came: modes restored, no hook left, weights untouched.
     """
-    with models.preserved_state(model, bn_statistics=False):
+    with preserved_state(model, bn_statistics=False):
         model.eval()
         x = _zeros(model, input_shape)
         by_module, unsupported = _fvcore_counts(model, x)
@@ -123,7 +121,7 @@ def flop_count(model: nn.Module, input_shape=(1, 3, 32, 32), *, checkpoint=None,
 def total_cost(model: nn.Module, input_shape=(1, 3, 32, 32)) -> tuple[int, int]:
     """(multiply-adds of the convolutions and fc layers per image, parameter count): the FLOPs and parameters
     of the paper's cost comparisons (He et al. count conv and fc multiply-adds, not BN or pooling)."""
-    with models.preserved_state(model, bn_statistics=False):
+    with preserved_state(model, bn_statistics=False):
         model.eval()
         x = _zeros(model, input_shape)
         by_module, _ = _fvcore_counts(model, x)

@@ -16,9 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import xarray as xr
 
-import models
-
-from .common import attrs, layer_coords, model_device, variable
+from .common import attrs, layer_coords, model_device, preserved_state, variable
 from .evaluate import set_bn_mode
 
 BN_MODES = ("train", "eval")
@@ -73,7 +71,7 @@ def gradient_norms(model: nn.Module, batches: Iterable, n_batches: int | None = 
     device = model_device(model)
     norms, losses, sizes = [], [], []
     try:
-        with models.preserved_state(model), torch.enable_grad():
+        with preserved_state(model), torch.enable_grad():
             for w in weights:
                 w.requires_grad_(True)
             set_bn_mode(model, bn_mode)

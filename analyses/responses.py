@@ -14,7 +14,7 @@ import xarray as xr
 
 import models
 
-from .common import ChannelMoments, attrs, forward_hooks, inputs_of, layer_coords, model_device, variable
+from .common import ChannelMoments, attrs, forward_hooks, inputs_of, layer_coords, model_device, preserved_state, variable
 
 DEFINITION = ("standard deviation of each 3x3 layer's response (its output after BN, before the ReLU or the "
               "addition; models.response_layers), per channel over all images and spatial positions, with BN in "
@@ -36,7 +36,7 @@ def layer_responses(model: nn.Module, batches: Iterable, layers: list[str] | Non
     hooks = {name: (lambda module, inputs, output, m=moments[name]: m.update(output)) for name in layers}
     device = model_device(model)
     n_images, batch_size = 0, 0
-    with models.preserved_state(model, bn_statistics=False), forward_hooks(model, hooks):
+    with preserved_state(model, bn_statistics=False), forward_hooks(model, hooks):
         model.eval()
         for x in inputs_of(batches):
             model(x.to(device))

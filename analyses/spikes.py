@@ -18,7 +18,7 @@ import xarray as xr
 
 import models
 
-from .common import ChannelMoments, attrs, combine, forward_hooks, inputs_of, layer_coords, model_device, variable
+from .common import ChannelMoments, attrs, combine, forward_hooks, inputs_of, layer_coords, model_device, preserved_state, variable
 from .evaluate import evaluate
 
 BN_STATISTICS = ("running", "recalibrated", "batch")  # the `bn` dim
@@ -140,7 +140,7 @@ def diagnose_checkpoint(model: nn.Module, val_batches: Iterable, recal_batches: 
     with forward_hooks(model, hooks):
         scores["running"] = evaluate(model, val_batches, bn_mode="eval")
     scores["batch"] = evaluate(model, val_batches, bn_mode="train")
-    with models.preserved_state(model):
+    with preserved_state(model):
         models.recalibrate_bn(model, iter(recal), len(recal))
         population = running_statistics(model)
         scores["recalibrated"] = evaluate(model, val_batches, bn_mode="eval")

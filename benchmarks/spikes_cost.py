@@ -20,7 +20,7 @@ from analyses.evaluate import evaluate
 from diagnostics import common
 from diagnostics.spikes import main as spikes_main
 from diagnostics.spikes import parser as spikes_parser
-from train import checkpoint as ckpt
+from train import rundir
 from train.__main__ import main as train_main
 
 from .common import machine_line, synchronize
@@ -30,7 +30,7 @@ def plain_validation(run_dir: Path, args, device) -> float:
     """Seconds to load every epoch checkpoint and evaluate it once."""
     synchronize(device)
     started = time.perf_counter()
-    for path in ckpt.run_checkpoints(run_dir):
+    for path in rundir.run_checkpoints(run_dir):
         loaded = common.load_checkpoint(path, args, device)
         evaluate(loaded.model, common.image_batches(loaded, args, device), bn_mode="eval")
     synchronize(device)
@@ -51,7 +51,7 @@ def main(argv=None) -> None:
                 train_main(["--model", "resnet20", "--dataset", "fashion-mnist", "--train-images", "2048",
                             "--epochs", "4", "--out", str(run)])
         args = spikes_parser().parse_args([str(run), "--recal-images", str(options.recal_images)])
-        epochs = len(ckpt.run_checkpoints(run))
+        epochs = len(rundir.run_checkpoints(run))
         plain_validation(run, args, device)  # warm-up: reads the images once for both
         baseline = plain_validation(run, args, device)
         synchronize(device)
@@ -60,7 +60,7 @@ def main(argv=None) -> None:
             spikes_main([str(run), "--recal-images", str(options.recal_images), "--out", str(Path(folder) / "out")])
         synchronize(device)
         diagnosis = time.perf_counter() - started
-        n_val = common.image_batches(common.load_checkpoint(ckpt.run_checkpoints(run)[0], args, device), args,
+        n_val = common.image_batches(common.load_checkpoint(rundir.run_checkpoints(run)[0], args, device), args,
                                      device).n_images
     print(machine_line(device))
     print(f"{epochs} epoch checkpoints, {n_val} validation images, {options.recal_images} recalibration images")

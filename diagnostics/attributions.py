@@ -11,6 +11,7 @@ from matplotlib.colors import Normalize, TwoSlopeNorm
 from analyses.attributions import METHODS, TARGETS, attributions, combine_models, definition
 from analyses.common import attrs
 from train.errors import UserError, positive_int
+from train.progress import track
 
 from . import common, plotting
 
@@ -130,7 +131,7 @@ def main(argv=None) -> None:
     methods = list(dict.fromkeys(args.method or METHODS))
     device, sources, out = common.prepare(args)
     datasets = []
-    for loaded, batches in inputs(sources, args, device):
+    for loaded, batches in track(inputs(sources, args, device), len(sources), "attributions", unit="model"):
         images, labels = (torch.cat(parts) for parts in zip(*batches))
         spec = loaded.spec
         datasets.append(attributions(loaded.model, images, labels, methods, target=args.target, n_steps=args.steps,

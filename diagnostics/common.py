@@ -13,8 +13,10 @@ import torch
 
 import models
 from train import checkpoint as ckpt
+from train import rundir
 from train.data import SPECS, SPLITS, EvalBatches, TrainBatches, default_data_dir, load_split
 from train.errors import ArgumentParser, UserError, positive_int
+from train.progress import track
 
 
 INPUTS = {  # what a command's positional inputs may be: (metavar, help)
@@ -30,6 +32,7 @@ def parser(name: str, description: str, *, inputs: str = "checkpoints", inputs_r
     """The options of DESIGN.md §5. `inputs`: one of INPUTS; `inputs_required=False` where an option such as
     `--init MODEL` can stand in for them."""
     p = ArgumentParser(prog=f"python -m diagnostics.{name}", description=description)
+    p.set_defaults(command=name)
     metavar, what = INPUTS[inputs]
     p.add_argument("inputs", nargs="+" if inputs_required else "*", metavar=metavar, help=what)
     p.add_argument("--model", help="the model a foreign checkpoint (a bare state_dict) holds, e.g. resnet56")
@@ -53,7 +56,7 @@ def parser(name: str, description: str, *, inputs: str = "checkpoints", inputs_r
 def require_run_dirs(inputs: list[str], why: str) -> None:
     """For commands that read a run's history: every input must be a run directory."""
     for text in inputs:
-        if not ckpt.is_run_dir(text):
+        if not rundir.is_run_dir(text):
             what = ("is a checkpoint file" if Path(text).is_file() else "has no config.json" if Path(text).is_dir()
                     else "does not exist")
             raise UserError(f"{text} {what}, not a run directory; {why}: give the folder `python -m train --out` "
@@ -89,7 +92,7 @@ def _select_epochs(files: list[Path], selection: str, run_dir: Path) -> list[Pat
         wanted = {int(part) for part in selection.split(",")}
     except ValueError:
         raise UserError(f"--epochs must be all, last or a list such as 5,10,20, not {selection!r}") from None
-    chosen = [path for path in files if (m := ckpt.EPOCH_FILE.match(path.name)) and int(m.group(1)) in wanted]
+    chosen = [path for path in files if (m := rundir.EPOCH_FILE.match(path.name)) and int(m.group(1)) in wanted]
     if not chosen:
         raise UserError(f"{run_dir} has none of the epochs {selection}; it has {len(files)} epoch files")
     return chosen
@@ -110,12 +113,12 @@ def collect_sources(args, *, model_names: bool = False) -> list[Source]:
         if not path.exists():
             hint = " or a model name (see models.available())" if model_names else ""
             raise UserError(f"{path} does not exist; give a checkpoint file or a run directory{hint}")
-        if ckpt.is_run_dir(path):
-            files = _select_epochs(ckpt.run_checkpoints(path), args.epochs, path)
+        if rundir.is_run_dir(path):
+            files = _select_epochs(rundir.run_checkpoints(path), args.epochs, path)
             key, run_dir = path.resolve(), path
         else:
             files = [path]
-            run_dir = path.parent if ckpt.is_run_dir(path.parent) else None
+            run_dir = path.parent if rundir.is_run_dir(path.parent) else None
             key = run_dir.resolve() if run_dir is not None else path.resolve()
         source = sources.setdefault(key, Source("", run_dir=run_dir))
         source.paths += [f for f in files if f not in source.paths]
@@ -129,7 +132,7 @@ def collect_sources(args, *, model_names: bool = False) -> list[Source]:
 
 def _epoch_order(path: Path) -> tuple[bool, int]:
     """Epoch files by number, then the run's other files (last.pt, best.pt)."""
-    match = ckpt.EPOCH_FILE.match(path.name)
+    match = rundir.EPOCH_FILE.match(path.name)
     return match is None, int(match.group(1)) if match else 0
 
 
@@ -153,7 +156,7 @@ def prepare(args, *, model_names: bool = False) -> tuple[torch.device, list[Sour
 def checkpoints(sources: list[Source], args, device):
     """(source, loaded checkpoint) for every checkpoint of every source, in order, one in memory at a time."""
     for source in sources:
-        for path in progress(source.paths, len(source.paths), source.label):
+        for path in track(source.paths, len(source.paths), f"{args.command} {source.label}", unit="checkpoint"):
             yield source, load_checkpoint(path, args, device)
 
 
@@ -281,12 +284,6 @@ def print_table(header: list[str], rows: list[list[str]]) -> None:
         cells = [str(cell).ljust(width) if i == 0 else str(cell).rjust(width)
                  for i, (cell, width) in enumerate(zip(row, widths))]
         print("  ".join(cells).rstrip())
-
-
-def progress(iterable, total: int | None = None, desc: str = ""):
-    """A tqdm bar on a terminal, nothing otherwise."""
-    from tqdm import tqdm
-    return tqdm(iterable, total=total, desc=desc, leave=False, disable=not sys.stderr.isatty())
 
 
 def main_guard(main) -> int:

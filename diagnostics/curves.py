@@ -8,7 +8,6 @@ the number of processes and the per-device batch do define a group: they change 
 the arithmetic. `model` and `skip` count through the model label, so `--model plain20` and `--model resnet20
 --no-skip` are one group.
 """
-import csv
 import json
 import sys
 from dataclasses import dataclass
@@ -21,8 +20,9 @@ from matplotlib.ticker import MaxNLocator
 from analyses.curves import training_curves
 from analyses.flops import total_cost
 from train import checkpoint as ckpt
-from train.errors import ArgumentParser, UserError, positive_int
-from train.trainer import METRICS
+from train import rundir
+from train.errors import ArgumentParser, positive_int
+from train.progress import track
 
 from . import common, plotting
 
@@ -56,49 +56,6 @@ class Run:
     params: int
 
 
-def read_metrics(run_dir: Path) -> dict[str, list]:
-    """metrics.csv as one list per column (DESIGN.md §2); extra columns are ignored."""
-    path = run_dir / "metrics.csv"
-    if not path.is_file():
-        raise UserError(f"{run_dir} has no metrics.csv; the run has not finished an epoch yet")
-    try:
-        with open(path, newline="") as file:
-            lines = list(csv.reader(file))
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise UserError(f"{path} cannot be read as CSV ({exc}); copy the run again") from None
-    header, rows = (lines[0], lines[1:]) if lines else ([], [])
-    missing = [column for column in METRICS if column not in header]
-    if missing:
-        raise UserError(f"{path} is not a metrics.csv of python -m train (no column {', '.join(missing)}); give a "
-                        "run directory it wrote")
-    if not rows:
-        raise UserError(f"{path} has no epochs yet; let the run finish one")
-    history = {column: [] for column in METRICS}
-    positions = {column: header.index(column) for column in METRICS}
-    for line, row in enumerate(rows, start=2):
-        try:
-            if len(row) != len(header):
-                raise ValueError(f"{len(row)} fields instead of {len(header)}")
-            for column, position in positions.items():
-                history[column].append(float(row[position]))
-        except ValueError as exc:
-            raise UserError(f"{path} line {line} is damaged ({exc}); the file is truncated or was edited: copy the "
-                            "run again") from None
-    history["epoch"] = [int(epoch) for epoch in history["epoch"]]
-    return history
-
-
-def read_config(run_dir: Path) -> dict:
-    path = run_dir / "config.json"
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"{path} is not readable JSON ({exc}); copy the run again") from None
-    if not isinstance(config, dict):
-        raise UserError(f"{path} holds no training options; give a run directory python -m train wrote")
-    return config
-
-
 def model_cost(loaded: ckpt.Loaded) -> tuple[int, int]:
     """(forward FLOPs per image as fvcore counts them, parameters) of the run's model on its dataset's images."""
     spec = loaded.spec
@@ -106,8 +63,8 @@ def model_cost(loaded: ckpt.Loaded) -> tuple[int, int]:
 
 
 def read_run(path: Path) -> Run:
-    history, config = read_metrics(path), read_config(path)
-    loaded = ckpt.load(ckpt.run_checkpoints(path)[-1])  # the model spec and dataset of the run
+    history, config = rundir.read_metrics(path), rundir.read_config(path)
+    loaded = ckpt.load(rundir.run_checkpoints(path)[-1])  # the model spec and dataset of the run
     flops, params = model_cost(loaded)
     return Run(path, history, config, loaded.label, flops, params)
 
@@ -207,7 +164,7 @@ def main(argv=None) -> None:
     args = parser().parse_args(argv)
     common.require_run_dirs(args.runs, "curves reads a run's metrics.csv and config.json")
     paths = list(dict.fromkeys(Path(text) for text in args.runs))
-    runs = [read_run(path) for path in paths]
+    runs = [read_run(path) for path in track(paths, len(paths), "curves", unit="run")]
     out = common.output_dir(args, [common.Source(paths[0].name, run_dir=paths[0])])
     ds = training_curves([run.history for run in runs], run_labels(runs), group_labels(runs), early=args.early,
                          params=[run.params for run in runs], flops=[run.flops for run in runs],

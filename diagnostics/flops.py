@@ -17,6 +17,7 @@ import models
 from analyses.common import attrs, combine
 from analyses.flops import DEFINITION, flop_count
 from train.data import get_spec
+from train.progress import track
 
 from . import common, plotting
 
@@ -91,7 +92,7 @@ def main(argv=None) -> None:
     args = common.parser("flops", __doc__, inputs="models").parse_args(argv)
     device, sources, out = common.prepare(args, model_names=True)
     datasets, paths, plain = [], [], {}
-    for source in sources:
+    for source in track(sources, len(sources), "flops", unit="model"):
         model, spec, path, plain[source.label] = counted_model(source, args, device)
         shape = (1, spec.in_channels, spec.image_size, spec.image_size)
         datasets.append(flop_count(model, shape, checkpoint=path, dataset=spec.name))

@@ -13,6 +13,7 @@ from analyses.gradients import BN_MODES, definition, gradient_norms
 from train import checkpoint as ckpt
 from train.data import get_spec
 from train.errors import UserError, positive_int
+from train.progress import track
 
 from . import common, plotting
 
@@ -131,7 +132,7 @@ def main(argv=None) -> None:
 
     def measured():
         yield from common.checkpoints(sources, args, device)
-        for source in inits:
+        for source in track(inits, len(inits), "gradients --init", unit="model"):
             yield source, untrained(source.model_name, source.label, spec, args.seed, device)
 
     results = common.Results()

@@ -72,6 +72,12 @@ def label(name: str, kwargs: dict | None = None) -> str:
     return name
 
 
+def bn_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every BatchNorm layer, in registration (forward) order."""
+    return [(name, module) for name, module in model.named_modules()
+            if isinstance(module, nn.modules.batchnorm._BatchNorm)]
+
+
 def response_layers(model: nn.Module) -> list[str]:
     """The paper's "responses" (Fig. 7): the normalisation layer right after each 3x3 convolution.
 

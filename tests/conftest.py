@@ -7,11 +7,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
+import torch.nn.modules.module as module_globals
 
 from train.__main__ import main as train_main
 
 TINY_RUN = ["--dataset", "synthetic", "--train-images", "256", "--batch-size", "64", "--epochs", "2",
-            "--eval-batch-size", "128", "--lr", "0.05"]
+            "--eval-batch-size", "128", "--lr", "0.05", "--precision", "fp32", "--monitor-every", "2",
+            "--monitor-images", "64"]
 
 
 def write_cifar_batch(path: Path, images: np.ndarray, labels, label_key: bytes = b"labels") -> None:
@@ -71,6 +74,23 @@ def tiny_runs(tmp_path_factory) -> dict[str, Path]:
     """A residual and a plain ResNet-20 trained for 2 epochs of 256 synthetic images (shared, read-only)."""
     root = tmp_path_factory.mktemp("runs")
     return {name: train_tiny(root / name, name) for name in ("resnet20", "plain20")}
+
+
+# Every dict of hooks a module keeps (forward, pre-forward, backward, state-dict ...), read off a bare Module so
+# that a kind torch adds later is checked too; and the global ones every module runs.
+HOOK_DICTS = sorted(name for name, value in vars(nn.Module()).items() if "hook" in name and isinstance(value, dict))
+GLOBAL_HOOK_DICTS = sorted(name for name, value in vars(module_globals).items()
+                           if name.startswith("_global") and "hook" in name and isinstance(value, dict))
+
+
+def assert_no_hooks(model: nn.Module) -> None:
+    """No hook of any kind left on any module of `model`, nor a global one: an analysis cleaned up after itself."""
+    for name, module in model.named_modules():
+        for attribute in HOOK_DICTS:
+            left = getattr(module, attribute, {})
+            assert not left, f"{name or 'model'}.{attribute} still holds {len(left)} hook(s)"
+    for attribute in GLOBAL_HOOK_DICTS:
+        assert not getattr(module_globals, attribute), f"torch.nn.modules.module.{attribute} is not empty"
 
 
 @pytest.fixture(autouse=True)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 import models
 from train import checkpoint as ckpt
+from train import rundir
 from train.errors import UserError
 
 
@@ -32,7 +33,7 @@ def test_run_checkpoints_in_numeric_order(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     for epoch in (10, 2, 1):
         (tmp_path / f"epoch_{epoch:03d}.pt").write_bytes(b"")
-    assert [p.name for p in ckpt.run_checkpoints(tmp_path)] == ["epoch_001.pt", "epoch_002.pt", "epoch_010.pt"]
+    assert [p.name for p in rundir.run_checkpoints(tmp_path)] == ["epoch_001.pt", "epoch_002.pt", "epoch_010.pt"]
 
 
 def test_atomic_write_keeps_the_old_file_when_interrupted(tmp_path):

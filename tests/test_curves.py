@@ -17,7 +17,8 @@ from analyses.curves import CURVES, training_curves
 from diagnostics import common
 from diagnostics import curves as command
 from train.errors import UserError
-from train.trainer import METRICS
+from train import rundir
+from train.rundir import METRICS
 
 from conftest import train_tiny
 
@@ -106,7 +107,7 @@ HEADER = ",".join(METRICS)
 ])
 def test_bad_metrics_are_one_line_errors(tmp_path, metrics, phrase):
     with pytest.raises(UserError, match=phrase.replace("(", r"\(").replace(")", r"\)")):
-        command.read_metrics(write_run(tmp_path / "run", metrics))
+        rundir.read_metrics(write_run(tmp_path / "run", metrics))
 
 
 def test_a_checkpoint_or_a_missing_folder_asks_for_a_run_directory(tmp_path, capsys):

@@ -21,6 +21,7 @@ from diagnostics.spikes import main as spikes_command
 from tests.conftest import train_tiny
 from tests.test_evaluate_analysis import bn_net
 from train import checkpoint as ckpt
+from train import rundir
 from train.data import EvalBatches, TrainBatches, load_split
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -158,7 +159,7 @@ def diagnose_file(path: Path, previous=None) -> tuple[xr.Dataset, dict, float]:
 @pytest.fixture(scope="module")
 def untouched(run) -> list[tuple[xr.Dataset, dict, float]]:
     diagnosed, previous = [], None
-    for path in ckpt.run_checkpoints(run):
+    for path in rundir.run_checkpoints(run):
         diagnosed.append(diagnose_file(path, previous))
         previous = diagnosed[-1][1]
     return diagnosed

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import xarray as xr
 
 import models
-from analyses.common import ChannelMoments, forward_hooks
+from analyses.common import ChannelMoments, forward_hooks, preserved_state
 from conftest import TINY_RUN, train_tiny
 from train import checkpoint as ckpt
 from train import config as cfg
@@ -31,10 +32,11 @@ def read_csv(path: Path) -> list[dict]:
 def test_run_directory_contents(tiny_runs):
     run = tiny_runs["resnet20"]
     names = {p.name for p in run.iterdir()}
-    assert {"config.json", "metrics.csv", "steps.csv", "epoch_001.pt", "epoch_002.pt", "last.pt", "best.pt"} <= names
+    assert {"config.json", "metrics.csv", "steps.csv", "monitor.nc", "epoch_001.pt", "epoch_002.pt", "last.pt",
+            "best.pt"} <= names
     rows = read_csv(run / "metrics.csv")
     assert list(rows[0]) == ["epoch", "step", "train_loss", "train_acc", "val_loss", "val_acc", "lr",
-                             "epoch_seconds", "images_per_second"]
+                             "epoch_seconds", "images_per_second", "bn_warnings"]
     assert [int(r["step"]) for r in rows] == [4, 8]
     steps = read_csv(run / "steps.csv")
     assert [int(r["step"]) for r in steps] == list(range(1, 9))
@@ -42,7 +44,8 @@ def test_run_directory_contents(tiny_runs):
     config = json.loads((run / "config.json").read_text())
     assert config["total_steps"] == 8 and config["precision_used"] == "fp32" and config["per_device_batch"] == 64
     last = torch.load(run / "last.pt", weights_only=True)
-    assert {"optimizer", "scheduler", "scaler", "rng"} <= set(last) and last["history"]["val_acc"][1] == float(
+    assert config["precision_reason"] == "--precision fp32" and config["monitor_every"] == 2
+    assert {"optimizer", "scheduler", "scaler", "rng", "monitor"} <= set(last) and last["history"]["val_acc"][1] == float(
         rows[1]["val_acc"])
 
 
@@ -79,16 +82,17 @@ def test_precise_bn_recomputes_running_statistics(tmp_path):
     state = torch.load(run / "epoch_001.pt", weights_only=True)
     assert state["config"]["precise_bn"] == 128 and state["config"]["bn_momentum"] == 0.01
     # The saved running statistics are the population statistics of each BN layer's input over those 128
-    # images as training augments them (fixed seed), every BN upstream normalising with its batch's statistics.
+    # images as training augments them (data.recalibration_inputs: once, seed 0), every BN upstream normalising
+    # with its batch's statistics.
     loaded = ckpt.load(run / "epoch_001.pt")
     model = loaded.model
     images = data.load_split("synthetic", "train", train_images=128)
-    batches = [x for x, _ in data.TrainBatches(images, loaded.spec, 64, "crop-flip", "cpu", seed=0).epoch(0)]
+    batches = data.recalibration_inputs(images, loaded.spec, "crop-flip", 64, "cpu")
     expected = {name: ChannelMoments() for name in ("stem.bn", "stage2.block3.bn2")}
     hooks = {name: (lambda module, inputs, output, m=m: m.update(inputs[0])) for name, m in expected.items()}
     saved = {name: (module.running_mean.clone(), module.running_var.clone()) for name, module in
              models.bn_layers(model) if name in expected}
-    with models.preserved_state(model), forward_hooks(model, hooks), torch.no_grad():
+    with preserved_state(model), forward_hooks(model, hooks), torch.no_grad():
         for _, module in models.bn_layers(model):
             module.train()
         for x in batches:
@@ -114,7 +118,8 @@ def run_cli(*args, **kwargs) -> subprocess.CompletedProcess:
 
 
 def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path):
-    args = ["--model", "resnet20", *TINY_RUN, "--epochs", "4", "--train-images", "512", "--deterministic"]
+    args = ["--model", "resnet20", *TINY_RUN, "--epochs", "4", "--train-images", "512", "--deterministic",
+            "--monitor-every", "3"]
     reference = run_cli(*args, "--out", str(tmp_path / "reference"))
     assert reference.returncode == 0, reference.stderr
     out = tmp_path / "killed"
@@ -136,6 +141,10 @@ def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path):
     strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
     assert strip(read_csv(out / "metrics.csv")) == strip(read_csv(tmp_path / "reference" / "metrics.csv"))
     assert read_csv(out / "steps.csv") == read_csv(tmp_path / "reference" / "steps.csv")
+    # The BN monitor continues exactly: every measurement of the resumed run is the uninterrupted run's.
+    resumed_monitor, reference_monitor = (xr.load_dataset(folder / "monitor.nc") for folder in (out, tmp_path / "reference"))
+    assert resumed_monitor.sizes["step"] == 8 * 4 // 3
+    xr.testing.assert_identical(resumed_monitor.drop_attrs(), reference_monitor.drop_attrs())
 
 
 def test_two_processes_with_gloo(tmp_path):

@@ -1,16 +1,20 @@
-"""`python -m train ...`: exit 0 done, 2 bad input (one line `error: ...`), 3 diverged, 1 a bug (traceback)."""
+"""`python -m train ...`: exit 0 done, 2 bad input (one line `error: ...`), 3 diverged, 130 / 143 interrupted by
+Ctrl-C / SIGTERM (one line: what was kept, how to continue), 1 a bug (traceback)."""
 import os
 import sys
+from pathlib import Path
 
 import models
 
+from . import checkpoint as ckpt
 from .config import from_args, parser
-from .errors import TrainingDiverged, UserError
+from .errors import TrainingDiverged, UserError, interrupted_exit_code, raise_on_sigterm
 from .trainer import resume, start
 
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    raise_on_sigterm()
     try:
         if args.resume:
             others = [k for k, v in vars(args).items() if v is not None and k != "resume"]
@@ -23,9 +27,24 @@ def main(argv=None) -> int:
         return report(exc, 2)
     except TrainingDiverged as exc:
         return report(exc, 3)
-    except KeyboardInterrupt:
-        return report("interrupted; continue with --resume RUN_DIR", 130)
+    except KeyboardInterrupt as exc:
+        return report(interrupted(args.resume or args.out), interrupted_exit_code(exc))
     return 0
+
+
+def interrupted(run_dir) -> str:
+    """What an interrupted run kept, read off its directory, and the command that continues it."""
+    if run_dir is None or not ckpt.is_run_dir(run_dir):
+        return "interrupted before training started; nothing was written"
+    last = Path(run_dir) / "last.pt"
+    again = f"python -m train --resume {run_dir}"
+    if not last.is_file():
+        return f"interrupted in the first epoch; nothing was kept: start again from step 0 with {again}"
+    try:
+        epoch = ckpt.read(last).get("epoch", "?")
+    except UserError:
+        epoch = "?"
+    return f"interrupted; {last} keeps epoch {epoch}: continue with {again}"
 
 
 def report(message, code: int) -> int:

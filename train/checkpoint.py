@@ -14,7 +14,7 @@ import tempfile
 import warnings
 import zipfile
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -23,12 +23,13 @@ import torch.nn as nn
 
 import models
 
+from . import schema
+from .config import config_from_dict
 from .data import DatasetSpec, get_spec
 from .errors import UserError
 
 FORMAT = "resnet-diagnostics/1"
 FORMAT_VERSION = 1
-EPOCH_FILE = re.compile(r"epoch_(\d+)\.pt$")
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 
@@ -103,6 +104,7 @@ def read(path) -> dict:
                         "file or the folder `python -m train --out` wrote")
     if path.stat().st_size == 0:
         raise UserError(f"{path} is empty; it is not a checkpoint (was the copy interrupted?)")
+    schema.check_archive(path)
     try:
         with warnings.catch_warnings():  # torch warns about the pickle protocol of files it then refuses
             warnings.simplefilter("ignore")
@@ -119,6 +121,7 @@ def read(path) -> dict:
         raise UserError(f"{path} is unreadable as a PyTorch checkpoint ({detail[:120]}); copy it again") from None
     if not isinstance(checkpoint, dict):
         raise UserError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dict or state_dict")
+    schema.check_tensors(checkpoint, path)
     return checkpoint
 
 
@@ -128,9 +131,9 @@ def is_own(checkpoint: dict) -> bool:
 
 def _check_format(checkpoint: dict, path) -> None:
     try:
-        version = int(checkpoint["format"].split("/", 1)[1])
+        version = int(checkpoint["format"].split("/", 1)[1][:20])
     except ValueError:
-        raise UserError(f"{path} has an unknown checkpoint format {checkpoint['format']!r}") from None
+        raise UserError(f"{path} has an unknown checkpoint format {checkpoint['format'][:60]!r}") from None
     if version > FORMAT_VERSION:
         raise UserError(f"{path} was written by a newer resnet-diagnostics (format {version}, this version reads "
                         f"{FORMAT_VERSION}); upgrade with pip install -U resnet-diagnostics")
@@ -165,7 +168,7 @@ def foreign_state_dict(checkpoint: dict, path) -> dict:
         if isinstance(checkpoint.get(key), dict):
             checkpoint = checkpoint[key]
             break
-    tensors = {k: v for k, v in checkpoint.items() if torch.is_tensor(v)}
+    tensors = {k: v for k, v in checkpoint.items() if isinstance(k, str) and torch.is_tensor(v)}
     if not tensors:
         raise UserError(f"{path} holds no tensors under a known key; it is not a model checkpoint")
     mapped = {}
@@ -176,21 +179,43 @@ def foreign_state_dict(checkpoint: dict, path) -> dict:
     return mapped
 
 
-def _load_weights(model: nn.Module, state_dict: dict, name: str, path) -> None:
-    expected = model.state_dict()
+def _check_fit(skeleton: nn.Module, state_dict: dict, name: str, path) -> None:
+    """The file's tensors are exactly the model's (names and shapes), checked on a model built on the meta
+    device (shapes, no memory) before any value of the file is touched."""
+    expected = skeleton.state_dict()
     missing = [k for k in expected if k not in state_dict and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state_dict if k not in expected]
     if missing or unexpected:
         detail = "; ".join(part for part in (
             f"missing {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}" if missing else "",
-            f"unexpected {', '.join(unexpected[:3])}{' ...' if len(unexpected) > 3 else ''}" if unexpected else "",
+            f"unexpected {', '.join(k[:80] for k in unexpected[:3])}{' ...' if len(unexpected) > 3 else ''}"
+            if unexpected else "",
         ) if part)
         raise UserError(f"{path} does not hold the weights of {name} ({detail}); check --model")
     for key, value in state_dict.items():
         if value.shape != expected[key].shape:
             raise UserError(f"{path} does not fit {name}: {key} is {tuple(value.shape)} in the file but "
                             f"{tuple(expected[key].shape)} in the model; check --model")
+        if value.is_floating_point() != expected[key].is_floating_point():
+            raise UserError(f"{path} has {key} of type {value.dtype}, where {name} keeps {expected[key].dtype}; "
+                            "check --model")
+
+
+def build_checked(name: str, kwargs: dict, state_dict: dict, path) -> nn.Module:
+    """The model `name(**kwargs)` holding the file's weights: its arguments checked by the registry, its shape
+    against the file's tensors on the meta device, the values checked finite, and only then built for real."""
+    try:
+        name, kwargs = models.canonical(name, **kwargs)
+        with torch.device("meta"):
+            skeleton = models.build(name, **kwargs)
+    except (models.ModelError, TypeError, ValueError) as exc:
+        raise UserError(f"{path} names a model that cannot be built ({str(exc)[:150]})") from None
+    label = models.label(name, kwargs)
+    _check_fit(skeleton, state_dict, label, path)
+    check_finite(state_dict, path)
+    model = models.build(name, **kwargs)
     model.load_state_dict(state_dict, strict=False)
+    return model
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -222,7 +247,7 @@ def _infer_dataset(state_dict: dict) -> str | None:
 
 def load(path, model_name: str | None = None, dataset: str | None = None, mean=None, std=None,
          device="cpu") -> Loaded:
-    """Rebuild the model of a checkpoint, in eval mode on `device`.
+    """Rebuild the model of a checkpoint, in eval mode on `device`; every field checked first (train.schema).
 
     Our checkpoints carry the model's name and arguments and the dataset's statistics. A foreign file needs
     `model_name`; its number of classes and input channels are read off its weights, and its normalisation is
@@ -231,24 +256,22 @@ def load(path, model_name: str | None = None, dataset: str | None = None, mean=N
     checkpoint = read(path)
     if is_own(checkpoint):
         _check_format(checkpoint, path)
-        try:
-            name, kwargs = checkpoint["model"]["name"], dict(checkpoint["model"]["kwargs"])
-            state_dict = checkpoint["state_dict"]
-            spec_dict = dict(checkpoint["dataset"])
-            spec = DatasetSpec(**{**spec_dict, "mean": tuple(spec_dict["mean"]), "std": tuple(spec_dict["std"]),
-                                  "classes": tuple(spec_dict["classes"])})
-        except (KeyError, TypeError, ValueError) as exc:
-            raise UserError(f"{path} claims format {checkpoint['format']} but lacks {exc}; it is damaged: use "
-                            "another copy or epoch") from None
-        if model_name is not None and models.label(*models.canonical(model_name)) != models.label(name, kwargs):
-            raise UserError(f"{path} is a {models.label(name, kwargs)} checkpoint; drop --model {model_name}")
+        schema.check_own(checkpoint, path)
+        name, kwargs = checkpoint["model"]["name"], dict(checkpoint["model"]["kwargs"])
+        state_dict = checkpoint["state_dict"]
+        spec = DatasetSpec.from_dict(checkpoint["dataset"])
+        label = models.label(name, kwargs)
+        if model_name is not None and models.label(*models.canonical(model_name)) != label:
+            raise UserError(f"{path} is a {label} checkpoint; drop --model {model_name}")
         if dataset is not None and dataset != spec.name:
             raise UserError(f"{path} was trained on {spec.name}; drop --dataset {dataset}")
         if mean is not None or std is not None:
             raise UserError(f"{path} stores the normalisation it was trained with; drop --mean/--std (they are for "
                             "foreign checkpoints)")
-        extra = {"epoch": checkpoint.get("epoch"), "config": checkpoint.get("config"),
-                 "history": checkpoint.get("history")}
+        config = checkpoint.get("config")
+        if config is not None:
+            config = asdict(config_from_dict(config, path))
+        extra = {"epoch": checkpoint.get("epoch"), "config": config, "history": checkpoint.get("history")}
     else:
         if model_name is None:
             raise UserError(f"{path} is not a resnet-diagnostics checkpoint; say which model its weights are for "
@@ -259,40 +282,17 @@ def load(path, model_name: str | None = None, dataset: str | None = None, mean=N
             raise UserError(f"cannot tell which dataset {path} was trained on; give --dataset NAME")
         spec = get_spec(dataset)
         name, kwargs = models.canonical(model_name)
-        first_conv = next(v for v in state_dict.values() if v.ndim == 4)
+        first_conv = next((v for v in state_dict.values() if v.ndim == 4), None)
+        if first_conv is None:
+            raise UserError(f"{path} holds no convolution weight; it is not the checkpoint of a CNN")
         fc = state_dict.get("fc.weight")
         kwargs = {**kwargs, "in_channels": first_conv.shape[1],
-                  "num_classes": fc.shape[0] if fc is not None else spec.num_classes}
+                  "num_classes": fc.shape[0] if fc is not None and fc.ndim == 2 else spec.num_classes}
         extra = {}
-    check_finite(state_dict, path)
-    model = models.build(name, **kwargs)
-    _load_weights(model, state_dict, models.label(name, kwargs), path)
+    model = build_checked(name, kwargs, state_dict, path)
     if mean is not None or std is not None:
         if mean is None or std is None or len(mean) != spec.in_channels or len(std) != spec.in_channels:
             raise UserError(f"--mean and --std need {spec.in_channels} value(s) each, for the dataset's channels")
         spec = replace(spec, mean=tuple(mean), std=tuple(std))
     model.to(device).eval()
     return Loaded(model, name, kwargs, models.label(name, kwargs), spec, str(path), **extra)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Run directories
-
-
-def is_run_dir(path) -> bool:
-    return Path(path).is_dir() and (Path(path) / "config.json").is_file()
-
-
-def epoch_files(run_dir) -> list[Path]:
-    """The run's epoch checkpoints in numeric order."""
-    found = [(int(m.group(1)), p) for p in Path(run_dir).iterdir() if (m := EPOCH_FILE.match(p.name))]
-    return [path for _, path in sorted(found)]
-
-
-def run_checkpoints(run_dir) -> list[Path]:
-    """What tools read from a run: its epoch files in order, or `last.pt` where there are none."""
-    files = epoch_files(run_dir) or [p for p in [Path(run_dir) / "last.pt"] if p.is_file()]
-    if not files:
-        raise UserError(f"{run_dir} holds no checkpoints yet (no epoch_NNN.pt or last.pt); let the run finish "
-                        "an epoch, or point at another run")
-    return files

@@ -4,12 +4,15 @@ Precedence: the dataclass defaults, then the preset, then what the command line 
 """
 import argparse
 import math
+import types
+import typing
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 import models
 
 from .data import AUGMENTATIONS, SPECS, default_data_dir
-from .errors import ArgumentParser, UserError, positive_int
+from .errors import MAX_INT, ArgumentParser, UserError, finite_float, non_negative_int, positive_int
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SCHEDULES = ("constant", "cosine", "multistep")
@@ -62,10 +65,13 @@ class Config:
     eval_batch_size: int = 512
     workers: int = 2
     sync_bn: bool = False
+    monitor_every: int = 50  # steps between BN monitor measurements (analyses.monitor); 0 = off
+    monitor_images: int = 128  # the monitor's probe: the first N training images, augmented once
     # Resolved when the run starts, so that every checkpoint says what the run actually did:
     world_size: int = 1
     per_device_batch: int = 128
     precision_used: str = ""
+    precision_reason: str = ""
     device_used: str = ""
     steps_per_epoch: int = 0
     total_steps: int = 0
@@ -119,13 +125,13 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--no-bn", dest="bn", action="store_false", default=None, help="BatchNorm -> Identity")
     g.add_argument("--zero-init-residual", action="store_true", default=None)
     g.add_argument("--head", choices=("linear", "fc4096"), help="VGG's classifier")
-    g.add_argument("--dropout", type=float, help="dropout of VGG's FC-4096 head")
+    g.add_argument("--dropout", type=finite_float, help="dropout of VGG's FC-4096 head")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", help=f"one of: {', '.join(SPECS)}")
     g.add_argument("--data-dir", help="where datasets live (default ./data or $RESNET_DIAG_DATA)")
     g.add_argument("--augment", choices=AUGMENTATIONS)
     g.add_argument("--train-images", type=positive_int, help="use the first N training images")
-    g.add_argument("--val-split", type=int, help="hold out the last N training images for validation "
+    g.add_argument("--val-split", type=non_negative_int, help="hold out the last N training images for validation "
                    "(default: validate on the test split, as the paper's curves)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--preset", choices=tuple(PRESETS))
@@ -133,27 +139,33 @@ def parser() -> argparse.ArgumentParser:
     length.add_argument("--epochs", type=positive_int)
     length.add_argument("--iterations", type=positive_int)
     g.add_argument("--batch-size", type=positive_int)
-    g.add_argument("--lr", type=float)
-    g.add_argument("--momentum", type=float)
-    g.add_argument("--weight-decay", type=float)
+    g.add_argument("--lr", type=finite_float)
+    g.add_argument("--momentum", type=finite_float)
+    g.add_argument("--weight-decay", type=finite_float)
     g.add_argument("--schedule", choices=SCHEDULES)
-    g.add_argument("--milestones", type=int, nargs="+", help="iterations at which multistep divides lr by 10")
-    g.add_argument("--warmup", type=int, help="iterations of linear warm-up")
-    g.add_argument("--label-smoothing", type=float)
-    g.add_argument("--bn-momentum", type=float)
-    g.add_argument("--precise-bn", type=int, metavar="N", help="recompute BN statistics over N training images "
+    g.add_argument("--milestones", type=positive_int, nargs="+", help="iterations at which multistep divides lr by 10")
+    g.add_argument("--warmup", type=non_negative_int, help="iterations of linear warm-up")
+    g.add_argument("--label-smoothing", type=finite_float)
+    g.add_argument("--bn-momentum", type=finite_float)
+    g.add_argument("--precise-bn", type=non_negative_int, metavar="N", help="recompute BN statistics over N training images "
                    "before each validation (0 = off)")
-    g.add_argument("--seed", type=int)
+    g.add_argument("--seed", type=non_negative_int)
     g = p.add_argument_group("execution")
-    g.add_argument("--precision", choices=PRECISIONS, help="auto: bf16 autocast on GPU, fp32 on CPU")
+    g.add_argument("--precision", choices=PRECISIONS, help="auto (default): bf16 autocast where the GPU or CPU has "
+                   "native bf16 (avx512_bf16 or AMX), fp32 otherwise")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"))
     g.add_argument("--no-channels-last", dest="channels_last", action="store_false", default=None)
     g.add_argument("--compile", action="store_true", default=None)
     g.add_argument("--deterministic", action="store_true", default=None)
     g.add_argument("--sync-bn", action="store_true", default=None, help="synchronise BN across GPUs")
     g.add_argument("--eval-batch-size", type=positive_int)
-    g.add_argument("--workers", type=int, help="DataLoader workers for AutoAugment")
+    g.add_argument("--workers", type=non_negative_int, help="DataLoader workers for AutoAugment")
     g.add_argument("--keep", help="epoch checkpoints to keep: all, last, or N (every N-th)")
+    g = p.add_argument_group("BN monitor (monitor.nc in the run directory)")
+    g.add_argument("--monitor-every", type=non_negative_int, metavar="N", help="measure the BN statistics on a fixed probe every "
+                   "N steps (default 50; 0 = off)")
+    g.add_argument("--monitor-images", type=positive_int, metavar="N", help="the probe: the first N training "
+                   "images, augmented once (default 128)")
     g.add_argument("--out", metavar="RUN_DIR", help="the run directory to create")
     return p
 
@@ -173,30 +185,92 @@ def from_args(args: argparse.Namespace) -> Config:
         values["milestones"] = []  # the preset's are for its own length: derive them for the new one
     config = Config(**values)
     validate(config)
+    # Absolute, so that the run resumes from any working directory and its checkpoints say where it lived.
+    config.data_dir, config.out = (str(Path(path).expanduser().absolute()) for path in (config.data_dir, config.out))
     return config
 
 
 def validate(config: Config) -> None:
+    """Every option in range, before any work: from the command line, a config.json or a checkpoint alike."""
     models.canonical(config.model, **config.model_kwargs(1, 1))  # name and arguments, before any work
     if config.dataset not in SPECS:
         raise UserError(f"unknown dataset {config.dataset!r}; choose one of: {', '.join(SPECS)}")
+    if not config.out.strip():
+        raise UserError("--out is empty; give the folder to create, e.g. --out runs/resnet56")
     positive = {"--batch-size": config.batch_size, "--eval-batch-size": config.eval_batch_size,
                 "--epochs": config.epochs if config.iterations is None else 1,
-                "--iterations": config.iterations if config.epochs is None else 1}
+                "--iterations": config.iterations if config.epochs is None else 1,
+                "--monitor-images": config.monitor_images}
     for option, value in positive.items():
-        if value is None or value < 1:
-            raise UserError(f"{option} must be a positive integer, not {value}")
-    non_negative = {"--lr": config.lr, "--momentum": config.momentum, "--weight-decay": config.weight_decay,
-                    "--warmup": config.warmup, "--precise-bn": config.precise_bn, "--val-split": config.val_split,
-                    "--workers": config.workers}
-    for option, value in non_negative.items():
-        if value < 0:
-            raise UserError(f"{option} must not be negative, not {value}")
+        if value is None or not 1 <= value <= MAX_INT:
+            raise UserError(f"{option} must be a positive integer up to {MAX_INT}, not {value}")
+    for option, value in {"--lr": config.lr, "--momentum": config.momentum,
+                          "--weight-decay": config.weight_decay}.items():
+        if not (math.isfinite(value) and value >= 0):
+            raise UserError(f"{option} must be a finite number, not negative, not {value}")
+    counts = {"--warmup": config.warmup, "--precise-bn": config.precise_bn, "--val-split": config.val_split,
+              "--workers": config.workers, "--seed": config.seed, "--monitor-every": config.monitor_every}
+    for option, value in counts.items():
+        if not 0 <= value <= MAX_INT:
+            raise UserError(f"{option} must be an integer from 0 to {MAX_INT}, not {value}")
+    if config.lr == 0:
+        raise UserError("--lr 0 would not train; give a positive learning rate such as 0.1")
     if not 0 <= config.label_smoothing < 1:
         raise UserError(f"--label-smoothing must be in [0, 1), not {config.label_smoothing}")
     if not 0 < config.bn_momentum <= 1:
         raise UserError(f"--bn-momentum must be in (0, 1], not {config.bn_momentum}")
-    if config.keep not in ("all", "last") and not (config.keep.isdigit() and int(config.keep) > 0):
+    if config.dropout is not None and not 0 <= config.dropout < 1:
+        raise UserError(f"--dropout must be in [0, 1), not {config.dropout}")
+    if config.keep not in ("all", "last") and not (config.keep.isascii() and config.keep.isdigit()
+                                                   and 0 < int(config.keep) <= MAX_INT):
         raise UserError(f"--keep must be all, last or a positive integer, not {config.keep!r}")
-    if config.train_images is not None and config.train_images < 1:
+    if config.train_images is not None and not 1 <= config.train_images <= MAX_INT:
         raise UserError(f"--train-images must be a positive integer, not {config.train_images}")
+    if any(not 1 <= milestone <= MAX_INT for milestone in config.milestones):
+        raise UserError(f"--milestones must be positive iteration counts, not {config.milestones}")
+
+
+def config_from_dict(values, path) -> Config:
+    """A `Config` from a config.json or a checkpoint's `config`, every field of the type the dataclass says
+    and in range (`validate`); unknown keys (from a newer version) are ignored, missing ones take defaults."""
+    if not isinstance(values, dict):
+        raise UserError(f"{path} holds no training options (its config is a {type(values).__name__}); it is "
+                        "damaged: restore it from a copy")
+    hints = typing.get_type_hints(Config)
+    known = {}
+    for f in fields(Config):
+        if f.name not in values:
+            continue
+        value = values[f.name]
+        if not _has_type(value, hints[f.name]):
+            raise UserError(f"{path} has {f.name} = {str(value)[:40]!r}, which is not a {_type_name(hints[f.name])}; "
+                            "it is damaged: restore it from a copy")
+        known[f.name] = list(value) if isinstance(value, list) else value
+    for required in ("model", "dataset", "out"):
+        if required not in known:
+            raise UserError(f"{path} lacks the option {required!r}; it is damaged: restore it from a copy")
+    config = Config(**known)
+    try:
+        validate(config)
+    except (UserError, models.ModelError) as exc:
+        raise UserError(f"{path} holds an option out of range ({exc}); it is damaged: restore it from a copy") from None
+    return config
+
+
+def _has_type(value, hint) -> bool:
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return any(_has_type(value, option) for option in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if typing.get_origin(hint) is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and len(value) <= 10_000 and all(_has_type(v, item) for v in value)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _type_name(hint) -> str:
+    return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")

@@ -54,6 +54,12 @@ class DatasetSpec:
     def to_dict(self) -> dict:
         return {**asdict(self), "mean": list(self.mean), "std": list(self.std), "classes": list(self.classes)}
 
+    @classmethod
+    def from_dict(cls, values: dict) -> "DatasetSpec":
+        """From `to_dict`'s form (a checkpoint's `dataset`, checked by train.schema.check_dataset)."""
+        return cls(values["name"], values["num_classes"], values["in_channels"], values["image_size"],
+                   tuple(values["mean"]), tuple(values["std"]), tuple(values["classes"]))
+
 
 SPECS = {
     "cifar10": DatasetSpec("cifar10", 10, 3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
@@ -381,6 +387,41 @@ class TrainBatches:
             pin_memory=self.device.type == "cuda", persistent_workers=False)
         for images in loader:
             yield images.to(self.device, non_blocking=True)
+
+
+def augmented_once(data: Images, spec: DatasetSpec, augmentation: str, device, seed: int = 0,
+                   channels_last: bool = False) -> torch.Tensor:
+    """The images, normalised and augmented once as training augments them, from a generator of their own
+    (`seed`): the same images every time, whose statistics are those the BN running statistics describe. The
+    global random state is left as it was (AutoAugment's policy draws from it, inside `fork_rng`)."""
+    if augmentation not in AUGMENTATIONS:
+        raise UserError(f"unknown augmentation {augmentation!r}; choose one of: {', '.join(AUGMENTATIONS)}")
+    images = data.images
+    if augmentation == "autoaugment":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            policy = _AutoAugmented(images)
+            images = torch.stack([policy[i] for i in range(len(images))])
+    images = images.to(device)
+    generator = torch.Generator(images.device).manual_seed(seed)
+    return augment(images, spec, "crop-flip" if augmentation == "autoaugment" else augmentation, generator,
+                   channels_last)
+
+
+def even_batches(x: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """`x` in ceil(N / batch_size) consecutive batches whose sizes differ by at most one: every image is used
+    and no batch is much smaller than the others (BN in train mode normalises by each batch's statistics)."""
+    if len(x) == 0:
+        return []
+    count = -(-len(x) // max(1, batch_size))
+    return list(torch.tensor_split(x, count))
+
+
+def recalibration_inputs(data: Images, spec: DatasetSpec, augmentation: str, batch_size: int, device,
+                         channels_last: bool = False) -> list[torch.Tensor]:
+    """What BN recalibration (PreciseBN) reads, for the trainer's `--precise-bn` and the diagnostics alike:
+    `data` augmented once as the run trains (seed 0), in even batches of at most the per-device training batch."""
+    return even_batches(augmented_once(data, spec, augmentation, device, 0, channels_last), batch_size)
 
 
 class EvalBatches:

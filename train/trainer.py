@@ -1,34 +1,33 @@
 """The training loop: data on the device, autocast, SGD, a schedule in iterations, a run directory.
 
-Reads top to bottom: setup (processes, device, data, model, optimiser), then one epoch at a time: train,
-optionally recompute BN statistics, validate, write metrics and checkpoints.
+Reads top to bottom: setup (processes, device, precision), the run (data, model, optimiser, the BN monitor,
+what a resumed run restores), then one epoch at a time: train, optionally recompute BN statistics, validate,
+write metrics and checkpoints. `start` and `resume` are the two ways in.
 """
-import csv
-import fcntl
-import json
 import math
 import os
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 
 import models
+from analyses.bn import recalibrate_bn
+from analyses.evaluate import predict
+from analyses.monitor import BNMonitor
 
 from . import checkpoint as ckpt
-from .config import Config, lr_factor, validate
-from .data import EvalBatches, TrainBatches, get_spec, load_split
+from . import rundir, schema
+from .config import Config, config_from_dict, lr_factor, validate
+from .data import EvalBatches, TrainBatches, augmented_once, get_spec, load_split, recalibration_inputs
 from .errors import TrainingDiverged, UserError
+from .progress import Progress
 
-METRICS = ["epoch", "step", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds",
-           "images_per_second"]
-STEPS = ["step", "epoch", "train_loss", "lr"]
+AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -63,61 +62,55 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def native_bf16(device: torch.device) -> tuple[bool, str]:
+    """Whether `device` computes in bf16 natively, and why one thinks so."""
+    if device.type == "cuda":
+        native = torch.cuda.is_bf16_supported(including_emulation=False)
+        return native, f"{torch.cuda.get_device_name(device)} {'has' if native else 'lacks'} native bf16"
+    native = cpu_has_native_bf16()
+    return native, f"this CPU {'has avx512_bf16 or AMX' if native else 'lacks avx512_bf16 and AMX'}"
+
+
 def resolve_precision(config: Config, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for fp32. auto: bf16 (fp16 on GPUs without bf16) on a GPU, fp32 on a CPU."""
-    precision = config.precision
-    if precision == "auto":  # bf16 where the GPU has it natively (Ampere on), fp16 with loss scaling before
-        native_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
-        precision = "fp32" if device.type == "cpu" else "bf16" if native_bf16 else "fp16"
-    if precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+    """The autocast dtype (None: fp32). `auto` is bf16 where the device has it natively, fp32 otherwise; the
+    choice and its reason go into the config. A resumed run keeps the precision it started with."""
+    if not config.precision_used:
+        precision, reason = config.precision, "--precision " + config.precision
+        if precision == "auto":
+            native, why = native_bf16(device)
+            precision, reason = ("bf16" if native else "fp32"), f"auto: {why}"
+        config.precision_used, config.precision_reason = precision, reason
+    if config.precision_used == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
         print("warning: this CPU has no native bf16 (avx512_bf16/AMX); bf16 autocast will be slower than fp32",
               file=sys.stderr)
-    config.precision_used = precision
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return AUTOCAST[config.precision_used]
 
 
-def lock_run_dir(run_dir: Path):
-    """An OS lock on the run directory: a second trainer refuses; a killed one releases it."""
-    handle = open(run_dir / ".lock", "a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        raise UserError(f"another trainer (pid {handle.read().strip() or '?'}) is using {run_dir}; wait for it "
-                        "or stop it") from None
-    handle.truncate(0)
-    handle.write(str(os.getpid()))
-    handle.flush()
-    return handle
+def autocast_context(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Train and evaluate
 
 
-def evaluate(model: nn.Module, batches, autocast) -> tuple[float, float]:
-    """Cross-entropy (no label smoothing) and accuracy, BN in eval mode, summed in float64 on the device."""
+def evaluate(model: nn.Module, batches, dtype: torch.dtype | None) -> tuple[float, float]:
+    """Cross-entropy (no label smoothing) and accuracy, BN in eval mode: `analyses.evaluate.predict`, the pass
+    the diagnostics' running-statistics column makes."""
     model.eval()
-    device = next(model.parameters()).device
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    correct = torch.zeros((), dtype=torch.int64, device=device)
     with torch.inference_mode():
-        for x, y in batches:
-            with autocast:
-                logits = model(x)
-            loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()
-            correct += (logits.argmax(1) == y).sum()
-    n = batches.n_images
-    return loss_sum.item() / n, correct.item() / n
+        losses, predictions, labels, _ = predict(model, batches, dtype)
+    return losses.mean().item(), (predictions == labels).double().mean().item()
 
 
 def train_epoch(step_model, optimizer, scheduler, scaler, criterion, batches, epoch, step, config, autocast,
-                progress):
-    """One epoch (or up to `total_steps`). Losses stay on the device until the epoch ends: no sync per step."""
+                progress, monitor: BNMonitor | None = None):
+    """One epoch (or up to `total_steps`). Losses stay on the device until the epoch ends: no sync per step
+    (the monitor syncs once per measurement). Returns (step, losses, lrs, train accuracy, BN warnings)."""
     step_model.train()
     device = batches.device
     losses = torch.full((len(batches),), float("nan"), device=device)
-    lrs, correct, seen = [], torch.zeros((), dtype=torch.int64, device=device), 0
+    lrs, correct, seen, warnings = [], torch.zeros((), dtype=torch.int64, device=device), 0, 0
     for i, (x, y) in enumerate(batches.epoch(epoch)):
         if step >= config.total_steps:
             break
@@ -134,6 +127,8 @@ def train_epoch(step_model, optimizer, scheduler, scaler, criterion, batches, ep
         correct += (logits.argmax(1) == y).sum()
         seen += len(y)
         step += 1
+        if monitor is not None and monitor.step(step, epoch=epoch, loss=losses[i], lr=lrs[-1]) is not None:
+            warnings += 1
         progress.update(1)
     losses = losses[:len(lrs)]
     if dist.is_initialized():
@@ -141,56 +136,31 @@ def train_epoch(step_model, optimizer, scheduler, scaler, criterion, batches, ep
         losses /= dist.get_world_size()
         dist.all_reduce(correct)
         seen *= dist.get_world_size()
-    return step, losses.tolist(), lrs, correct.item() / max(1, seen)
-
-
-class Progress:
-    """tqdm on a terminal; nothing otherwise (the per-epoch summary line is printed either way)."""
-
-    def __init__(self, enabled: bool, total: int, initial: int):
-        self.bar = None
-        if enabled and sys.stderr.isatty():
-            from tqdm import tqdm
-            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, leave=False)
-
-    def update(self, n: int) -> None:
-        if self.bar is not None:
-            self.bar.update(n)
-
-    def write(self, line: str) -> None:
-        (self.bar.write if self.bar is not None else print)(line, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+    return step, losses.tolist(), lrs, correct.item() / max(1, seen), warnings
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Files
 
 
-def write_csv(path: Path, columns: list[str], rows: list[list]) -> None:
-    with ckpt.atomic_path(path) as temporary:
-        with open(temporary, "w", newline="") as file:
-            writer = csv.writer(file)
-            writer.writerow(columns)
-            writer.writerows(rows)
-
-
 def save_epoch_files(run_dir: Path, state: dict, full: dict, config: Config, epoch: int, is_best: bool,
-                     metrics: dict, steps: list) -> None:
-    """epoch_NNN.pt by `--keep`, best.pt when validation accuracy improved, metrics.csv and steps.csv, and
-    last.pt (resumable) last: a run killed before last.pt is written redoes the whole epoch on resume."""
+                     metrics: dict, steps: list, monitor: BNMonitor | None) -> None:
+    """epoch_NNN.pt by `--keep`, best.pt when validation accuracy improved, metrics.csv, steps.csv and
+    monitor.nc, and last.pt (resumable) last: a run killed before last.pt is written redoes the whole epoch on
+    resume, and rewrites the others the same."""
     final = epoch == config.total_epochs
     if config.keep in ("all", "last") or final or epoch % int(config.keep) == 0:
         ckpt.save(state, run_dir / f"epoch_{epoch:03d}.pt")
     if config.keep == "last":
-        for old in ckpt.epoch_files(run_dir)[:-1]:
+        for old in rundir.epoch_files(run_dir)[:-1]:
             old.unlink()
     if is_best:
         ckpt.save(state, run_dir / "best.pt")
-    write_csv(run_dir / "metrics.csv", METRICS, list(zip(*metrics.values())))
-    write_csv(run_dir / "steps.csv", STEPS, steps)
+    rundir.write_csv(run_dir / "metrics.csv", rundir.METRICS, list(zip(*(metrics[c] for c in rundir.METRICS))))
+    rundir.write_csv(run_dir / "steps.csv", rundir.STEPS, steps)
+    if monitor is not None:
+        rundir.write_dataset(run_dir / "monitor.nc", monitor.dataset(checkpoint=str(run_dir / "last.pt"),
+                                                                    dataset=config.dataset))
     ckpt.save({**state, **full}, run_dir / "last.pt")
 
 
@@ -218,11 +188,9 @@ def run(config: Config, resume: dict | None = None, lock=None) -> Path:
     config.resolve_length(len(batches))
     val_batches = EvalBatches(val_data, spec, config.eval_batch_size, device, config.channels_last)
     recal_inputs = None
-    if config.precise_bn:  # the same augmented images every time: statistics of what training normalised
-        recal_images = train_data[:config.precise_bn]
-        recal_inputs = [x for x, _ in TrainBatches(recal_images, spec, min(config.per_device_batch, len(recal_images)),
-                                                   config.augment, device, seed=0, channels_last=config.channels_last,
-                                                   workers=config.workers).epoch(0)]
+    if config.precise_bn:
+        recal_inputs = recalibration_inputs(train_data[:config.precise_bn], spec, config.augment,
+                                            config.per_device_batch, device, config.channels_last)
 
     torch.manual_seed(config.seed)
     model_kwargs = config.model_kwargs(spec.num_classes, spec.in_channels)
@@ -245,43 +213,47 @@ def run(config: Config, resume: dict | None = None, lock=None) -> Path:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(config, step))
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+    autocast = autocast_context(device, amp_dtype)
+    monitor = None
+    if config.monitor_every and models.bn_layers(model):  # every process: SyncBatchNorm gathers across them
+        probe = train_data[:config.monitor_images]
+        monitor = BNMonitor(model, augmented_once(probe, spec, config.augment, device), probe.labels,
+                            every=config.monitor_every, autocast=amp_dtype,
+                            probe=f"the first {len(probe)} training images, augmented once ({config.augment}, "
+                                  "seed 0)",
+                            on_warning=(lambda warning: progress.write(warning.message())) if is_main else None)
 
     run_dir = Path(config.out)
-    history = {column: [] for column in METRICS}
+    history = {column: [] for column in rundir.METRICS}
     step_rows, start_epoch, step = [], 1, 0
     if resume is not None:
-        model.load_state_dict(resume["state_dict"])
-        optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
-        scaler.load_state_dict(resume["scaler"])
-        torch.set_rng_state(resume["rng"]["torch"])
-        if device.type == "cuda" and resume["rng"].get("cuda"):
-            torch.cuda.set_rng_state_all(resume["rng"]["cuda"])
-        history = {column: list(values) for column, values in resume["history"].items()}
+        restore(resume, model, optimizer, scheduler, scaler, monitor, device)
+        history = {column: list(resume["history"].get(column, [0] * resume["epoch"])) for column in rundir.METRICS}
         step_rows = [list(row) for row in resume["step_history"]]
         start_epoch, step = resume["epoch"] + 1, resume["step"]
+    progress = Progress(config.total_steps, "train", unit="step", initial=step, enabled=is_main)
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        lock = lock or lock_run_dir(run_dir)
-        with ckpt.atomic_path(run_dir / "config.json") as temporary:
-            temporary.write_text(json.dumps(asdict(config), indent=2) + "\n")
+        lock = lock or rundir.lock(run_dir)
+        rundir.remove_stale_temporaries(run_dir)
+        rundir.write_config(run_dir, asdict(config))
     best_acc = max(history["val_acc"], default=-1.0)
     model_spec = {"name": name, "kwargs": model_kwargs}
     provenance = ckpt.provenance()
-    progress = Progress(is_main, config.total_steps, step)
     if is_main and resume is None:
         progress.write(f"training {models.label(name, model_kwargs)} on {config.dataset} "
                        f"({len(train_data):,} images, {config.steps_per_epoch} steps/epoch, {config.total_epochs} "
-                       f"epochs) on {device.type} in {config.precision_used} -> {run_dir}")
+                       f"epochs) on {device.type} in {config.precision_used} ({config.precision_reason}) "
+                       f"-> {run_dir}")
     try:
         for epoch in range(start_epoch, config.total_epochs + 1):
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             started = time.perf_counter()
             first_step = step
-            step, losses, lrs, train_acc = train_epoch(step_model, optimizer, scheduler, scaler, criterion, batches,
-                                                       epoch, step, config, autocast, progress)
+            step, losses, lrs, train_acc, warnings = train_epoch(step_model, optimizer, scheduler, scaler, criterion,
+                                                                 batches, epoch, step, config, autocast, progress,
+                                                                 monitor)
             bad = next((i for i, loss in enumerate(losses) if not math.isfinite(loss)), None)
             if bad is not None:
                 kept = f"{run_dir / 'last.pt'} (epoch {epoch - 1})" if epoch > 1 else "none (first epoch)"
@@ -293,14 +265,16 @@ def run(config: Config, resume: dict | None = None, lock=None) -> Path:
             step_rows += [[first_step + i + 1, epoch, loss, lr] for i, (loss, lr) in enumerate(zip(losses, lrs))]
             check_weights(model, epoch, run_dir)  # on every process: the weights are the same everywhere
             if recal_inputs is not None:  # on every process too: SyncBatchNorm gathers across them
-                with autocast:
-                    models.recalibrate_bn(model, iter(recal_inputs), len(recal_inputs))
+                recalibrate_bn(model, recal_inputs, amp_dtype)
             if is_main:
-                val_loss, val_acc = evaluate(model, val_batches, autocast)
-                row = [epoch, step, sum(losses) / len(losses), train_acc, val_loss, val_acc, lrs[-1],
-                       time.perf_counter() - started, (step - first_step) * config.batch_size / train_seconds]
-                for column, value in zip(METRICS, row):
-                    history[column].append(value)
+                val_loss, val_acc = evaluate(model, val_batches, amp_dtype)
+                row = {"epoch": epoch, "step": step, "train_loss": sum(losses) / len(losses), "train_acc": train_acc,
+                       "val_loss": val_loss, "val_acc": val_acc, "lr": lrs[-1],
+                       "epoch_seconds": time.perf_counter() - started,
+                       "images_per_second": (step - first_step) * config.batch_size / train_seconds,
+                       "bn_warnings": warnings}
+                for column in rundir.METRICS:
+                    history[column].append(row[column])
                 state = {
                     "format": ckpt.FORMAT, "model": model_spec, "state_dict": model.state_dict(),
                     "dataset": spec.to_dict(), "config": asdict(config), "epoch": epoch, "step": step,
@@ -310,12 +284,15 @@ def run(config: Config, resume: dict | None = None, lock=None) -> Path:
                         "scaler": scaler.state_dict(), "step_history": step_rows,
                         "rng": {"torch": torch.get_rng_state(),
                                 "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []}}
+                if monitor is not None:
+                    full["monitor"] = monitor.state_dict()
                 save_epoch_files(run_dir, state, full, config, epoch, is_best=val_acc > best_acc, metrics=history,
-                                 steps=step_rows)
+                                 steps=step_rows, monitor=monitor)
                 best_acc = max(best_acc, val_acc)
-                progress.write(f"epoch {epoch}/{config.total_epochs}  step {step}  train_loss {row[2]:.4f}  "
+                progress.write(f"epoch {epoch}/{config.total_epochs}  step {step}  train_loss {row['train_loss']:.4f}  "
                                f"train_acc {train_acc:.2%}  val_loss {val_loss:.4f}  val_acc {val_acc:.2%}  "
-                               f"lr {lrs[-1]:.4g}  {row[7]:.1f}s  {row[8]:,.0f} img/s")
+                               f"lr {lrs[-1]:.4g}  {row['epoch_seconds']:.1f}s  {row['images_per_second']:,.0f} img/s"
+                               + (f"  BN warnings {warnings}" if warnings else ""))
             if world_size > 1:
                 dist.barrier()
     finally:
@@ -327,6 +304,27 @@ def run(config: Config, resume: dict | None = None, lock=None) -> Path:
     return run_dir
 
 
+def restore(state: dict, model, optimizer, scheduler, scaler, monitor, device) -> None:
+    """Put a run's last.pt back into the objects of the run, each part checked against the object it goes into
+    first (`schema.check_resumable` checked its form); what torch itself still refuses is one line too."""
+    path = Path(state["config"].get("out", "")) / "last.pt"
+    schema.check_against(state, optimizer, scheduler, scaler, path)
+    ckpt.check_finite(state["state_dict"], path)
+    try:
+        model.load_state_dict(state["state_dict"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if device.type == "cuda" and state["rng"].get("cuda"):
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        if monitor is not None and state.get("monitor") is not None:
+            monitor.load_state_dict(state["monitor"])
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
+        detail = str(exc).splitlines()[0][:150] if str(exc) else type(exc).__name__
+        raise UserError(f"{path} cannot be resumed ({detail}); it is damaged: restore it from a copy") from None
+
+
 def check_weights(model: nn.Module, epoch: int, run_dir: Path) -> None:
     for key, value in model.state_dict().items():
         if value.is_floating_point() and not torch.isfinite(value).all():
@@ -334,32 +332,47 @@ def check_weights(model: nn.Module, epoch: int, run_dir: Path) -> None:
                                    f"{run_dir / 'last.pt'} (epoch {epoch - 1}); lower --lr or add --warmup")
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# The ways in
+
+
 def start(config: Config) -> Path:
-    """A new run: refuse an --out that already holds something, then train."""
+    """A new run into an empty or new --out, or into a run directory that never finished its first epoch
+    (nothing in it to keep: it is simply started again)."""
     validate(config)
     out = Path(config.out)
+    lock = None
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        hint = f"use --resume {out} to continue it" if ckpt.is_run_dir(out) else "choose an empty or new folder"
-        raise UserError(f"--out {out} already exists and is not empty; {hint}")
+        if not rundir.is_run_dir(out):
+            raise UserError(f"--out {out} already exists and is not empty; choose an empty or new folder")
+        lock = rundir.lock(out)  # is another trainer in its first epoch there?
+        if rundir.has_checkpoints(out):
+            lock.close()
+            raise UserError(f"--out {out} already holds a run; use --resume {out} to continue it, or choose a new "
+                            "folder")
     ckpt.check_writable(out)
-    return run(config)
+    return run(config, lock=lock)
 
 
 def resume(run_dir) -> Path:
-    """Continue the run in `run_dir` from its last.pt, exactly as if it had not stopped."""
+    """Continue the run in `run_dir` from its last.pt, exactly as if it had not stopped; a run that stopped
+    before its first last.pt is started again from step 0 with the options of its config.json."""
     run_dir = Path(run_dir)
-    if not ckpt.is_run_dir(run_dir):
+    if not rundir.is_run_dir(run_dir):
         raise UserError(f"{run_dir} is not a run directory (no config.json); give the folder `--out` named")
-    lock = lock_run_dir(run_dir) if int(os.environ.get("RANK", 0)) == 0 else None  # before reading last.pt
+    lock = rundir.lock(run_dir) if int(os.environ.get("RANK", 0)) == 0 else None  # before reading last.pt
     try:
         last = run_dir / "last.pt"
         if not last.is_file():
-            raise UserError(f"{run_dir} has no last.pt (it stopped before its first epoch ended); start it again "
-                            "with a new --out")
+            config = config_from_dict(rundir.read_config(run_dir), run_dir / "config.json")
+            config.out = str(run_dir)
+            for derived in ("precision_used", "precision_reason"):
+                setattr(config, derived, "")
+            print(f"{run_dir} stopped before its first epoch ended (no last.pt); training it again from step 0")
+            return run(config, lock=lock)
         state = ckpt.read(last)
-        if not ckpt.is_own(state) or "optimizer" not in state:
-            raise UserError(f"{last} is not a resumable resnet-diagnostics checkpoint")
-        config = Config(**{k: v for k, v in state["config"].items() if k in Config.__dataclass_fields__})
+        schema.check_resumable(state, last)
+        config = config_from_dict(state["config"], last)
         config.out = str(run_dir)
         world_size = int(os.environ.get("WORLD_SIZE", 1))
         if world_size != config.world_size:  # the per-device batch is what BN normalises over

@@ -1,0 +1,69 @@
+"""The command lines as a person types them: in a terminal (tests/terminal.py), where the progress bars run and
+Ctrl-C is a key. Output redirected to a file takes another path, which the other tests cover."""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+import terminal
+from conftest import TINY_RUN
+from train import data
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_trainer_shows_its_bar_stops_on_ctrl_c_and_resumes(tmp_path):
+    run = tmp_path / "run"
+    session = terminal.start([sys.executable, "-m", "train", "--model", "resnet20", "--out", str(run), *TINY_RUN,
+                              "--epochs", "8"], cwd=ROOT)
+    assert session.wait_for(lambda: (run / "last.pt").exists(), 120), session.text
+    session.type_ctrl_c()
+    assert session.finish(60) == 130, session.text
+    assert "train" in terminal.bars(session.text), session.text
+    last_line = session.text.strip().splitlines()[-1]
+    assert last_line.startswith("error: interrupted") and f"--resume {run}" in last_line, session.text
+    assert "Traceback" not in session.text
+    code, text = terminal.run([sys.executable, "-m", "train", "--resume", str(run)], cwd=ROOT, timeout=300)
+    assert code == 0, text
+    assert "train" in terminal.bars(text) and "epoch 8/8" in text and "Traceback" not in text
+
+
+def test_every_diagnostic_shows_its_bar(tiny_runs, tmp_path):
+    """The commands of `make demo`, each in its own terminal, on the suite's tiny runs."""
+    runs = [str(tiny_runs["plain20"]), str(tiny_runs["resnet20"])]
+    out = ["--out", str(tmp_path / "out")]
+    commands = {
+        "curves": [*runs, *out],
+        "evaluate": [*runs, "--epochs", "last", *out],
+        "responses": [*runs, "--epochs", "last", *out],
+        "gradients": [*runs, "--epochs", "last", "--init", "plain20", "--batches", "2", *out],
+        "flops": [*runs, "resnet56", *out],
+        "attributions": [*runs, "--n-images", "4", "--steps", "4", *out],
+        "spikes": [*runs, "--recal-images", "128", *out],
+    }
+    for name, arguments in commands.items():
+        code, text = terminal.run([sys.executable, "-m", f"diagnostics.{name}", *arguments], cwd=ROOT, timeout=300)
+        assert code == 0, text
+        assert any(bar.startswith(name) for bar in terminal.bars(text)), (name, text)
+        assert "Traceback" not in text
+
+
+@pytest.mark.skipif(not (ROOT / ".venv" / ".installed").exists() or Path(sys.prefix) != ROOT / ".venv",
+                    reason="make demo's commands run in the project's .venv; run the suite with `make test`")
+def test_make_demo_finishes_in_a_terminal(tmp_path):
+    """`make demo` itself, on fewer images and epochs (its variables overridden as a user may)."""
+    if not any((folder / "train-images-idx3-ubyte.gz").exists() or (folder / "train-images-idx3-ubyte").exists()
+               for folder in data.fashion_mnist_folders(tmp_path / "data")):
+        pytest.skip("Fashion-MNIST is not installed (make test installs it with apt-get where it can)")
+    demo, data_dir = tmp_path / "demo", tmp_path / "data"
+    small = f"--dataset fashion-mnist --data-dir {data_dir} --train-images 512 --val-split 256 --epochs 2"
+    env = {**os.environ, "MAKEFLAGS": ""}
+    code, text = terminal.run(["make", "demo", f"DEMO={demo}", f"DATA={data_dir}", f"DEMO_ARGS={small}"], cwd=ROOT,
+                              env=env, timeout=900)
+    assert code == 0, text[-3000:]
+    shown = terminal.bars(text)
+    assert {"train", "curves", "flops", "attributions"} <= shown, shown
+    for name in ("evaluate", "responses", "gradients", "spikes"):
+        assert {f"{name} plain20", f"{name} resnet20"} <= shown, (name, shown)
+    assert f"demo: runs in {demo}/plain20" in text and "Traceback" not in text

@@ -1,0 +1,163 @@
+"""Run directories (docs/design.md §2): what `python -m train --out RUN_DIR` writes and every tool reads.
+
+`config.json` (every option), `metrics.csv` (a row per epoch), `steps.csv` (a row per step), `monitor.nc` (the BN
+monitor), `epoch_NNN.pt`, `last.pt` (resumable), `best.pt`, and `.lock`. This module alone writes and parses the
+text files and lists the checkpoints, for the trainer and the diagnostics alike.
+"""
+import csv
+import errno
+import fcntl
+import json
+import os
+import re
+import stat
+from pathlib import Path
+
+from .checkpoint import atomic_path
+from .errors import UserError
+
+REQUIRED_METRICS = ["epoch", "step", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds",
+                    "images_per_second"]  # every metrics.csv has these; runs of version 0.1 have no more
+METRICS = [*REQUIRED_METRICS, "bn_warnings"]  # what the trainer writes: bn_warnings counts the BN monitor's
+STEPS = ["step", "epoch", "train_loss", "lr"]
+TIMING = ("epoch_seconds", "images_per_second")  # the only columns a resumed run may differ in
+EPOCH_FILE = re.compile(r"epoch_(\d+)\.pt$")
+TEMPORARY = re.compile(r"^\..+\.[^.]+\.tmp$")  # what `atomic_path` writes before it renames
+
+
+def is_run_dir(path) -> bool:
+    return Path(path).is_dir() and (Path(path) / "config.json").is_file()
+
+
+def epoch_files(run_dir) -> list[Path]:
+    """The run's epoch checkpoints in numeric order."""
+    found = [(int(m.group(1)), p) for p in Path(run_dir).iterdir() if (m := EPOCH_FILE.match(p.name))]
+    return [path for _, path in sorted(found)]
+
+
+def has_checkpoints(run_dir) -> bool:
+    return bool(epoch_files(run_dir)) or (Path(run_dir) / "last.pt").is_file()
+
+
+def run_checkpoints(run_dir) -> list[Path]:
+    """What tools read from a run: its epoch files in order, or `last.pt` where there are none."""
+    files = epoch_files(run_dir) or [p for p in [Path(run_dir) / "last.pt"] if p.is_file()]
+    if not files:
+        raise UserError(f"{run_dir} holds no checkpoints yet (no epoch_NNN.pt or last.pt); let the run finish "
+                        "an epoch, or point at another run")
+    return files
+
+
+def remove_stale_temporaries(folder) -> list[Path]:
+    """Delete the temporary files a killed writer left in `folder` (the caller holds the folder's lock, or owns
+    the outputs named: nobody else is writing them)."""
+    removed = []
+    for path in Path(folder).iterdir():
+        if TEMPORARY.match(path.name) and path.is_file() and not path.is_symlink():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# config.json, metrics.csv, steps.csv
+
+
+def write_config(run_dir, config: dict) -> None:
+    with atomic_path(Path(run_dir) / "config.json") as temporary:
+        temporary.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def read_config(run_dir) -> dict:
+    path = Path(run_dir) / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise UserError(f"{path} is not readable JSON ({str(exc)[:100]}); copy the run again") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path} holds no training options; give a run directory python -m train wrote")
+    return config
+
+
+def write_dataset(path, dataset) -> None:
+    """An xarray dataset as netCDF, atomically (the monitor's monitor.nc)."""
+    with atomic_path(path) as temporary:
+        dataset.to_netcdf(temporary, engine="netcdf4")
+
+
+def write_csv(path, columns: list[str], rows: list[list]) -> None:
+    with atomic_path(path) as temporary:
+        with open(temporary, "w", newline="") as file:
+            writer = csv.writer(file)
+            writer.writerow(columns)
+            writer.writerows(rows)
+
+
+def read_metrics(run_dir) -> dict[str, list]:
+    """metrics.csv as one list per column of METRICS (bn_warnings 0 where an older run has none); other
+    columns are ignored, a missing or damaged one refused."""
+    path = Path(run_dir) / "metrics.csv"
+    if not path.is_file():
+        raise UserError(f"{run_dir} has no metrics.csv; the run has not finished an epoch yet")
+    try:
+        with open(path, newline="") as file:
+            lines = list(csv.reader(file))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise UserError(f"{path} cannot be read as CSV ({str(exc)[:100]}); copy the run again") from None
+    header, rows = (lines[0], lines[1:]) if lines else ([], [])
+    missing = [column for column in REQUIRED_METRICS if column not in header]
+    if missing:
+        raise UserError(f"{path} is not a metrics.csv of python -m train (no column {', '.join(missing)}); give a "
+                        "run directory it wrote")
+    if not rows:
+        raise UserError(f"{path} has no epochs yet; let the run finish one")
+    columns = [column for column in METRICS if column in header]
+    history = {column: [] for column in columns}
+    positions = {column: header.index(column) for column in columns}
+    for line, row in enumerate(rows, start=2):
+        try:
+            if len(row) != len(header):
+                raise ValueError(f"{len(row)} fields instead of {len(header)}")
+            for column, position in positions.items():
+                history[column].append(float(row[position]))
+            if not float(row[positions["epoch"]]).is_integer() or history["epoch"][-1] < 1:
+                raise ValueError(f"epoch {row[positions['epoch']]!r} is not a positive whole number")
+        except ValueError as exc:
+            raise UserError(f"{path} line {line} is damaged ({str(exc)[:100]}); the file is truncated or was "
+                            "edited: copy the run again") from None
+    history["epoch"] = [int(epoch) for epoch in history["epoch"]]
+    history["bn_warnings"] = [int(count) for count in history.get("bn_warnings", [0] * len(history["epoch"]))]
+    if len(set(history["epoch"])) < len(history["epoch"]) or history["epoch"] != sorted(history["epoch"]):
+        raise UserError(f"{path} lists epochs out of order or twice; the file was edited: copy the run again")
+    return history
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One trainer per run directory
+
+
+def lock(run_dir):
+    """An OS lock on `run_dir/.lock`: a second trainer refuses; a killed one releases it. The file is opened
+    without following a symbolic link, and only our own regular file is ever truncated."""
+    path = Path(run_dir) / ".lock"
+    try:
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UserError(f"{path} is a symbolic link, not this run's lock file; remove it and run again") from None
+        raise UserError(f"cannot open {path} ({exc.strerror}); check the folder's permissions") from None
+    handle = os.fdopen(descriptor, "r+")
+    if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+        handle.close()
+        raise UserError(f"{path} is not a regular file; remove it and run again")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = handle.read(32).strip()
+        handle.close()
+        raise UserError(f"another trainer (pid {holder if holder.isdigit() else '?'}) is using {run_dir}; wait "
+                        "for it or stop it") from None
+    handle.truncate(0)
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
