@@ -108,7 +108,7 @@ def _check_options(methods, target, deletion_fractions, n_steps) -> None:
 
 
 def definition(methods, target: str, n_steps: int, layer: str, baseline: str) -> str:
-    """The one sentence of DESIGN.md §4 for these options."""
+    """The one sentence of docs/design.md §4 for these options."""
     maps = {"ig": f"ig = Integrated Gradients (Captum, {n_steps} Gauss-Legendre steps from the baseline) summed "
                   "over input channels with its sign",
             "saliency": "saliency = max over input channels of |d logit / d input|",

@@ -25,7 +25,7 @@ def software() -> str:
 
 
 def attrs(definition: str, *, checkpoint=None, dataset=None, split=None, n_images=None, **extra) -> dict:
-    """The attrs of DESIGN.md §4. netCDF stores no None, so unknown values are written as empty strings."""
+    """The attrs of docs/design.md §4. netCDF stores no None, so unknown values are written as empty strings."""
     values = {"definition": definition, "checkpoint": checkpoint, "dataset": dataset, "split": split,
               "n_images": n_images, "software": software(),
               "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **extra}

@@ -17,7 +17,8 @@ import xarray as xr
 
 import models
 
-from .common import attrs, model_device, preserved_state, variable
+from .bn import recalibrate_bn
+from .common import attrs, inputs_of, model_device, preserved_state, variable
 
 BN_MODES = ("eval", "recalibrated", "train")
 
@@ -49,12 +50,13 @@ def predict(model: nn.Module, batches: Iterable, dtype: torch.dtype | None = Non
 
 
 def evaluate(model: nn.Module, batches: Iterable, *, bn_mode: str = "eval", recalibration: Iterable | None = None,
-             num_classes: int | None = None, class_names=None, checkpoint=None, dataset=None,
-             split=None) -> xr.Dataset:
+             dtype: torch.dtype | None = None, num_classes: int | None = None, class_names=None, checkpoint=None,
+             dataset=None, split=None) -> xr.Dataset:
     """Mean cross-entropy, accuracy and per-class accuracy over `batches` of `(images, labels)`.
 
     `recalibration`: the batches (images, or `(images, labels)` pairs) whose population statistics replace
-    the running ones when `bn_mode="recalibrated"`.
+    the running ones when `bn_mode="recalibrated"` (`analyses.bn.recalibrate_bn`). `dtype`: the autocast dtype
+    of every pass (None: fp32), the run's own for numbers that equal what its trainer computed.
     """
     if bn_mode not in BN_MODES:
         raise ValueError(f"bn_mode must be one of {', '.join(BN_MODES)}, not {bn_mode!r}")
@@ -63,12 +65,9 @@ def evaluate(model: nn.Module, batches: Iterable, *, bn_mode: str = "eval", reca
     recal_images = 0
     with preserved_state(model):
         if bn_mode == "recalibrated":
-            recal = [batch[0] if isinstance(batch, (tuple, list)) else batch for batch in recalibration]
-            recal_images = sum(len(x) for x in recal)
-            device = model_device(model)
-            models.recalibrate_bn(model, (x.to(device) for x in recal), len(recal))
+            recal_images = recalibrate_bn(model, inputs_of(recalibration), dtype)
         set_bn_mode(model, bn_mode)
-        losses, predictions, labels, batch_size = predict(model, batches)
+        losses, predictions, labels, batch_size = predict(model, batches, dtype)
     if len(labels) == 0:
         raise ValueError("no images were given")
     num_classes = num_classes or int(labels.max()) + 1
@@ -79,7 +78,8 @@ def evaluate(model: nn.Module, batches: Iterable, *, bn_mode: str = "eval", reca
     names = list(class_names) if class_names is not None else [str(c) for c in range(num_classes)]
     definition = (f"mean cross-entropy (natural log, no label smoothing) and top-1 accuracy over the images, "
                   f"BN in {bn_mode} mode" + (f" after recomputing BN population statistics over {recal_images} "
-                                             "images (fvcore update_bn_stats)" if bn_mode == "recalibrated" else ""))
+                                             "images (fvcore update_bn_stats)" if bn_mode == "recalibrated" else "")
+                  + f", {'fp32' if dtype is None else str(dtype).replace('torch.', '') + ' autocast'}")
     return xr.Dataset(
         {
             "loss": variable((), losses.mean().item(), "cross-entropy", "nats"),

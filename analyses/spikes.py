@@ -184,7 +184,7 @@ def spike_diagnosis(parts: list[xr.Dataset], models_: list[str], epochs: list[in
                     window: int = 3, factor: float = 3.0, min_increase: float = 0.1, **dataset_attrs) -> xr.Dataset:
     """The `diagnose_checkpoint` datasets of one or more runs along `model` and `epoch`, with `spike` marked by
     `spike_rule` on the running-statistics loss, the trainer's logged `history_val_loss` beside it, and the
-    `verdict` in attrs. `dataset_attrs`: DESIGN.md §4 attrs and the runs' bn_momentum and precise_bn."""
+    `verdict` in attrs. `dataset_attrs`: docs/design.md §4 attrs and the runs' bn_momentum and precise_bn."""
     rule = spike_rule(window, factor, min_increase)
     parts = [part.assign(history_val_loss=variable((), logged, "validation cross-entropy logged by the trainer "
                                                    "(metrics.csv)", "nats"))

@@ -70,6 +70,7 @@ def _show_map(axis, image: np.ndarray, values: np.ndarray, method: str) -> None:
     axis.imshow(values, cmap=COLOURMAPS[method], norm=norm, alpha=0.8)
 
 
+@plotting.styled
 def figure(ds):
     """Rows: images (true class on top); columns: the image, then each model's maps, its prediction on top
     (green right, red wrong); the header holds each method's deletion AUC and the model's random reference.

@@ -2,7 +2,7 @@
 
 A command is: `parser(...)` for its options, `collect_sources(args)` for its inputs, an analysis per
 checkpoint, `analyses.common.combine` into one dataset, a figure, `write_outputs(...)`; `main_guard` turns
-bad input into one line `error: ...` and exit code 2 (DESIGN.md §5).
+bad input into one line `error: ...` and exit code 2 (docs/design.md §5).
 """
 import sys
 from contextlib import ExitStack
@@ -14,8 +14,9 @@ import torch
 import models
 from train import checkpoint as ckpt
 from train import rundir
-from train.data import SPECS, SPLITS, EvalBatches, TrainBatches, default_data_dir, load_split
-from train.errors import ArgumentParser, UserError, positive_int
+from train import data
+from train.data import SPECS, SPLITS, EvalBatches, default_data_dir, load_split
+from train.errors import ArgumentParser, UserError, interrupted_exit_code, positive_int, raise_on_sigterm
 from train.progress import track
 
 
@@ -29,7 +30,7 @@ INPUTS = {  # what a command's positional inputs may be: (metavar, help)
 
 def parser(name: str, description: str, *, inputs: str = "checkpoints", inputs_required: bool = True,
            n_images: int | None = 2000, batch_size: int | None = 256) -> ArgumentParser:
-    """The options of DESIGN.md §5. `inputs`: one of INPUTS; `inputs_required=False` where an option such as
+    """The options of docs/design.md §5. `inputs`: one of INPUTS; `inputs_required=False` where an option such as
     `--init MODEL` can stand in for them."""
     p = ArgumentParser(prog=f"python -m diagnostics.{name}", description=description)
     p.set_defaults(command=name)
@@ -175,7 +176,7 @@ class Results:
         self.plain[label] = loaded.kwargs.get("skip", True) is False
 
     def combined(self, definition: str, split: str | None, **extra):
-        """One dataset along `model` and `epoch`, with the attrs of DESIGN.md §4 over all checkpoints (the
+        """One dataset along `model` and `epoch`, with the attrs of docs/design.md §4 over all checkpoints (the
         largest batch any of them used, where their analysis records one)."""
         from analyses.common import attrs, combine
         batch_sizes = [d.attrs["batch_size"] for d in self.datasets if d.attrs.get("batch_size", "") != ""]
@@ -224,15 +225,19 @@ def image_batches(loaded: ckpt.Loaded, args, device, n_images: int | None = None
     return EvalBatches(images, loaded.spec, batch_size_of(loaded, args), device)
 
 
-def training_batches(loaded: ckpt.Loaded, args, device, n_images: int) -> list:
-    """What BN recalibration reads, as the trainer's --precise-bn: the first `n_images` of the run's training
-    images (whole batches of the size each device trained with, or fewer), with the run's augmentation and seed 0,
-    so that population statistics describe what training normalised."""
+def run_dtype(loaded: ckpt.Loaded) -> torch.dtype | None:
+    """The autocast dtype the checkpoint's run trained in (None: fp32, or a file that does not say)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get((loaded.config or {}).get("precision_used"))
+
+
+def recalibration_inputs(loaded: ckpt.Loaded, args, device, n_images: int) -> list:
+    """What BN recalibration reads, exactly as the trainer's --precise-bn (`train.data.recalibration_inputs`):
+    the first `n_images` of the run's training images, augmented once as the run trained, in even batches of at
+    most the per-device training batch; recalibrate under `run_dtype(loaded)`."""
     config = loaded.config or {}
     images = _split_images(loaded, args, "train")[:n_images]
-    batch_size = min(config.get("per_device_batch") or batch_size_of(loaded, args), len(images))
-    batches = TrainBatches(images, loaded.spec, batch_size, config.get("augment", "none"), device, seed=0)
-    return list(batches.epoch(0))
+    batch_size = config.get("per_device_batch") or batch_size_of(loaded, args)
+    return data.recalibration_inputs(images, loaded.spec, config.get("augment", "none"), batch_size, device)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -255,6 +260,8 @@ def write_outputs(out: Path, name: str, dataset, figure=None) -> list[Path]:
     """`<name>.nc` and, with a figure, `<name>.png` and `<name>.pdf`: all written to temporary files first and
     then moved into place, so an error leaves none of them half-written. Prints the paths."""
     import matplotlib.pyplot as plt
+
+    from .plotting import save
     created = [folder for folder in (out, *out.parents) if not folder.exists()]
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{name}.nc"] + ([out / f"{name}.png", out / f"{name}.pdf"] if figure is not None else [])
@@ -263,8 +270,8 @@ def write_outputs(out: Path, name: str, dataset, figure=None) -> list[Path]:
             temporaries = [stack.enter_context(ckpt.atomic_path(path)) for path in paths]
             dataset.to_netcdf(temporaries[0], engine="netcdf4")
             if figure is not None:
-                figure.savefig(temporaries[1], format="png", dpi=200)
-                figure.savefig(temporaries[2], format="pdf")
+                save(figure, temporaries[1], "png")
+                save(figure, temporaries[2], "pdf")
     except BaseException:
         for folder in created:  # innermost first: leave no empty folder behind
             folder.rmdir()
@@ -287,10 +294,17 @@ def print_table(header: list[str], rows: list[list[str]]) -> None:
 
 
 def main_guard(main) -> int:
-    """Run `main()`; bad input -> `error: ...` on stderr and exit 2, no traceback."""
+    """Run `main()` as a command: figures to files only; bad input -> `error: ...` on stderr and exit 2;
+    Ctrl-C or SIGTERM -> one line and 130 / 143 (outputs are written whole at the end or not at all)."""
+    from .plotting import use_file_backend
+    use_file_backend()
+    raise_on_sigterm()
     try:
         main()
     except (UserError, models.ModelError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:
+        print("error: interrupted; nothing was written", file=sys.stderr)
+        return interrupted_exit_code(exc)
     return 0

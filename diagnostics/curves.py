@@ -122,6 +122,7 @@ def summary_rows(ds) -> list[list[str]]:
     return rows
 
 
+@plotting.styled
 def figure(ds):
     """Loss (top, log scale) and accuracy (bottom) per epoch: one colour per group, training thin dashed,
     validation bold solid; a group of several runs is its mean with a ±std band."""

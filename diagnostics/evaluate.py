@@ -43,6 +43,7 @@ def table_rows(ds) -> list[list[str]]:
     return rows
 
 
+@plotting.styled
 def figure(ds, plain: dict[str, bool]):
     """One run with several epochs: accuracy (overall and per class) and loss vs epoch. Otherwise: per-class
     accuracy of each model at its last epoch."""
@@ -126,9 +127,10 @@ def main(argv=None) -> None:
     results = common.Results()
     for source, loaded in common.checkpoints(sources, args, device):
         batches = common.image_batches(loaded, args, device)
-        recalibration = common.training_batches(loaded, args, device, args.precise_bn) if args.precise_bn else None
+        recalibration = common.recalibration_inputs(loaded, args, device, args.precise_bn) if args.precise_bn else None
         results.add(source.label, loaded, evaluate(
-            loaded.model, batches, bn_mode=bn_mode, recalibration=recalibration, num_classes=loaded.spec.num_classes,
+            loaded.model, batches, bn_mode=bn_mode, recalibration=recalibration, dtype=common.run_dtype(loaded),
+            num_classes=loaded.spec.num_classes,
             class_names=loaded.spec.classes, checkpoint=loaded.path, dataset=loaded.spec.name, split=args.split))
     definitions = dict.fromkeys(d.attrs["definition"] for d in results.datasets)
     ds = results.combined("; ".join(definitions), args.split, bn_mode=bn_mode,

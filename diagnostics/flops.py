@@ -48,6 +48,7 @@ def print_table(ds: xr.Dataset) -> None:
     common.print_table(["model", "parameters", "MFLOPs", "conv+fc MFLOPs", "FlopCounterMode/2", "agreement"], rows)
 
 
+@plotting.styled
 def figure(ds: xr.Dataset, plain: dict[str, bool]):
     """Top: parameters and multiply-adds per model; bottom: multiply-adds summed over the conv and fc layers in
     forward order (the paper's layer count on the x axis): equal slopes where each 3x3 layer costs the same."""

@@ -68,6 +68,7 @@ def untrained(name: str, label: str, spec, seed: int, device) -> ckpt.Loaded:
 # Figure
 
 
+@plotting.styled
 def figure(ds, plain: dict[str, bool]):
     """A single model with several epochs: heat map depth x epoch. Otherwise one line per model at its last
     epoch, shaded +-std over the mini-batches."""
@@ -96,6 +97,7 @@ def figure(ds, plain: dict[str, bool]):
     return fig
 
 
+@plotting.styled
 def heat_map(norms):
     """depth (y) x epoch (x), log colour scale; epochs may be unevenly spaced."""
     fig, axes = plotting.figure(height=2.4)

@@ -1,11 +1,15 @@
-"""Paper-style figures: sized for a 3.3-inch column (readable scaled to full width), plain dashed, residual solid."""
+"""Paper-style figures: sized for a 3.3-inch column (readable scaled to full width), plain dashed, residual solid.
+
+Importing this changes nothing of matplotlib's: the style applies inside each figure function (`@styled`) and
+when the figure is saved, so a notebook keeps its own backend and rcParams. The command lines choose the
+file-only backend for themselves (`use_file_backend`).
+"""
+import functools
 import re
 
 import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import LogFormatter  # noqa: E402
+import matplotlib.pyplot as plt
+from matplotlib.ticker import LogFormatter
 
 COLUMN_WIDTH, FULL_WIDTH = 3.3, 6.9  # inches, a two-column paper
 STYLE = {
@@ -14,7 +18,25 @@ STYLE = {
     "grid.alpha": 0.4, "legend.frameon": False, "savefig.bbox": "tight", "savefig.pad_inches": 0.02,
     "pdf.fonttype": 42,
 }
-plt.rcParams.update(STYLE)
+
+
+def styled(function):
+    """Run a figure function with this module's style (matplotlib's rc_context: restored after)."""
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        with plt.rc_context(STYLE):
+            return function(*args, **kwargs)
+    return wrapper
+
+
+def save(fig, path, format: str) -> None:
+    with plt.rc_context(STYLE):  # savefig reads bbox, padding and font embedding from rcParams
+        fig.savefig(path, format=format, dpi=200)
+
+
+def use_file_backend() -> None:
+    """Agg: figures go to files only (no display needed); for the command lines, not for a notebook."""
+    matplotlib.use("Agg")
 
 
 def figure(rows: int = 1, cols: int = 1, width: float = COLUMN_WIDTH, height: float | None = None, **kwargs):

@@ -9,6 +9,7 @@ from analyses.responses import DEFINITION, layer_responses
 from . import common, plotting
 
 
+@plotting.styled
 def figure(ds, plain: dict[str, bool]):
     """Top: std per layer in the network's order; bottom: sorted by magnitude; one line per model at its last
     epoch, or for a single model one line per epoch."""

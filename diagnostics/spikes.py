@@ -61,6 +61,7 @@ HEAT_MAPS = (  # (variable, colour-bar label): the layer's own drift, then how a
 )
 
 
+@plotting.styled
 def figure(ds, plain: dict[str, bool]):
     """Per run (a column): top, validation loss with the three kinds of BN statistics, spikes shaded; then two
     heat maps (BN layer x epoch, both on one log scale of max(|mean shift| / std, |ln var ratio|)): each layer's

@@ -1,5 +1,7 @@
 """The shared command layer: labels that tell inputs apart, and the epochs a run contributes."""
 import shutil
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -40,3 +42,26 @@ def test_combine_refuses_two_datasets_for_one_model_and_epoch():
     part = xr.Dataset({"v": ("depth", [1.0])}, coords={"depth": [1]})
     with pytest.raises(ValueError, match="share a"):
         combine([part, part], ["resnet20", "resnet20"], [2, 2], {})
+
+
+def test_importing_the_diagnostics_changes_nothing_of_matplotlib():
+    """A notebook keeps its backend and style: every diagnostics module imported, then a figure drawn."""
+    code = """
+import matplotlib
+matplotlib.use("svg")
+import matplotlib.pyplot as plt
+before = dict(plt.rcParams)
+import diagnostics.attributions, diagnostics.curves, diagnostics.evaluate, diagnostics.flops
+import diagnostics.gradients, diagnostics.responses, diagnostics.spikes, diagnostics.plotting as plotting
+import numpy as np, xarray as xr
+ds = xr.Dataset({"response_std": (("model", "epoch", "depth"), np.ones((1, 1, 3)))},
+                coords={"model": ["resnet20"], "epoch": [1], "depth": [1, 2, 3]})
+fig = diagnostics.responses.figure(ds, {})
+assert fig.axes[0].xaxis.label.get_fontsize() == plotting.STYLE["axes.labelsize"]
+assert matplotlib.get_backend() == "svg", matplotlib.get_backend()
+changed = [key for key, value in plt.rcParams.items() if before[key] != value]
+assert not changed, changed
+print("unchanged")
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "unchanged" in result.stdout, result.stderr[-2000:]

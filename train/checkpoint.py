@@ -1,4 +1,4 @@
-"""Checkpoints and run directories (DESIGN.md §2): save atomically, load safely, rebuild the model.
+"""Checkpoints (docs/design.md §2): save atomically, load safely, rebuild the model.
 
 A checkpoint holds only what `torch.load(path, weights_only=True)` reads: tensors, dicts, lists, strings,
 numbers, bools and None. Nothing in a file can run code when we load it. Files other projects wrote (a bare
