@@ -257,28 +257,33 @@ def output_dir(args, sources: list[Source]) -> Path:
 
 
 def write_outputs(out: Path, name: str, dataset, figure=None) -> list[Path]:
-    """`<name>.nc` and, with a figure, `<name>.png` and `<name>.pdf`: all written to temporary files first and
-    then moved into place, so an error leaves none of them half-written. Prints the paths."""
+    """`<name>.nc` and, for each figure, `<name>.png` and `<name>.pdf` (`figure` is one figure, or a dict of
+    them by suffix: "" for the main one, "repair" for `<name>_repair.png`...): all written to temporary files
+    first and then moved into place, so an error leaves none of them half-written. Prints the paths."""
     import matplotlib.pyplot as plt
 
     from .plotting import save
+    figures = figure if isinstance(figure, dict) else ({"": figure} if figure is not None else {})
     created = [folder for folder in (out, *out.parents) if not folder.exists()]
     out.mkdir(parents=True, exist_ok=True)
-    paths = [out / f"{name}.nc"] + ([out / f"{name}.png", out / f"{name}.pdf"] if figure is not None else [])
+    paths = [out / f"{name}.nc"]
+    for suffix in figures:
+        stem = f"{name}_{suffix}" if suffix else name
+        paths += [out / f"{stem}.png", out / f"{stem}.pdf"]
     try:
         with ExitStack() as stack:
             temporaries = [stack.enter_context(ckpt.atomic_path(path)) for path in paths]
             dataset.to_netcdf(temporaries[0], engine="netcdf4")
-            if figure is not None:
-                save(figure, temporaries[1], "png")
-                save(figure, temporaries[2], "pdf")
+            for k, fig in enumerate(figures.values()):
+                save(fig, temporaries[1 + 2 * k], "png")
+                save(fig, temporaries[2 + 2 * k], "pdf")
     except BaseException:
         for folder in created:  # innermost first: leave no empty folder behind
             folder.rmdir()
         raise
     finally:
-        if figure is not None:
-            plt.close(figure)
+        for fig in figures.values():
+            plt.close(fig)
     for path in paths:
         print(path)
     return paths
