@@ -16,8 +16,9 @@ from train import checkpoint as ckpt
 from train import rundir
 from train import data
 from train.data import SPECS, SPLITS, EvalBatches, default_data_dir, load_split
-from train.errors import ArgumentParser, UserError, interrupted_exit_code, positive_int, raise_on_sigterm
-from train.progress import track
+from train.errors import (ArgumentParser, UserError, finite_float, interrupted_exit_code, positive_float, positive_int,
+                          raise_on_sigterm)
+from train.progress import Progress
 
 
 INPUTS = {  # what a command's positional inputs may be: (metavar, help)
@@ -46,8 +47,8 @@ def parser(name: str, description: str, *, inputs: str = "checkpoints", inputs_r
                                                                 " (default: all)"))
     p.add_argument("--batch-size", type=positive_int, default=batch_size,
                    help=f"images per forward pass (default {batch_size or 'the run’s per-device training batch'})")
-    p.add_argument("--mean", type=float, nargs="+", help="normalisation mean of a foreign checkpoint")
-    p.add_argument("--std", type=float, nargs="+", help="normalisation std of a foreign checkpoint")
+    p.add_argument("--mean", type=finite_float, nargs="+", help="normalisation mean of a foreign checkpoint")
+    p.add_argument("--std", type=positive_float, nargs="+", help="normalisation std of a foreign checkpoint")
     p.add_argument("--epochs", default="all", help="which epochs of a run: all, last, or a list such as 5,10,20")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--out", help="output folder (default: diagnostics/ in the first input's run directory)")
@@ -82,6 +83,7 @@ class Source:
     paths: list[Path] = field(default_factory=list)
     run_dir: Path | None = None
     model_name: str | None = None
+    whole_run: bool = False  # the run directory itself was given: its files may be re-listed while it trains
 
 
 def _select_epochs(files: list[Path], selection: str, run_dir: Path) -> list[Path]:
@@ -102,10 +104,12 @@ def _select_epochs(files: list[Path], selection: str, run_dir: Path) -> list[Pat
 def collect_sources(args, *, model_names: bool = False) -> list[Source]:
     """Resolve every input before any work, so a bad one fails fast and nothing is written.
 
-    Files of the same run directory are one source (the model along `epoch`); where sources share a label,
-    their run directory's (or file's) name is used instead.
+    Files of the same run directory are one source (the model along `epoch`); an input named twice (a relative
+    and an absolute path, a symlink, a run and one of its epoch files) counts once. A run's `best.pt` or
+    `last.pt` given beside the run is a model line of its own ("RUN/best.pt"), since its epoch is one of the
+    run's. Where sources share a label, their run directory's (or file's) name is used instead.
     """
-    sources: dict[Path | str, Source] = {}
+    sources: dict[Path | str | tuple, Source] = {}
     for text in args.inputs:
         path = Path(text)
         if not path.exists() and model_names and text in models.available():
@@ -121,8 +125,15 @@ def collect_sources(args, *, model_names: bool = False) -> list[Source]:
             files = [path]
             run_dir = path.parent if rundir.is_run_dir(path.parent) else None
             key = run_dir.resolve() if run_dir is not None else path.resolve()
+            if run_dir is not None and not rundir.EPOCH_FILE.match(path.name):
+                key = (key, path.name)
         source = sources.setdefault(key, Source("", run_dir=run_dir))
-        source.paths += [f for f in files if f not in source.paths]
+        source.whole_run |= rundir.is_run_dir(path)
+        known = {f.resolve() for f in source.paths}
+        source.paths += [f for f in files if f.resolve() not in known]
+    in_runs = {f.resolve() for key, source in sources.items() if not isinstance(key, tuple) for f in source.paths}
+    sources = {key: source for key, source in sources.items()
+               if not (isinstance(key, tuple) and source.paths[0].resolve() in in_runs)}
     for source in sources.values():
         if source.paths:
             source.paths.sort(key=_epoch_order)
@@ -138,9 +149,17 @@ def _epoch_order(path: Path) -> tuple[bool, int]:
 
 
 def _distinct_labels(sources: dict) -> None:
-    """Where sources share a label, the run directory's (or file's) name; where those clash too, the path."""
-    for rename in (lambda key, source: source.run_dir.name if source.run_dir is not None else Path(str(key)).stem,
-                   lambda key, source: str(source.run_dir or key)):
+    """Where sources share a label: the run directory's name (RUN/best.pt for a run's own best.pt or last.pt),
+    or the file's; where those clash too, the path."""
+    def short(key, source) -> str:
+        if isinstance(key, tuple):
+            return f"{source.run_dir.name}/{key[1]}"
+        return source.run_dir.name if source.run_dir is not None else Path(str(key)).stem
+
+    def long(key, source) -> str:
+        return str(source.paths[0]) if isinstance(key, tuple) else str(source.run_dir or key)
+
+    for rename in (short, long):
         labels = [source.label for source in sources.values()]
         for key, source in sources.items():
             if labels.count(source.label) > 1:
@@ -155,10 +174,28 @@ def prepare(args, *, model_names: bool = False) -> tuple[torch.device, list[Sour
 
 
 def checkpoints(sources: list[Source], args, device):
-    """(source, loaded checkpoint) for every checkpoint of every source, in order, one in memory at a time."""
+    """(source, loaded checkpoint) for every checkpoint of every source, in order, one in memory at a time.
+
+    A run that is still training may replace a listed file (`--keep last` deletes the previous epoch's) before
+    it is read: its files are then listed again and those not yet read taken in order, so a diagnostic of a
+    live run reads what the run holds instead of failing."""
     for source in sources:
-        for path in track(source.paths, len(source.paths), f"{args.command} {source.label}", unit="checkpoint"):
-            yield source, load_checkpoint(path, args, device)
+        pending, done = list(source.paths), set()
+        with Progress(len(pending), f"{args.command} {source.label}", unit="checkpoint") as progress:
+            while pending:
+                path = pending.pop(0)
+                try:
+                    loaded = load_checkpoint(path, args, device)
+                except UserError:
+                    if path.exists() or not source.whole_run:
+                        raise
+                    listed = _select_epochs(rundir.run_checkpoints(source.run_dir), args.epochs, source.run_dir)
+                    pending = [f for f in listed if f.resolve() not in done and _epoch_order(f) > _epoch_order(path)]
+                    progress.set_total(len(done) + len(pending))
+                    continue
+                done.add(path.resolve())
+                progress.update(1)
+                yield source, loaded
 
 
 @dataclass
@@ -270,6 +307,9 @@ def write_outputs(out: Path, name: str, dataset, figure=None) -> list[Path]:
     for suffix in figures:
         stem = f"{name}_{suffix}" if suffix else name
         paths += [out / f"{stem}.png", out / f"{stem}.pdf"]
+    for path in paths:  # what a killed run of this command left of these files
+        for stale in out.glob(f".{path.name}.*.tmp"):
+            stale.unlink(missing_ok=True)
     try:
         with ExitStack() as stack:
             temporaries = [stack.enter_context(ckpt.atomic_path(path)) for path in paths]

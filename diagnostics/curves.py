@@ -57,9 +57,17 @@ class Run:
 
 
 def model_cost(loaded: ckpt.Loaded) -> tuple[int, int]:
-    """(forward FLOPs per image as fvcore counts them, parameters) of the run's model on its dataset's images."""
+    """(forward conv+fc multiply-adds per image, parameters) of the run's model on its dataset's images; counted
+    once per architecture (runs of one model that differ in seed are the common case)."""
     spec = loaded.spec
-    return total_cost(loaded.model, (1, spec.in_channels, spec.image_size, spec.image_size))
+    shape = (1, spec.in_channels, spec.image_size, spec.image_size)
+    key = (loaded.name, json.dumps(loaded.kwargs, sort_keys=True), shape)
+    if key not in _COSTS:
+        _COSTS[key] = total_cost(loaded.model, shape)
+    return _COSTS[key]
+
+
+_COSTS: dict[tuple, tuple[int, int]] = {}
 
 
 def read_run(path: Path) -> Run:

@@ -6,9 +6,13 @@ below) and a phrase the error line must contain, so that the line says what is w
 import math
 import os
 import pickle
+import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
+
+import numpy as np
 
 import pytest
 import torch
@@ -57,6 +61,26 @@ ROWS = [
      "cannot write"),
     ("resume a folder that is not a run", "train", ["--resume", "{tmp}"], "not a run directory"),
     ("missing --out", "train", ["--model", "resnet20", *SYNTHETIC], "--out is required"),
+    # Reliability, round two: a row for each class of the issue.
+    ("model argument of the wrong type", "diagnostics.responses", ["{wrong_kwargs}"], "wrong type or size"),
+    ("dataset entry of the wrong length", "diagnostics.responses", ["{wrong_dataset}"], "wrong type, length"),
+    ("tensor claiming more than its storage", "diagnostics.responses", ["{forged}"], "forged view"),
+    ("compressed checkpoint entries", "diagnostics.responses", ["{compressed}"], "compressed entries"),
+    ("resume a last.pt without its optimizer", "train", ["--resume", "{mangled_run}"], "damaged"),
+    ("resume a last.pt with a foreign optimizer", "train", ["--resume", "{foreign_optimizer_run}"], "damaged"),
+    ("CIFAR batch claiming a billion images", "train", ["--model", "resnet20", "--dataset", "cifar10", "--data-dir",
+                                                       "{forged_cifar}", "--out", "{out}"], "claims"),
+    ("NaN learning rate", "train", ["--model", "resnet20", *SYNTHETIC, "--lr", "nan", "--out", "{out}"],
+     "must be a finite number"),
+    ("seed beyond what torch takes", "train", ["--model", "resnet20", *SYNTHETIC, "--seed", "99999999999", "--out",
+                                              "{out}"], "up to 2147483647"),
+    ("non-ASCII digits in --keep", "train", ["--model", "resnet20", *SYNTHETIC, "--keep", "\u0663", "--out", "{out}"],
+     "--keep must be"),
+    ("empty --out", "train", ["--model", "resnet20", *SYNTHETIC, "--out", ""], "--out is empty"),
+    ("zero --std for a foreign file", "diagnostics.responses", ["{foreign}", "--model", "resnet20", "--mean", "0",
+                                                               "0", "0", "--std", "0", "1", "1"],
+     "must be a positive number"),
+    ("a lock that is a symbolic link", "train", ["--resume", "{symlink_run}"], "symbolic link"),
 ]
 
 
@@ -86,6 +110,31 @@ def files(tmp_path_factory, tiny_runs) -> dict[str, str]:
     torch.save(state, tmp / "newer.pt")
     (tmp / "empty_run").mkdir()
     (tmp / "empty_run" / "config.json").write_text("{}")
+    for name, change in (("wrong_kwargs", lambda c: c["model"]["kwargs"].update(num_classes="ten")),
+                         ("wrong_dataset", lambda c: c["dataset"].update(mean=[0.5])),
+                         ("forged", lambda c: c["state_dict"].update({"fc.bias": torch.zeros(1).expand(10**9)}))):
+        state = torch.load(good, weights_only=True)
+        change(state)
+        torch.save(state, tmp / f"{name}.pt")
+    with zipfile.ZipFile(good) as source, zipfile.ZipFile(tmp / "compressed.pt", "w", zipfile.ZIP_DEFLATED) as out:
+        for entry in source.infolist():
+            out.writestr(entry.filename, source.read(entry))
+    for name, change in (("mangled_run", lambda last: last.pop("optimizer")),
+                         ("foreign_optimizer_run", lambda last: last["optimizer"]["param_groups"][0].update(
+                             params=[0, 1]))):
+        copy = Path(shutil.copytree(tiny_runs["resnet20"], tmp / name))
+        last = torch.load(copy / "last.pt", weights_only=True)
+        last["config"].update(epochs=3, total_epochs=3, total_steps=12)  # resumable by one more epoch
+        change(last)
+        torch.save(last, copy / "last.pt")
+    symlink_run = Path(shutil.copytree(tiny_runs["resnet20"], tmp / "symlink_run"))
+    (tmp / "victim.txt").write_text("keep me")
+    (symlink_run / ".lock").unlink(missing_ok=True)
+    (symlink_run / ".lock").symlink_to(tmp / "victim.txt")
+    forged_cifar = tmp / "forged_cifar" / "cifar-10-batches-py"
+    forged_cifar.mkdir(parents=True)
+    for batch in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        (forged_cifar / batch).write_bytes(pickle.dumps({b"data": ForgedArray(), b"labels": [0]}, protocol=2))
     readonly = tmp / "readonly"
     readonly.mkdir()
     readonly.chmod(0o555)
@@ -96,7 +145,18 @@ def files(tmp_path_factory, tiny_runs) -> dict[str, str]:
             "exploit_pickle": str(tmp / "exploit.pkl"), "foreign": str(tmp / "foreign.pt"),
             "nan": str(tmp / "nan.pt"), "newer": str(tmp / "newer.pt"), "empty_run": str(tmp / "empty_run"),
             "good": str(good), "good_run": str(tiny_runs["resnet20"]), "readonly": str(readonly),
-            "marker": str(marker)}
+            "marker": str(marker), **{name: str(tmp / f"{name}.pt") for name in ("wrong_kwargs", "wrong_dataset",
+                                                                                  "forged", "compressed")},
+            "mangled_run": str(tmp / "mangled_run"), "foreign_optimizer_run": str(tmp / "foreign_optimizer_run"),
+            "symlink_run": str(symlink_run), "forged_cifar": str(forged_cifar.parent),
+            "victim": str(tmp / "victim.txt")}
+
+
+class ForgedArray:
+    """Pickles as numpy's own ndarray constructor with zero strides: a billion images over one byte."""
+
+    def __reduce__(self):
+        return (np.ndarray, ((10**9 * 3072,), np.dtype("u1"), b"\x00", 0, (0,)))
 
 
 @pytest.mark.parametrize("case, module, arguments, phrase", ROWS, ids=[row[0] for row in ROWS])
@@ -116,3 +176,4 @@ def test_bad_input(case, module, arguments, phrase, files, tmp_path):
     assert "Traceback" not in result.stderr and result.stdout == ""
     assert not out.exists() and not (tmp_path / "diagnostics").exists()
     assert not Path(files["marker"]).exists()  # no file ever ran code
+    assert Path(files["victim"]).read_text() == "keep me"  # the lock never writes through a link

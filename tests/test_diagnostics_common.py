@@ -1,13 +1,15 @@
 """The shared command layer: labels that tell inputs apart, and the epochs a run contributes."""
+import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 from analyses.common import combine
-from diagnostics import common
+from diagnostics import common, responses
 from train.errors import UserError
 
 
@@ -65,3 +67,34 @@ print("unchanged")
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "unchanged" in result.stdout, result.stderr[-2000:]
+
+
+def test_the_same_checkpoint_twice_is_one_input_or_a_line_of_its_own(tiny_runs, tmp_path):
+    """A run spelled two ways (relative and absolute, through a symlink), or given with one of its epoch files,
+    counts once; its best.pt or last.pt beside it is a model line of its own: every combination runs."""
+    run = tiny_runs["resnet20"]
+    link = tmp_path / "link"
+    link.symlink_to(run)
+    relative = Path(os.path.relpath(run))
+    for inputs in ((run, relative), (run, link), (run, run / "epoch_002.pt"), (link / "epoch_001.pt", run)):
+        (source,) = common.collect_sources(args_for(*inputs))
+        assert [p.name for p in source.paths] == ["epoch_001.pt", "epoch_002.pt"]
+    sources = common.collect_sources(args_for(run, run / "best.pt", run / "last.pt"))
+    assert [s.label for s in sources] == ["resnet20", f"{run.name}/best.pt", f"{run.name}/last.pt"]
+    out = tmp_path / "out"
+    assert common.main_guard(lambda: responses.main([str(run), str(run / "best.pt"), str(link), "--n-images", "16",
+                                                     "--out", str(out)])) == 0
+    import xarray as xr
+    ds = xr.open_dataset(out / "responses.nc")
+    assert ds.model.values.tolist() == ["resnet20", f"{run.name}/best.pt"]
+
+
+def test_a_file_the_trainer_replaced_while_it_was_read_is_skipped(tiny_runs, tmp_path):
+    """--keep last deletes the previous epoch's file: a diagnostic reading a live run takes what is there."""
+    run = Path(shutil.copytree(tiny_runs["resnet20"], tmp_path / "live"))
+    args = SimpleNamespace(**vars(args_for(run)), command="responses")
+    sources = common.collect_sources(args)
+    (run / "epoch_001.pt").unlink()  # replaced between the listing and the reading
+    shutil.copy(run / "epoch_002.pt", run / "epoch_003.pt")  # and a newer one appeared
+    read = [common.epoch_of(loaded) for _, loaded in common.checkpoints(sources, args, "cpu")]
+    assert read == [2, 2]  # epoch_002.pt, then the copy named epoch_003.pt (a checkpoint of epoch 2)

@@ -1,9 +1,13 @@
 """Interruptions and concurrency: one trainer per run directory, and a diverged run keeps its last good epoch."""
+import errno
+import json
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import TINY_RUN, train_tiny
@@ -59,3 +63,99 @@ def test_divergence_after_good_epochs_keeps_the_last_good_checkpoint(tmp_path, c
     assert len(err) == 1 and "at step 5 (epoch 3)" in err[0] and "last good checkpoint" in err[0]
     assert (run / "last.pt").read_bytes() == before and not (run / "epoch_003.pt").exists()
     assert (run / "epoch_002.pt").exists()
+
+
+def test_sigterm_ends_the_trainer_in_one_line_and_keeps_what_was_done(tmp_path):
+    out = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, "-m", "train", "--model", "resnet20", "--out", str(out), *TINY_RUN,
+                                "--epochs", "50"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (out / "last.pt").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    process.terminate()
+    _, err = process.communicate(timeout=120)
+    lines = err.strip().splitlines()
+    assert process.returncode == 143 and len(lines) == 1, err
+    assert lines[0].startswith(f"error: interrupted; {out / 'last.pt'} keeps epoch ") and "--resume" in lines[0]
+    assert not list(out.glob(".*.tmp"))  # nothing half-written
+    epoch = torch.load(out / "last.pt", weights_only=True)["epoch"]
+    assert (out / f"epoch_{epoch:03d}.pt").exists()
+
+
+def test_a_run_killed_in_its_first_epoch_starts_again_either_way(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text("{}")  # what a run killed before its first epoch ended leaves
+    (out / ".last.pt.abc123.tmp").write_bytes(b"half a checkpoint")
+    assert train_main(["--model", "resnet20", "--out", str(out), *TINY_RUN, "--epochs", "1"]) == 0
+    assert (out / "last.pt").exists() and not list(out.glob(".*.tmp"))
+    other = tmp_path / "other"
+    other.mkdir()
+    config = json.loads((out / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "out": str(other)}))
+    capsys.readouterr()
+    assert train_main(["--resume", str(other)]) == 0  # nothing to continue: it trains from step 0
+    assert "training it again from step 0" in capsys.readouterr().out
+    assert torch.load(other / "last.pt", weights_only=True)["epoch"] == 1
+
+
+def test_a_run_resumes_from_another_working_directory(cifar10_dir, tmp_path):
+    """Trained with a relative --data-dir and --out, resumed from elsewhere: the run stored absolute paths."""
+    here, elsewhere = cifar10_dir, tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    first = subprocess.run([sys.executable, "-m", "train", "--model", "resnet20", "--dataset", "cifar10",
+                            "--data-dir", ".", "--out", "run", "--batch-size", "50", "--epochs", "1",
+                            "--precision", "fp32"], cwd=here, capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert first.returncode == 0, first.stderr
+    last = torch.load(here / "run" / "last.pt", weights_only=True)
+    assert last["config"]["data_dir"] == str(here) and last["config"]["out"] == str(here / "run")
+    last["config"].update(epochs=2, total_epochs=2, total_steps=4)
+    torch.save(last, here / "run" / "last.pt")
+    resumed = subprocess.run([sys.executable, "-m", "train", "--resume", str(here / "run")], cwd=elsewhere,
+                             capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert resumed.returncode == 0, resumed.stderr
+    assert torch.load(here / "run" / "last.pt", weights_only=True)["epoch"] == 2
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 3 MiB file system (tmpfs; needs root): a resnet20 checkpoint fits, the second epoch's files do not."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (not root); the full-disk path is also tested in-process")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_full_disk_is_one_line_and_leaves_the_last_good_files(tiny_disk, capsys):
+    out = tiny_disk / "run"
+    code = train_main(["--model", "resnet20", "--out", str(out), *TINY_RUN, "--epochs", "3", "--monitor-every", "0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "no space left on the disk while writing" in err[0], err
+    assert "--resume" in err[0] and not list(out.glob(".*.tmp"))
+    for name in ("metrics.csv", "config.json"):
+        if (out / name).exists():
+            (out / name).read_text()  # whole, readable files
+    if (out / "last.pt").exists():
+        torch.load(out / "last.pt", weights_only=True)
+
+
+def test_a_full_disk_during_a_diagnostic_writes_nothing(tiny_runs, tmp_path, monkeypatch, capsys):
+    """ENOSPC at the flush of the dataset, simulated: one line, no file, no temporary, no empty folder."""
+    from diagnostics import responses
+    from diagnostics.common import main_guard
+
+    real_fsync = os.fsync
+
+    def full(descriptor):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    out = tmp_path / "new" / "out"
+    code = main_guard(lambda: responses.main([str(tiny_runs["resnet20"]), "--n-images", "16", "--out", str(out)]))
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "no space left" in err[0]
+    assert not (tmp_path / "new").exists()

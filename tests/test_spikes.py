@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import xarray as xr
 
-from analyses.bn import BNStatistics, recalibrate_bn, running_statistics
+from analyses.bn import BNStatistics, running_statistics
 from analyses.spikes import (amplification, cause_of, diagnose_checkpoint, excess_and_share, find_spikes, gap_mask,
                              jackknife_share, repair, spike_diagnosis)
 from conftest import assert_no_hooks, train_tiny

@@ -5,9 +5,12 @@ numbers, bools and None. Nothing in a file can run code when we load it. Files o
 `state_dict`, akamaster's CIFAR ResNets, torchvision's ResNets) are accepted with an explicit model name; their
 keys are mapped onto ours here, once, before the model sees them.
 """
+import errno
+import math
 import os
 import pickle
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -26,7 +29,7 @@ import models
 from . import schema
 from .config import config_from_dict
 from .data import DatasetSpec, get_spec
-from .errors import UserError
+from .errors import DiskFull, UserError
 
 FORMAT = "resnet-diagnostics/1"
 FORMAT_VERSION = 1
@@ -37,9 +40,12 @@ os.umask(_UMASK)
 @contextmanager
 def atomic_path(path):
     """Yield a temporary path beside `path`; on success it replaces `path` whole, on any failure it vanishes,
-    so a reader finds the old file or the new one, never half of one."""
+    so a reader finds the old file or the new one, never half of one. A full disk is `DiskFull`, one line."""
     path = Path(path)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise _as_user_error(exc, path) from None
     os.close(handle)
     try:
         yield Path(temporary)
@@ -47,10 +53,34 @@ def atomic_path(path):
             os.fsync(file.fileno())
         os.chmod(temporary, 0o666 & ~_UMASK)  # mkstemp makes files private; outputs are ordinary files
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as exc:
+        full = isinstance(exc, Exception) and _disk_full(exc, path.parent)  # before the temporary frees its space
         with suppress(FileNotFoundError):
             os.unlink(temporary)
+        if full:
+            raise _as_user_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), path) from None
         raise
+
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _disk_full(exc: Exception, folder: Path) -> bool:
+    """Did a write fail for want of space? torch.save and netCDF do not say so in their errors (a failed
+    enforce, a permission error), so the folder's free space decides when the errno does not."""
+    if isinstance(exc, OSError) and exc.errno in _NO_SPACE:
+        return True
+    try:
+        return shutil.disk_usage(folder).free < 1 << 20
+    except OSError:
+        return False
+
+
+def _as_user_error(exc: OSError, path: Path) -> UserError:
+    if exc.errno in _NO_SPACE:
+        return DiskFull(f"no space left on the disk while writing {path} ({exc.strerror}); nothing half-written "
+                        f"was left and the previous {path.name}, if any, is intact: free some space and run again")
+    return UserError(f"cannot write {path} ({exc.strerror or exc}); choose another output folder")
 
 
 def check_writable(folder) -> None:
@@ -293,6 +323,8 @@ def load(path, model_name: str | None = None, dataset: str | None = None, mean=N
     if mean is not None or std is not None:
         if mean is None or std is None or len(mean) != spec.in_channels or len(std) != spec.in_channels:
             raise UserError(f"--mean and --std need {spec.in_channels} value(s) each, for the dataset's channels")
+        if not all(math.isfinite(v) for v in (*mean, *std)) or min(std) <= 0:
+            raise UserError("--mean must be finite numbers and --std positive ones")
         spec = replace(spec, mean=tuple(mean), std=tuple(std))
     model.to(device).eval()
     return Loaded(model, name, kwargs, models.label(name, kwargs), spec, str(path), **extra)

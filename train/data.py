@@ -118,11 +118,17 @@ class _ArrayUnpickler(pickle.Unpickler):
 
 
 def _read_cifar_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
+    size = path.stat().st_size
     try:
         with open(path, "rb") as file:
             batch = _ArrayUnpickler(file, encoding="bytes").load()
         batch = {key.decode() if isinstance(key, bytes) else key: value for key, value in batch.items()}
-        data = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        for key, value in batch.items():  # a view can claim far more than the file holds (zero strides)
+            if isinstance(value, np.ndarray) and value.nbytes > size:
+                raise ValueError(f"its {key!r} claims {value.nbytes:,} bytes in a file of {size:,}")
+        if not isinstance(batch["data"], np.ndarray) or batch["data"].dtype != np.uint8 or batch["data"].size % 3072:
+            raise ValueError("its data is not an array of 32x32 RGB images in bytes")
+        data = np.ascontiguousarray(batch["data"]).reshape(-1, 3, 32, 32)
         labels = np.asarray(batch[label_key], dtype=np.int64)
     except Exception as exc:  # any defect of a file the user supplied is bad input, not a bug
         raise UserError(f"{path} is not a CIFAR batch file ({exc}); delete it and run again to download "

@@ -10,6 +10,10 @@ class UserError(Exception):
     """Bad input or usage. The message is one line that says what is wrong and what to do."""
 
 
+class DiskFull(UserError):
+    """A write failed for want of space (or quota); the file it was replacing is intact."""
+
+
 class TrainingDiverged(Exception):
     """The loss became NaN or infinite; the message names the step and the checkpoint kept."""
 
@@ -42,6 +46,13 @@ def positive_int(text: str) -> int:
 
 def non_negative_int(text: str) -> int:
     return integer(text, 0)
+
+
+def positive_float(text: str) -> float:
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number")
+    return value
 
 
 def finite_float(text: str) -> float:

@@ -58,6 +58,13 @@ class Progress:
                 self.last_line = now
                 print(self.line(now), file=sys.stderr, flush=True)
 
+    def set_total(self, total: int) -> None:
+        """The amount of work changed (a live run's files were listed again)."""
+        self.total = total
+        if self.bar is not None:
+            self.bar.total = total
+            self.bar.refresh()
+
     def line(self, now: float | None = None) -> str:
         """`desc: count/total units (percent), elapsed, about ... left`."""
         elapsed = (now if now is not None else time.monotonic()) - self.started

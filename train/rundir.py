@@ -8,6 +8,7 @@ import csv
 import errno
 import fcntl
 import json
+import math
 import os
 import re
 import stat
@@ -93,6 +94,20 @@ def write_csv(path, columns: list[str], rows: list[list]) -> None:
             writer.writerows(rows)
 
 
+def _plausible(column: str, value: float) -> bool:
+    """What the trainer can write in a column: counts are whole and positive, accuracies fractions, times and
+    the learning rate finite and not negative; a loss may be anything (a diverged evaluation is NaN)."""
+    if column in ("train_loss", "val_loss"):
+        return True
+    if column in ("epoch", "step"):
+        return value.is_integer() and 1 <= value <= 2**62
+    if column == "bn_warnings":
+        return value.is_integer() and 0 <= value <= 2**62
+    if column in ("train_acc", "val_acc"):
+        return 0 <= value <= 1
+    return math.isfinite(value) and value >= 0
+
+
 def read_metrics(run_dir) -> dict[str, list]:
     """metrics.csv as one list per column of METRICS (bn_warnings 0 where an older run has none); other
     columns are ignored, a missing or damaged one refused."""
@@ -119,9 +134,10 @@ def read_metrics(run_dir) -> dict[str, list]:
             if len(row) != len(header):
                 raise ValueError(f"{len(row)} fields instead of {len(header)}")
             for column, position in positions.items():
-                history[column].append(float(row[position]))
-            if not float(row[positions["epoch"]]).is_integer() or history["epoch"][-1] < 1:
-                raise ValueError(f"epoch {row[positions['epoch']]!r} is not a positive whole number")
+                value = float(row[position])
+                if not _plausible(column, value):
+                    raise ValueError(f"{column} {row[position]!r} is out of range")
+                history[column].append(value)
         except ValueError as exc:
             raise UserError(f"{path} line {line} is damaged ({str(exc)[:100]}); the file is truncated or was "
                             "edited: copy the run again") from None

@@ -157,8 +157,8 @@ def check_resumable(state: dict, path) -> None:
     buffers) is checked against the rebuilt objects in `check_against`."""
     check_own(state, path)
     epoch, step = state.get("epoch"), state.get("step")
-    if not _integer(epoch, 1) or not _integer(step, 1) or state.get("config") is None:
-        raise damaged(path, "is not resumable (no epoch, step or config)")
+    if not _integer(epoch, 1) or not _integer(step, 1) or state.get("config") is None or "history" not in state:
+        raise damaged(path, "is not resumable (no epoch, step, config or history)")
     optimizer = state.get("optimizer")
     if not (isinstance(optimizer, dict) and isinstance(optimizer.get("state"), dict)
             and isinstance(optimizer.get("param_groups"), list) and optimizer["param_groups"]

@@ -24,7 +24,7 @@ from . import checkpoint as ckpt
 from . import rundir, schema
 from .config import Config, config_from_dict, lr_factor, validate
 from .data import EvalBatches, TrainBatches, augmented_once, get_spec, load_split, recalibration_inputs
-from .errors import TrainingDiverged, UserError
+from .errors import DiskFull, TrainingDiverged, UserError
 from .progress import Progress
 
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -286,8 +286,12 @@ def run(config: Config, resume: dict | None = None, lock=None) -> Path:
                                 "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []}}
                 if monitor is not None:
                     full["monitor"] = monitor.state_dict()
-                save_epoch_files(run_dir, state, full, config, epoch, is_best=val_acc > best_acc, metrics=history,
-                                 steps=step_rows, monitor=monitor)
+                try:
+                    save_epoch_files(run_dir, state, full, config, epoch, is_best=val_acc > best_acc,
+                                     metrics=history, steps=step_rows, monitor=monitor)
+                except DiskFull as exc:
+                    raise DiskFull(f"{exc}; epoch {epoch} will be trained again by python -m train --resume "
+                                   f"{run_dir}") from None
                 best_acc = max(best_acc, val_acc)
                 progress.write(f"epoch {epoch}/{config.total_epochs}  step {step}  train_loss {row['train_loss']:.4f}  "
                                f"train_acc {train_acc:.2%}  val_loss {val_loss:.4f}  val_acc {val_acc:.2%}  "
