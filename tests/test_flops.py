@@ -19,6 +19,7 @@ from diagnostics import common
 from diagnostics import curves as curves_command
 from diagnostics.flops import LEGEND, main
 from models.resnet import BasicBlock, Bottleneck
+from test_attributions import XARRAY_KEYWORDS
 
 ROOT = Path(__file__).resolve().parents[1]
 CONV3X3_16 = 16 * 16 * 9 * 32 * 32  # = 32*32*9*16*16 = 64*64*9*8*8: every 3x3 layer but a stage's first, 2,359,296
@@ -172,6 +173,7 @@ def test_command_on_a_run_and_a_model_name(tiny_runs, tmp_path):
                                          "758.22"]
     ds = xr.open_dataset(out / "flops.nc")
     assert ds.model.values.tolist() == ["resnet20", "resnet110"] and "epoch" not in ds.dims
+    assert set(ds.dims) == {"model", "depth", "operator"} and not set(ds.dims) & XARRAY_KEYWORDS
     # The synthetic dataset has 4 classes: the run's fc costs 64 x 4; resnet110 is built for CIFAR-10.
     assert ds.conv_fc_flops.values.tolist() == [cifar_conv_fc(3) - 64 * 6, cifar_conv_fc(18)]
     assert ds.total_flops_torch.values.tolist() == ds.conv_fc_flops.values.tolist()
