@@ -32,16 +32,18 @@ def _summaries(early: int) -> dict:
         "early_val_acc_std": (f"population std of validation accuracy over the first {early} epochs", "1"),
         "seconds_per_epoch": ("median wall-clock seconds per epoch, validation included", "s"),
         "params": ("trainable and fixed parameters", "1"),
-        "flops": ("forward FLOPs per image (fvcore: one multiply-add counts 1)", "1"),
+        "flops": ("multiply-adds per image of one forward pass through the convolutions and fc layers (He et "
+                  "al.'s FLOPs; BN, pooling and additions not counted)", "multiply-adds"),
     }
 
 
 def definition(early: int) -> str:
     return ("training and validation loss and accuracy per epoch as the trainer logged them (metrics.csv); per "
             "run the highest and the last validation accuracy, the mean and population std of validation "
-            f"accuracy over the first {early} epochs, the median seconds per epoch, parameters and forward FLOPs "
-            "per image; runs whose options differ only in seed form a group, summarised by the mean and the "
-            "sample std (ddof=1) over its runs")
+            f"accuracy over the first {early} epochs, the median seconds per epoch, parameters and the "
+            "multiply-adds per image of a forward pass through the convolutions and fc layers; runs whose "
+            "options differ only in seed form a group, summarised by the mean and the sample std (ddof=1) over its "
+            "runs")
 
 
 def run_summary(history: dict[str, list], early: int) -> dict[str, float]:

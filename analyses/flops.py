@@ -1,12 +1,20 @@
-"""Cost of a forward pass: multiply-adds and parameters per module (He et al. 2016, Sec. 3.3 and 4.2).
+"""Cost of a model: multiply-adds and parameters per module (He et al. 2016, Sec. 3.3 and 4.2), per image.
 
-fvcore's `FlopCountAnalysis` traces one forward pass and counts each operator it knows: a convolution or a
-linear layer costs its multiply-adds (bias excluded), an eval-mode BatchNorm 2 per output element (scale and
-shift), adaptive average pooling 1 per input element; ReLU, padding and slicing are free by its rules, and the
-shortcut additions are operators it does not count. The same pass under PyTorch's `FlopCounterMode`, which
-counts only convolutions and matrix products at 2 flops per multiply-add, cross-checks the convolution and
-linear totals. Counting needs no data: fvcore traces the model on zeros in eval mode, FlopCounterMode runs it on
-meta tensors (shapes only).
+Each count says what it counts:
+- `conv_fc_flops`: the multiply-adds of the convolutions and fc layers of one forward pass, bias excluded: the
+  "FLOPs (multiply-adds)" of He et al.'s cost comparisons.
+- `total_flops`: fvcore's total, which adds to those an eval-mode BatchNorm's 2 operations per output element
+  (scale and shift) and adaptive average pooling's 1 per input element; ReLU, padding and slicing are free by
+  its rules, and the shortcut additions are operators it does not count. Not multiply-adds: a mix of operations.
+- `total_flops_torch`: PyTorch's `FlopCounterMode` on the same forward pass, which counts only convolutions and
+  matrix products at 2 flops per multiply-add, halved: a cross-check of `conv_fc_flops`.
+- `train_conv_fc_flops`: a training step by the usual convention, forward + backward = 3 x `conv_fc_flops`
+  (the backward pass computes the gradients of each layer's input and of its weights, each as costly as the
+  forward product).
+- `train_flops_torch`: the same measured by `FlopCounterMode` over a training-mode forward and the backward of
+  the summed logits, halved; it is a little below the convention, as no gradient of the input image is needed.
+Counting needs no data: fvcore traces the model on zeros in eval mode, FlopCounterMode runs it on meta tensors
+(shapes only).
 """
 from collections import Counter
 
@@ -22,13 +30,18 @@ from .common import attrs, layer_coords, model_device, preserved_state, variable
 # fvcore's names of the operators that are multiply-adds of a weight with the input, as FlopCounterMode's are.
 MATRIX_OPERATORS = ("conv", "linear", "addmm", "mm", "matmul", "bmm", "einsum")
 
-DEFINITION = ("multiply-adds of one forward pass per image in eval mode, counted by fvcore's FlopCountAnalysis "
-              "(one multiply-add = one flop: convolutions and linear layers their multiply-adds without bias, "
-              "eval-mode BatchNorm 2 per output element, adaptive average pooling 1 per input element, ReLU, "
-              "padding and additions 0) and assigned to the module whose forward runs the operator, with the "
-              "parameters each module holds itself; conv_fc_flops is the part from convolutions and matrix "
-              "products, and total_flops_torch is torch.utils.flop_counter.FlopCounterMode's total divided by 2, "
-              "as it counts 2 flops per multiply-add and only convolutions and matrix products")
+FVCORE_UNITS = "fvcore flops (a multiply-add counts 1)"
+DEFINITION = ("operations per image of one eval-mode forward pass counted by fvcore's FlopCountAnalysis (a "
+              "multiply-add of a convolution or linear layer counts 1, bias excluded; eval-mode BatchNorm 2 per "
+              "output element; adaptive average pooling 1 per input element; ReLU, padding and additions 0) and "
+              "assigned to the module whose forward runs the operator, with the parameters each module holds "
+              "itself; conv_fc_flops = the multiply-adds of convolutions and matrix products alone (He et al.'s "
+              "FLOPs), total_flops = fvcore's total of every counted operator, total_flops_torch = "
+              "torch.utils.flop_counter.FlopCounterMode's flops of the same forward pass / 2 (it counts 2 per "
+              "multiply-add, convolutions and matrix products only); per training step, train_conv_fc_flops = 3 x "
+              "conv_fc_flops (forward + backward, the backward computing input and weight gradients at one forward "
+              "each, by convention) and train_flops_torch = FlopCounterMode's flops of a training-mode forward and "
+              "the backward of the summed logits / 2 (every parameter trained, no gradient for the input)")
 
 
 def _zeros(model: nn.Module, input_shape) -> torch.Tensor:
@@ -45,14 +58,19 @@ def _fvcore_counts(model: nn.Module, x: torch.Tensor) -> tuple[dict[str, Counter
     return analysis.by_module_and_operator(), analysis.unsupported_ops()
 
 
-@torch.no_grad()
-def _torch_total(model: nn.Module, x: torch.Tensor) -> int:
-    """FlopCounterMode's flops, run on meta tensors: shapes alone decide the count, so nothing is computed."""
-    meta = {name: torch.empty_like(tensor, device="meta")
-            for name, tensor in [*model.named_parameters(), *model.named_buffers()]}
-    with FlopCounterMode(display=False) as counter:
-        torch.func.functional_call(model, meta, (x.to("meta"),))
-    return counter.get_total_flops()
+def _torch_counts(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
+    """FlopCounterMode's flops of a training-mode forward pass and of the backward of its summed logits, on meta
+    tensors: shapes alone decide the count, so nothing is computed and the model's own tensors are not touched.
+    Convolutions and matrix products cost the same in either mode, so the forward count is eval mode's too."""
+    parameters = {name: torch.empty_like(tensor, device="meta").requires_grad_()
+                  for name, tensor in model.named_parameters()}
+    buffers = {name: torch.empty_like(tensor, device="meta") for name, tensor in model.named_buffers()}
+    model.train()
+    with FlopCounterMode(display=False) as forward:
+        logits = torch.func.functional_call(model, {**parameters, **buffers}, (x.to("meta"),))
+    with FlopCounterMode(display=False) as backward:
+        logits.sum().backward()
+    return forward.get_total_flops(), backward.get_total_flops()
 
 
 def _own_counts(model: nn.Module, by_module: dict[str, Counter]) -> tuple[list[str], dict, Counter]:
@@ -74,7 +92,8 @@ def _own_counts(model: nn.Module, by_module: dict[str, Counter]) -> tuple[list[s
 
 
 def flop_count(model: nn.Module, input_shape=(1, 3, 32, 32), *, checkpoint=None, dataset=None) -> xr.Dataset:
-    """Multiply-adds (fvcore) and parameters per module, per operator and in total, per image.
+    """Operations (fvcore) and parameters per module, per operator and in total, and the multiply-adds of the
+    convolutions and fc layers forward and per training step (see the module's docstring), per image.
 
     `input_shape` is the traced batch `(batch, channels, height, width)`; every count is divided by `batch`.
     The model is left as it came: modes restored, no hook left, weights untouched.
@@ -83,7 +102,7 @@ def flop_count(model: nn.Module, input_shape=(1, 3, 32, 32), *, checkpoint=None,
         model.eval()
         x = _zeros(model, input_shape)
         by_module, unsupported = _fvcore_counts(model, x)
-        torch_total = _torch_total(model, x)
+        torch_forward, torch_backward = _torch_counts(model, x)
     batch = x.shape[0]
     layers, own_flops, own_params = _own_counts(model, by_module)
     modules = dict(model.named_modules())
@@ -96,19 +115,29 @@ def flop_count(model: nn.Module, input_shape=(1, 3, 32, 32), *, checkpoint=None,
     return xr.Dataset(
         {
             "flops": variable("depth", np.array([own_flops[n] // batch for n in layers], dtype=np.int64),
-                              "multiply-adds per image (fvcore)", "multiply-adds"),
+                              "operations per image in the module's own forward, as fvcore counts them (conv "
+                              "and fc: multiply-adds; BN: 2 per output element; pooling: 1 per input element)",
+                              FVCORE_UNITS),
             "params": variable("depth", np.array([own_params[n] for n in layers], dtype=np.int64),
                                "parameters", "1"),
             "flops_by_operator": variable("operator", np.array([by_operator[op] // batch for op in operators],
                                                                dtype=np.int64),
-                                          "multiply-adds per image by operator (fvcore)", "multiply-adds"),
-            "total_flops": variable((), sum(by_operator.values()) // batch, "flops per image of every operator "
-                                    "fvcore counts (conv and fc multiply-adds, BN and pooling operations)", "flops"),
-            "conv_fc_flops": variable((), conv_fc // batch,
-                                      "multiply-adds per image of convolutions and matrix products (fvcore)",
-                                      "multiply-adds"),
-            "total_flops_torch": variable((), torch_total // 2 // batch,
-                                          "multiply-adds per image (FlopCounterMode flops / 2)", "multiply-adds"),
+                                          "operations per image by operator, as fvcore counts them", FVCORE_UNITS),
+            "total_flops": variable((), sum(by_operator.values()) // batch, "operations per image of every "
+                                    "operator fvcore counts: conv and fc multiply-adds plus BN and pooling "
+                                    "operations", FVCORE_UNITS),
+            "conv_fc_flops": variable((), conv_fc // batch, "multiply-adds per image of the convolutions and fc "
+                                      "layers, forward (fvcore; He et al.'s FLOPs)", "multiply-adds"),
+            "total_flops_torch": variable((), torch_forward // 2 // batch, "multiply-adds per image of the "
+                                          "convolutions and matrix products, forward (FlopCounterMode flops / 2)",
+                                          "multiply-adds"),
+            "train_conv_fc_flops": variable((), 3 * (conv_fc // batch), "multiply-adds per image of a training "
+                                            "step through the convolutions and fc layers by convention: forward + "
+                                            "backward = 3 x conv_fc_flops", "multiply-adds"),
+            "train_flops_torch": variable((), (torch_forward + torch_backward) // 2 // batch, "multiply-adds per "
+                                          "image of a training step through the convolutions and matrix products, "
+                                          "forward + backward as FlopCounterMode counts them (flops / 2)",
+                                          "multiply-adds"),
             "total_params": variable((), sum(own_params.values()), "parameters", "1"),
         },
         coords=coords,

@@ -1,30 +1,35 @@
-"""`python -m diagnostics.attributions CKPT_OR_RUN [...] [--method ig saliency gradcam] [--target label|prediction]
-[--steps N]`: where each model looks on the first --n-images of the split (Captum's Integrated Gradients,
-Saliency and Grad-CAM on the last stage), and how faithful each map is (deletion AUC, lower is better, against
-a random order). A run directory stands for its last epoch checkpoint unless --epochs names one epoch."""
+"""`python -m diagnostics.attributions CKPT_OR_RUN [...] [--explainer ig saliency gradcam] [--target
+label|prediction] [--steps N]`: where each model looks on the first --n-images of the split (Captum's Integrated
+Gradients, Saliency and Grad-CAM on the last feature map larger than 1x1), and how faithful each map is:
+Petsiuk et al.'s deletion AUC (lower is better) and insertion AUC (higher is better) of the explained class's
+probability, mean ± standard error over the images, against a random order. A run directory stands for its
+last epoch checkpoint unless --epochs names one epoch."""
 import sys
 
 import numpy as np
 import torch
 from matplotlib.colors import Normalize, TwoSlopeNorm
 
-from analyses.attributions import METHODS, TARGETS, attributions, combine_models, definition
+from analyses.attributions import EXPLAINERS, TARGETS, attributions, combine_models, definition
 from analyses.common import attrs
 from train.errors import UserError, positive_int
 from train.progress import track
 
 from . import common, plotting
 
-TITLES = {"ig": "IG", "saliency": "Saliency", "gradcam": "Grad-CAM"}
+TITLES = {"ig": "IG", "saliency": "Saliency", "gradcam": "Grad-CAM", "random": "random order"}
 COLOURMAPS = {"ig": "RdBu_r", "saliency": "magma", "gradcam": "magma"}  # IG is signed: diverging around 0
+CURVE_STYLES = {"ig": {"color": "#1f77b4"}, "saliency": {"color": "#9467bd"}, "gradcam": {"color": "#ff7f0e"},
+                "random": {"color": "0.45", "linestyle": "--"}}
 RIGHT, WRONG = "#1a7f37", "#c62828"
 
 
 def parse(argv):
     p = common.parser("attributions", __doc__, n_images=8)
     p.set_defaults(epochs="last")
-    p.add_argument("--method", nargs="+", action="extend", choices=METHODS, metavar="METHOD",
-                   help=f"any of {', '.join(METHODS)}, given together or repeated (default: all)")
+    p.add_argument("--explainer", "--method", dest="explainer", nargs="+", action="extend", choices=EXPLAINERS,
+                   metavar="EXPLAINER", help=f"any of {', '.join(EXPLAINERS)}, given together or repeated "
+                   "(default: all)")
     p.add_argument("--target", choices=TARGETS, default="prediction",
                    help="the class whose logit is explained: the model's prediction (default; deletion then "
                    "measures agreement with its own decision, so models of different accuracy compare) or the "
@@ -62,90 +67,157 @@ def _show_image(axis, image: np.ndarray) -> None:
         axis.imshow(np.clip(image.transpose(1, 2, 0), 0, 1))
 
 
-def _show_map(axis, image: np.ndarray, values: np.ndarray, method: str) -> None:
+def _show_map(axis, image: np.ndarray, values: np.ndarray, explainer: str) -> None:
     """The map over a faint grey copy of the image, each map on its own scale (its 99th percentile of |value|)."""
     axis.imshow(image.mean(0), cmap="gray", vmin=0, vmax=1, alpha=0.35)
     top = float(np.percentile(np.abs(values), 99)) or float(np.abs(values).max()) or 1.0
-    norm = TwoSlopeNorm(0, -top, top) if method == "ig" else Normalize(0, top)
-    axis.imshow(values, cmap=COLOURMAPS[method], norm=norm, alpha=0.8)
+    norm = TwoSlopeNorm(0, -top, top) if explainer == "ig" else Normalize(0, top)
+    axis.imshow(values, cmap=COLOURMAPS[explainer], norm=norm, alpha=0.8)
+
+
+def auc_text(ds, curve: str, label: str, explainer: str, digits: int = 2) -> str:
+    """`mean ± sem` of one model's deletion or insertion AUC for one explainer."""
+    where = {"model": label, "explainer": explainer}
+    mean, sem = (ds[f"{curve}_auc_{statistic}"].sel(where).item() for statistic in ("mean", "sem"))
+    return f"{mean:.{digits}f} ± {sem:.{digits}f}"
+
+
+def _header(fig, cell, ds, label: str, explainers: list[str], layer: str) -> None:
+    """A model's name, Grad-CAM's layer, the random order's scores, and each explainer's above its column."""
+    header = fig.add_subplot(cell)
+    header.axis("off")
+    lines = [f"AUC ± s.e.m. over {ds.sizes['sample']} images;", "deletion: lower is better, insertion: higher",
+             f"random order: del {auc_text(ds, 'deletion', label, 'random')}, "
+             f"ins {auc_text(ds, 'insertion', label, 'random')}"]
+    if "gradcam" in explainers:
+        lines.insert(0, f"Grad-CAM at {layer}")
+    header.text(0.5, 1.0, label, ha="center", va="top", fontweight="bold", transform=header.transAxes)
+    header.text(0.5, 0.8, "\n".join(lines), ha="center", va="top", fontsize=5, transform=header.transAxes)
+    for m, explainer in enumerate(explainers):
+        scores = [f"{short} {auc_text(ds, curve, label, explainer)}" for short, curve in (("del", "deletion"),
+                                                                                            ("ins", "insertion"))]
+        header.text((m + 0.5) / len(explainers), 0.0, "\n".join([TITLES[explainer], *scores]), ha="center",
+                    va="bottom", fontsize=6, transform=header.transAxes)
+
+
+def _curves(axis, ds, label: str, curve: str) -> None:
+    """One model's deletion or insertion curves, the mean over the images of each explainer and of random."""
+    for explainer in ds.explainer.values:
+        mean = ds[f"{curve}_probability"].sel(model=label, explainer=explainer).mean("sample")
+        axis.plot(100 * ds.fraction, mean, label=TITLES[str(explainer)], **CURVE_STYLES[str(explainer)])
+    axis.set_ylim(0, 1)
+    axis.set_xlim(0, 100)
+    axis.set_xticks([0, 25, 50, 75, 100])
+    axis.grid(True)
+    better = "lower" if curve == "deletion" else "higher"
+    axis.set_title(f"{curve} (area: {better} is better)", loc="left", fontsize=6, pad=2)
 
 
 @plotting.styled
 def figure(ds):
     """Rows: images (true class on top); columns: the image, then each model's maps, its prediction on top
-    (green right, red wrong); the header holds each method's deletion AUC and the model's random reference.
+    (green right, red wrong); the header holds each explainer's deletion and insertion AUC (mean ± s.e.m.) and
+    the model's random reference; the last two rows are each model's mean deletion and insertion curves.
     Full page width, or narrower where few columns would make the cells larger than 1.1 inches."""
-    labels, methods = [str(m) for m in ds.model.values], [str(m) for m in ds.method.values if m != "random"]
+    labels = [str(m) for m in ds.model.values]
+    explainers = [str(e) for e in ds.explainer.values if e != "random"]
+    layers = dict(zip(labels, _per_model(ds.attrs["gradcam_layer"], labels)))
+    shapes = dict(zip(labels, _per_model(ds.attrs["gradcam_layer_shape"], labels)))
     names, n = ds.class_name.values, ds.sizes["sample"]
-    # grid columns: the image, then per model a narrow gap and its methods
-    widths = [1.0] + ([0.2] + [1.0] * len(methods)) * len(labels)
+    # grid columns: the image, then per model a narrow gap and its explainers
+    widths = [1.0] + ([0.2] + [1.0] * len(explainers)) * len(labels)
+    heights = [1.1] + [1] * n + [1.1, 1.1]  # header, images, the two curve rows
     cell = min(plotting.FULL_WIDTH / (sum(widths) * 1.05), 1.1)  # inches; wspace: 5% of a cell between columns
-    fig = plotting.plt.figure(figsize=(cell * sum(widths) * 1.05, cell * (1.25 * n + 1)))
-    grid = fig.add_gridspec(n + 1, len(widths), width_ratios=widths, height_ratios=[0.75] + [1] * n,
+    fig = plotting.plt.figure(figsize=(cell * sum(widths) * 1.05, cell * sum(heights) * 1.25))
+    grid = fig.add_gridspec(len(heights), len(widths), width_ratios=widths, height_ratios=heights,
                             left=0, right=1, bottom=0, top=1, hspace=0.25, wspace=0.05)
-    columns = {(label, method): 2 + m + k * (len(methods) + 1)
-               for k, label in enumerate(labels) for m, method in enumerate(methods)}
+    columns = {(label, explainer): 2 + m + k * (len(explainers) + 1)
+               for k, label in enumerate(labels) for m, explainer in enumerate(explainers)}
+    pictures, bottom_left = [], None
     for k, label in enumerate(labels):
-        first = columns[label, methods[0]]
-        header = fig.add_subplot(grid[0, first:first + len(methods)])
-        header.axis("off")
-        random = ds.deletion_auc.sel({"model": label, "method": "random"}).item()
-        header.text(0.5, 0.62, label, ha="center", fontweight="bold", transform=header.transAxes)
-        header.text(0.5, 0.42, f"deletion AUC (random order {random:.2f})", ha="center", fontsize=6,
-                    transform=header.transAxes)
-        for m, method in enumerate(methods):
-            auc = ds.deletion_auc.sel({"model": label, "method": method}).item()
-            header.text((m + 0.5) / len(methods), 0.0, f"{TITLES[method]}\n{auc:.2f}",
-                        ha="center", va="bottom", transform=header.transAxes)
+        first = columns[label, explainers[0]]
+        span = slice(first, first + len(explainers))
+        _header(fig, grid[0, span], ds, label, explainers, f"{layers[label]} ({shapes[label]} map)")
+        deletion = fig.add_subplot(grid[n + 1, span])
+        insertion = fig.add_subplot(grid[n + 2, span], sharex=deletion, sharey=deletion)
+        _curves(deletion, ds, label, "deletion")
+        _curves(insertion, ds, label, "insertion")
+        deletion.tick_params(labelbottom=False)
+        insertion.set_xlabel("pixels deleted or inserted, most important first (%)")
+        if k == 0:
+            deletion.set_ylabel("p(explained class)")
+            insertion.set_ylabel("p(explained class)")
+            bottom_left = insertion
+        else:
+            deletion.tick_params(labelleft=False)
+            insertion.tick_params(labelleft=False)
     for row in range(n):
         image, truth = ds.image.isel(sample=row).values, int(ds.label.isel(sample=row))
         axis = fig.add_subplot(grid[row + 1, 0])
+        pictures.append(axis)
         _show_image(axis, image)
         axis.set_title(f"true: {names[truth]}", loc="left", fontsize=6)
-        for (label, method), col in columns.items():
+        for (label, explainer), col in columns.items():
             axis = fig.add_subplot(grid[row + 1, col])
-            _show_map(axis, image, ds.attribution.sel({"model": label, "method": method}).values[row], method)
-            if method == methods[0]:
+            pictures.append(axis)
+            _show_map(axis, image, ds.attribution.sel(model=label, explainer=explainer).values[row], explainer)
+            if explainer == explainers[0]:
                 predicted = int(ds.prediction.sel(model=label).isel(sample=row))
                 axis.set_title(f"pred: {names[predicted]}", loc="left", fontsize=6,
                                color=RIGHT if predicted == truth else WRONG)
-    for axis in fig.axes:
+    for axis in pictures:
         axis.set_xticks([])
         axis.set_yticks([])
     note = fig.add_subplot(grid[0, 0])
     note.axis("off")
     explained = "true" if ds.attrs["target"] == "label" else "predicted"
     note.text(0, 0, "maps on their own scale\n(99th pct of |value|)" + (
-        f"\nIG: red for, blue against\nthe {explained} class" if "ig" in methods else ""),
+        f"\nIG: red for, blue against\nthe {explained} class" if "ig" in explainers else ""),
         fontsize=5, va="bottom", transform=note.transAxes)
+    fig.legend(*deletion.get_legend_handles_labels(), loc="upper left", bbox_to_anchor=(0, -0.4),
+               bbox_transform=bottom_left.transAxes, ncol=len(ds.explainer), title="curves: mean over the images",
+               title_fontsize=6, alignment="left")  # under the x label, where it covers no data
     return fig
 
 
+def _per_model(value, labels: list[str]) -> list[str]:
+    """An attr that holds one entry per model (a list), or one string for a single model's dataset."""
+    return [str(v) for v in value] if isinstance(value, (list, tuple, np.ndarray)) else [str(value)] * len(labels)
+
+
 def print_table(ds) -> None:
-    rows = [[str(label), str(method), f"{ds.deletion_auc.sel({'model': label, 'method': method}).item():.3f}"]
-            for label in ds.model.values for method in ds.method.values]
-    common.print_table(["model", "method", "deletion AUC (lower = more faithful)"], rows)
+    print(f"AUC of the explained class's probability as 0-100% of the pixels are deleted (set to the baseline) or "
+          f"inserted (into the baseline), most important first: mean ± standard error over {ds.sizes['sample']} "
+          "images; random: a random order, the reference")
+    rows = [[str(label), str(explainer), auc_text(ds, "deletion", label, explainer, 3),
+             auc_text(ds, "insertion", label, explainer, 3)]
+            for label in ds.model.values for explainer in ds.explainer.values]
+    common.print_table(["model", "explainer", "deletion AUC (lower = more faithful)",
+                        "insertion AUC (higher = more faithful)"], rows)
 
 
 def main(argv=None) -> None:
     args = parse(argv)
-    methods = list(dict.fromkeys(args.method or METHODS))
+    explainers = list(dict.fromkeys(args.explainer or EXPLAINERS))
     device, sources, out = common.prepare(args)
     datasets = []
     for loaded, batches in track(inputs(sources, args, device), len(sources), "attributions", unit="model"):
         images, labels = (torch.cat(parts) for parts in zip(*batches))
         spec = loaded.spec
-        datasets.append(attributions(loaded.model, images, labels, methods, target=args.target, n_steps=args.steps,
-                                     batch_size=args.batch_size, mean=spec.mean, std=spec.std,
+        datasets.append(attributions(loaded.model, images, labels, explainers, target=args.target,
+                                     n_steps=args.steps, batch_size=args.batch_size, mean=spec.mean, std=spec.std,
                                      class_names=spec.classes, checkpoint=loaded.path, dataset=spec.name,
                                      split=args.split))
     first = datasets[0].attrs
     layers = [ds.attrs["gradcam_layer"] for ds in datasets]
+    shapes = [ds.attrs["gradcam_layer_shape"] for ds in datasets]
+    described = ", ".join(dict.fromkeys(f"{layer} ({shape})" for layer, shape in zip(layers, shapes)))
     ds = combine_models(datasets, [source.label for source in sources], attrs(
-        definition(methods, args.target, args.steps, ", ".join(dict.fromkeys(layers)), first["baseline"]),
+        definition(explainers, args.target, args.steps, described, first["baseline"]),
         checkpoint=[d.attrs["checkpoint"] for d in datasets], dataset=first["dataset"], split=args.split,
         n_images=first["n_images"], batch_size=args.batch_size, bn_mode="eval", target=args.target,
-        n_steps=args.steps, gradcam_layer=layers, baseline=first["baseline"], random_seed=first["random_seed"]))
+        n_steps=args.steps, gradcam_layer=layers, gradcam_layer_shape=shapes, baseline=first["baseline"],
+        insertion_start=first["insertion_start"], random_seed=first["random_seed"]))
     print_table(ds)
     common.write_outputs(out, "attributions", ds, figure(ds))
 

@@ -31,6 +31,7 @@ NOT_GROUPING = {  # options that change where or how fast a run went, not what i
     "channels_last", "deterministic", "device_used", "steps_per_epoch", "total_steps", "total_epochs"}
 TRAIN_STYLE = {"linestyle": "--", "linewidth": 0.8}  # He et al. 2016, Fig. 6: "dashed lines denote training
 VAL_STYLE = {"linestyle": "-", "linewidth": 1.6}  # error, and bold lines denote testing error"
+SUMMARY_HEADER = ["group", "runs", "best acc %", "last acc %", "early acc %", "s/epoch", "params", "conv+fc MACs"]
 
 
 def parser() -> ArgumentParser:
@@ -57,8 +58,9 @@ class Run:
 
 
 def model_cost(loaded: ckpt.Loaded) -> tuple[int, int]:
-    """(forward conv+fc multiply-adds per image, parameters) of the run's model on its dataset's images; counted
-    once per architecture (runs of one model that differ in seed are the common case)."""
+    """(multiply-adds per image of a forward pass through the convolutions and fc layers, the paper's FLOPs;
+    parameters) of the run's model on its dataset's images; counted once per architecture (runs of one model
+    that differ in seed are the common case)."""
     spec = loaded.spec
     shape = (1, spec.in_channels, spec.image_size, spec.image_size)
     key = (loaded.name, json.dumps(loaded.kwargs, sort_keys=True), shape)
@@ -181,9 +183,9 @@ def main(argv=None) -> None:
                          dataset=sorted({str(run.config.get("dataset")) for run in runs}))
     early = min(args.early, max(len(run.history["epoch"]) for run in runs))
     print(f"early: validation accuracy over epochs 1-{early}, mean ± std over the epochs (averaged over a "
-          "group's runs); other ± are the std over a group's runs")
-    header = ["group", "runs", "best acc %", "last acc %", "early acc %", "s/epoch", "params", "MFLOPs"]
-    common.print_table(header, summary_rows(ds))
+          "group's runs); other ± are the std over a group's runs; conv+fc MACs: millions of multiply-adds per "
+          "image of a forward pass through the convolutions and fc layers (the paper's FLOPs)")
+    common.print_table(SUMMARY_HEADER, summary_rows(ds))
     common.write_outputs(out, "curves", ds, figure(ds))
 
 

@@ -1,11 +1,11 @@
-"""`python -m diagnostics.flops CKPT_OR_RUN_OR_MODEL [...]`: multiply-adds and parameters of each model.
+"""`python -m diagnostics.flops CKPT_OR_RUN_OR_MODEL [...]`: parameters and multiply-adds of each model.
 
 Inputs are checkpoints, run directories or model names (`resnet56`, `plain110`: the untrained model, built for
 `--dataset`'s classes and image shape, CIFAR-10's by default). A run directory counts as its last checkpoint:
 the cost of a forward pass does not change with training. No images are read, so `--split`, `--n-images` and
 `--batch-size` do nothing here. The output has no `epoch` axis; models of different depth share `depth`.
-Prints a table (fvcore counts one multiply-add as one flop; FlopCounterMode counts two, hence the /2), then
-the paths written.
+Prints a table whose columns are named by what they count (a legend above it says exactly), then the paths
+written.
 """
 import sys
 
@@ -35,23 +35,35 @@ def counted_model(source: common.Source, args, device):
     return loaded.model, loaded.spec, loaded.path, loaded.kwargs.get("skip", True) is False
 
 
+LEGEND = """per image, in millions; MACs = multiply-adds (He et al.'s FLOPs count one per multiply-add):
+  conv+fc MACs: the convolutions and fc layers of one forward pass (fvcore), the paper's FLOPs
+  fvcore all ops: conv+fc MACs plus eval-mode BN (2 per output element) and pooling (1 per input element)
+  torch MACs: PyTorch's FlopCounterMode on the same forward pass (its flops / 2), a cross-check of conv+fc MACs
+  train 3x MACs: forward + backward of the convolutions and fc layers by convention (backward = 2 x forward)
+  train torch MACs: forward + backward as FlopCounterMode measures them (no gradient for the input image)"""
+
+
 def print_table(ds: xr.Dataset) -> None:
-    print("MFLOPs: millions of multiply-adds per image (fvcore: all counted operators; conv+fc: its convolutions "
-          "and matrix products)")
+    print(LEGEND)
     rows = []
     for label in ds.model.values:
         one = ds.sel(model=label)
+        millions = {name: f"{int(one[name]) / 1e6:.2f}" for name in ("conv_fc_flops", "total_flops",
+                    "total_flops_torch", "train_conv_fc_flops", "train_flops_torch")}
         conv_fc, torch_count = int(one.conv_fc_flops), int(one.total_flops_torch)
         agreement = "exact" if conv_fc == torch_count else f"{torch_count / conv_fc:.4f}x"
-        rows.append([str(label), f"{int(one.total_params):,}", f"{int(one.total_flops) / 1e6:.2f}",
-                     f"{conv_fc / 1e6:.2f}", f"{torch_count / 1e6:.2f}", agreement])
-    common.print_table(["model", "parameters", "MFLOPs", "conv+fc MFLOPs", "FlopCounterMode/2", "agreement"], rows)
+        rows.append([str(label), f"{int(one.total_params):,}", millions["conv_fc_flops"], millions["total_flops"],
+                     millions["total_flops_torch"], agreement, millions["train_conv_fc_flops"],
+                     millions["train_flops_torch"]])
+    common.print_table(["model", "parameters", "conv+fc MACs", "fvcore all ops", "torch MACs", "agreement",
+                        "train 3x MACs", "train torch MACs"], rows)
 
 
 @plotting.styled
 def figure(ds: xr.Dataset, plain: dict[str, bool]):
-    """Top: parameters and multiply-adds per model; bottom: multiply-adds summed over the conv and fc layers in
-    forward order (the paper's layer count on the x axis): equal slopes where each 3x3 layer costs the same."""
+    """Top: parameters and forward conv + fc multiply-adds (the paper's FLOPs) per model; bottom: those
+    multiply-adds summed over the conv and fc layers in forward order (the paper's layer count on the x axis):
+    equal slopes where each 3x3 layer costs the same."""
     fig, axes = plotting.figure(2, 2, height=3.8, gridspec_kw={"height_ratios": [1, 1.4]})
     grid = axes[1, 0].get_gridspec()
     for axis in axes[1]:
@@ -61,12 +73,13 @@ def figure(ds: xr.Dataset, plain: dict[str, bool]):
     labels = [str(label) for label in ds.model.values]
     styles = [plotting.model_style(label, i, plain.get(label)) for i, label in enumerate(labels)]
     rows = np.arange(len(labels))[::-1]
-    for axis, values, xlabel in ((params_axis, ds.total_params.values / 1e6, "parameters (millions)"),
-                                 (flops_axis, ds.total_flops.values / 1e6, "MFLOPs (multiply-adds, fvcore)")):
+    for axis, values, xlabel in ((params_axis, ds.total_params.values / 1e6, "parameters\n(millions)"),
+                                 (flops_axis, ds.conv_fc_flops.values / 1e6,
+                                  "FLOPs (millions):\nconv + fc multiply-adds")):
         bars = axis.barh(rows, values, color=[s["color"] for s in styles], edgecolor="white", linewidth=0.3)
         for bar, style in zip(bars, styles):
             bar.set_hatch("////" if style["linestyle"] == "--" else None)
-        axis.bar_label(bars, [f"{v:.3g}" for v in values], padding=1.5, fontsize=5)
+        axis.bar_label(bars, [f"{v:.3g}" if v < 1000 else f"{v:,.0f}" for v in values], padding=1.5, fontsize=5)
         axis.set_yticks(rows, labels if axis is params_axis else [])
         axis.set_xlabel(xlabel)
         axis.set_xlim(0, values.max() * 1.3)
@@ -79,7 +92,7 @@ def figure(ds: xr.Dataset, plain: dict[str, bool]):
         layers_axis.plot(np.arange(1, len(values) + 1), values, zorder=on_top, **style)
         layers_axis.plot(len(values), values[-1], "o", markersize=2.5, color=style["color"], zorder=on_top)
     layers_axis.set_xlabel("conv or fc layer (forward order)")
-    layers_axis.set_ylabel("cumulative MFLOPs (conv + fc)")
+    layers_axis.set_ylabel("conv + fc multiply-adds,\ncumulative (millions)")
     layers_axis.set_xlim(left=0)
     layers_axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     layers_axis.set_ylim(bottom=0)

@@ -1,5 +1,8 @@
-"""Attributions: exact answers on linear and constructed conv models, deletion curves known by hand, the model
-left untouched (hooks, grads, modes), and the command on a plain and a residual run."""
+"""Attributions: exact answers on linear and constructed conv models, Grad-CAM's layer by the size of its map,
+deletion and insertion curves known by hand, the model left untouched (hooks, grads, modes), dims no xarray
+keyword shadows, and the command on a plain and a residual run."""
+import inspect
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -12,16 +15,17 @@ import torchvision
 import xarray as xr
 
 import models
-from analyses.attributions import attributions, default_gradcam_layer, deletion_ranks, normalised_auc
+from analyses.attributions import (attributions, choose_gradcam_layer, importance_ranks, mean_and_sem,
+                                   normalised_auc)
+from conftest import assert_no_hooks
 from diagnostics import common
 from diagnostics.attributions import main
 
 ROOT = Path(__file__).resolve().parents[1]
-HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-
-
-def no_hooks_left(model: nn.Module) -> bool:
-    return all(len(getattr(module, name)) == 0 for module in model.modules() for name in HOOK_DICTS)
+# The keyword arguments of xarray's selection methods: a dim of that name given as `ds.sel(name=...)` is taken for
+# the keyword and silently selects nothing (`ds.sel(method="ig")` returned every method).
+XARRAY_KEYWORDS = {name for owner in (xr.Dataset, xr.DataArray) for method in ("sel", "isel", "interp", "reindex")
+                   for name in inspect.signature(getattr(owner, method)).parameters} - {"self"}
 
 
 def linear_model(weights) -> nn.Module:
@@ -43,17 +47,18 @@ def test_ig_and_saliency_of_a_linear_model_are_exact():
     x, label = torch.tensor([X]).view(1, 2, 1, 3), torch.tensor([0])
     ds = attributions(model, x, label, ("ig", "saliency"), n_steps=8, mean=[0.5, 0.25], std=[2.0, 4.0])
     # IG from zero: w0 * x per element = (2, -2, -3) + (2, -12, -2) over the channels; saliency max_c |w0|.
-    assert ds.attribution.sel({"method": "ig"}).values[0, 0].tolist() == pytest.approx([4, -14, -5], abs=1e-5)
-    assert ds.attribution.sel({"method": "saliency"}).values[0, 0].tolist() == pytest.approx([1, 4, 3], abs=1e-7)
+    assert ds.attribution.sel({"explainer": "ig"}).values[0, 0].tolist() == pytest.approx([4, -14, -5], abs=1e-5)
+    assert ds.attribution.sel({"explainer": "saliency"}).values[0, 0].tolist() == pytest.approx([1, 4, 3], abs=1e-7)
     assert abs(ds.ig_completeness_error.item()) < 1e-5  # they sum to logit(x) - logit(0) = -15
     assert ds.prediction.item() == 1  # logits (-15, 0)
     assert ds.image.values[0, :, 0].tolist() == [[4.5, 2.5, -1.5], [16.25, -11.75, 8.25]]  # x * std + mean
     shifted = attributions(model, x, label, ("ig",), baseline=1.0, n_steps=8)
     # w0 * (x - 1) = (1, 0, -6) + (1.5, -16, -1)
-    assert shifted.attribution.sel({"method": "ig"}).values[0, 0].tolist() == pytest.approx([2.5, -16, -7], abs=1e-5)
+    assert shifted.attribution.sel({"explainer": "ig"}).values[0, 0].tolist() == pytest.approx([2.5, -16, -7], abs=1e-5)
     predicted = attributions(model, x, label, ("ig", "saliency"), target="prediction", n_steps=8)
-    assert np.abs(predicted.attribution.sel({"method": ["ig", "saliency"]}).values).max() == 0  # w1 = 0
-    assert predicted.attrs["target"] == "prediction" and no_hooks_left(model)
+    assert np.abs(predicted.attribution.sel({"explainer": ["ig", "saliency"]}).values).max() == 0  # w1 = 0
+    assert predicted.attrs["target"] == "prediction"
+    assert_no_hooks(model)
 
 
 def stride_two_cam_model() -> nn.Module:
@@ -76,40 +81,102 @@ def test_grad_cam_is_the_relu_of_the_weighted_map_upsampled_bilinearly():
     assert ds.attrs["gradcam_layer"] == "stage1"
     # d logit / d A = +-4 / 4 positions: the CAM is ReLU(+-A); bilinear (half-pixel centres) takes
     # [0, 4] to [0, 1, 3, 4] and [8, 0] to [8, 6, 2, 0].
-    cam = ds.attribution.sel({"method": "gradcam"}).values
+    cam = ds.attribution.sel({"explainer": "gradcam"}).values
     np.testing.assert_allclose(cam[0], [[0, 1, 3, 4]] * 4, atol=1e-6)
     np.testing.assert_allclose(cam[1], 8 * np.outer([0, 0.25, 0.75, 1], [1, 0.75, 0.25, 0]), atol=1e-6)
-    assert no_hooks_left(model)
+    assert ds.attrs["gradcam_layer_shape"] == "1x2x2"
+    assert_no_hooks(model)
 
 
-def test_default_gradcam_layer():
-    assert default_gradcam_layer(models.build("resnet20")) == "stage3"
-    assert default_gradcam_layer(models.build("resnet18")) == "stage4"
-    assert default_gradcam_layer(torchvision.models.resnet18()) == "layer4"
-    with pytest.raises(ValueError, match="gradcam_layer"):
+def test_gradcam_layer_is_the_last_map_larger_than_1x1():
+    assert choose_gradcam_layer(models.build("resnet20"), (3, 32, 32)) == ("stage3", (64, 8, 8))
+    assert choose_gradcam_layer(models.build("resnet18"), (3, 32, 32)) == ("stage4", (512, 4, 4))
+    # VGG's last stage ends in its fifth max-pool: 1x1 on 32x32 images. Its last ReLU is still 2x2.
+    vgg = models.build("vgg11")
+    assert choose_gradcam_layer(vgg, (3, 32, 32)) == ("stage5.relu2", (512, 2, 2))
+    # Any model (shapes alone decide, so these are built on the meta device): torchvision's ResNet-18 has a 1x1
+    # layer4 on 32x32 images, a 7x7 one on 224x224; its VGG upsamples the 1x1 map to 7x7 (avgpool), a copy of
+    # one value and no feature map.
+    with torch.device("meta"):
+        resnet18, tv_vgg11 = torchvision.models.resnet18(), torchvision.models.vgg11()
+    assert choose_gradcam_layer(resnet18, (3, 32, 32)) == ("layer3", (256, 2, 2))
+    assert choose_gradcam_layer(resnet18, (3, 224, 224)) == ("layer4", (512, 7, 7))
+    assert choose_gradcam_layer(tv_vgg11, (3, 32, 32)) == ("features.19", (512, 2, 2))
+    with pytest.raises(ValueError, match="stage5's output is 512x1x1 on 32x32 images.*such as stage5.relu2"):
+        choose_gradcam_layer(vgg, (3, 32, 32), "stage5")
+    with pytest.raises(ValueError, match="no convolutional feature map larger than 1x1"):
         attributions(linear_model([[1.0] * 3]), torch.ones(1, 1, 1, 3), torch.tensor([0]), ("gradcam",))
     with pytest.raises(ValueError, match="no module named head"):
         attributions(stride_two_cam_model(), torch.ones(1, 1, 4, 4), torch.tensor([0]), gradcam_layer="head")
+    assert_no_hooks(vgg)
+    assert_no_hooks(resnet18)
+    assert vgg.training and resnet18.training
 
 
-def test_deletion_ranks_break_ties_by_the_random_map():
-    ranks = deletion_ranks(torch.tensor([[[1.0, 0.0], [0.0, 2.0]]]), torch.tensor([[[0.1, 0.9], [0.5, 0.3]]]))
+def test_grad_cam_of_vgg_varies_across_the_image():
+    """At the fifth max-pool (the old default, `stage5`) every map was one value per image."""
+    torch.manual_seed(0)
+    model = models.build("vgg11", num_classes=3)
+    ds = attributions(model, torch.randn(2, 3, 32, 32), torch.tensor([0, 1]), ("gradcam",), target="prediction",
+                      fractions=(0, 0.5, 1))
+    assert ds.attrs["gradcam_layer"] == "stage5.relu2" and ds.attrs["gradcam_layer_shape"] == "512x2x2"
+    cam = ds.attribution.sel(explainer="gradcam").values
+    assert (cam.reshape(2, -1).std(1) > 0).all()
+    assert "Grad-CAM at stage5.relu2 (512x2x2)" in ds.attrs["definition"]
+
+
+def test_importance_ranks_break_ties_by_the_random_map():
+    ranks = importance_ranks(torch.tensor([[[1.0, 0.0], [0.0, 2.0]]]), torch.tensor([[[0.1, 0.9], [0.5, 0.3]]]))
     assert ranks.tolist() == [[[1, 2], [3, 0]]]
     assert normalised_auc([0, 0.25, 0.5], np.array([1.0, 0.5, 0.0])) == pytest.approx(0.5)
     assert normalised_auc([0, 0.1, 1.0], np.array([0.7, 0.7, 0.7])) == pytest.approx(0.7)
+    mean, sem = mean_and_sem(np.array([[0.2, 0.6], [0.5, 0.5]]))
+    assert mean.tolist() == pytest.approx([0.4, 0.5]) and sem.tolist() == pytest.approx([0.2, 0.0])
+    assert np.isnan(mean_and_sem(np.array([[0.3]]))[1]).all()  # one image: no standard error
 
 
-def test_deletion_curve_known_by_hand():
-    # Class 0 wins while the sum of the pixels is positive (logits: sum, 0). IG from zero is the pixel itself.
-    model = linear_model([np.ones(8), np.zeros(8)])
-    x = torch.zeros(2, 2, 2, 2)
-    x[0, 0] = torch.tensor([[3.0, 1.0], [0.0, -1.0]])  # channel sums 4, 1, -1, -1: deleting the 4 flips it
-    x[0, 1] = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])
-    x[1, 0] = torch.tensor([[3.0, 2.0], [1.0, -2.5]])  # 3, 2, 1, -2.5: still right without the 3, not without 2
-    ds = attributions(model, x, torch.tensor([0, 0]), ("ig",), deletion_fractions=(0, 0.25, 0.5))
-    assert ds.deletion_accuracy.sel({"method": "ig"}).values.tolist() == [1.0, 0.5, 0.0]
-    assert ds.deletion_auc.sel({"method": "ig"}).item() == pytest.approx(0.5)
-    assert ds.method.values.tolist() == ["ig", "random"] and ds.deletion_accuracy.sel({"method": "random"})[0] == 1.0
+def sigmoid(z: float) -> float:
+    return 1 / (1 + math.exp(-z))
+
+
+def trapezoid(step: float, values: list[float]) -> float:
+    return step * sum((a + b) / 2 for a, b in zip(values, values[1:]))
+
+
+def test_deletion_and_insertion_curves_known_by_hand():
+    """Logits (sum of the pixels, 0): the probability of class 0 is sigmoid(sum), and IG from zero is each pixel
+    itself, the ideal ranking of the pixels' contributions."""
+    model = linear_model([np.ones(4), np.zeros(4)])
+    x = torch.tensor([[[3.0, 1.0], [0.0, -1.0]], [[-2.0, 2.0], [1.0, 0.5]]])[:, None]
+    ds = attributions(model, x, torch.tensor([0, 0]), ("ig",), fractions=(0, 0.25, 0.5, 0.75, 1))
+    # Sums left after deleting the top 0-4 pixels (by IG: 3, 1, 0, -1 and 2, 1, 0.5, -2), and after inserting them.
+    deleted = [[3, 0, -1, -1, 0], [1.5, -0.5, -1.5, -2, 0]]
+    inserted = [[0, 3, 4, 4, 3], [0, 2, 3, 3.5, 1.5]]
+    for name, sums in (("deletion", deleted), ("insertion", inserted)):
+        expected = [[sigmoid(z) for z in image] for image in sums]
+        np.testing.assert_allclose(ds[f"{name}_probability"].sel(explainer="ig").values, expected, rtol=1e-6)
+        auc = [trapezoid(0.25, curve) for curve in expected]
+        np.testing.assert_allclose(ds[f"{name}_auc"].sel(explainer="ig").values, auc, rtol=1e-6)
+        assert ds[f"{name}_auc_mean"].sel(explainer="ig").item() == pytest.approx((auc[0] + auc[1]) / 2)
+        assert ds[f"{name}_auc_sem"].sel(explainer="ig").item() == pytest.approx(abs(auc[0] - auc[1]) / 2)
+    assert ds.deletion_auc_mean.sel(explainer="ig") < ds.deletion_auc_mean.sel(explainer="random")
+    assert ds.insertion_auc_mean.sel(explainer="ig") > ds.insertion_auc_mean.sel(explainer="random")
+    assert np.isfinite(ds.deletion_auc_sem.sel(explainer="random").item())  # the reference has its own error
+    # The ends of the curves are the image and the baseline, whatever the order.
+    np.testing.assert_allclose(ds.deletion_probability.isel(fraction=0), ds.insertion_probability.isel(fraction=-1))
+    np.testing.assert_allclose(ds.deletion_probability.isel(fraction=-1), 0.5)
+    assert ds.explainer.values.tolist() == ["ig", "random"]
+
+
+def test_no_dim_is_an_xarray_keyword():
+    model = linear_model([np.ones(4), np.zeros(4)])
+    ds = attributions(model, torch.randn(3, 1, 2, 2), torch.tensor([0, 1, 0]), ("ig", "saliency"), n_steps=2)
+    assert {"method", "tolerance", "drop"} <= XARRAY_KEYWORDS
+    assert not set(ds.dims) & XARRAY_KEYWORDS and "method" not in ds.variables
+    # `class` is Python's keyword, not xarray's: ds.sel(class=0) cannot be written, so it cannot mislead.
+    assert set(ds.dims) == {"explainer", "sample", "channel", "y", "x", "fraction", "class"}
+    assert ds.deletion_auc_mean.sel(explainer="ig").dims == ()  # before: ds.sel(method="ig") kept every method
+    assert ds.attribution.sel(explainer="saliency").dims == ("sample", "y", "x")
 
 
 def test_the_model_is_left_as_it_came():
@@ -118,18 +185,21 @@ def test_the_model_is_left_as_it_came():
     before = {key: value.clone() for key, value in model.state_dict().items()}
     modes = [module.training for module in model.modules()]
     ds = attributions(model, torch.randn(2, 3, 32, 32), torch.tensor([1, 3]), n_steps=4, batch_size=5,
-                      class_names="abcd")
+                      fractions=(0, 0.5, 1), class_names="abcd")
     assert ds.attribution.shape == (4, 2, 32, 32) and np.isfinite(ds.attribution.values).all()
-    assert (ds.attribution.sel({"method": ["saliency", "gradcam"]}).values >= 0).all()
+    assert (ds.attribution.sel(explainer=["saliency", "gradcam"]).values >= 0).all()
     assert ds.class_name.values.tolist() == list("abcd") and ds.attrs["gradcam_layer"] == "stage3"
+    assert ds.attrs["gradcam_layer_shape"] == "64x8x8" and ds.attrs["insertion_start"] == "the baseline"
     assert all(ds[name].attrs["long_name"] and ds[name].attrs["units"] for name in ds.data_vars)
-    assert no_hooks_left(model) and all(p.grad is None for p in model.parameters())
+    assert_no_hooks(model)
+    assert all(p.grad is None for p in model.parameters())
     assert [module.training for module in model.modules()] == modes
     assert all(torch.equal(before[key], value) for key, value in model.state_dict().items())
 
 
 class Tripwire(nn.Module):
-    """Fails on its third call: after the logits and the baseline, during Grad-CAM's hooked forward pass."""
+    """Fails on its fourth call: after the pass that sizes the feature maps, the logits and the baseline, during
+    Grad-CAM's hooked forward pass."""
 
     def __init__(self):
         super().__init__()
@@ -137,7 +207,7 @@ class Tripwire(nn.Module):
 
     def forward(self, x):
         self.calls += 1
-        if self.calls == 3:
+        if self.calls == 4:
             raise RuntimeError("tripped")
         return x
 
@@ -149,13 +219,14 @@ def test_hooks_are_removed_when_grad_cam_fails():
     model.train()
     with pytest.raises(RuntimeError, match="tripped"):
         attributions(model, torch.randn(2, 1, 6, 6), torch.tensor([0, 1]), ("gradcam",))
-    assert model.tripwire.calls == 3 and no_hooks_left(model) and model.training
+    assert model.tripwire.calls == 4 and model.training
+    assert_no_hooks(model)
 
 
 def test_bad_options_are_refused():
     model, x, y = linear_model([[1.0] * 3]), torch.ones(1, 1, 1, 3), torch.tensor([0])
-    for bad, match in [({"methods": ("lime",)}, "methods"), ({"target": "guess"}, "target"),
-                       ({"deletion_fractions": (0.5, 0.2)}, "increasing")]:
+    for bad, match in [({"explainers": ("lime",)}, "explainers"), ({"target": "guess"}, "target"),
+                       ({"fractions": (0.5, 0.2)}, "increasing"), ({"fractions": (0, 0.5)}, "from 0 to 1")]:
         with pytest.raises(ValueError, match=match):
             attributions(model, x, y, **bad)
 
@@ -164,28 +235,35 @@ def test_command_on_a_plain_and_a_residual_run(tiny_runs, tmp_path):
     out = tmp_path / "out"
     result = subprocess.run([sys.executable, "-m", "diagnostics.attributions", str(tiny_runs["plain20"]),
                              str(tiny_runs["resnet20"]), "--out", str(out), "--n-images", "4", "--steps", "4",
-                             "--method", "ig", "saliency", "--method", "gradcam", "--device", "cpu"],
+                             "--explainer", "ig", "saliency", "--method", "gradcam", "--device", "cpu"],
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[-3:] == [str(out / f"attributions.{ext}") for ext in ("nc", "png", "pdf")]
-    assert len(lines) == 1 + 2 * 4 + 3 and lines[1].split()[:2] == ["plain20", "ig"]  # header, (model, method)
+    assert "mean ± standard error over 4 images" in lines[0]
+    assert len(lines) == 2 + 2 * 4 + 3 and lines[2].split()[:2] == ["plain20", "ig"]  # legend, header, rows
     ds = xr.open_dataset(out / "attributions.nc")
+    scores = [ds[f"{curve}_auc_{statistic}"].sel(model="plain20", explainer="ig").item()
+              for curve in ("deletion", "insertion") for statistic in ("mean", "sem")]
+    assert lines[2].split()[2:] == [f"{scores[0]:.3f}", "±", f"{scores[1]:.3f}", f"{scores[2]:.3f}", "±",
+                                    f"{scores[3]:.3f}"]
     assert ds.model.values.tolist() == ["plain20", "resnet20"]
-    assert ds.method.values.tolist() == ["ig", "saliency", "gradcam", "random"]
-    assert ds.attribution.dims == ("model", "method", "sample", "y", "x") and ds.attribution.shape[2:] == (4, 32, 32)
+    assert ds.explainer.values.tolist() == ["ig", "saliency", "gradcam", "random"]
+    assert ds.attribution.dims == ("model", "explainer", "sample", "y", "x") and ds.attribution.shape[2:] == (4, 32, 32)
     assert ds.image.dims == ("sample", "channel", "y", "x") and 0 <= ds.image.min() and ds.image.max() <= 1
     assert ds.label.dims == ("sample",) and ds.prediction.dims == ("model", "sample")
-    assert ds.deletion_accuracy.sizes == {"model": 2, "method": 4, "fraction": 6}
+    assert ds.deletion_probability.sizes == {"model": 2, "explainer": 4, "sample": 4, "fraction": 21}
+    assert ds.insertion_auc_sem.dims == ("model", "explainer") and np.isfinite(ds.insertion_auc_sem).all()
     assert ds.attrs["n_images"] == 4 and ds.attrs["n_steps"] == 4 and ds.attrs["checkpoint"][0].endswith("epoch_002.pt")
+    assert list(ds.attrs["gradcam_layer"]) == ["stage3", "stage3"] and "stage3 (64x8x8)" in ds.attrs["definition"]
     assert ds.class_name.values[0] == "stripes-horizontal"
-    # By default the prediction is explained: before any deletion every image keeps it.
-    assert ds.attrs["target"] == "prediction" and (ds.deletion_accuracy.isel(fraction=0) == 1).all()
+    # By default the prediction is explained: the deletion curve starts at the softmax of the predicted class.
+    assert ds.attrs["target"] == "prediction" and (ds.deletion_probability.isel(fraction=0) > 0.25).all()
 
 
 def test_command_refuses_bad_input_in_one_line(tiny_runs, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
-        main([str(tiny_runs["resnet20"]), "--method", "lime", "--out", str(tmp_path / "out")])
+        main([str(tiny_runs["resnet20"]), "--explainer", "lime", "--out", str(tmp_path / "out")])
     assert exit_.value.code == 2 and capsys.readouterr().err.count("\n") == 1
     code = common.main_guard(lambda: main([str(tiny_runs["resnet20"]), "--epochs", "all",
                                            "--out", str(tmp_path / "out")]))

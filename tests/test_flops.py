@@ -1,4 +1,5 @@
-"""FLOPs and parameters: the paper's block and network costs by hand, FlopCounterMode's cross-check, the command."""
+"""FLOPs and parameters: the paper's block and network costs by hand, FlopCounterMode's cross-check, training
+costs by convention and measured, labels that say what each count holds, the command."""
 import subprocess
 import sys
 from pathlib import Path
@@ -11,10 +12,14 @@ import torchvision
 import xarray as xr
 
 import models
-from analyses.flops import flop_count, total_cost
+from analyses.curves import training_curves
+from analyses.flops import FVCORE_UNITS, flop_count, total_cost
+from conftest import assert_no_hooks
 from diagnostics import common
-from diagnostics.flops import main
+from diagnostics import curves as curves_command
+from diagnostics.flops import LEGEND, main
 from models.resnet import BasicBlock, Bottleneck
+from test_attributions import XARRAY_KEYWORDS
 
 ROOT = Path(__file__).resolve().parents[1]
 CONV3X3_16 = 16 * 16 * 9 * 32 * 32  # = 32*32*9*16*16 = 64*64*9*8*8: every 3x3 layer but a stage's first, 2,359,296
@@ -24,10 +29,6 @@ def cifar_conv_fc(n: int) -> int:
     """Multiply-adds of a CIFAR ResNet-(6n+2) by hand: the stem, 6n - 2 equal 3x3 layers, the two strided first
     layers of stages 2 and 3 (half of an equal layer each) and the 64 -> 10 classifier."""
     return 3 * 16 * 9 * 32 * 32 + (6 * n - 2) * CONV3X3_16 + 2 * (CONV3X3_16 // 2) + 64 * 10
-
-
-def assert_untouched(model: nn.Module) -> None:
-    assert all(len(m._forward_hooks) == 0 and len(m._forward_pre_hooks) == 0 for m in model.modules())
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +52,7 @@ def test_basic_block_and_bottleneck_cost_the_same_as_the_paper_says():
     assert basic_ds.kind.values.tolist() == ["Conv2d", "BatchNorm2d", "Conv2d", "BatchNorm2d"]
     assert basic_ds.attrs["skipped_operators"] == "aten::add" and basic_ds.attrs["input_shape"] == "64x56x56"
     assert int(basic_ds.total_flops_torch) == 231_211_008
-    assert_untouched(basic)
+    assert_no_hooks(basic)
 
 
 def test_cifar_resnets_known_answers(counted):
@@ -76,7 +77,28 @@ def test_per_module_counts_sum_to_the_totals(counted):
         model = models.build(name)
         assert int(ds.params.sum()) == int(ds.total_params) == sum(p.numel() for p in model.parameters())
         assert int(ds.flops.sum()) == int(ds.total_flops) == int(ds.flops_by_operator.sum())
-        assert ds.flops.attrs["long_name"] and ds.flops.attrs["units"] == "multiply-adds"
+
+
+def test_units_say_what_each_count_holds(counted):
+    """Only the counts of convolutions and matrix products alone are in multiply-adds; fvcore's totals, which
+    hold BN and pooling operations too, are in its own flops."""
+    ds = counted["resnet20"]
+    multiply_adds = {"conv_fc_flops", "total_flops_torch", "train_conv_fc_flops", "train_flops_torch"}
+    assert {name for name in ds.data_vars if ds[name].attrs["units"] == "multiply-adds"} == multiply_adds
+    assert {name for name in ds.data_vars if ds[name].attrs["units"] == FVCORE_UNITS} == {
+        "flops", "flops_by_operator", "total_flops"}
+    assert "BN" in ds.total_flops.attrs["long_name"] and "backward" in ds.train_flops_torch.attrs["long_name"]
+    assert all(ds[name].attrs["long_name"] for name in ds.data_vars)
+
+
+def test_training_costs_by_convention_and_as_measured(counted):
+    resnet20 = counted["resnet20"]
+    # Convention: backward = gradients of the inputs and of the weights, each one forward's multiply-adds.
+    assert int(resnet20.train_conv_fc_flops) == 3 * 40_551_040 == 121_653_120
+    # FlopCounterMode measures it: the same less the stem's input gradient, which training never needs.
+    assert int(resnet20.train_flops_torch) == 3 * 40_551_040 - 3 * 16 * 9 * 32 * 32 == 121_210_752
+    block = flop_count(BasicBlock(64, 64, 1, True, "A", True), (2, 64, 56, 56))
+    assert int(block.train_flops_torch) == 3 * 231_211_008 - 115_605_504  # conv1's input is the block's input
 
 
 def test_flop_counter_mode_agrees_on_convolutions_and_fc():
@@ -102,8 +124,9 @@ def test_a_torchvision_model_at_imagenet_size():
     assert int(ds.total_params) == 11_689_512 and round(int(ds.conv_fc_flops) / 1e9, 2) == 1.81  # its docs
     assert int(ds.total_flops_torch) == int(ds.conv_fc_flops) and int(ds.params.sum()) == 11_689_512
     assert ds.layer.values[0] == "conv1" and ds.flops.values[0] == 3 * 64 * 49 * 112 * 112
-    assert model.training
-    assert_untouched(model)
+    assert int(ds.train_flops_torch) == 3 * int(ds.conv_fc_flops) - 3 * 64 * 49 * 112 * 112
+    assert model.training and all(p.grad is None for p in model.parameters())
+    assert_no_hooks(model)
 
 
 class Broken(nn.Module):
@@ -116,12 +139,12 @@ def test_model_is_left_as_it_came_even_when_the_forward_fails():
     model[1].eval()  # mixed modes must come back as they were
     with pytest.raises(RuntimeError, match="broken"):
         flop_count(model)
-    assert_untouched(model)
+    assert_no_hooks(model)
     assert [m.training for m in model] == [True, False, True]
     model = models.build("resnet20")
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     total_cost(model)
-    assert_untouched(model)
+    assert_no_hooks(model)
     assert model.training and all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
 
 
@@ -137,10 +160,20 @@ def test_command_on_a_run_and_a_model_name(tiny_runs, tmp_path):
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[-3:] == [str(out / f"flops.{ext}") for ext in ("nc", "png", "pdf")]
-    assert lines[2].split() == ["resnet20", "269,332", "40.93", "40.55", "40.55", "exact"]
-    assert lines[3].split() == ["resnet110", "1,727,962", "254.99", "252.89", "252.89", "exact"]
+    legend = len(LEGEND.splitlines())
+    assert lines[:legend] == LEGEND.splitlines()
+    # Every column is named by what it counts, and the legend defines each name.
+    header = ["model", "parameters", "conv+fc MACs", "fvcore all ops", "torch MACs", "agreement", "train 3x MACs",
+              "train torch MACs"]
+    assert [cell.strip() for cell in lines[legend].split("  ") if cell.strip()] == header
+    assert all(f"  {name}: " in LEGEND for name in header[2:] if name != "agreement")
+    # Before: a column "MFLOPs" of fvcore's total (BN and pooling included) under a legend of multiply-adds.
+    assert lines[legend + 1].split() == ["resnet20", "269,332", "40.55", "40.93", "40.55", "exact", "121.65", "121.21"]
+    assert lines[legend + 2].split() == ["resnet110", "1,727,962", "252.89", "254.99", "252.89", "exact", "758.66",
+                                         "758.22"]
     ds = xr.open_dataset(out / "flops.nc")
     assert ds.model.values.tolist() == ["resnet20", "resnet110"] and "epoch" not in ds.dims
+    assert set(ds.dims) == {"model", "depth", "operator"} and not set(ds.dims) & XARRAY_KEYWORDS
     # The synthetic dataset has 4 classes: the run's fc costs 64 x 4; resnet110 is built for CIFAR-10.
     assert ds.conv_fc_flops.values.tolist() == [cifar_conv_fc(3) - 64 * 6, cifar_conv_fc(18)]
     assert ds.total_flops_torch.values.tolist() == ds.conv_fc_flops.values.tolist()
@@ -149,3 +182,13 @@ def test_command_on_a_run_and_a_model_name(tiny_runs, tmp_path):
     assert list(ds.attrs["dataset"]) == ["cifar10", "synthetic"]
     for key in ("definition", "software", "created", "input_shape", "counted_operators"):
         assert ds.attrs[key]
+
+
+def test_the_curves_summary_says_its_flops_are_conv_and_fc_multiply_adds():
+    history = {"epoch": [1], "val_acc": [0.5], "epoch_seconds": [1.0],
+               **{name: [0.0] for name in ("step", "train_loss", "train_acc", "val_loss", "lr", "images_per_second")}}
+    flops, _ = total_cost(models.build("resnet20"))
+    ds = training_curves([history], ["run"], ["run"], flops=[flops])
+    assert ds.flops.item() == 40_551_040 and ds.flops.attrs["units"] == "multiply-adds"
+    assert "convolutions and fc layers" in ds.flops.attrs["long_name"]
+    assert curves_command.SUMMARY_HEADER[-1] == "conv+fc MACs"  # was "MFLOPs", with no word of what it counts

@@ -11,10 +11,13 @@ def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-@pytest.mark.parametrize("depth, count", [(20, 269_722), (32, 464_154), (44, 658_586), (56, 853_018),
-                                          (110, 1_727_962), (1202, 19_421_274)])
-def test_cifar_resnet_option_a_parameter_counts(depth, count):
+# He et al. 2016, Table 6: 0.27M, 0.46M, 0.66M, 0.85M, 1.7M, 19.4M parameters, as rounded there.
+@pytest.mark.parametrize("depth, count, paper", [(20, 269_722, "0.27"), (32, 464_154, "0.46"), (44, 658_586, "0.66"),
+                                                 (56, 853_018, "0.85"), (110, 1_727_962, "1.7"),
+                                                 (1202, 19_421_274, "19.4")])
+def test_cifar_resnet_option_a_parameter_counts(depth, count, paper):
     assert n_params(models.build(f"resnet{depth}")) == count
+    assert f"{count / 1e6:.{len(paper.split('.')[1])}f}" == paper
     assert n_params(models.build(f"plain{depth}")) == count  # option A adds no parameters
 
 
@@ -23,6 +26,38 @@ def test_imagenet_style_and_vgg_parameter_counts():
     assert n_params(models.build("resnet50", num_classes=3)) == 23_506_499  # bias-free projections
     # torchvision's ResNet-18 has 11,689,512 with a 7x7 stem and 1000 classes: 3x3 stem and 10 classes here.
     assert n_params(models.build("resnet18")) == 11_689_512 - 64 * 3 * (49 - 9) - 512 * 990 - 990
+
+
+def test_projection_bias_matches_the_published_resnet50_count():
+    # Ablations quote ResNet-50 for 3 classes at 23,510,339 parameters: ours plus a bias on each of the four
+    # projection convs (256 + 512 + 1024 + 2048 = 3,840); nothing else differs.
+    biased = models.build("resnet50", num_classes=3, projection_bias=True)
+    assert n_params(biased) == 23_510_339 == 23_506_499 + 256 + 512 + 1024 + 2048
+    biases = {name: module.bias.numel() for name, module in biased.named_modules()
+              if isinstance(module, nn.Conv2d) and module.bias is not None}
+    assert biases == {f"stage{s}.block1.shortcut.conv": c for s, c in zip((1, 2, 3, 4), (256, 512, 1024, 2048))}
+    for name in ("resnet18", "resnet34"):  # basic blocks: projections where stages 2-4 begin
+        assert n_params(models.build(name, projection_bias=True)) == n_params(models.build(name)) + 128 + 256 + 512
+    assert (n_params(models.build("resnet101", projection_bias=True))
+            == n_params(models.build("resnet101")) + 256 + 512 + 1024 + 2048)
+    # CIFAR ResNets: option B's two projections (32, 64 channels), option C's nine (3 x 16, 3 x 32, 3 x 64).
+    assert n_params(models.build("resnet20", shortcut="B", projection_bias=True)) == 272_474 + 32 + 64
+    assert (n_params(models.build("cifar_resnet", depth=20, shortcut="C", projection_bias=True))
+            == n_params(models.build("resnet20", shortcut="C")) + 3 * (16 + 32 + 64))
+    assert n_params(models.build("plain50", num_classes=3, projection_bias=True)) == n_params(
+        models.build("plain50", num_classes=3))  # no shortcut, no projection: nothing to bias
+    with pytest.raises(models.ModelError, match="option A has none"):
+        models.build("resnet20", projection_bias=True)
+
+
+def test_projection_bias_from_the_training_command_line():
+    from train import config as cfg
+    args = ["--model", "resnet50", "--dataset", "mini-cifar10", "--out", "x", "--projection-bias"]
+    config = cfg.from_args(cfg.parser().parse_args(args))
+    assert config.projection_bias and config.model_kwargs(3, 3)["projection_bias"] is True
+    assert n_params(models.build(config.model, **config.model_kwargs(3, 3))) == 23_510_339
+    default = cfg.from_args(cfg.parser().parse_args(args[:-1]))
+    assert not default.projection_bias and "projection_bias" not in default.model_kwargs(3, 3)
 
 
 def test_shortcut_options_b_and_c_add_projections():

@@ -12,7 +12,7 @@ import models
 from analyses.bn import BNStatistics, batch_statistics, normalisation_error, recalibrate_bn, running_statistics
 from analyses.common import ChannelMoments, forward_hooks, preserved_state
 from analyses.monitor import BNMonitor
-from conftest import TINY_RUN, assert_no_hooks, train_tiny
+from conftest import assert_no_hooks, train_tiny
 from train import checkpoint as ckpt
 from train import data
 from train import rundir

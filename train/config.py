@@ -36,6 +36,7 @@ class Config:
     shortcut: str | None = None  # None: the model's default (A for CIFAR ResNets, B for ResNet-18..101)
     bn: bool = True
     zero_init_residual: bool = False
+    projection_bias: bool = False
     head: str | None = None
     dropout: float | None = None
     data_dir: str = field(default_factory=lambda: str(default_data_dir()))
@@ -88,6 +89,8 @@ class Config:
                 kwargs[name] = getattr(self, name)
         if self.zero_init_residual:
             kwargs["zero_init_residual"] = True
+        if self.projection_bias:
+            kwargs["projection_bias"] = True
         return kwargs
 
     def resolve_length(self, steps_per_epoch: int) -> None:
@@ -124,6 +127,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--shortcut", choices=("A", "B", "C"))
     g.add_argument("--no-bn", dest="bn", action="store_false", default=None, help="BatchNorm -> Identity")
     g.add_argument("--zero-init-residual", action="store_true", default=None)
+    g.add_argument("--projection-bias", action="store_true", default=None, help="give the 1x1 projection "
+                   "shortcuts (B, C) a bias, as the parameter counts of some published ablations include")
     g.add_argument("--head", choices=("linear", "fc4096"), help="VGG's classifier")
     g.add_argument("--dropout", type=finite_float, help="dropout of VGG's FC-4096 head")
     g = p.add_argument_group("data")
