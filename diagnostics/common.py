@@ -17,7 +17,7 @@ from train import rundir
 from train import data
 from train.data import SPECS, SPLITS, EvalBatches, default_data_dir, load_split
 from train.errors import (ArgumentParser, UserError, finite_float, interrupted_exit_code, positive_float, positive_int,
-                          raise_on_sigterm)
+                          sigterm_as_interrupt)
 from train.progress import Progress
 
 
@@ -343,9 +343,9 @@ def main_guard(main) -> int:
     Ctrl-C or SIGTERM -> one line and 130 / 143 (outputs are written whole at the end or not at all)."""
     from .plotting import use_file_backend
     use_file_backend()
-    raise_on_sigterm()
     try:
-        main()
+        with sigterm_as_interrupt():
+            main()
     except (UserError, models.ModelError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

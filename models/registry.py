@@ -54,7 +54,20 @@ def canonical(name: str, **kwargs) -> tuple[str, dict]:
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:
         raise ModelError(f"{name} does not take {', '.join(unknown)}; it takes: {', '.join(accepted)}")
+    for key, value in kwargs.items():
+        expected = accepted[key].annotation
+        if expected in _PLAIN_TYPES and not _PLAIN_TYPES[expected](value):
+            raise ModelError(f"{name}'s argument {key} must be {'an' if expected is int else 'a'} "
+                             f"{expected.__name__}, not {str(value)[:40]!r}")
     return name, kwargs
+
+
+_PLAIN_TYPES = {  # what a builder's annotation admits (a checkpoint's kwargs are plain data)
+    int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+    float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    bool: lambda v: isinstance(v, bool),
+    str: lambda v: isinstance(v, str),
+}
 
 
 def build(name: str, **kwargs) -> nn.Module:

@@ -62,7 +62,7 @@ ROWS = [
     ("resume a folder that is not a run", "train", ["--resume", "{tmp}"], "not a run directory"),
     ("missing --out", "train", ["--model", "resnet20", *SYNTHETIC], "--out is required"),
     # Reliability, round two: a row for each class of the issue.
-    ("model argument of the wrong type", "diagnostics.responses", ["{wrong_kwargs}"], "wrong type or size"),
+    ("model argument of the wrong type", "diagnostics.responses", ["{wrong_kwargs}"], "num_classes must be an int"),
     ("dataset entry of the wrong length", "diagnostics.responses", ["{wrong_dataset}"], "wrong type, length"),
     ("tensor claiming more than its storage", "diagnostics.responses", ["{forged}"], "forged view"),
     ("compressed checkpoint entries", "diagnostics.responses", ["{compressed}"], "compressed entries"),

@@ -8,21 +8,15 @@ import models
 
 from . import checkpoint as ckpt
 from .config import from_args, parser
-from .errors import TrainingDiverged, UserError, interrupted_exit_code, raise_on_sigterm
+from .errors import TrainingDiverged, UserError, interrupted_exit_code, sigterm_as_interrupt
 from .trainer import resume, start
 
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    raise_on_sigterm()
     try:
-        if args.resume:
-            others = [k for k, v in vars(args).items() if v is not None and k != "resume"]
-            if others:
-                raise UserError(f"--resume continues a run with its own options; drop --{others[0].replace('_', '-')}")
-            resume(args.resume)
-        else:
-            start(from_args(args))
+        with sigterm_as_interrupt():
+            run(args)
     except (UserError, models.ModelError) as exc:
         return report(exc, 2)
     except TrainingDiverged as exc:
@@ -30,6 +24,16 @@ def main(argv=None) -> int:
     except KeyboardInterrupt as exc:
         return report(interrupted(args.resume or args.out), interrupted_exit_code(exc))
     return 0
+
+
+def run(args) -> None:
+    if args.resume:
+        others = [k for k, v in vars(args).items() if v is not None and k != "resume"]
+        if others:
+            raise UserError(f"--resume continues a run with its own options; drop --{others[0].replace('_', '-')}")
+        resume(args.resume)
+    else:
+        start(from_args(args))
 
 
 def interrupted(run_dir) -> str:

@@ -4,6 +4,8 @@ import argparse
 import math
 import re
 import signal
+import threading
+from contextlib import contextmanager
 
 
 class UserError(Exception):
@@ -70,11 +72,20 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where the program is so that it unwinds (temporary files removed) as after Ctrl-C."""
 
 
-def raise_on_sigterm() -> None:
-    """From now on SIGTERM unwinds the program like Ctrl-C, as `Terminated`."""
+@contextmanager
+def sigterm_as_interrupt():
+    """Inside, SIGTERM unwinds the program like Ctrl-C, as `Terminated`; the handler before is put back after
+    (a command line run in-process, by a test or a notebook, leaves no handler behind)."""
     def handler(signum, frame):
         raise Terminated()
-    signal.signal(signal.SIGTERM, handler)
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may take signals
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def interrupted_exit_code(exc: KeyboardInterrupt) -> int:
