@@ -102,8 +102,8 @@ HEADER = ",".join(METRICS)
     ("", "no column epoch"),
     ("time,loss\n1,2\n", "not a metrics.csv of python -m train"),
     (HEADER + "\n", "has no epochs yet"),
-    (HEADER + "\n1,4,2.0,0.3,2.1,0.25,0.1,10,50\n2,8,1.0,0.5", "line 3 is damaged (4 fields instead of 9)"),
-    (HEADER + "\n1,4,2.0,0.3,2.1,n/a,0.1,10,50\n", "line 2 is damaged"),
+    (HEADER + "\n1,4,2.0,0.3,2.1,0.25,0.1,10,50,0\n2,8,1.0,0.5", "line 3 is damaged (4 fields instead of 10)"),
+    (HEADER + "\n1,4,2.0,0.3,2.1,n/a,0.1,10,50,0\n", "line 2 is damaged"),
 ])
 def test_bad_metrics_are_one_line_errors(tmp_path, metrics, phrase):
     with pytest.raises(UserError, match=phrase.replace("(", r"\(").replace(")", r"\)")):

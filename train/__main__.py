@@ -7,6 +7,7 @@ from pathlib import Path
 import models
 
 from . import checkpoint as ckpt
+from . import rundir
 from .config import from_args, parser
 from .errors import TrainingDiverged, UserError, interrupted_exit_code, sigterm_as_interrupt
 from .trainer import resume, start
@@ -38,7 +39,7 @@ def run(args) -> None:
 
 def interrupted(run_dir) -> str:
     """What an interrupted run kept, read off its directory, and the command that continues it."""
-    if run_dir is None or not ckpt.is_run_dir(run_dir):
+    if run_dir is None or not rundir.is_run_dir(run_dir):
         return "interrupted before training started; nothing was written"
     last = Path(run_dir) / "last.pt"
     again = f"python -m train --resume {run_dir}"
