@@ -13,9 +13,10 @@ of different width start at different norms, so a raw norm that grows may only m
 `scaled_grad_norm` = ||dL/dW|| * ||W|| takes that out: it is the loss's first-order change per unit e when the
 weight moves by e ||W|| in the steepest direction, i.e. the gradient with respect to a relative change of the
 weight; it is the same at W and at a W, and for a scale-invariant weight it is the norm of the gradient with
-respect to the weight's direction W / ||W|| (on the unit sphere). How much the loss responds to changing a
-layer by a given fraction of itself is comparable across layers and epochs; the figures show it by default. (The relative update ||dL/dW|| / ||W|| is not invariant, it scales as 1 / a^2:
-it is the layer's effective learning rate, a property of the optimisation rather than of the function.)
+respect to the weight's direction W / ||W|| (on the unit sphere). How much the loss responds to changing a layer
+by a given fraction of itself is comparable across layers and epochs; the figures show it by default. The
+relative update ||dL/dW|| / ||W|| is not invariant (it scales as 1 / a^2): it is the layer's effective learning
+rate, a property of the optimisation rather than of the function.
 """
 from itertools import islice
 from typing import Iterable

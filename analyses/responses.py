@@ -20,8 +20,8 @@ the block's input through the parameter-free option-A shortcut (the identity on 
 zero). A(x) exists in a plain twin too, so plain and residual blocks are measured on one footing; the block's
 own shortcut S(x) (a projection for options B and C) is stored as `shortcut_rms`.
 
-Cost: one streamed moment pass per measured BN input, the output's moments following from the affine map, and
-one sum of squares per block input (and per projection shortcut); no activation is kept or copied.
+Cost: one streamed moment pass per measured BN input (the output's moments follow from the affine map), and one
+sum of squares per block input and per projection shortcut; no activation is kept, none is copied to float64.
 """
 import math
 from typing import Iterable, NamedTuple
@@ -43,7 +43,7 @@ DEFINITION = (
     "averaged over channels (He et al. 2016, Fig. 7), computed from the BN input's moments through BN's eval-mode "
     "affine map, so that per channel it is |gamma| * bn_std_ratio * sqrt(var / (var + eps)) with bn_scale = "
     "|gamma| and bn_std_ratio = sqrt(var + eps) / sqrt(running_var + eps), var the input's variance over the "
-    "images (their channel means are stored); per residual block, branch_ratio = ||F(x)|| / ||A(x)||, the L2 "
+    "images; per residual block, branch_ratio = ||F(x)|| / ||A(x)||, the L2 "
     "norm over all images of the branch output F(x) (the block's last BN, before the addition) over that of the "
     "block input through the parameter-free option-A shortcut A(x) (identity on the output grid, new channels "
     "zero), in plain and residual networks alike, with branch_rms, input_rms and shortcut_rms (the block's own "
@@ -64,8 +64,8 @@ def shortcut_kind(block: nn.Module) -> str:
     return "identity" if isinstance(block.shortcut, nn.Identity) else "pad"
 
 
-def measures_input(module: nn.Module) -> bool:
-    """A BN layer in eval mode with running statistics: its output's moments follow from its input's."""
+def measures_input(module: nn.Module | None) -> bool:
+    """A BN layer with running statistics: in eval mode its output's moments follow from its input's."""
     return isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is not None
 
 
@@ -89,6 +89,10 @@ class SumOfSquares:
 
 def channel_hook(moments: ChannelMoments, at_input: bool):
     return lambda module, inputs, output: moments.update(inputs[0] if at_input else output)
+
+
+def output_hook(sums: "SumOfSquares"):
+    return lambda module, inputs, output: sums.add(output)
 
 
 def option_a_hook(sums: SumOfSquares):
@@ -154,15 +158,18 @@ def layer_responses(model: nn.Module, batches: Iterable, layers: list[str] | Non
     blocks = residual_blocks(model)
     branches = [names[block.last_bn()] for _, block in blocks]
     moments = {name: ChannelMoments() for name in dict.fromkeys(layers + branches)}
-    hooks = {name: channel_hook(moment, measures_input(modules[name])) for name, moment in moments.items()}
-    inputs, shortcuts = [], []  # SumOfSquares of A(x) and of S(x) per block; a parameter-free S(x) is A(x)
+    # (an unknown layer name is not measured at its input; forward_hooks refuses it)
+    hooks = {name: channel_hook(moment, measures_input(modules.get(name))) for name, moment in moments.items()}
+    inputs, shortcuts = [], []  # per block, the SumOfSquares of A(x) and of S(x)
     for name, block in blocks:
         inputs.append(SumOfSquares())
         hooks[name] = option_a_hook(inputs[-1])
         kind = shortcut_kind(block)
-        shortcuts.append(None if kind == "none" else SumOfSquares() if kind == "projection" else inputs[-1])
         if kind == "projection":
-            hooks[f"{name}.shortcut"] = lambda module, inputs_, output, sums=shortcuts[-1]: sums.add(output)
+            shortcuts.append(SumOfSquares())
+            hooks[f"{name}.shortcut"] = output_hook(shortcuts[-1])
+        else:  # a plain block has none; an identity or option-A shortcut is A(x) itself
+            shortcuts.append(None if kind == "none" else inputs[-1])
     device = model_device(model)
     n_images, batch_size = 0, 0
     with preserved_state(model, bn_statistics=False), forward_hooks(model, hooks):
@@ -187,7 +194,7 @@ def layer_responses(model: nn.Module, batches: Iterable, layers: list[str] | Non
               "block_depth": ("block_depth", np.arange(1, len(blocks) + 1)),
               "block_layer": ("block_depth", np.array(block_names, dtype=object)),
               "block_stage": ("block_depth", np.array([stage_and_block(name)[0] for name in block_names], dtype=int)),
-              "shortcut": ("block_depth", np.array([shortcut_kind(block) for _, block in blocks], dtype=object))}
+              "block_shortcut": ("block_depth", np.array([shortcut_kind(block) for _, block in blocks], dtype=object))}
     return xr.Dataset(
         {
             "response_std": variable("depth", mean_over_channels(std), "std of layer response, mean over channels",
@@ -196,8 +203,8 @@ def layer_responses(model: nn.Module, batches: Iterable, layers: list[str] | Non
                                              "1"),
             "response_mean_channel": variable(("depth", "channel"), table["mean"],
                                               "mean of layer response per channel", "1"),
-            "bn_scale": variable("depth", mean_over_channels(table["scale"]), "|gamma| of the layer's BN, mean over channels",
-                                 "1"),
+            "bn_scale": variable("depth", mean_over_channels(table["scale"]),
+                                 "|gamma| of the layer's BN, mean over channels", "1"),
             "bn_scale_channel": variable(("depth", "channel"), table["scale"], "|gamma| of the layer's BN", "1"),
             "bn_std_ratio": variable("depth", mean_over_channels(table["ratio"]),
                                      "input std over these images / running std (eps included), mean over "

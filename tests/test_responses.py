@@ -117,9 +117,9 @@ def test_the_response_is_gamma_times_the_std_ratio_and_equals_the_real_bn_output
         s_running = np.sqrt(bn.running_var.numpy() + bn.eps)
         np.testing.assert_allclose(ds.bn_std_ratio_channel.values[i, :channels], np.sqrt(var_in + bn.eps) / s_running,
                                    rtol=1e-5)
+        scale, ratio = ds.bn_scale_channel.values[i, :channels], ds.bn_std_ratio_channel.values[i, :channels]
         np.testing.assert_allclose(ds.response_std_channel.values[i, :channels],
-                                   ds.bn_scale_channel.values[i, :channels] * ds.bn_std_ratio_channel.values[i, :channels]
-                                   * np.sqrt(var_in / (var_in + bn.eps)), rtol=1e-5)
+                                   scale * ratio * np.sqrt(var_in / (var_in + bn.eps)), rtol=1e-5)
     assert np.abs(ds.bn_std_ratio.values - 1).max() > 0.2  # the running statistics are stale, as built
     assert_no_hooks(model)
 
@@ -168,7 +168,8 @@ def test_branch_ratio_known_answer_for_every_block_and_shortcut(block, shortcut,
     assert ds.branch_ratio.item() == pytest.approx(1.5 / math.sqrt(0.5), rel=RTOL)
     expected_shortcut = {("A", True): math.sqrt(0.5), ("A", False): float("nan")}.get((shortcut, skip), 2.5)
     assert ds.shortcut_rms.item() == pytest.approx(expected_shortcut, rel=RTOL, nan_ok=True)
-    assert ds.shortcut.item() == {"A": "pad", "B": "projection", "C": "projection"}[shortcut] if skip else "none"
+    kind = {"A": "pad", "B": "projection", "C": "projection"}[shortcut] if skip else "none"
+    assert ds.block_shortcut.item() == kind
     assert_no_hooks(model)
 
 
@@ -189,10 +190,10 @@ def test_branch_ratio_is_the_norm_of_the_real_branch_over_the_real_input(name, k
         assert ds.branch_ratio.values[i] == pytest.approx((f.norm() / a.norm()).item(), rel=1e-5)
         assert ds.input_rms.values[i] == pytest.approx(a.square().mean().sqrt().item(), rel=1e-5)
     if name == "plain20":
-        assert np.isnan(ds.shortcut_rms.values).all() and set(ds.shortcut.values) == {"none"}
+        assert np.isnan(ds.shortcut_rms.values).all() and set(ds.block_shortcut.values) == {"none"}
     if shortcuts:
-        np.testing.assert_allclose(ds.shortcut_rms.values, [tensors[s].square().mean().sqrt().item() for s in shortcuts],
-                                   rtol=1e-5)
+        expected = [tensors[name].square().mean().sqrt().item() for name in shortcuts]
+        np.testing.assert_allclose(ds.shortcut_rms.values, expected, rtol=1e-5)
     assert_no_hooks(model)
 
 
