@@ -5,7 +5,7 @@ import sys
 import matplotlib.cm as cm
 import numpy as np
 from matplotlib.lines import Line2D
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import LogLocator, MaxNLocator
 
 from analyses.responses import DEFINITION, layer_responses
 
@@ -65,7 +65,8 @@ def figure(ds, plain: dict[str, bool]):
     for axis in axes.flat:
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.grid(True, which="major")
-    top.legend(handles=handles, ncol=2 if len(handles) > 3 else 1)
+    top.legend(handles=handles, ncol=min(len(handles), 3), loc="lower left", bbox_to_anchor=(0, 1.02),
+               borderaxespad=0)  # above the axes: the lines fill them
     fig.tight_layout()
     return fig
 
@@ -93,6 +94,7 @@ def draw_branches(axis, parts) -> None:
         return
     axis.axhline(1, color="black", linewidth=0.6)
     axis.set_yscale("log")
+    axis.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))  # ratios span less than a decade or many
     plotting.plain_log_labels(axis.yaxis)
     axis.set_xlabel("block index (forward order)")
     axis.set_ylabel(r"$\|F(x)\| \,/\, \|x\|$ per block" + "\n(branch output / block input)")
