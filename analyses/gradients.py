@@ -6,6 +6,17 @@ layer (with BN using batch statistics they grow towards the input: Yang et al. 2
 batch normalization"); a residual network keeps them within a small range.
 A mini-batch gradient is an average over the batch, so its norm depends on the batch size: the dataset
 records it.
+
+The raw norm partly measures the weight's size. A conv followed by BN is scale invariant: L(a W) = L(W) for
+a > 0, so dL/dW at a W is (dL/dW at W) / a; weight decay shrinks such weights epoch after epoch, and layers
+of different width start at different norms, so a raw norm that grows may only mean a weight that shrank.
+`scaled_grad_norm` = ||dL/dW|| * ||W|| takes that out: it is the loss's first-order change per unit e when the
+weight moves by e ||W|| in the steepest direction, i.e. the gradient with respect to a relative change of the
+weight; it is the same at W and at a W, and for a scale-invariant weight it is the norm of the gradient with
+respect to the weight's direction W / ||W|| (on the unit sphere). How much the loss responds to changing a layer
+by a given fraction of itself is comparable across layers and epochs; the figures show it by default. The
+relative update ||dL/dW|| / ||W|| is not invariant (it scales as 1 / a^2): it is the layer's effective learning
+rate, a property of the optimisation rather than of the function.
 """
 from itertools import islice
 from typing import Iterable
@@ -24,8 +35,10 @@ BN_MODES = ("train", "eval")
 
 def definition(bn_mode: str) -> str:
     return ("L2 (Frobenius) norm of the gradient of one mini-batch's mean cross-entropy (natural log) with respect "
-            "to each conv and fc weight (biases and BN parameters excluded), in forward order, per mini-batch; "
-            f"grad_norm_mean and grad_norm_std are its mean and population std over the mini-batches; BN in "
+            "to each conv and fc weight (biases and BN parameters excluded), in forward order, per mini-batch "
+            "(grad_norm), and scaled_grad_norm = grad_norm * the weight's L2 norm (the gradient with respect to a "
+            "relative change of the weight, unchanged when a weight that BN follows is rescaled); _mean and _std "
+            "are their mean and population std over the mini-batches; BN in "
             f"{bn_mode} mode ({'batch' if bn_mode == 'train' else 'running'} statistics), dropout off")
 
 
@@ -92,6 +105,7 @@ def gradient_norms(model: nn.Module, batches: Iterable, n_batches: int | None = 
     loss = torch.stack(losses).cpu().numpy()
     with torch.no_grad():
         weight_norm = torch.stack([torch.linalg.vector_norm(w, dtype=torch.float64) for w in weights]).cpu().numpy()
+    scaled = grad_norm * weight_norm[:, None]
     names = [name for name, _ in layers]
     coords = {**layer_coords(names), "batch": ("batch", np.arange(len(sizes))),
               "kind": ("depth", np.array([kind_of(module) for _, module in layers], dtype=object)),
@@ -104,6 +118,12 @@ def gradient_norms(model: nn.Module, batches: Iterable, n_batches: int | None = 
                                        "L2 norm of the loss gradient, mean over mini-batches", "nats"),
             "grad_norm_std": variable("depth", grad_norm.std(axis=1),
                                       "L2 norm of the loss gradient, population std over mini-batches", "nats"),
+            "scaled_grad_norm": variable(("depth", "batch"), scaled,
+                                         "L2 norm of the mini-batch loss gradient times the weight's norm", "nats"),
+            "scaled_grad_norm_mean": variable("depth", scaled.mean(axis=1), "||dL/dW|| * ||W||, mean over "
+                                              "mini-batches", "nats"),
+            "scaled_grad_norm_std": variable("depth", scaled.std(axis=1), "||dL/dW|| * ||W||, population std "
+                                             "over mini-batches", "nats"),
             "weight_norm": variable("depth", weight_norm, "L2 norm of the weight", "1"),
             "loss": variable("batch", loss, "mean cross-entropy of the mini-batch", "nats"),
         },

@@ -1,6 +1,7 @@
 """`python -m diagnostics.gradients [CKPT_OR_RUN ...] [--init MODEL ...]`: the L2 norm of the loss gradient of
-every conv and fc weight, by depth, over mini-batches; `--init plain56 --init resnet56 --dataset cifar10` sets
-plain against residual at initialisation."""
+every conv and fc weight, by depth, over mini-batches, times the weight's norm (scale invariant: a rescaled weight
+that BN follows plots the same; `--quantity raw` for the bare norm); `--init plain56 --init resnet56 --dataset
+cifar10` sets plain against residual at initialisation."""
 import sys
 
 import numpy as np
@@ -18,6 +19,10 @@ from train.progress import track
 from . import common, plotting
 
 NAME = "gradients"
+QUANTITIES = {  # --quantity: the variable plotted, its axis label
+    "scaled": ("scaled_grad_norm", r"$\|\partial L / \partial W\|_2 \, \|W\|_2$"),
+    "raw": ("grad_norm", r"$\|\partial L / \partial W\|_2$"),
+}
 
 
 def parser():
@@ -28,6 +33,9 @@ def parser():
     p.add_argument("--batches", type=positive_int, default=10, help="mini-batches to average over")
     p.add_argument("--bn", choices=BN_MODES, default="train",
                    help="BN with each batch's statistics as in training (train) or the running ones (eval)")
+    p.add_argument("--quantity", choices=tuple(QUANTITIES), default="scaled",
+                   help="plot ||dL/dW|| * ||W||, unchanged by the weight's scale (scaled), or ||dL/dW|| (raw); "
+                        "the .nc file holds both")
     return p
 
 
@@ -69,18 +77,19 @@ def untrained(name: str, label: str, spec, seed: int, device) -> ckpt.Loaded:
 
 
 @plotting.styled
-def figure(ds, plain: dict[str, bool]):
+def figure(ds, plain: dict[str, bool], quantity: str = "scaled"):
     """A single model with several epochs: heat map depth x epoch. Otherwise one line per model at its last
-    epoch, shaded +-std over the mini-batches."""
+    epoch, shaded +-std over the mini-batches. `quantity`: a key of QUANTITIES."""
+    name, label_text = QUANTITIES[quantity]
     if ds.sizes["model"] == 1 and ds.sizes["epoch"] > 1:
-        return heat_map(ds.grad_norm_mean.isel(model=0))
+        return heat_map(ds[f"{name}_mean"].isel(model=0), label_text)
     fig, axes = plotting.figure(height=2.4)
     axis = axes[0, 0]
     labels = [str(label) for label in ds.model.values]
     for label, style in zip(labels, plotting.line_styles(labels, plain)):
-        series = ds.sel(model=label).dropna("epoch", how="all", subset=["grad_norm_mean"])
-        last = series.isel(epoch=-1).dropna("depth", subset=["grad_norm_mean"])
-        mean, std = last.grad_norm_mean.values, last.grad_norm_std.values
+        series = ds.sel(model=label).dropna("epoch", how="all", subset=[f"{name}_mean"])
+        last = series.isel(epoch=-1).dropna("depth", subset=[f"{name}_mean"])
+        mean, std = last[f"{name}_mean"].values, last[f"{name}_std"].values
         style["label"] += f" (epoch {last.epoch.item()})"
         axis.plot(last.depth.values, mean, **style)
         # A band reaching zero is cut a decade below the mean, to keep the log axis on the data.
@@ -89,7 +98,7 @@ def figure(ds, plain: dict[str, bool]):
     axis.set_yscale("log")
     plotting.plain_log_labels(axis.yaxis)
     axis.set_xlabel("layer depth (forward order; last = fc)")
-    axis.set_ylabel(r"$\|\partial L / \partial W\|_2$")
+    axis.set_ylabel(label_text)
     axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     axis.grid(True, which="major")
     axis.legend(ncol=2, loc="lower left", bbox_to_anchor=(0, 1.02), borderaxespad=0)  # above: lines fill the axes
@@ -98,14 +107,14 @@ def figure(ds, plain: dict[str, bool]):
 
 
 @plotting.styled
-def heat_map(norms):
+def heat_map(norms, label_text: str):
     """depth (y) x epoch (x), log colour scale; epochs may be unevenly spaced."""
     fig, axes = plotting.figure(height=2.4)
     axis = axes[0, 0]
     values = norms.transpose("depth", "epoch").values
     mesh = axis.pcolormesh(norms.epoch.values, norms.depth.values, values, shading="nearest", cmap="viridis",
                            norm=LogNorm(vmin=np.nanmin(values[values > 0]), vmax=np.nanmax(values)))
-    colour_bar = fig.colorbar(mesh, ax=axis, label=r"$\|\partial L / \partial W\|_2$ (mean over batches)")
+    colour_bar = fig.colorbar(mesh, ax=axis, label=f"{label_text} (mean over batches)")
     plotting.plain_log_labels(colour_bar.ax.yaxis)
     axis.set_title(str(norms.model.item()))
     axis.set_xlabel("epoch")
@@ -145,7 +154,7 @@ def main(argv=None) -> None:
                                                          split=args.split))
     ds = results.combined(definition(args.bn), args.split, bn_mode=args.bn,
                           n_batches=max(d.attrs["n_batches"] for d in results.datasets))
-    common.write_outputs(out, NAME, ds, figure(ds, results.plain))
+    common.write_outputs(out, NAME, ds, figure(ds, results.plain, args.quantity))
 
 
 if __name__ == "__main__":

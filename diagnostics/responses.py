@@ -1,46 +1,103 @@
-"""`python -m diagnostics.responses CKPT_OR_RUN [...]`: the paper's Fig. 7, std of each 3x3 layer's response."""
+"""`python -m diagnostics.responses CKPT_OR_RUN [...]`: the paper's Fig. 7 (std of each 3x3 layer's response),
+what it is made of (BN's |gamma|, stale running statistics), and ||F(x)|| / ||x|| per residual block."""
 import sys
 
+import matplotlib.cm as cm
 import numpy as np
-from matplotlib.ticker import MaxNLocator
+from matplotlib.lines import Line2D
+from matplotlib.ticker import LogLocator, MaxNLocator
 
 from analyses.responses import DEFINITION, layer_responses
 
 from . import common, plotting
 
 
+GAMMA_STYLE = {"linewidth": 0.6, "alpha": 0.5}  # BN's |gamma| drawn faintly under the response it scales
+
+
+def lines(ds, plain: dict[str, bool]) -> list[tuple]:
+    """(one line's slice of `ds`, its style): each model at its last epoch, or for a single model each epoch."""
+    if ds.sizes["model"] == 1 and ds.sizes["epoch"] > 1:
+        colours = cm.viridis(np.linspace(0, 1, ds.sizes["epoch"]))
+        return [(ds.isel(model=0).sel(epoch=epoch), {"color": colour, "label": f"epoch {epoch}"})
+                for colour, epoch in zip(colours, ds.epoch.values)]
+    labels = [str(label) for label in ds.model.values]
+    return [(ds.sel(model=label).dropna("epoch", how="all", subset=["response_std"]).isel(epoch=-1), style)
+            for label, style in zip(labels, plotting.line_styles(labels, plain))]
+
+
+def finite(values) -> np.ndarray:
+    values = np.asarray(values, dtype=float)
+    return values[~np.isnan(values)]
+
+
+def by_index(axis, values, style: dict, **kwargs) -> None:
+    values = finite(values)
+    axis.plot(np.arange(1, len(values) + 1), values, **{**style, **kwargs})
+
+
 @plotting.styled
 def figure(ds, plain: dict[str, bool]):
-    """Top: std per layer in the network's order; bottom: sorted by magnitude; one line per model at its last
-    epoch, or for a single model one line per epoch."""
-    fig, axes = plotting.figure(2, 1, height=3.6)
+    """Left, Fig. 7: response std per layer in the network's order (thin: the layer's mean |gamma|) and sorted
+    by magnitude. Right, where the dataset holds them: the BN input's std over these images against the running
+    one, per layer, and ||F(x)|| / ||x|| per residual block."""
+    parts = lines(ds, plain)
+    full = "branch_ratio" in ds.data_vars
+    fig, axes = plotting.figure(2, 2 if full else 1, width=plotting.FULL_WIDTH if full else plotting.COLUMN_WIDTH,
+                                height=4.2 if full else 3.6)
     top, bottom = axes[:, 0]
-    lines = []
-    if ds.sizes["model"] == 1 and ds.sizes["epoch"] > 1:
-        import matplotlib.cm as cm
-        colours = cm.viridis(np.linspace(0, 1, ds.sizes["epoch"]))
-        for colour, epoch in zip(colours, ds.epoch.values):
-            values = ds.response_std.sel(model=ds.model.values[0], epoch=epoch).values
-            lines.append((values, {"color": colour, "label": f"epoch {epoch}"}))
-    else:
-        labels = [str(label) for label in ds.model.values]
-        for label, style in zip(labels, plotting.line_styles(labels, plain)):
-            series = ds.response_std.sel(model=label).dropna("epoch", how="all")
-            lines.append((series.isel(epoch=-1).values, style))
-    for values, style in lines:
-        values = values[~np.isnan(values)]
-        top.plot(np.arange(1, len(values) + 1), values, **style)
-        bottom.plot(np.arange(1, len(values) + 1), np.sort(values)[::-1], **style)
-    for axis in (top, bottom):
-        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for part, style in parts:
+        by_index(top, part.response_std.values, style)
+        by_index(bottom, np.sort(finite(part.response_std.values))[::-1], style)
     top.set_xlabel("layer index (original)")
     bottom.set_xlabel("layer index (sorted by magnitude)")
     for axis in (top, bottom):
-        axis.set_ylabel("std")
-        axis.grid(True)
-    top.legend(ncol=2 if len(lines) > 3 else 1)
+        axis.set_ylabel("std of response")
+    handles, _ = top.get_legend_handles_labels()
+    if full:
+        staleness, blocks = axes[:, 1]
+        for part, style in parts:
+            by_index(top, part.bn_scale.values, {**style, "label": None}, **GAMMA_STYLE)
+        if any(finite(part.bn_scale.values).size for part, _ in parts):
+            handles.append(Line2D([], [], color="black", **GAMMA_STYLE, label=r"thin: mean $|\gamma|$ of its BN"))
+        draw_staleness(staleness, parts)
+        draw_branches(blocks, parts)
+    for axis in axes.flat:
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axis.grid(True, which="major")
+    top.legend(handles=handles, ncol=min(len(handles), 3), loc="lower left", bbox_to_anchor=(0, 1.02),
+               borderaxespad=0)  # above the axes: the lines fill them
     fig.tight_layout()
     return fig
+
+
+def draw_staleness(axis, parts) -> None:
+    """sigma_pop / sigma_running per layer: 1 where the running statistics describe these images."""
+    for part, style in parts:
+        by_index(axis, part.bn_std_ratio.values, style)
+    axis.axhline(1, color="black", linewidth=0.6)
+    axis.set_yscale("log")
+    plotting.plain_log_labels(axis.yaxis)
+    axis.set_xlabel("layer index (original)")
+    axis.set_ylabel(r"$\sigma_\mathrm{images} / \sigma_\mathrm{running}$ of BN input" + "\n(mean over channels)")
+
+
+def draw_branches(axis, parts) -> None:
+    """||F(x)|| / ||x|| per block, plain and residual alike (x through the option-A shortcut)."""
+    drawn = False
+    for part, style in parts:
+        if "block_depth" in part.dims and finite(part.branch_ratio.values).size:
+            by_index(axis, part.branch_ratio.values, style)
+            drawn = True
+    if not drawn:
+        axis.text(0.5, 0.5, "no residual blocks", transform=axis.transAxes, ha="center", va="center")
+        return
+    axis.axhline(1, color="black", linewidth=0.6)
+    axis.set_yscale("log")
+    axis.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))  # ratios span less than a decade or many
+    plotting.plain_log_labels(axis.yaxis)
+    axis.set_xlabel("block index (forward order)")
+    axis.set_ylabel(r"$\|F(x)\| \,/\, \|x\|$ per block" + "\n(branch output / block input)")
 
 
 def main(argv=None) -> None:

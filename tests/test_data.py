@@ -122,24 +122,61 @@ def test_cutout_zeroes_a_clipped_16x16_square_of_the_normalised_image():
     assert (x != 0).any()
 
 
-def test_train_batches_are_deterministic_per_epoch_and_shard_across_processes():
+def indexed_images(n: int) -> data.Images:
+    """Blank images whose first two pixels of channel 0 spell their index (low byte, high byte)."""
+    images = torch.zeros(n, 3, 32, 32, dtype=torch.uint8)
+    images[:, 0, 0, 0], images[:, 0, 0, 1] = torch.arange(n) % 256, torch.arange(n) // 256
+    return data.Images(images, torch.arange(n) % 4)
+
+
+def image_indices(x: torch.Tensor, spec: data.DatasetSpec) -> list[int]:
+    """The indices `indexed_images` wrote, read back from normalised (un-augmented) batches."""
+    pixels = (x[:, 0, 0, :2] * spec.std[0] * 255 + spec.mean[0] * 255).round().long()
+    return (pixels[:, 0] + 256 * pixels[:, 1]).tolist()
+
+
+def test_train_batches_are_deterministic_per_epoch():
     images = data.load_images("synthetic", "train")
-    spec = data.get_spec("synthetic")
-    make = lambda rank=0, world=1: data.TrainBatches(images, spec, 128, "crop-flip", "cpu", seed=3, rank=rank,
-                                                      world_size=world)
+    make = lambda: data.TrainBatches(images, data.get_spec("synthetic"), 128, "crop-flip", "cpu", seed=3)
     first, again = list(make().epoch(1)), list(make().epoch(1))
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, again))
     assert not torch.equal(first[0][0], next(make().epoch(2))[0])
     assert len(first) == len(images) // 128 and first[0][0].shape == (128, 3, 32, 32)
-    shards = [torch.cat([y for _, y in make(rank, 2).epoch(1)]) for rank in (0, 1)]
-    assert len(shards[0]) == len(shards[1]) == len(images) // 2
+
+
+def test_two_processes_share_each_step_of_one_process_between_them():
+    # DDP averages the two ranks' gradients, which equals one process's gradient on the global batch only if
+    # each step's images are the same: rank 0 and rank 1 take disjoint halves of the single process's step.
+    images, spec = indexed_images(1000), data.get_spec("synthetic")
+    make = lambda rank=0, world=1: data.TrainBatches(images, spec, 128, "none", "cpu", seed=3, rank=rank,
+                                                      world_size=world)
+    single = [image_indices(x, spec) for x, _ in make().epoch(2)]
+    ranks = [[image_indices(x, spec) for x, _ in make(rank, 2).epoch(2)] for rank in (0, 1)]
+    assert len(single) == len(ranks[0]) == len(ranks[1]) == 1000 // 128
+    for step, (whole, first, second) in enumerate(zip(single, *ranks)):
+        assert len(first) == len(second) == 64 and not set(first) & set(second), step
+        assert sorted(first + second) == sorted(whole), step
+    seen = [index for step in single for index in step]
+    assert len(set(seen)) == len(seen) == 7 * 128  # no image twice in an epoch; the last partial batch dropped
+    assert single != [image_indices(x, spec) for x, _ in make().epoch(3)]  # each epoch its own order
 
 
 def test_autoaugment_runs_the_policy_in_workers():
     images = data.load_images("synthetic", "train")[:128]
-    batches = data.TrainBatches(images, data.get_spec("synthetic"), 64, "autoaugment", "cpu", seed=0, workers=1)
-    out = list(batches.epoch(1))
-    assert len(out) == 2 and out[0][0].shape == (64, 3, 32, 32) and torch.isfinite(out[0][0]).all()
+    make = lambda augmentation: data.TrainBatches(images, data.get_spec("synthetic"), 64, augmentation, "cpu",
+                                                   seed=0, workers=1)
+    state = torch.get_rng_state()
+    policy = list(make("autoaugment").epoch(1))
+    # AutoAugment draws from torch's global generator: here it stayed untouched, so the policy ran elsewhere.
+    assert torch.equal(torch.get_rng_state(), state)
+    # Same order and the same crops and flips as crop-flip alone (one generator): what differs is the policy's.
+    plain = list(make("crop-flip").epoch(1))
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(policy, plain))
+    changed = torch.cat([(a[0] != b[0]).flatten(1).any(1) for a, b in zip(policy, plain)])
+    assert changed.float().mean() > 0.5  # 100 of 128 here; some sub-policies rarely fire
+    again = list(make("autoaugment").epoch(1))  # the workers are seeded from the run's seed and epoch
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(policy, again))
+    assert len(policy) == 2 and policy[0][0].shape == (64, 3, 32, 32) and torch.isfinite(policy[0][0]).all()
 
 
 def test_eval_batches_cover_the_split_in_order():

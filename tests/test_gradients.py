@@ -1,10 +1,11 @@
-"""Gradient norms per depth: a hand-computed linear network, plain vs residual at init, the model left as it
-came, and the command."""
+"""Gradient norms per depth: a hand-computed linear network, the scale-invariant measure against a rescaled weight,
+plain vs residual at init, the model left as it came, the figure's quantity, and the command."""
 import math
 import subprocess
 import sys
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
@@ -14,8 +15,9 @@ import torchvision
 import xarray as xr
 
 import models
-from analyses.common import forward_hooks
+from analyses.common import attrs, combine, forward_hooks
 from analyses.gradients import gradient_norms, weight_layers
+from conftest import assert_no_hooks
 from diagnostics import common
 from diagnostics.gradients import figure, main
 
@@ -56,6 +58,9 @@ def test_known_answer_of_a_linear_network():
     assert ds.grad_norm_mean.item() == pytest.approx((a + b) / 2, rel=1e-6)
     assert ds.grad_norm_std.item() == pytest.approx((b - a) / 2, rel=1e-6)  # population std of two values
     assert ds.weight_norm.item() == 2.0 and ds.loss.values == pytest.approx([math.log(2)] * 2, rel=1e-6)
+    np.testing.assert_allclose(ds.scaled_grad_norm.values, [[2 * a, 2 * b]], rtol=1e-6)  # times ||W|| = 2
+    assert ds.scaled_grad_norm_mean.item() == pytest.approx(a + b, rel=1e-6)
+    assert ds.scaled_grad_norm_std.item() == pytest.approx(b - a, rel=1e-6)
     assert ds.layer.values.tolist() == ["1"] and ds.kind.values.tolist() == ["fc"] and ds.n_weights.item() == 6
     assert ds.batch_images.values.tolist() == [2, 1]
     assert (ds.attrs["batch_size"], ds.attrs["n_images"], ds.attrs["n_batches"], ds.attrs["bn_mode"]) == (2, 3, 2,
@@ -77,6 +82,28 @@ def test_matches_the_closed_form_for_random_weights():
     expected = (F.softmax(flat @ weight.T, dim=1) - F.one_hot(y, 4)).T @ flat / len(y)
     ds = gradient_norms(model, [(x, y)])
     assert ds.grad_norm.item() == pytest.approx(torch.linalg.norm(expected).item(), rel=1e-6)
+
+
+def test_rescaling_a_weight_that_bn_follows_changes_the_raw_norm_and_not_the_scaled_one():
+    # conv1 of the first block feeds bn1, which normalises by the batch's statistics: the loss is the same for
+    # 4 W as for W, so the gradient at 4 W is a quarter of it and ||dL/dW|| * ||W|| does not move. BN's eps would
+    # break the identity by eps / var, so that BN gets an eps (torch wants one) too small to matter in float64;
+    # float64 makes the rest exact to rounding.
+    torch.manual_seed(0)
+    model = models.build("resnet20").double()
+    model.stage1.block1.bn1.eps = 1e-30
+    batches = [(torch.randn(6, 3, 32, 32, dtype=torch.float64), torch.arange(6) % 10)]
+    before = gradient_norms(model, batches)
+    with torch.no_grad():
+        model.stage1.block1.conv1.weight.mul_(4)
+    after = gradient_norms(model, batches)
+    conv = before.layer.values.tolist().index("stage1.block1.conv1")
+    ratio = after.grad_norm_mean.values / before.grad_norm_mean.values
+    assert ratio[conv] == pytest.approx(0.25, rel=1e-10)
+    assert np.delete(ratio, conv) == pytest.approx(np.ones(len(ratio) - 1), rel=1e-10)  # nothing else moved
+    np.testing.assert_allclose(after.scaled_grad_norm_mean.values, before.scaled_grad_norm_mean.values, rtol=1e-10)
+    assert after.loss.item() == pytest.approx(before.loss.item(), rel=1e-12)
+    assert_no_hooks(model)
 
 
 @pytest.mark.parametrize("name, kwargs, convs_1x1", [("resnet20", {}, 0), ("plain20", {}, 0),
@@ -124,6 +151,25 @@ def test_the_model_is_restored_when_the_batches_fail():
     assert all(p.requires_grad and p.grad is None for p in model.parameters()) and no_hooks(model)
 
 
+def plotted(fig) -> list[float]:
+    return [float(y) for line in fig.axes[0].lines for y in line.get_ydata()]
+
+
+def test_the_figure_shows_the_scaled_norm_unless_raw_is_asked_for():
+    batch = [(torch.tensor([[1.0, 0.0, 1.0], [0.0, 2.0, 0.0]]), torch.tensor([0, 1]))]
+    early, late = (gradient_norms(linear_net(weight), batch) for weight in ([[1.0, 1.0, 0.0], [0.0, 1.0, 1.0]],
+                                                                           [[3.0, 0.0, 0.0], [0.0, 0.0, 2.0]]))
+    one = combine([late], ["resnet20"], [3], attrs("test"))
+    assert plotted(figure(one, {})) == pytest.approx(one.scaled_grad_norm_mean.values.ravel().tolist())
+    assert plotted(figure(one, {}, "raw")) == pytest.approx(one.grad_norm_mean.values.ravel().tolist())
+    assert figure(one, {}).axes[0].get_ylabel() != figure(one, {}, "raw").axes[0].get_ylabel()
+    epochs = combine([early, late], ["resnet20"] * 2, [1, 2], attrs("test"))  # one model: the heat map
+    for quantity, name in (("scaled", "scaled_grad_norm_mean"), ("raw", "grad_norm_mean")):
+        shown = figure(epochs, {}, quantity).axes[0].collections[0].get_array()  # (depth, epoch)
+        np.testing.assert_allclose(np.asarray(shown), epochs[name].values[0].T)
+    plt.close("all")
+
+
 def test_command_on_two_runs_and_a_model_at_init(tiny_runs, tmp_path):
     out = tmp_path / "out"
     argv = [str(tiny_runs["plain20"]), str(tiny_runs["resnet20"]), "--init", "resnet20", "--out", str(out),
@@ -137,6 +183,7 @@ def test_command_on_two_runs_and_a_model_at_init(tiny_runs, tmp_path):
     assert ds.epoch.values.tolist() == [0, 2] and ds.sizes["depth"] == 20 and ds.sizes["batch"] == 2
     assert np.isnan(ds.grad_norm_mean.sel(model="resnet20", epoch=0)).all()
     assert np.isfinite(ds.grad_norm_mean.sel(model="resnet20-init", epoch=0)).all()
+    np.testing.assert_allclose(ds.scaled_grad_norm_mean.values, ds.grad_norm_mean.values * ds.weight_norm.values)
     assert (ds.attrs["batch_size"], ds.attrs["n_images"], ds.attrs["bn_mode"]) == (16, 32, "train")
     assert len(ds.attrs["checkpoint"]) == 3 and ds.attrs["checkpoint"][-1] == "untrained resnet20-init, seed 0"
     for key in ("definition", "dataset", "split", "software", "created"):
@@ -145,7 +192,7 @@ def test_command_on_two_runs_and_a_model_at_init(tiny_runs, tmp_path):
 
 def test_a_single_run_is_a_heat_map_and_init_alone_needs_a_dataset(tiny_runs, tmp_path, capsys):
     main([str(tiny_runs["resnet20"]), "--out", str(tmp_path / "run"), "--batches", "1", "--batch-size", "8",
-          "--bn", "eval"])
+          "--bn", "eval", "--quantity", "raw"])
     ds = xr.open_dataset(tmp_path / "run" / "gradients.nc")
     assert ds.attrs["bn_mode"] == "eval" and len(figure(ds, {}).axes) == 2  # the heat map and its colour bar
     main(["--init", "plain20", "--dataset", "synthetic", "--out", str(tmp_path / "init"), "--batches", "1",
@@ -158,4 +205,7 @@ def test_a_single_run_is_a_heat_map_and_init_alone_needs_a_dataset(tiny_runs, tm
                           (["--init", "plain20", "--init", "plain20", "--dataset", "synthetic"], "more than once")):
         assert common.main_guard(lambda: main([*argv, "--out", str(tmp_path / "bad")])) == 2
         assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit) as usage:  # argparse's exit: one line, code 2
+        main(["--init", "plain20", "--dataset", "synthetic", "--quantity", "relative", "--out", str(tmp_path / "bad")])
+    assert usage.value.code == 2 and "invalid choice: 'relative'" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()

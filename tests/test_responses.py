@@ -1,4 +1,6 @@
-"""Responses (Fig. 7): a known answer from a constructed BN output, streaming, and the command."""
+"""Responses (Fig. 7): known answers from constructed BN outputs and blocks, what the response is made of (|gamma|,
+stale running statistics), the branch ratio against hooks on the real tensors, streaming, and the command."""
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -11,8 +13,11 @@ import torchvision
 import xarray as xr
 
 import models
-from analyses.common import ChannelMoments, combine
+from analyses.bn import recalibrate_bn
+from analyses.common import ChannelMoments, combine, forward_hooks
 from analyses.responses import layer_responses
+from conftest import assert_no_hooks
+from models.resnet import BasicBlock, Bottleneck
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,9 +32,13 @@ def constructed_model() -> nn.Module:
         model.conv.weight[0, 0, 1, 1] = model.conv.weight[1, 1, 1, 1] = 1
         model.bn.running_mean.copy_(torch.tensor([0.5, -1.0]))
         model.bn.running_var.copy_(torch.tensor([4.0, 0.25]) - model.bn.eps)
-        model.bn.weight.copy_(torch.tensor([3.0, 1.0]))
+        model.bn.weight.copy_(torch.tensor([-3.0, 1.0]))
         model.bn.bias.copy_(torch.tensor([0.0, 7.0]))
     return model.eval()
+
+
+# Moments are float32 per batch merged in float64 (docs/design.md §4): values agree to 1e-6 relative, no closer.
+RTOL = 1e-6
 
 
 def test_known_answer_from_a_constructed_bn_output():
@@ -40,13 +49,152 @@ def test_known_answer_from_a_constructed_bn_output():
     model = constructed_model()
     assert torch.equal(model.conv(x), x)  # only the centre tap is non-zero: zero padding adds nothing
     ds = layer_responses(model, [(x, None)])
-    # BN output = weight * (x - mean) / sqrt(var) + bias: std = weight / sqrt(var) * std(x) = 3/2 and 1/0.5.
-    assert ds.response_std_channel.values[0] == pytest.approx([1.5, 2.0], abs=1e-12)
-    assert ds.response_std.values[0] == pytest.approx(1.75, abs=1e-12)
-    assert ds.response_mean_channel.values[0] == pytest.approx([3 * (0 - 0.5) / 2, 1 * (1 + 1) / 0.5 + 7])
+    # BN output = gamma * (x - mean) / s + bias, s = sqrt(running_var + eps) = 2 and 0.5: std |gamma| / s * 1.
+    assert ds.response_std_channel.values[0] == pytest.approx([1.5, 2.0], rel=RTOL)
+    assert ds.response_std.values[0] == pytest.approx(1.75, rel=RTOL)
+    assert ds.response_mean_channel.values[0] == pytest.approx([-3 * (0 - 0.5) / 2, 1 * (1 + 1) / 0.5 + 7], rel=RTOL)
+    # What it is made of: |gamma| = 3 and 1, and the input's std over the images (1, with eps) over the running one.
+    eps = model.bn.eps
+    assert ds.bn_scale_channel.values[0] == pytest.approx([3.0, 1.0]) and ds.bn_scale.values[0] == 2.0
+    ratio = [math.sqrt(1 + eps) / 2, math.sqrt(1 + eps) / 0.5]
+    assert ds.bn_std_ratio_channel.values[0] == pytest.approx(ratio, rel=RTOL)
+    assert ds.bn_std_ratio.values[0] == pytest.approx(sum(ratio) / 2, rel=RTOL)
     assert ds.layer.values.tolist() == ["bn"] and ds.attrs["n_images"] == 6 and ds.attrs["bn_mode"] == "eval"
     assert ds.response_std.attrs["long_name"] and ds.response_std.attrs["units"] == "1"
-    assert len(model.bn._forward_hooks) == 0
+    assert ds.sizes["block_depth"] == 0  # no residual block in this model
+    assert_no_hooks(model)
+
+
+def stale_resnet(name: str = "resnet20", **kwargs) -> nn.Module:
+    """A model with random BN scales and shifts and running statistics that describe no input."""
+    torch.manual_seed(0)
+    model = models.build(name, **kwargs)
+    with torch.no_grad():
+        for _, bn in models.bn_layers(model):
+            bn.weight.normal_()
+            bn.bias.normal_(0, 0.5)
+            bn.running_mean.normal_(0, 0.3)
+            bn.running_var.uniform_(0.3, 3)
+    return model.eval()
+
+
+def captured(model: nn.Module, x: torch.Tensor, outputs: list[str], inputs: list[str] = ()) -> dict:
+    """The real tensors of one eval-mode forward, in float64: the outputs of `outputs`, and the inputs of
+    `inputs` keyed `(name, "input")`."""
+    tensors = {}
+
+    def hook(name):
+        def keep(module, args, output):
+            if name in outputs:
+                tensors[name] = output.double()
+            if name in inputs:
+                tensors[name, "input"] = args[0].double()
+        return keep
+
+    with forward_hooks(model, {name: hook(name) for name in {*outputs, *inputs}}), torch.no_grad():
+        model(x)
+    return tensors
+
+
+def channel_std(t: torch.Tensor) -> torch.Tensor:
+    return t.transpose(0, 1).flatten(1).std(1, correction=0)
+
+
+def test_the_response_is_gamma_times_the_std_ratio_and_equals_the_real_bn_output():
+    model = stale_resnet()
+    x = torch.randn(12, 3, 32, 32)
+    ds = layer_responses(model, x.split(5))
+    layers = ds.layer.values.tolist()
+    tensors = captured(model, x, layers, layers)
+    for i, name in enumerate(layers):
+        bn = dict(model.named_modules())[name]
+        channels = bn.num_features
+        std, var_in = channel_std(tensors[name]).numpy(), channel_std(tensors[name, "input"]).square().numpy()
+        # The response measured from the BN's input equals the std of the BN's real output ...
+        np.testing.assert_allclose(ds.response_std_channel.values[i, :channels], std, rtol=1e-5)
+        # ... and per channel it is |gamma| * s_pop / s_running * sqrt(var / (var + eps)), each factor stored.
+        np.testing.assert_allclose(ds.bn_scale_channel.values[i, :channels], bn.weight.detach().abs().numpy())
+        s_running = np.sqrt(bn.running_var.numpy() + bn.eps)
+        np.testing.assert_allclose(ds.bn_std_ratio_channel.values[i, :channels], np.sqrt(var_in + bn.eps) / s_running,
+                                   rtol=1e-5)
+        scale, ratio = ds.bn_scale_channel.values[i, :channels], ds.bn_std_ratio_channel.values[i, :channels]
+        np.testing.assert_allclose(ds.response_std_channel.values[i, :channels],
+                                   scale * ratio * np.sqrt(var_in / (var_in + bn.eps)), rtol=1e-5)
+    assert np.abs(ds.bn_std_ratio.values - 1).max() > 0.2  # the running statistics are stale, as built
+    assert_no_hooks(model)
+
+
+def test_after_recalibration_on_the_same_images_the_ratio_is_one_and_the_response_is_gamma():
+    # Recalibration runs BN in train mode, so every layer's input depends on the batch statistics of the layers
+    # before it; given the images as ONE batch, those are the population statistics that eval mode then uses, so
+    # each BN sees in eval mode exactly the inputs whose statistics it was given.
+    model = stale_resnet()
+    x = torch.randn(16, 3, 32, 32)
+    recalibrate_bn(model, [x])
+    ds = layer_responses(model, x.split(6))
+    # fvcore's float32 E[x^2] - E[x]^2 and our float32 moments: agreement to about 1e-6 of the variance.
+    channels = np.isfinite(ds.bn_std_ratio_channel.values)  # NaN past a layer's channels
+    np.testing.assert_allclose(ds.bn_std_ratio_channel.values[channels], 1, atol=1e-5)
+    # Then Fig. 7 is BN's |gamma| (times sqrt(var / (var + eps)), 1 within eps / var), channel by channel.
+    np.testing.assert_allclose(ds.response_std_channel.values, ds.bn_scale_channel.values, rtol=2e-4)
+    assert_no_hooks(model)
+
+
+def block_model(block, shortcut: str, skip: bool) -> nn.Module:
+    """One block (2 -> 4 channels for a BasicBlock, 2 -> 1 * 4 for a Bottleneck, stride 2) whose last BN has
+    gamma 0, so its branch output is the BN shift: F(x) = beta = (1, -2, 0, 2) per channel, everywhere."""
+    torch.manual_seed(0)
+    model = nn.Sequential(block(2, 4 // block.expansion, 2, skip, shortcut, True))
+    with torch.no_grad():
+        model[0].last_bn().weight.zero_()
+        model[0].last_bn().bias.copy_(torch.tensor([1.0, -2.0, 0.0, 2.0]))
+        if shortcut != "A":  # a projection shortcut S(x) = its BN's shift too: (3, 0, 0, 4)
+            model[0].shortcut.bn.weight.zero_()
+            model[0].shortcut.bn.bias.copy_(torch.tensor([3.0, 0.0, 0.0, 4.0]))
+    return model.eval()
+
+
+@pytest.mark.parametrize("block", [BasicBlock, Bottleneck])
+@pytest.mark.parametrize("shortcut, skip", [("A", True), ("B", True), ("C", True), ("A", False)])
+def test_branch_ratio_known_answer_for_every_block_and_shortcut(block, shortcut, skip):
+    model = block_model(block, shortcut, skip)
+    x = torch.ones(3, 2, 4, 4)
+    ds = layer_responses(model, [x[:1], x[1:]])
+    # F(x) = (1, -2, 0, 2): RMS sqrt(9 / 4) = 1.5. A(x): ones on the 2x2 output grid, 2 of its 4 channels zero:
+    # RMS sqrt(1 / 2). S(x) is A(x) for option A, the projection's shift (3, 0, 0, 4) otherwise: RMS 2.5.
+    assert ds.sizes["block_depth"] == 1 and ds.block_layer.values.tolist() == ["0"]
+    assert ds.branch_rms.item() == pytest.approx(1.5, rel=RTOL)
+    assert ds.input_rms.item() == pytest.approx(math.sqrt(0.5), rel=RTOL)
+    assert ds.branch_ratio.item() == pytest.approx(1.5 / math.sqrt(0.5), rel=RTOL)
+    expected_shortcut = {("A", True): math.sqrt(0.5), ("A", False): float("nan")}.get((shortcut, skip), 2.5)
+    assert ds.shortcut_rms.item() == pytest.approx(expected_shortcut, rel=RTOL, nan_ok=True)
+    kind = {"A": "pad", "B": "projection", "C": "projection"}[shortcut] if skip else "none"
+    assert ds.block_shortcut.item() == kind
+    assert_no_hooks(model)
+
+
+@pytest.mark.parametrize("name, kwargs", [("resnet20", {}), ("plain20", {}), ("resnet20", {"shortcut": "C"})])
+def test_branch_ratio_is_the_norm_of_the_real_branch_over_the_real_input(name, kwargs):
+    model = stale_resnet(name, **kwargs)
+    x = torch.randn(6, 3, 32, 32)
+    ds = layer_responses(model, x.split(4))
+    blocks = ds.block_layer.values.tolist()
+    assert len(blocks) == 9 and blocks[3] == "stage2.block1"
+    shortcuts = [f"{block}.shortcut" for block in blocks] if kwargs.get("shortcut") == "C" else []
+    tensors = captured(model, x, [f"{block}.bn2" for block in blocks] + shortcuts, blocks)
+    for i, block in enumerate(blocks):
+        f = tensors[f"{block}.bn2"]
+        a = tensors[block, "input"]
+        stride = a.shape[2] // f.shape[2]
+        a = nn.functional.pad(a[:, :, ::stride, ::stride], (0, 0, 0, 0, 0, f.shape[1] - a.shape[1]))
+        assert ds.branch_ratio.values[i] == pytest.approx((f.norm() / a.norm()).item(), rel=1e-5)
+        assert ds.input_rms.values[i] == pytest.approx(a.square().mean().sqrt().item(), rel=1e-5)
+    if name == "plain20":
+        assert np.isnan(ds.shortcut_rms.values).all() and set(ds.block_shortcut.values) == {"none"}
+    if shortcuts:
+        expected = [tensors[name].square().mean().sqrt().item() for name in shortcuts]
+        np.testing.assert_allclose(ds.shortcut_rms.values, expected, rtol=1e-5)
+    assert_no_hooks(model)
 
 
 def test_streaming_does_not_depend_on_batch_size():
@@ -55,8 +203,10 @@ def test_streaming_does_not_depend_on_batch_size():
     images = torch.randn(40, 3, 32, 32)
     one = layer_responses(model, [images])
     many = layer_responses(model, list(images.split(7)))
-    np.testing.assert_allclose(one.response_std_channel.values, many.response_std_channel.values, rtol=1e-10)
+    for name in ("response_std_channel", "bn_std_ratio_channel", "branch_ratio", "shortcut_rms"):
+        np.testing.assert_allclose(one[name].values, many[name].values, rtol=RTOL)  # the contract's tolerance
     assert one.attrs["batch_size"] == 40 and many.attrs["batch_size"] == 7
+    assert_no_hooks(model)
 
 
 def test_streamed_moments_match_the_two_pass_answer():
@@ -78,7 +228,7 @@ def test_hooks_are_removed_when_the_batches_fail():
 
     with pytest.raises(RuntimeError, match="broke"):
         layer_responses(model, batches())
-    assert all(len(m._forward_hooks) == 0 for m in model.modules())
+    assert_no_hooks(model)
     assert model.training  # mode restored
 
 
@@ -86,6 +236,16 @@ def test_any_torchvision_model_works_through_the_analysis_api():
     model = torchvision.models.resnet18(num_classes=10).eval()
     ds = layer_responses(model, [torch.randn(2, 3, 64, 64)])
     assert ds.sizes["depth"] == 16 and ds.layer.values[0] == "layer1.0.bn1"  # conv1 is 7x7: not a response
+    assert ds.sizes["block_depth"] == 0 and np.isfinite(ds.bn_std_ratio.values).all()  # blocks: ours only
+    assert_no_hooks(model)
+
+
+def test_a_model_without_bn_has_responses_and_branches_but_no_gamma():
+    model = models.build("resnet20", bn=False).eval()
+    ds = layer_responses(model, [torch.randn(4, 3, 32, 32)])
+    assert np.isfinite(ds.response_std.values).all() and np.isfinite(ds.branch_ratio.values).all()
+    assert np.isnan(ds.bn_scale.values).all() and np.isnan(ds.bn_std_ratio.values).all()
+    assert_no_hooks(model)
 
 
 def test_combine_aligns_models_of_different_depth():
@@ -93,10 +253,12 @@ def test_combine_aligns_models_of_different_depth():
     images = [torch.randn(4, 3, 32, 32)]
     parts = [layer_responses(models.build(name).eval(), images) for name in ("resnet20", "plain32")]
     ds = combine(parts, ["resnet20", "plain32"], [0, 0], {"definition": "test"})
-    assert ds.sizes == {"model": 2, "epoch": 1, "depth": 31, "channel": 64}
+    assert ds.sizes == {"model": 2, "epoch": 1, "depth": 31, "channel": 64, "block_depth": 15}
     assert ds.layer.sel(model="resnet20", depth=25).item() == "" and np.isnan(
         ds.response_std.sel(model="resnet20", depth=25, epoch=0).item())
     assert ds.layer.sel(model="plain32", depth=31).item() == "stage3.block5.bn2"
+    assert np.isnan(ds.branch_ratio.sel(model="resnet20", block_depth=10, epoch=0).item())
+    assert ds.block_layer.sel(model="plain32", block_depth=15).item() == "stage3.block5"
     assert ds.attrs == {"definition": "test"}
 
 
@@ -112,4 +274,9 @@ def test_command_on_a_plain_and_a_residual_run(tiny_runs, tmp_path):
     assert ds.sizes["depth"] == 19 and ds.attrs["n_images"] == 100 and len(ds.attrs["checkpoint"]) == 4
     for key in ("definition", "dataset", "split", "software", "created"):
         assert ds.attrs[key]
-    assert np.isfinite(ds.response_std.values).all()
+    assert np.isfinite(ds.response_std.values).all() and np.isfinite(ds.bn_scale.values).all()
+    assert np.isfinite(ds.branch_ratio.values).all() and ds.sizes["block_depth"] == 9
+    assert np.isnan(ds.shortcut_rms.sel(model="plain20").values).all()
+    assert np.isfinite(ds.shortcut_rms.sel(model="resnet20").values).all()
+    for name in ("bn_std_ratio", "branch_ratio"):
+        assert name in ds.attrs["definition"] and ds[name].attrs["long_name"] and ds[name].attrs["units"] == "1"

@@ -147,14 +147,53 @@ def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path):
     xr.testing.assert_identical(resumed_monitor.drop_attrs(), reference_monitor.drop_attrs())
 
 
+# Run under torchrun in place of `python -m train`: the trainer, with each rank's weights saved at the point where
+# every process checks them after an epoch (train.trainer.check_weights).
+RANK_WEIGHTS_DRIVER = """
+import os, sys
+import torch
+import train.trainer as trainer
+from train.__main__ import main
+
+check_weights = trainer.check_weights
+
+def check_and_keep(model, epoch, run_dir):
+    check_weights(model, epoch, run_dir)
+    torch.save(model.state_dict(), os.path.join(sys.argv[1], f"rank{os.environ['RANK']}_epoch{epoch}.pt"))
+
+trainer.check_weights = check_and_keep
+sys.exit(main(sys.argv[2:]))
+"""
+
+
 def test_two_processes_with_gloo(tmp_path):
-    out = tmp_path / "ddp"
+    # Two ranks against one process on the same global batch of 64 for 2 steps. Without SyncBN each rank's BN
+    # normalises its own 32 images, which no single process reproduces, so the network is the one without BN:
+    # then DDP's mean of the ranks' gradients (each the mean loss of 32 images) is the gradient of the mean loss
+    # over the 64, and every step is one process's step up to float rounding. No augmentation either (each rank
+    # crops with its own generator); each step's images are the same (tests/test_data.py checks the sharding).
+    options = [*TINY_RUN, "--model", "plain20", "--no-bn", "--augment", "none", "--train-images", "128", "--epochs",
+               "1"]
+    driver = tmp_path / "driver.py"
+    driver.write_text(RANK_WEIGHTS_DRIVER)
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-         "-m", "train", "--model", "resnet20", "--out", str(out), *TINY_RUN, "--epochs", "1"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+         str(driver), str(tmp_path), *options, "--out", str(tmp_path / "ddp")], cwd=ROOT, capture_output=True,
+        text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
     assert result.returncode == 0, result.stderr[-2000:]
-    state = torch.load(out / "epoch_001.pt", weights_only=True)
+    state = torch.load(tmp_path / "ddp" / "epoch_001.pt", weights_only=True)
     assert (state["config"]["world_size"], state["config"]["per_device_batch"]) == (2, 32)
-    assert state["config"]["sync_bn"] is False and state["step"] == 4
+    assert state["config"]["sync_bn"] is False and state["step"] == 2
     assert not any(k.startswith("module.") for k in state["state_dict"])
+    ranks = [torch.load(tmp_path / f"rank{rank}_epoch1.pt", weights_only=True) for rank in (0, 1)]
+    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])  # the same all-reduced gradient each step
+    assert all(torch.equal(ranks[0][k], state["state_dict"][k]) for k in ranks[0])
+    assert train_main([*options, "--out", str(tmp_path / "single")]) == 0
+    single = torch.load(tmp_path / "single" / "epoch_001.pt", weights_only=True)["state_dict"]
+    torch.manual_seed(state["config"]["seed"])  # the trainer's initial weights, rebuilt from the checkpoint
+    init = models.build(state["model"]["name"], **state["model"]["kwargs"]).state_dict()
+    for key, value in single.items():
+        torch.testing.assert_close(ranks[0][key], value, rtol=1e-4, atol=1e-5, msg=key)
+    distance = lambda a, b: torch.cat([(a[k] - b[k]).flatten() for k in a]).norm()
+    moved, apart = distance(single, init), distance(single, ranks[0])
+    assert moved > 0.1 and apart < 1e-4 * moved  # two real steps, the same up to float rounding (5e-6 of it here)
