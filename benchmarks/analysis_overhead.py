@@ -87,7 +87,7 @@ def memory_growth(model_name: str, analysis: str, batch_size: int, n_batches: in
 
 
 def parser():
-    p = common.parser(__doc__, models_default=["resnet20", "resnet56", "plain56"])
+    p = common.parser("benchmarks.analysis_overhead", __doc__, models_default=["resnet20", "resnet56", "plain56"])
     p.add_argument("--images", type=positive_int, default=512, help="images per timed pass (default 512)")
     p.add_argument("--batch-size", type=positive_int, default=128,
                    help="default 128; the last batch is smaller where it does not divide --images")

@@ -39,11 +39,11 @@ def model_name(text: str) -> str:
     return text
 
 
-def parser(doc: str, *, models_default: list[str] | None, repeats: int = 2) -> ArgumentParser:
+def parser(module: str, doc: str, *, models_default: list[str] | None, repeats: int = 2) -> ArgumentParser:
     """The options every benchmark has: --models (unless `models_default` is None), --repeats, --device. Bad
-    values are one line `error: ...` and exit 2. `doc`: the module's docstring, whose `python -m ...` names it."""
-    name = doc.split("`python -m ", 1)[1].split()[0].rstrip("`") if "`python -m " in doc else "benchmark"
-    p = ArgumentParser(prog=f"python -m {name}", description=doc.splitlines()[0])
+    values are one line `error: ...` and exit 2. `doc`: the module's docstring; its first paragraph is the
+    description."""
+    p = ArgumentParser(prog=f"python -m {module}", description=" ".join(doc.split("\n\n")[0].split()))
     if models_default is not None:
         p.add_argument("--models", nargs="+", type=model_name, default=models_default, metavar="MODEL",
                        help=f"default: {' '.join(models_default)}; any of models.available()")

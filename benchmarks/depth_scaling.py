@@ -21,7 +21,8 @@ from .analysis_overhead import bare_forward
 
 
 def parser():
-    p = common.parser(__doc__, models_default=["resnet20", "resnet56", "resnet110", "resnet1202"])
+    p = common.parser("benchmarks.depth_scaling", __doc__,
+                      models_default=["resnet20", "resnet56", "resnet110", "resnet1202"])
     p.add_argument("--images", type=positive_int, default=256, help="images per timed pass (default 256)")
     p.add_argument("--batch-size", type=positive_int, default=128,
                    help="default 128; the last batch is smaller where it does not divide --images")

@@ -27,7 +27,7 @@ TRAINER = Config(model="", dataset="", out="")  # the trainer's defaults: monito
 
 
 def parser():
-    p = common.parser(__doc__, models_default=["resnet56", "plain56"])
+    p = common.parser("benchmarks.monitor_cost", __doc__, models_default=["resnet56", "plain56"])
     common.add_data_options(p)
     p.add_argument("--steps", type=positive_int, default=40, help="training steps per timed epoch (default 40)")
     p.add_argument("--every", type=positive_int, default=10,

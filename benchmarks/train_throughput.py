@@ -83,8 +83,8 @@ def variants(with_bf16: bool, with_compile: bool) -> list[Variant]:
 
 
 def parser():
-    p = common.parser(__doc__, models_default=["resnet20", "plain20", "resnet56", "plain56", "resnet110",
-                                               "plain110"])
+    p = common.parser("benchmarks.train_throughput", __doc__,
+                      models_default=["resnet20", "plain20", "resnet56", "plain56", "resnet110", "plain110"])
     common.add_data_options(p)
     common.add_workers_option(p)
     p.add_argument("--steps", type=positive_int, default=8, help="timed training steps per round (default 8)")

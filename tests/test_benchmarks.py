@@ -203,6 +203,12 @@ def test_bad_options_are_one_line(capsys, module, argv, phrase):
     assert err.startswith("error: ") and err.count("\n") == 1 and phrase in err, err
 
 
+def test_each_command_names_itself():
+    from benchmarks import gpu
+    for module in (analysis_overhead, depth_scaling, gpu, monitor_cost, spikes_cost, train_throughput):
+        assert module.parser().prog == f"python -m {module.__name__}"
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a machine with a GPU the check runs for real")
 def test_gpu_check_without_a_gpu_says_to_shrink(capsys):
     from benchmarks import gpu
