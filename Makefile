@@ -1,5 +1,6 @@
 # `make demo`: install, train a plain and a residual net briefly on Fashion-MNIST (CPU), run the diagnostics.
 # `make test`: install and run the test suite.   `make bench`: the performance benchmarks.
+# `make bench-gpu`: the GPU check (benchmarks/gpu.py), with the Python that already has the project's dependencies.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -12,7 +13,10 @@ DEMO_ARGS := --dataset fashion-mnist --data-dir $(DATA) --train-images 6000 --va
 RUNS := $(DEMO)/plain20 $(DEMO)/resnet20
 DIAG := --data-dir $(DATA) --out $(DEMO)/diagnostics
 
-.PHONY: install test demo bench fashion-mnist clean
+# The GPU check installs nothing: this project's venv where there is one, else the machine's own Python.
+GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON))
+
+.PHONY: install test demo bench bench-gpu fashion-mnist clean
 
 install: $(VENV)/.installed
 
@@ -48,11 +52,15 @@ demo: install fashion-mnist
 	$(BIN)/python -m diagnostics.spikes $(RUNS) $(DIAG)
 	@echo "demo: runs in $(DEMO)/plain20 and $(DEMO)/resnet20, figures and datasets in $(DEMO)/diagnostics"
 
-bench: install
+bench: install fashion-mnist
 	$(BIN)/python -m benchmarks.train_throughput
+	$(BIN)/python -m benchmarks.monitor_cost
 	$(BIN)/python -m benchmarks.analysis_overhead
 	$(BIN)/python -m benchmarks.depth_scaling
 	$(BIN)/python -m benchmarks.spikes_cost
+
+bench-gpu:
+	$(GPU_PYTHON) -m benchmarks.gpu --data-dir $(DATA)
 
 clean:
 	rm -rf $(VENV) $(DEMO) *.egg-info

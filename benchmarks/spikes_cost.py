@@ -1,74 +1,115 @@
 """Cost of the spike diagnosis of an N-epoch run against N plain validation passes (target: at most 4x).
 
-The diagnosis evaluates every epoch checkpoint three times (running, recalibrated and batch BN statistics) and
-recalibrates once over `--recal-images` training images; the baseline loads each checkpoint and evaluates it
-once, BN in eval mode, on the same validation images. Both run in this process after the images are loaded.
+The diagnosis is `python -m diagnostics.spikes RUN_DIR` run in this process through its command-line entry
+(`diagnostics.spikes.main`), figure and files included; the baseline loads each epoch checkpoint and evaluates
+it once, BN in eval mode, on the same validation images (the same --n-images, --batch-size and --data-dir are
+given to both). One baseline pass first reads the images; then rounds of both, interleaved, median.
 
 Run: `python -m benchmarks.spikes_cost [--run RUN_DIR]` (default: trains a 4-epoch resnet20 on 2,048
-Fashion-MNIST images into a temporary folder first).
+Fashion-MNIST images into a temporary folder first; --model, --dataset, --train-images, --epochs say otherwise).
 """
-import argparse
 import contextlib
 import io
+import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 from analyses.evaluate import evaluate
-from diagnostics import common
+from diagnostics import common as diagnostics_common
 from diagnostics.spikes import main as spikes_main
-from diagnostics.spikes import parser as spikes_parser
-from train import rundir
+from train import data, rundir
 from train.__main__ import main as train_main
+from train.errors import UserError, positive_int
 
-from .common import machine_line, synchronize
+from . import common
 
 
-def plain_validation(run_dir: Path, args, device) -> float:
-    """Seconds to load every epoch checkpoint and evaluate it once."""
-    synchronize(device)
-    started = time.perf_counter()
-    for path in rundir.run_checkpoints(run_dir):
-        loaded = common.load_checkpoint(path, args, device)
-        evaluate(loaded.model, common.image_batches(loaded, args, device), bn_mode="eval")
-    synchronize(device)
-    return time.perf_counter() - started
+def parser():
+    p = common.parser("benchmarks.spikes_cost", __doc__, models_default=None, repeats=1)
+    p.add_argument("--run", type=Path, help="a run directory to diagnose (default: train a small one)")
+    p.add_argument("--model", type=common.model_name, default="resnet20", help="the model of the run trained")
+    p.add_argument("--dataset", choices=tuple(data.SPECS), default="fashion-mnist", help="the run's dataset")
+    p.add_argument("--data-dir", default=str(data.default_data_dir()))
+    p.add_argument("--train-images", type=positive_int, default=2048, help="the run's training images")
+    p.add_argument("--epochs", type=positive_int, default=4, help="the run's epochs, each with a checkpoint")
+    p.add_argument("--n-images", type=positive_int, help="validation images (default: all of the run's split)")
+    p.add_argument("--batch-size", type=positive_int, help="evaluation batch (default: the run's training batch)")
+    p.add_argument("--recal-images", type=positive_int, default=2000, help="the diagnosis's recalibration images")
+    return p
+
+
+def train_run(args, out: Path) -> Path:
+    """A small run of --model on --dataset, one checkpoint an epoch; its lines go nowhere, its errors through."""
+    batch = min(128, args.train_images)
+    with contextlib.redirect_stdout(io.StringIO()):
+        code = train_main(["--model", args.model, "--dataset", args.dataset, "--data-dir", args.data_dir,
+                           "--train-images", str(args.train_images), "--batch-size", str(batch),
+                           "--epochs", str(args.epochs), "--device", args.device, "--out", str(out)])
+    if code:
+        raise SystemExit(code)  # the trainer has said why, in one line
+    return out
+
+
+def baseline_args(run: Path, shared: list[str]):
+    return diagnostics_common.parser("spikes", "", inputs="runs", n_images=None, batch_size=None).parse_args(
+        [str(run), *shared])
+
+
+def plain_validation(run: Path, shared: list[str]) -> None:
+    """Load every epoch checkpoint and evaluate it once, BN in eval mode."""
+    args = baseline_args(run, shared)
+    device = diagnostics_common.device_of(args)
+    for path in rundir.run_checkpoints(run):
+        loaded = diagnostics_common.load_checkpoint(path, args, device)
+        evaluate(loaded.model, diagnostics_common.image_batches(loaded, args, device), bn_mode="eval")
+
+
+def validation_images(run: Path, shared: list[str]) -> int:
+    args = baseline_args(run, shared)
+    loaded = diagnostics_common.load_checkpoint(rundir.run_checkpoints(run)[0], args)
+    return diagnostics_common.image_batches(loaded, args, "cpu").n_images
+
+
+def diagnosis(run: Path, shared: list[str], recal_images: int, out: Path) -> None:
+    with contextlib.redirect_stdout(io.StringIO()):
+        code = spikes_main([str(run), *shared, "--recal-images", str(recal_images), "--out", str(out)])
+    if code:
+        raise SystemExit(code)
+
+
+def measure(args, device: torch.device) -> common.Report:
+    with tempfile.TemporaryDirectory() as folder:
+        if args.run is not None and not rundir.is_run_dir(args.run):
+            raise UserError(f"--run {args.run} is not a run directory (no config.json); give a folder python -m "
+                            "train wrote, or leave --run out to train one")
+        run = args.run or train_run(args, Path(folder) / "run")
+        epochs = len(rundir.run_checkpoints(run))
+        if not epochs:
+            raise UserError(f"--run {run} has no epoch checkpoints yet; let it finish an epoch")
+        batch_size = args.batch_size or rundir.read_config(run).get("per_device_batch") or 128
+        shared = ["--data-dir", args.data_dir, "--device", device.type, "--batch-size", str(batch_size)]
+        shared += ["--n-images", str(args.n_images)] if args.n_images else []
+        runs = {"baseline": lambda: plain_validation(run, shared),
+                "diagnosis": lambda: diagnosis(run, shared, args.recal_images, Path(folder) / "out")}
+        with common.progress(1 + 2 * args.repeats, "spikes_cost") as progress:
+            seconds = common.interleaved(runs, args.repeats, device, progress, warm_up=["baseline"])
+        n_val = validation_images(run, shared)
+    report = common.Report(f"{epochs} epoch checkpoints of {run if args.run else 'a fresh ' + args.model + ' run'}, "
+                           f"{n_val} validation images in batches of {batch_size}, {args.recal_images} "
+                           f"recalibration images; median of {args.repeats} interleaved rounds",
+                           ["", "seconds"],
+                           [[f"{epochs} plain validation passes", f"{seconds['baseline']:.1f}"],
+                            ["the spike diagnosis", f"{seconds['diagnosis']:.1f}"]])
+    report.targets.append(common.Target(f"spike diagnosis / {epochs} plain validation passes",
+                                        seconds["diagnosis"] / seconds["baseline"], 4.0, at_most=True))
+    return report
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--run", type=Path, help="a run directory (default: train a small one)")
-    p.add_argument("--recal-images", type=int, default=2000)
-    options = p.parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    with tempfile.TemporaryDirectory() as folder:
-        run = options.run
-        if run is None:
-            run = Path(folder) / "run"
-            with contextlib.redirect_stdout(io.StringIO()):
-                train_main(["--model", "resnet20", "--dataset", "fashion-mnist", "--train-images", "2048",
-                            "--epochs", "4", "--out", str(run)])
-        args = spikes_parser().parse_args([str(run), "--recal-images", str(options.recal_images)])
-        epochs = len(rundir.run_checkpoints(run))
-        plain_validation(run, args, device)  # warm-up: reads the images once for both
-        baseline = plain_validation(run, args, device)
-        synchronize(device)
-        started = time.perf_counter()
-        with contextlib.redirect_stdout(io.StringIO()):
-            spikes_main([str(run), "--recal-images", str(options.recal_images), "--out", str(Path(folder) / "out")])
-        synchronize(device)
-        diagnosis = time.perf_counter() - started
-        n_val = common.image_batches(common.load_checkpoint(rundir.run_checkpoints(run)[0], args, device), args,
-                                     device).n_images
-    print(machine_line(device))
-    print(f"{epochs} epoch checkpoints, {n_val} validation images, {options.recal_images} recalibration images")
-    print(f"{'plain validation':<18} {baseline:>8.1f} s")
-    print(f"{'spike diagnosis':<18} {diagnosis:>8.1f} s")
-    print(f"summary: the spike diagnosis costs {diagnosis / baseline:.2f}x {epochs} plain validation passes "
-          "(target 4x)")
+    common.main(parser, measure, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(diagnostics_common.main_guard(main))

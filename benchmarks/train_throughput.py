@@ -1,66 +1,62 @@
 """Training throughput: the loop users write today against this project's trainer, same model, batch, optimiser.
 
-- typical: torchvision's FashionMNIST dataset, a DataLoader with workers, RandomCrop(32, padding=4) and
-  RandomHorizontalFlip on PIL images, fp32, contiguous tensors, plain SGD with momentum.
-- ours: the trainer's own epoch function (`train.trainer.train_epoch`) on `TrainBatches`: the uint8 dataset
-  resident on the device, crop and flip for the whole batch there, channels_last, fp32 or bf16 autocast.
+- typical: a DataLoader with workers over the images one PIL image at a time, as torchvision's dataset classes
+  hand them to a tutorial's transforms (RandomCrop(32, padding=4), RandomHorizontalFlip, ToTensor, Normalize),
+  fp32, contiguous tensors, SGD with momentum.
+- ours: the trainer's own epoch function (`train.trainer.train_epoch`) on `TrainBatches`: the uint8 images
+  resident on the device, crop and flip for the whole batch there, channels_last, fp32, and bf16 autocast where
+  the device has it natively (or with --bf16); with --compile also under torch.compile, as `python -m train
+  --compile` runs it.
 
-Same process, same images, repetitions interleaved, median images per second. Run:
-`python -m benchmarks.train_throughput [--models resnet56 plain56] [--steps 8] [--repeats 3] [--bf16]`.
+Same process, same images, same SGD settings, rounds interleaved, median images per second. Run:
+`python -m benchmarks.train_throughput [--models resnet56 plain56] [--steps 8] [--repeats 2] [--bf16] [--compile]`.
 """
-import argparse
-import gzip
-import shutil
-import statistics
-import tempfile
-import time
-from contextlib import nullcontext
-from pathlib import Path
+import sys
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
-import torchvision
 import torchvision.transforms as T
+from PIL import Image
 
 import models
+from diagnostics.common import main_guard
 from train import data
-from train.config import Config
-from train.trainer import train_epoch
+from train.errors import positive_int
 
-from .common import cpu_has_native_bf16, machine_line, synchronize
+from . import common
 
 
-def torchvision_fashion_mnist(root: Path) -> torchvision.datasets.FashionMNIST:
-    """torchvision's own dataset class over the same files our loader reads (unpacked where it wants them)."""
-    raw = root / "FashionMNIST" / "raw"
-    raw.mkdir(parents=True, exist_ok=True)
-    for stem in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
-                 "t10k-labels-idx1-ubyte"):
-        found = data._find_idx(data.fashion_mnist_folders(data.default_data_dir()), stem)
-        if found is None:
-            raise SystemExit("error: Fashion-MNIST not found; run `make fashion-mnist` first")
-        opener = gzip.open if found.suffix == ".gz" else open
-        with opener(found, "rb") as source, open(raw / stem, "wb") as target:
-            shutil.copyfileobj(source, target)
-    spec = data.get_spec("fashion-mnist")
-    transform = T.Compose([T.Pad(2), T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
-                           T.Normalize(spec.mean, spec.std)])
-    return torchvision.datasets.FashionMNIST(str(root), train=True, transform=transform)
+class PILImages(torch.utils.data.Dataset):
+    """Each image as a PIL image through the transforms, as `torchvision.datasets.CIFAR10` and `FashionMNIST`
+    do in `__getitem__`."""
+
+    def __init__(self, images: data.Images, spec: data.DatasetSpec):
+        pixels = np.ascontiguousarray(images.images.permute(0, 2, 3, 1).numpy())  # HWC, as CIFAR10 keeps them
+        self.pixels = pixels[..., 0] if pixels.shape[-1] == 1 else pixels  # mode L, as FashionMNIST's
+        self.labels = images.labels.tolist()
+        self.transform = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
+                                    T.Normalize(spec.mean, spec.std)])
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        return self.transform(Image.fromarray(self.pixels[index])), self.labels[index]
 
 
 def endless(loader):
-    """The loader's batches epoch after epoch, so that its workers stay warm between measurements as they do
-    within a user's epoch."""
+    """The loader's batches epoch after epoch, so that its workers stay warm between rounds as they do within a
+    user's epoch."""
     while True:
         yield from loader
 
 
-def typical_loop(model, batches, batch_size: int, optimizer, device, steps: int) -> float:
-    """Images per second of the loop in every tutorial."""
+def typical_loop(model, batches, optimizer, device, steps: int) -> None:
+    """The loop in every tutorial."""
     criterion = nn.CrossEntropyLoss()
     model.train()
-    synchronize(device)
-    started = time.perf_counter()
     for _ in range(steps):
         x, y = next(batches)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -68,81 +64,107 @@ def typical_loop(model, batches, batch_size: int, optimizer, device, steps: int)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    synchronize(device)
-    return steps * batch_size / (time.perf_counter() - started)
 
 
-def our_loop(model, batches, optimizer, device, amp_dtype, steps: int) -> float:
-    """Images per second of `train.trainer.train_epoch` over one epoch of exactly `steps` batches."""
-    config = Config(model="", dataset="fashion-mnist", out="", total_steps=10**9)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    scaler = torch.amp.GradScaler(device.type, enabled=False)
-    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
-    progress = type("Quiet", (), {"update": lambda self, n: None})()
-    synchronize(device)
-    started = time.perf_counter()
-    train_epoch(model, optimizer, scheduler, scaler, nn.CrossEntropyLoss(), batches, 1, 0, config, autocast,
-                progress)
-    synchronize(device)
-    return steps * batches.local_batch / (time.perf_counter() - started)
+@dataclass(frozen=True)
+class Variant:
+    """One way of training: the typical loop, or ours in a precision, compiled or not."""
+    label: str
+    ours: bool
+    amp_dtype: torch.dtype | None = None
+    compiled: bool = False
+
+
+def variants(with_bf16: bool, with_compile: bool) -> list[Variant]:
+    ours = [Variant("ours fp32", True)] + ([Variant("ours bf16", True, torch.bfloat16)] if with_bf16 else [])
+    if with_compile:
+        ours += [Variant(f"{v.label} compiled", True, v.amp_dtype, True) for v in list(ours)]
+    return [Variant("typical fp32", False)] + ours
+
+
+def parser():
+    p = common.parser("benchmarks.train_throughput", __doc__,
+                      models_default=["resnet20", "plain20", "resnet56", "plain56", "resnet110", "plain110"])
+    common.add_data_options(p)
+    common.add_workers_option(p)
+    p.add_argument("--steps", type=positive_int, default=8, help="timed training steps per round (default 8)")
+    p.add_argument("--bf16", action="store_true", help="also time bf16 where the device has no native bf16")
+    p.add_argument("--compile", action="store_true", help="also time ours under torch.compile")
+    p.add_argument("--compile-backend", choices=("inductor", "aot_eager", "eager"), default="inductor",
+                   help="torch.compile's backend (default inductor; eager only traces, for quick checks)")
+    return p
+
+
+def measure(args, device: torch.device) -> common.Report:
+    with_bf16, native, bf16_reason = common.bf16_plan(device, args.bf16)
+    chosen = variants(with_bf16, args.compile)
+    torch.backends.cudnn.benchmark = True  # as the trainer sets it; process-wide, so both loops have it
+    images, spec = common.benchmark_images(args.dataset, args.steps * args.batch_size, args.data_dir)
+    loader = torch.utils.data.DataLoader(PILImages(images, spec), batch_size=args.batch_size, shuffle=True,
+                                         drop_last=True, num_workers=args.workers,
+                                         persistent_workers=args.workers > 0, pin_memory=device.type == "cuda")
+    typical_batches = endless(loader)
+    ours = common.trainer_batches(images, spec, args.batch_size, device)
+    report = common.Report(
+        f"images/s on {args.dataset}, median of {args.repeats} interleaved rounds of {args.steps} steps of batch "
+        f"{args.batch_size} after a warm-up round; typical loop with {args.workers} DataLoader workers",
+        ["model"] + [column for v in chosen for column in ([v.label] if not v.ours else [v.label, "ratio"])],
+        notes=[common.bf16_note(with_bf16, bf16_reason)])
+    if args.compile:
+        report.notes.append(f"compiled: torch.compile(backend={args.compile_backend!r}), compilation in the warm-up "
+                            "round")
+    with common.progress(len(args.models) * (args.repeats + 1) * len(chosen), "train_throughput") as progress:
+        for name in args.models:
+            rates = measure_model(name, chosen, typical_batches, ours, spec, device, args, progress)
+            typical = rates["typical fp32"]
+            report.rows.append([name] + [cell for v in chosen for cell in (
+                [f"{rates[v.label]:.0f}"] + ([f"{rates[v.label] / typical:.2f}x"] if v.ours else []))])
+            report.targets += targets(name, rates, device, with_bf16, native, bf16_reason)
+    return report
+
+
+def measure_model(name, chosen, typical_batches, ours, spec, device, args, progress) -> dict[str, float]:
+    """Images per second of each variant on model `name`, each with its own copy of the same initial weights."""
+    torch.manual_seed(0)
+    initial = models.build(name, num_classes=spec.num_classes, in_channels=spec.in_channels).state_dict()
+    runs = {}
+    for v in chosen:
+        model = models.build(name, num_classes=spec.num_classes, in_channels=spec.in_channels)
+        model.load_state_dict(initial)
+        model.to(device, memory_format=torch.channels_last if v.ours else torch.contiguous_format)
+        optimizer = common.sgd(model, fused=v.ours and device.type == "cuda")  # fused: as the trainer's
+        if v.ours:
+            step_model = torch.compile(model, backend=args.compile_backend) if v.compiled else model
+            runs[v.label] = (lambda m=step_model, o=optimizer, dtype=v.amp_dtype: common.trainer_epoch(m, ours, o,
+                                                                                                        dtype))
+        else:
+            runs[v.label] = (lambda m=model, o=optimizer: typical_loop(m, typical_batches, o, device, args.steps))
+    seconds = common.interleaved(runs, args.repeats, device, progress)
+    return {label: args.steps * args.batch_size / took for label, took in seconds.items()}
+
+
+def targets(name, rates, device, with_bf16: bool, native: bool, bf16_reason: str) -> list[common.Target]:
+    """The issue's targets for one model: on a CPU with native bf16, ours in bf16 >= 2x the typical fp32 loop;
+    without, ours in fp32 >= 1.2x; on a GPU, ours as `--precision auto` trains (bf16 where native) >= 5x."""
+    typical = rates["typical fp32"]
+    fp32, bf16 = rates["ours fp32"] / typical, rates.get("ours bf16", 0.0) / typical
+    if device.type == "cuda":
+        precision, ratio = ("bf16", bf16) if native else ("fp32", fp32)
+        return [common.Target(f"{name} ours {precision} / typical loop on {torch.cuda.get_device_name(device)}",
+                              ratio, 5.0)]
+    if native:
+        return [common.Target(f"{name} ours bf16 / typical fp32 loop on a CPU with native bf16", bf16, 2.0),
+                common.Target(f"{name} ours fp32 / typical fp32 loop", fp32, None,
+                              reason="the 1.2x fp32 target is for CPUs without native bf16")]
+    return [common.Target(f"{name} ours fp32 / typical fp32 loop on a CPU without native bf16", fp32, 1.2),
+            common.Target(f"{name} ours bf16 / typical fp32 loop", bf16 if with_bf16 else None, None,
+                          reason="emulated bf16; the 2x target is for CPUs with native bf16" if with_bf16
+                          else bf16_reason)]
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="+", default=["resnet20", "plain20", "resnet56", "plain56", "resnet110",
-                                                    "plain110"])
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--steps", type=int, default=8, help="timed steps per measurement")
-    p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--workers", type=int, default=min(4, torch.get_num_threads()))
-    p.add_argument("--bf16", action="store_true", help="also time bf16 on a CPU without native bf16")
-    args = p.parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    with_bf16 = device.type == "cuda" or cpu_has_native_bf16() or args.bf16
-    spec = data.get_spec("fashion-mnist")
-    with tempfile.TemporaryDirectory() as root:
-        dataset = torchvision_fashion_mnist(Path(root))
-        loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
-                                             num_workers=args.workers, persistent_workers=args.workers > 0,
-                                             pin_memory=device.type == "cuda")
-        typical_batches = endless(loader)
-        images = data.load_split("fashion-mnist", "train", train_images=args.steps * args.batch_size)
-        ours = data.TrainBatches(images, spec, args.batch_size, "crop-flip", device, seed=0, channels_last=True)
-        print(machine_line(device))
-        print(f"images/s, median of {args.repeats} interleaved repetitions of {args.steps} steps of batch "
-              f"{args.batch_size}; typical loop with {args.workers} DataLoader workers")
-        print(f"{'model':<10} {'typical fp32':>13} {'ours fp32':>10} {'ratio':>6} {'ours bf16':>10} {'ratio':>6}")
-        summary = {}
-        for name in args.models:
-            variants = {"typical": None, "fp32": None} | ({"bf16": torch.bfloat16} if with_bf16 else {})
-            nets = {key: models.build(name, in_channels=1).to(device) for key in variants}
-            for key in ("fp32", "bf16"):
-                if key in nets:
-                    nets[key] = nets[key].to(memory_format=torch.channels_last)
-            optimizers = {key: torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9) for key, net in nets.items()}
-            measured = {key: [] for key in variants}
-            for repeat in range(args.repeats + 1):  # the first round warms up and is not counted
-                for key, amp_dtype in variants.items():
-                    if key == "typical":
-                        rate = typical_loop(nets[key], typical_batches, args.batch_size, optimizers[key], device,
-                                            args.steps)
-                    else:
-                        rate = our_loop(nets[key], ours, optimizers[key], device, amp_dtype, args.steps)
-                    if repeat:
-                        measured[key].append(rate)
-            median = {key: statistics.median(values) for key, values in measured.items()}
-            bf16 = (f"{median['bf16']:>10.0f} {median['bf16'] / median['typical']:>5.2f}x" if "bf16" in median
-                    else f"{'-':>10} {'-':>6}")
-            print(f"{name:<10} {median['typical']:>13.0f} {median['fp32']:>10.0f} "
-                  f"{median['fp32'] / median['typical']:>5.2f}x {bf16}")
-            summary[name] = median
-    key_model = "resnet56" if "resnet56" in summary else next(iter(summary))
-    result = summary[key_model]
-    bf16_text = (f"ours bf16 {result['bf16'] / result['typical']:.2f}x" if "bf16" in result
-                 else "bf16 not measured (this CPU has no native bf16)")
-    print(f"summary: {key_model} on {device.type}: ours fp32 {result['fp32'] / result['typical']:.2f}x the typical "
-          f"loop ({result['typical']:.0f} img/s), {bf16_text} (targets: fp32 1.2x, bf16 2x on CPU; 5x on a GPU)")
+    common.main(parser, measure, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main_guard(main))

@@ -1,0 +1,99 @@
+"""Cost of the BN monitor in training: the trainer's own `train_epoch` with and without `BNMonitor` (target:
+at most 3% of training time at the trainer's default interval, `--monitor-every 50 --monitor-images 128`).
+
+Same model, batches and optimiser with and without the monitor, in interleaved rounds; the monitor is made as
+the trainer makes it (its probe: the first --probe-images training images, augmented once; the training's
+autocast dtype). A measurement costs the same whatever the interval, so a shorter --every with fewer steps
+measures the same cost per measurement sooner. Two figures for the target at the default interval:
+- measured: (epoch with the monitor / epoch without - 1) at --every E, times E / 50;
+- from the measurement time: one `BNMonitor.measure` timed alone / (50 x the time of a training step).
+
+Run: `python -m benchmarks.monitor_cost [--models resnet56 plain56] [--steps 40] [--every 10] [--bf16]`.
+"""
+import sys
+
+import torch
+
+import models
+from analyses.monitor import BNMonitor
+from diagnostics.common import main_guard
+from train.config import Config
+from train.data import augmented_once
+from train.errors import UserError, positive_int
+
+from . import common
+
+TRAINER = Config(model="", dataset="", out="")  # the trainer's defaults: monitor_every, monitor_images
+
+
+def parser():
+    p = common.parser("benchmarks.monitor_cost", __doc__, models_default=["resnet56", "plain56"])
+    common.add_data_options(p)
+    p.add_argument("--steps", type=positive_int, default=40, help="training steps per timed epoch (default 40)")
+    p.add_argument("--every", type=positive_int, default=10,
+                   help=f"the monitor's interval in steps (default 10; the trainer's is {TRAINER.monitor_every})")
+    p.add_argument("--probe-images", type=positive_int, default=TRAINER.monitor_images,
+                   help=f"the monitor's probe (default {TRAINER.monitor_images}, as the trainer's)")
+    p.add_argument("--bf16", action="store_true", help="also time bf16 where the device has no native bf16")
+    return p
+
+
+def time_monitor(name: str, amp_dtype, batches, probe, probe_images, args, progress) -> tuple[dict, float]:
+    """Median seconds of an epoch without the monitor, with it, and of one measurement alone, on one model; and
+    how many measurements the monitor made in each epoch with it (counted from its record)."""
+    torch.manual_seed(0)
+    model = models.build(name, num_classes=batches.spec.num_classes, in_channels=batches.spec.in_channels)
+    model.to(batches.device, memory_format=torch.channels_last)
+    optimizer = common.sgd(model, fused=batches.device.type == "cuda")
+    monitor = BNMonitor(model, probe_images, probe.labels, every=args.every, autocast=amp_dtype,
+                        probe=f"the first {len(probe)} training images, augmented once")
+    seconds = common.interleaved({
+        "without": lambda: common.trainer_epoch(model, batches, optimizer, amp_dtype),
+        "with": lambda: common.trainer_epoch(model, batches, optimizer, amp_dtype, monitor),
+        "measure": lambda: monitor.measure(0),  # step 0: told apart from the epoch's own in the record
+    }, args.repeats, batches.device, progress)
+    return seconds, sum(step > 0 for step in monitor.records["step"]) / (args.repeats + 1)
+
+
+def measure(args, device: torch.device) -> common.Report:
+    if args.every > args.steps:
+        raise UserError(f"--steps {args.steps} would hold no measurement at --every {args.every}; give --steps at "
+                        f"least {args.every}")
+    with_bf16, _, bf16_reason = common.bf16_plan(device, args.bf16)
+    precisions = {"fp32": None} | ({"bf16": torch.bfloat16} if with_bf16 else {})
+    images, spec = common.benchmark_images(args.dataset, max(args.steps * args.batch_size, args.probe_images),
+                                           args.data_dir)
+    batches = common.trainer_batches(images[:args.steps * args.batch_size], spec, args.batch_size, device)
+    probe = images[:args.probe_images]
+    probe_images = augmented_once(probe, spec, "crop-flip", device)
+    default = TRAINER.monitor_every
+    n = args.steps // args.every
+    report = common.Report(
+        f"seconds, median of {args.repeats} interleaved rounds after a warm-up round: an epoch of {args.steps} "
+        f"steps of batch {args.batch_size} on {args.dataset} without and with the monitor every {args.every} steps "
+        f"({n} measurements of a {len(probe)}-image probe); cost at the trainer's every {default}",
+        ["model", "precision", "s/step", "without", "with", "measured/epoch", "cost", "s/measurement",
+         f"at {default}: measured", "from s/measurement"], notes=[common.bf16_note(with_bf16, bf16_reason)])
+    with common.progress(len(args.models) * len(precisions) * (args.repeats + 1) * 3, "monitor_cost") as progress:
+        for name in args.models:
+            for precision, amp_dtype in precisions.items():
+                t, per_epoch = time_monitor(name, amp_dtype, batches, probe, probe_images, args, progress)
+                step = t["without"] / args.steps
+                cost = t["with"] / t["without"] - 1
+                at_default, from_measure = cost * args.every / default, t["measure"] / (default * step)
+                report.rows.append([name, precision, f"{step:.3f}", f"{t['without']:.2f}", f"{t['with']:.2f}",
+                                    f"{per_epoch:g}", f"{cost:.1%}", f"{t['measure']:.3f}", f"{at_default:.1%}",
+                                    f"{from_measure:.1%}"])
+                report.targets.append(common.Target(
+                    f"{name} {precision} BN monitor cost at every {default} steps, measured", at_default, 0.03,
+                    at_most=True, unit="%", reason=f"from the measurement time: {t['measure']:.3f} s / ({default} x "
+                                                   f"{step:.3f} s per step) = {from_measure:.1%}"))
+    return report
+
+
+def main(argv=None) -> None:
+    common.main(parser, measure, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main_guard(main))
