@@ -26,7 +26,7 @@ import models
 
 from . import schema
 from .config import config_from_dict
-from .data import DatasetSpec, dataset_name, get_spec, is_folder
+from .data import DatasetSpec, check_image_size, dataset_name, get_spec, is_folder
 from .errors import UserError
 
 FORMAT = "resnet-diagnostics/1"
@@ -279,9 +279,7 @@ def _foreign(checkpoint: dict, path, model_name: str | None, dataset: str | None
     dataset = dataset or _infer_dataset(classes, first_conv.shape[1])
     if dataset is None:
         raise UserError(f"cannot tell which dataset {path} was trained on; give --dataset NAME (or folder:PATH)")
-    if image_size is not None and not is_folder(dataset):
-        raise UserError(f"--image-size resizes the images of an image folder (--dataset folder:PATH); {dataset} "
-                        "has its own size: drop --image-size")
+    check_image_size(dataset, image_size)
     spec = get_spec(dataset, image_size)
     if classes is not None and classes != spec.num_classes:
         raise UserError(f"{path} classifies into {classes} classes but {spec.name} has {spec.num_classes}; give the "

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import models
 
-from .data import AUGMENTATIONS, SPECS, dataset_name, default_data_dir, is_folder
+from .data import AUGMENTATIONS, SPECS, check_image_size, dataset_name, default_data_dir
 from .errors import MAX_INT, ArgumentParser, UserError, finite_float, non_negative_int, positive_int
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -205,12 +205,7 @@ def from_args(args: argparse.Namespace) -> Config:
 def validate(config: Config) -> None:
     """Every option in range, before any work: from the command line, a config.json or a checkpoint alike."""
     models.canonical(config.model, **config.model_kwargs(1, 1))  # name and arguments, before any work
-    dataset_name(config.dataset)
-    if config.image_size is not None and not is_folder(config.dataset):
-        raise UserError(f"--image-size resizes the images of an image folder (--dataset folder:PATH); {config.dataset} "
-                        "has its own size: drop --image-size")
-    if config.image_size is not None and not 1 <= config.image_size <= 4096:
-        raise UserError(f"--image-size must be from 1 to 4096 pixels, not {config.image_size}")
+    check_image_size(dataset_name(config.dataset), config.image_size)
     if not config.out.strip():
         raise UserError("--out is empty; give the folder to create, e.g. --out runs/resnet56")
     positive = {"--batch-size": config.batch_size, "--eval-batch-size": config.eval_batch_size,

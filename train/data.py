@@ -47,6 +47,7 @@ SPLITS = ("train", "val", "test")
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FOLDER = "folder:"  # the prefix of an image folder's dataset name: `folder:/absolute/path`
 GREY_MODES = ("1", "L", "LA")  # PIL modes read as one channel; every other 8-bit mode is read as RGB
+MAX_IMAGE_SIZE = 4096  # pixels on a side, after resizing
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,15 @@ def dataset_name(text: str) -> str:
         raise UserError(f"unknown dataset {text!r}; choose one of: {', '.join(SPECS)}, or folder:PATH for a folder "
                         "of images in ImageFolder's layout")
     return text
+
+
+def check_image_size(name: str, image_size: int | None) -> None:
+    """`--image-size` resizes an image folder's images, within MAX_IMAGE_SIZE; other datasets have their own."""
+    if image_size is not None and not is_folder(name):
+        raise UserError(f"--image-size resizes the images of an image folder (--dataset folder:PATH); {name} has "
+                        "its own size: drop --image-size")
+    if image_size is not None and not 1 <= image_size <= MAX_IMAGE_SIZE:
+        raise UserError(f"--image-size must be from 1 to {MAX_IMAGE_SIZE} pixels, not {image_size}")
 
 
 def get_spec(name: str, image_size: int | None = None) -> DatasetSpec:
@@ -451,6 +461,7 @@ def _read_image(path: Path, mode: str, side: int, resize: bool, reference: Path)
 
 def _read_folder(name: str, split: str, image_size: int | None) -> Images:
     """A split of an image folder, whole, as uint8 tensors, its classes spread evenly over it (`_spread`)."""
+    check_image_size(name, image_size)
     root, classes = _folder_root(name), folder_classes(name)
     train = _image_files(_split_folder(root, "train"), classes, "train")
     files = train if split == "train" else _image_files(_split_folder(root, split), classes, split)
