@@ -4,6 +4,8 @@ A command is: `parser(...)` for its options, `collect_sources(args)` for its inp
 checkpoint, `analyses.common.combine` into one dataset, a figure, `write_outputs(...)`; `main_guard` turns
 bad input into one line `error: ...` and exit code 2 (docs/design.md §5).
 """
+import argparse
+import fnmatch
 import sys
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -12,10 +14,12 @@ from pathlib import Path
 import torch
 
 import models
+from analyses.common import forward_hooks, preserved_state
 from train import checkpoint as ckpt
 from train import rundir
 from train import data
-from train.data import SPECS, SPLITS, EvalBatches, default_data_dir, load_split
+from train.data import (SPECS, SPLITS, EvalBatches, dataset_name, default_data_dir, folder_classes, is_folder,
+                        load_split)
 from train.errors import (ArgumentParser, UserError, finite_float, interrupted_exit_code, positive_float, positive_int,
                           sigterm_as_interrupt)
 from train.progress import Progress
@@ -37,8 +41,14 @@ def parser(name: str, description: str, *, inputs: str = "checkpoints", inputs_r
     p.set_defaults(command=name)
     metavar, what = INPUTS[inputs]
     p.add_argument("inputs", nargs="+" if inputs_required else "*", metavar=metavar, help=what)
-    p.add_argument("--model", help="the model a foreign checkpoint (a bare state_dict) holds, e.g. resnet56")
-    p.add_argument("--dataset", choices=tuple(SPECS), help="the dataset of a foreign checkpoint")
+    p.add_argument("--model", help="the model a foreign checkpoint (a bare state_dict) holds, e.g. resnet56, "
+                   "torchvision:resnet18, timm:resnet18")
+    p.add_argument("--dataset", type=_dataset_option, metavar="NAME",
+                   help=f"the dataset of a foreign checkpoint: {', '.join(SPECS)}, or folder:PATH (a folder of images "
+                   "in ImageFolder's layout); for a run trained on an image folder, the folder's new place")
+    p.add_argument("--image-size", type=positive_int, metavar="N",
+                   help="with --dataset folder:PATH for a foreign checkpoint: resize the images (shorter side to N, "
+                   "then the centre N x N)")
     p.add_argument("--data-dir", default=str(default_data_dir()), help="where datasets live")
     p.add_argument("--split", choices=SPLITS, default="val",
                    help="val: the run's held-out images, or the test split where none were held out")
@@ -53,6 +63,13 @@ def parser(name: str, description: str, *, inputs: str = "checkpoints", inputs_r
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--out", help="output folder (default: diagnostics/ in the first input's run directory)")
     return p
+
+
+def _dataset_option(text: str) -> str:
+    try:
+        return dataset_name(text)
+    except UserError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def require_run_dirs(inputs: list[str], why: str) -> None:
@@ -112,7 +129,7 @@ def collect_sources(args, *, model_names: bool = False) -> list[Source]:
     sources: dict[Path | str | tuple, Source] = {}
     for text in args.inputs:
         path = Path(text)
-        if not path.exists() and model_names and text in models.available():
+        if not path.exists() and model_names and is_model_name(text):
             sources[text] = Source(models.label(text, {}), model_name=text)
             continue
         if not path.exists():
@@ -140,6 +157,18 @@ def collect_sources(args, *, model_names: bool = False) -> list[Source]:
             source.label = load_checkpoint(source.paths[0], args).label  # validates the first file now
     _distinct_labels(sources)
     return list(sources.values())
+
+
+def is_model_name(text: str) -> bool:
+    """A name of ours `models.build` knows (`resnet56`), or another library's (`torchvision:resnet18`, checked
+    when built, so that a missing library or model is said in its own words)."""
+    if models.is_external(text):
+        return True
+    try:
+        models.canonical(text)
+    except models.ModelError:
+        return False
+    return True
 
 
 def _epoch_order(path: Path) -> tuple[bool, int]:
@@ -227,7 +256,7 @@ class Results:
 
 def load_checkpoint(path: Path, args, device="cpu") -> ckpt.Loaded:
     return ckpt.load(path, model_name=args.model, dataset=args.dataset, mean=args.mean, std=args.std,
-                     device=device)
+                     image_size=getattr(args, "image_size", None), device=device)
 
 
 def epoch_of(loaded: ckpt.Loaded) -> int:
@@ -239,13 +268,62 @@ _IMAGES = {}
 
 
 def _split_images(loaded: ckpt.Loaded, args, split: str):
-    """A split as the checkpoint's run defined it (its held-out images, its first --train-images), read once."""
-    config = loaded.config or {}
-    key = (loaded.spec.name, split, config.get("val_split", 0), config.get("train_images"), args.data_dir)
+    """A split as the checkpoint's run defined it (its held-out images, its first --train-images, its image
+    size), read once. An image folder is found from the checkpoint's dataset name (an absolute path), or
+    --dataset folder:PATH, and must still hold the images the model was trained on: the same classes, channels
+    and size."""
+    config, spec = loaded.config or {}, loaded.spec
+    image_size = config.get("image_size") or getattr(args, "image_size", None)
+    key = (spec.name, split, config.get("val_split", 0), config.get("train_images"), args.data_dir, image_size)
+    if is_folder(spec.name) and folder_classes(spec.name) != spec.classes:
+        raise UserError(f"{spec.name} has the classes {', '.join(folder_classes(spec.name))}, not the "
+                        f"{', '.join(spec.classes)} {loaded.path} was trained on; point --dataset folder:PATH at "
+                        "its images")
     if key not in _IMAGES:
-        _IMAGES[key] = load_split(loaded.spec.name, split, args.data_dir, config.get("val_split", 0),
-                                  config.get("train_images") if split == "train" else None)
+        images = load_split(spec.name, split, args.data_dir, config.get("val_split", 0),
+                            config.get("train_images") if split == "train" else None, image_size=image_size)
+        if tuple(images.images.shape[1:]) != (spec.in_channels, spec.image_size, spec.image_size):
+            raise UserError(f"the {split} images of {spec.name} are {'x'.join(map(str, images.images.shape[1:]))} "
+                            f"(channels x height x width), but {loaded.path} was trained on {spec.in_channels}x"
+                            f"{spec.image_size}x{spec.image_size}")
+        _IMAGES[key] = images
     return _IMAGES[key]
+
+
+def response_layers(loaded: ckpt.Loaded, patterns: list[str] | None, example: torch.Tensor) -> list[str]:
+    """What `diagnostics.responses` measures: the modules whose names match `patterns` (fnmatch's * and ?), in
+    forward order, or else `models.response_layers`. Each must run exactly once in a forward pass of `example`
+    (a module shared by several layers, as torchvision's `relu` of a block, mixes their activations); a model
+    without any such layer is refused in one line."""
+    model = loaded.model
+    if patterns:
+        names = [name for name, _ in model.named_modules() if name and any(fnmatch.fnmatchcase(name, pattern)
+                                                                            for pattern in patterns)]
+        if not names:
+            raise UserError(f"no module of {loaded.label} matches --layers {' '.join(patterns)}; its convolutions are "
+                            f"named {_some_convolutions(model)}")
+    else:
+        names = models.response_layers(model)
+        if not names:
+            raise UserError(f"{loaded.label} has no 3x3 convolution followed directly by BatchNorm, so it has no "
+                            "responses in the sense of the paper's Fig. 7; name the modules to measure with --layers "
+                            f"PATTERN (its convolutions are named {_some_convolutions(model)})")
+    calls = dict.fromkeys(names, 0)
+    hooks = {name: (lambda module, inputs, output, name=name: calls.__setitem__(name, calls[name] + 1))
+             for name in names}
+    with torch.no_grad(), preserved_state(model, bn_statistics=False), forward_hooks(model, hooks):
+        model.eval()
+        model(example[:1].to(next(model.parameters()).device))
+    wrong = next(((name, count) for name, count in calls.items() if count != 1), None)
+    if wrong is not None:
+        raise UserError(f"{wrong[0]} of {loaded.label} runs {wrong[1]} times in one forward pass, so it has no "
+                        "response of its own (a module that is shared, or unused); choose modules that run once")
+    return names
+
+
+def _some_convolutions(model) -> str:
+    names = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Conv2d)]
+    return ", ".join(names[:3]) + (" ..." if len(names) > 3 else "") if names else "(none)"
 
 
 def batch_size_of(loaded: ckpt.Loaded, args) -> int:

@@ -101,14 +101,22 @@ def draw_branches(axis, parts) -> None:
 
 
 def main(argv=None) -> None:
-    args = common.parser("responses", __doc__).parse_args(argv)
+    p = common.parser("responses", __doc__)
+    p.add_argument("--layers", nargs="+", metavar="PATTERN", help="measure the outputs of the modules whose names "
+                   "match (fnmatch: * and ?), e.g. 'features.*', instead of the BN after each 3x3 conv")
+    args = p.parse_args(argv)
     device, sources, out = common.prepare(args)
     results = common.Results()
     for source, loaded in common.checkpoints(sources, args, device):
         batches = common.image_batches(loaded, args, device)
-        results.add(source.label, loaded, layer_responses(loaded.model, batches, checkpoint=loaded.path,
+        layers = common.response_layers(loaded, args.layers, next(iter(batches))[0])
+        results.add(source.label, loaded, layer_responses(loaded.model, batches, layers, checkpoint=loaded.path,
                                                           dataset=loaded.spec.name, split=args.split))
-    ds = results.combined(DEFINITION, args.split, bn_mode="eval")
+    definition = DEFINITION if not args.layers else (
+        f"standard deviation of the output of each module whose name matches {' '.join(args.layers)} (in forward "
+        "order), per channel over all images and spatial positions, with BN in eval mode; response_std is its mean "
+        "over channels")
+    ds = results.combined(definition, args.split, bn_mode="eval")
     common.write_outputs(out, "responses", ds, figure(ds, results.plain))
 
 

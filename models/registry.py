@@ -1,6 +1,8 @@
 """One registry from model names to builders, as torchvision's `get_model` and timm's `create_model`.
 
 A checkpoint stores `{"name": ..., "kwargs": ...}`; `build(name, **kwargs)` turns that back into the module.
+Names are this package's (`resnet56`, `plain56`, `vgg16`) or another library's, `LIBRARY:NAME`
+(`torchvision:resnet18`, `timm:resnet18`: models/external.py), resolved here like ours.
 """
 import inspect
 import re
@@ -9,6 +11,7 @@ from typing import Callable
 import torch.nn as nn
 
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {}
+_LIBRARIES: dict[str, Callable[[str], Callable[..., nn.Module]]] = {}  # "torchvision": NAME -> NAME's builder
 _PLAIN_ALIAS = re.compile(r"plain(\d+)$")
 
 
@@ -23,6 +26,33 @@ def register(name: str):
         _BUILDERS[name] = builder
         return builder
     return decorator
+
+
+def register_library(library: str):
+    """Register `resolve(NAME) -> builder` for the names `LIBRARY:NAME`; `resolve` raises ModelError for a
+    name the library does not have."""
+    def decorator(resolve):
+        if library in _LIBRARIES:
+            raise ValueError(f"library {library!r} is already registered")
+        _LIBRARIES[library] = resolve
+        return resolve
+    return decorator
+
+
+def is_external(name: str) -> bool:
+    """Whether `name` is another library's model (`torchvision:resnet18`), whose module names are its own."""
+    library, separator, _ = name.partition(":")
+    return bool(separator) and library in _LIBRARIES
+
+
+def _builder(name: str) -> Callable[..., nn.Module]:
+    if is_external(name):
+        library, _, model = name.partition(":")
+        return _LIBRARIES[library](model)
+    if name not in _BUILDERS:
+        others = ", ".join(f"{library}:NAME" for library in _LIBRARIES)
+        raise ModelError(f"unknown model {name!r}; choose one of: {', '.join(available())} (or {others})")
+    return _BUILDERS[name]
 
 
 def _resolve(name: str, kwargs: dict) -> tuple[str, dict]:
@@ -48,9 +78,7 @@ def _natural_key(name: str):
 def canonical(name: str, **kwargs) -> tuple[str, dict]:
     """The registered name and the keyword arguments that build `name`, checked against the builder."""
     name, kwargs = _resolve(name, kwargs)
-    if name not in _BUILDERS:
-        raise ModelError(f"unknown model {name!r}; choose one of: {', '.join(available())}")
-    accepted = inspect.signature(_BUILDERS[name]).parameters
+    accepted = inspect.signature(_builder(name)).parameters
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:
         raise ModelError(f"{name} does not take {', '.join(unknown)}; it takes: {', '.join(accepted)}")
@@ -72,11 +100,11 @@ _PLAIN_TYPES = {  # what a builder's annotation admits (a checkpoint's kwargs ar
 
 def build(name: str, **kwargs) -> nn.Module:
     name, kwargs = canonical(name, **kwargs)
-    return _BUILDERS[name](**kwargs)
+    return _builder(name)(**kwargs)
 
 
 def label(name: str, kwargs: dict | None = None) -> str:
-    """The model's label in datasets and figures: `plain56` / `resnet56` / `vgg16`."""
+    """The model's label in datasets and figures: `plain56` / `resnet56` / `vgg16` / `torchvision:resnet18`."""
     name, kwargs = _resolve(name, dict(kwargs or {}))
     if name == "cifar_resnet":
         name = f"resnet{kwargs.get('depth', 20)}"
@@ -95,14 +123,17 @@ def response_layers(model: nn.Module) -> list[str]:
     """The paper's "responses" (Fig. 7): the normalisation layer right after each 3x3 convolution.
 
     Leaf modules are visited in registration order, which is forward order in this package's models and in
-    torchvision's. A module counts when it directly follows a 3x3 conv and is a BatchNorm, or the Identity
-    that stands in its place in a model built with `bn=False`.
+    torchvision's and timm's CNNs. A module counts when it directly follows a 3x3 conv and is a BatchNorm, or,
+    in a model without any BatchNorm (ours built with `bn=False`), the Identity that stands in its place. A
+    model whose 3x3 convs are followed by something else (no BN, or timm's BatchNormAct2d, whose output is after
+    its activation) has none: name the layers to measure instead.
     """
+    stand_in = (nn.Identity,) if not bn_layers(model) else ()
     names, previous_is_3x3 = [], False
     for name, module in model.named_modules():
         if list(module.children()):
             continue
-        if previous_is_3x3 and isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.Identity)):
+        if previous_is_3x3 and isinstance(module, (nn.modules.batchnorm._BatchNorm, *stand_in)):
             names.append(name)
         previous_is_3x3 = isinstance(module, nn.Conv2d) and module.kernel_size == (3, 3)
     return names

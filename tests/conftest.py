@@ -2,6 +2,7 @@
 import gzip
 import pickle
 import struct
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -97,3 +98,61 @@ def assert_no_hooks(model: nn.Module) -> None:
 def _fresh_torch_state():
     torch.manual_seed(0)
     yield
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Image folders (ImageFolder's layout) and a torchvision model trained on one
+
+FOLDER_CLASSES = ("cat", "dog", "fox")
+
+
+def write_image_folder(root: Path, per_class: dict[str, int] | None = None, size: int = 16, mode: str = "RGB",
+                       seed: int = 0) -> Path:
+    """root/SPLIT/CLASS/NNN.png: noise with the class's colour channel at full intensity (learnable at a glance),
+    12 training and 4 validation images per class by default."""
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    for split, n in (per_class or {"train": 12, "val": 4}).items():
+        for c, name in enumerate(FOLDER_CLASSES):
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                pixels = rng.integers(0, 200, size=(size, size, 3), dtype=np.uint8)
+                pixels[..., c] = 255
+                Image.fromarray(pixels).convert(mode).save(root / split / name / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory) -> Path:
+    """3 classes x (12 training + 4 validation) RGB PNGs of 16x16 (shared, read-only)."""
+    return write_image_folder(tmp_path_factory.mktemp("pictures") / "pictures")
+
+
+@pytest.fixture(scope="session")
+def folder_run(tmp_path_factory, image_folder) -> Path:
+    """torchvision's resnet18 trained by our trainer on `image_folder` for 2 epochs of 3 steps (read-only)."""
+    out = tmp_path_factory.mktemp("folder-run") / "r18"
+    with torch_threads(1):
+        assert train_main(["--model", "torchvision:resnet18", "--dataset", f"folder:{image_folder}", "--out",
+                           str(out), "--batch-size", "12", "--epochs", "2", "--lr", "0.05", "--precision", "fp32",
+                           "--monitor-every", "3", "--monitor-images", "12", "--eval-batch-size", "64"]) == 0
+    return out
+
+
+@contextmanager
+def torch_threads(count: int):
+    """Small convolutions gain nothing from more threads, and lose several-fold when other jobs share the cores
+    (the threads of a parallel region wait for the slowest)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """For a module of small models: `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    with torch_threads(1):
+        yield

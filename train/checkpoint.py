@@ -2,11 +2,11 @@
 
 A checkpoint holds only what `torch.load(path, weights_only=True)` reads: tensors, dicts, lists, strings,
 numbers, bools and None. Nothing in a file can run code when we load it. Files other projects wrote (a bare
-`state_dict`, akamaster's CIFAR ResNets, torchvision's ResNets) are accepted with an explicit model name; their
-keys are mapped onto ours here, once, before the model sees them.
+`state_dict`, akamaster's CIFAR ResNets, torchvision's ResNets) are accepted with an explicit model name; for
+our architectures their keys are mapped onto ours here, once, before the model sees them. Another library's
+model (`torchvision:resnet18`, `timm:resnet18`) keeps its own names: only wrapper prefixes are removed.
 """
 import errno
-import math
 import os
 import pickle
 import re
@@ -28,7 +28,7 @@ import models
 
 from . import schema
 from .config import config_from_dict
-from .data import DatasetSpec, get_spec
+from .data import DatasetSpec, check_image_size, dataset_name, get_spec, is_folder
 from .errors import DiskFull, UserError
 
 FORMAT = "resnet-diagnostics/1"
@@ -179,8 +179,8 @@ def check_finite(state_dict: dict, path) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # Foreign files: a bare state_dict, akamaster's {"state_dict", "best_prec1"}, torchvision's ResNets
 
-_FOREIGN_KEYS = [  # (pattern, replacement), applied in order to each key
-    (re.compile(r"^(module\.|_orig_mod\.)+"), ""),  # DataParallel / DDP / torch.compile wrappers
+_WRAPPERS = re.compile(r"^(module\.|_orig_mod\.)+")  # DataParallel / DDP / torch.compile
+_OUR_LAYOUT = [  # (pattern, replacement), applied in order to each key, for this package's architectures only
     (re.compile(r"^conv1\."), "stem.conv."),
     (re.compile(r"^bn1\."), "stem.bn."),
     (re.compile(r"^layer(\d+)\.(\d+)\."), lambda m: f"stage{m[1]}.block{int(m[2]) + 1}."),
@@ -190,10 +190,11 @@ _FOREIGN_KEYS = [  # (pattern, replacement), applied in order to each key
 ]
 
 
-def foreign_state_dict(checkpoint: dict, path) -> dict:
-    """The tensors of a foreign file, with its layout's names mapped onto this package's (README: "Foreign
-    checkpoints"): akamaster's `module.conv1`, `module.layer1.0.conv1`, `module.linear`; torchvision's
-    `conv1`, `layer1.0.downsample.0`, `fc`; and `module.`/`_orig_mod.` prefixes."""
+def foreign_state_dict(checkpoint: dict, path, our_layout: bool = True) -> dict:
+    """The tensors of a foreign file without `module.`/`_orig_mod.` prefixes and, with `our_layout`, its
+    layout's names mapped onto this package's (README: "Other people's checkpoints"): akamaster's
+    `module.conv1`, `module.layer1.0.conv1`, `module.linear`; torchvision's `conv1`, `layer1.0.downsample.0`,
+    `fc`. Another library's model (`our_layout=False`) keeps its names."""
     for key in ("state_dict", "model", "model_state_dict", "net"):
         if isinstance(checkpoint.get(key), dict):
             checkpoint = checkpoint[key]
@@ -203,7 +204,8 @@ def foreign_state_dict(checkpoint: dict, path) -> dict:
         raise UserError(f"{path} holds no tensors under a known key; it is not a model checkpoint")
     mapped = {}
     for key, value in tensors.items():
-        for pattern, replacement in _FOREIGN_KEYS:
+        key = _WRAPPERS.sub("", key)
+        for pattern, replacement in _OUR_LAYOUT if our_layout else ():
             key = pattern.sub(replacement, key)
         mapped[key] = value
     return mapped
@@ -266,24 +268,69 @@ class Loaded:
     history: dict | None = None
 
 
-def _infer_dataset(state_dict: dict) -> str | None:
-    """The dataset a foreign model was most likely trained on, from its classifier and first conv."""
-    classes = next((v.shape[0] for k, v in state_dict.items() if k == "fc.weight"), None)
-    first_conv = next((v for k, v in state_dict.items() if v.ndim == 4), None)
-    channels = first_conv.shape[1] if first_conv is not None else None
+def _infer_dataset(classes: int | None, channels: int) -> str | None:
+    """The dataset a foreign model was most likely trained on, from its classes and input channels."""
     return {(10, 3): "cifar10", (100, 3): "cifar100", (3, 3): "mini-cifar10", (10, 1): "fashion-mnist",
             (4, 3): "synthetic"}.get((classes, channels))
 
 
+def _classes_in_file(name: str, kwargs: dict, state_dict: dict, path) -> int | None:
+    """The number of classes of the file's classifier, wherever the model keeps it: built on the meta device
+    for 1 class and for 2, the model differs in exactly its classifier's tensors, and the file's size along the
+    dimension that differs is the answer. None where the file lacks that tensor."""
+    try:
+        with torch.device("meta"):
+            one, two = (models.build(name, **{**kwargs, "num_classes": n}).state_dict() for n in (1, 2))
+    except (models.ModelError, TypeError, ValueError) as exc:
+        raise UserError(f"{path} cannot be read as {name} ({str(exc)[:200]})") from None
+    for key, tensor in one.items():
+        if tensor.shape != two[key].shape and key in state_dict and state_dict[key].ndim == tensor.ndim:
+            dim = next(d for d, (a, b) in enumerate(zip(tensor.shape, two[key].shape)) if a != b)
+            return int(state_dict[key].shape[dim])
+    return None
+
+
+def _foreign(checkpoint: dict, path, model_name: str | None, dataset: str | None, image_size: int | None
+             ) -> tuple[str, dict, dict, DatasetSpec]:
+    """(model name, its arguments, state_dict, dataset spec) of a file another project wrote: the input
+    channels read off its first convolution, the classes off its classifier, the dataset `dataset` or else
+    inferred from those two."""
+    if model_name is None:
+        raise UserError(f"{path} is not a resnet-diagnostics checkpoint; say which model its weights are for "
+                        "with --model NAME (e.g. --model resnet56, --model torchvision:resnet18)")
+    name, kwargs = models.canonical(model_name)
+    state_dict = foreign_state_dict(checkpoint, path, our_layout=not models.is_external(name))
+    first_conv = next((v for v in state_dict.values() if v.ndim == 4), None)
+    if first_conv is None:
+        raise UserError(f"{path} holds no convolution weight; it is not the checkpoint of a CNN")
+    kwargs = {**kwargs, "in_channels": first_conv.shape[1]}
+    classes = _classes_in_file(name, kwargs, state_dict, path)
+    dataset = dataset or _infer_dataset(classes, first_conv.shape[1])
+    if dataset is None:
+        raise UserError(f"cannot tell which dataset {path} was trained on; give --dataset NAME (or folder:PATH)")
+    check_image_size(dataset, image_size)
+    spec = get_spec(dataset, image_size)
+    if classes is not None and classes != spec.num_classes:
+        raise UserError(f"{path} classifies into {classes} classes but {spec.name} has {spec.num_classes}; give the "
+                        "--dataset its model was trained on")
+    if first_conv.shape[1] != spec.in_channels:
+        raise UserError(f"{path} takes {first_conv.shape[1]}-channel images but {spec.name} has {spec.in_channels} "
+                        "channel(s); give the --dataset its model was trained on")
+    return name, {**kwargs, "num_classes": spec.num_classes}, state_dict, spec
+
+
 def load(path, model_name: str | None = None, dataset: str | None = None, mean=None, std=None,
-         device="cpu") -> Loaded:
+         image_size: int | None = None, device="cpu") -> Loaded:
     """Rebuild the model of a checkpoint, in eval mode on `device`; every field checked first (train.schema).
 
     Our checkpoints carry the model's name and arguments and the dataset's statistics. A foreign file needs
     `model_name`; its number of classes and input channels are read off its weights, and its normalisation is
-    the dataset's standard one unless `mean`/`std` say otherwise.
+    the dataset's standard one (an image folder's: measured over its training images, resized to `image_size`)
+    unless `mean`/`std` say otherwise. `dataset` names a dataset, or an image folder `folder:PATH`; for one of
+    our checkpoints trained on an image folder it may name the folder's new place.
     """
     checkpoint = read(path)
+    dataset = dataset_name(dataset) if dataset is not None else None
     if is_own(checkpoint):
         _check_format(checkpoint, path)
         schema.check_own(checkpoint, path)
@@ -294,37 +341,22 @@ def load(path, model_name: str | None = None, dataset: str | None = None, mean=N
         if model_name is not None and models.label(*models.canonical(model_name)) != label:
             raise UserError(f"{path} is a {label} checkpoint; drop --model {model_name}")
         if dataset is not None and dataset != spec.name:
-            raise UserError(f"{path} was trained on {spec.name}; drop --dataset {dataset}")
+            if not (is_folder(dataset) and is_folder(spec.name)):
+                raise UserError(f"{path} was trained on {spec.name}; drop --dataset {dataset}")
+            spec = replace(spec, name=dataset)  # the run's image folder, moved: its images are read from there
         if mean is not None or std is not None:
             raise UserError(f"{path} stores the normalisation it was trained with; drop --mean/--std (they are for "
                             "foreign checkpoints)")
+        if image_size is not None:
+            raise UserError(f"{path} stores the image size it was trained with ({spec.image_size}); drop "
+                            "--image-size (it is for foreign checkpoints)")
         config = checkpoint.get("config")
         if config is not None:
             config = asdict(config_from_dict(config, path))
         extra = {"epoch": checkpoint.get("epoch"), "config": config, "history": checkpoint.get("history")}
     else:
-        if model_name is None:
-            raise UserError(f"{path} is not a resnet-diagnostics checkpoint; say which model its weights are for "
-                            "with --model NAME (e.g. --model resnet56)")
-        state_dict = foreign_state_dict(checkpoint, path)
-        dataset = dataset or _infer_dataset(state_dict)
-        if dataset is None:
-            raise UserError(f"cannot tell which dataset {path} was trained on; give --dataset NAME")
-        spec = get_spec(dataset)
-        name, kwargs = models.canonical(model_name)
-        first_conv = next((v for v in state_dict.values() if v.ndim == 4), None)
-        if first_conv is None:
-            raise UserError(f"{path} holds no convolution weight; it is not the checkpoint of a CNN")
-        fc = state_dict.get("fc.weight")
-        kwargs = {**kwargs, "in_channels": first_conv.shape[1],
-                  "num_classes": fc.shape[0] if fc is not None and fc.ndim == 2 else spec.num_classes}
-        extra = {}
+        name, kwargs, state_dict, spec = _foreign(checkpoint, path, model_name, dataset, image_size)
+        spec, extra = spec.with_statistics(mean, std), {}
     model = build_checked(name, kwargs, state_dict, path)
-    if mean is not None or std is not None:
-        if mean is None or std is None or len(mean) != spec.in_channels or len(std) != spec.in_channels:
-            raise UserError(f"--mean and --std need {spec.in_channels} value(s) each, for the dataset's channels")
-        if not all(math.isfinite(v) for v in (*mean, *std)) or min(std) <= 0:
-            raise UserError("--mean must be finite numbers and --std positive ones")
-        spec = replace(spec, mean=tuple(mean), std=tuple(std))
     model.to(device).eval()
     return Loaded(model, name, kwargs, models.label(name, kwargs), spec, str(path), **extra)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import models
 
-from .data import AUGMENTATIONS, SPECS, default_data_dir
+from .data import AUGMENTATIONS, SPECS, check_image_size, dataset_name, default_data_dir
 from .errors import MAX_INT, ArgumentParser, UserError, finite_float, non_negative_int, positive_int
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -40,6 +40,9 @@ class Config:
     head: str | None = None
     dropout: float | None = None
     data_dir: str = field(default_factory=lambda: str(default_data_dir()))
+    image_size: int | None = None  # an image folder's images resized to this side (None: as they are)
+    mean: list[float] | None = None  # normalisation per channel (None: the dataset's, an image folder's measured)
+    std: list[float] | None = None
     preset: str = "ablation"
     augment: str = "crop-flip"
     epochs: int | None = 20
@@ -122,7 +125,8 @@ def parser() -> argparse.ArgumentParser:
                                 "run directory (config.json, metrics.csv, epoch checkpoints).")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.pt")
     g = p.add_argument_group("model")
-    g.add_argument("--model", help=f"one of: {', '.join(models.available())}")
+    g.add_argument("--model", help=f"one of: {', '.join(models.available())}; or torchvision:NAME, timm:NAME "
+                   "for a classification model of those libraries (untrained)")
     g.add_argument("--no-skip", dest="skip", action="store_false", default=None, help="remove the shortcuts")
     g.add_argument("--shortcut", choices=("A", "B", "C"))
     g.add_argument("--no-bn", dest="bn", action="store_false", default=None, help="BatchNorm -> Identity")
@@ -132,8 +136,14 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--head", choices=("linear", "fc4096"), help="VGG's classifier")
     g.add_argument("--dropout", type=finite_float, help="dropout of VGG's FC-4096 head")
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", help=f"one of: {', '.join(SPECS)}")
+    g.add_argument("--dataset", help=f"one of: {', '.join(SPECS)}; or folder:PATH, a folder of images in "
+                   "ImageFolder's layout (PATH/train/CLASS/*.png, PATH/val/CLASS/*.png)")
     g.add_argument("--data-dir", help="where datasets live (default ./data or $RESNET_DIAG_DATA)")
+    g.add_argument("--image-size", type=positive_int, metavar="N", help="resize an image folder's images: shorter "
+                   "side to N, then the centre N x N (default: they must all be one square size)")
+    g.add_argument("--mean", type=finite_float, nargs="+", help="normalisation mean per channel (default: the "
+                   "dataset's; an image folder's measured over its training images)")
+    g.add_argument("--std", type=finite_float, nargs="+", help="normalisation std per channel (as --mean)")
     g.add_argument("--augment", choices=AUGMENTATIONS)
     g.add_argument("--train-images", type=positive_int, help="use the first N training images")
     g.add_argument("--val-split", type=non_negative_int, help="hold out the last N training images for validation "
@@ -190,16 +200,17 @@ def from_args(args: argparse.Namespace) -> Config:
         values["milestones"] = []  # the preset's are for its own length: derive them for the new one
     config = Config(**values)
     validate(config)
-    # Absolute, so that the run resumes from any working directory and its checkpoints say where it lived.
+    # Absolute, so that the run resumes from any working directory and its checkpoints say where it lived (and
+    # where an image folder's images are).
     config.data_dir, config.out = (str(Path(path).expanduser().absolute()) for path in (config.data_dir, config.out))
+    config.dataset = dataset_name(config.dataset)
     return config
 
 
 def validate(config: Config) -> None:
     """Every option in range, before any work: from the command line, a config.json or a checkpoint alike."""
     models.canonical(config.model, **config.model_kwargs(1, 1))  # name and arguments, before any work
-    if config.dataset not in SPECS:
-        raise UserError(f"unknown dataset {config.dataset!r}; choose one of: {', '.join(SPECS)}")
+    check_image_size(dataset_name(config.dataset), config.image_size)
     if not config.out.strip():
         raise UserError("--out is empty; give the folder to create, e.g. --out runs/resnet56")
     positive = {"--batch-size": config.batch_size, "--eval-batch-size": config.eval_batch_size,
@@ -231,6 +242,10 @@ def validate(config: Config) -> None:
         raise UserError(f"--keep must be all, last or a positive integer, not {config.keep!r}")
     if config.train_images is not None and not 1 <= config.train_images <= MAX_INT:
         raise UserError(f"--train-images must be a positive integer, not {config.train_images}")
+    if (config.mean is None) != (config.std is None) or config.std is not None and (
+            len(config.mean) != len(config.std) or not all(math.isfinite(v) for v in config.mean + config.std)
+            or min(config.std) <= 0):
+        raise UserError("--mean and --std go together, one finite value per channel each, --std positive")
     if any(not 1 <= milestone <= MAX_INT for milestone in config.milestones):
         raise UserError(f"--milestones must be positive iteration counts, not {config.milestones}")
 

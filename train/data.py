@@ -8,12 +8,19 @@ the rest on the device.
 Files are read by this module, not by torchvision's dataset classes: torchvision checks CIFAR's md5 sums (so
 tests could not use tiny files in the real format) and unpickles with no restriction (so a planted file could
 run code). torchvision is used for what it is good at: downloading, where the network allows.
+
+A folder of one's own images, `folder:PATH`, is read in torchvision's `ImageFolder` layout (`PATH/train/CLASS/*`
+with `PATH/val/CLASS/*` and/or `PATH/test/CLASS/*`, or `PATH/CLASS/*` alone as the training images), whole, with
+PIL; its dataset statistics are measured over its training images (`folder_spec`).
 """
 import gzip
+import math
 import os
 import pickle
 import struct
-from dataclasses import asdict, dataclass
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -38,6 +45,9 @@ SYNTHETIC_SIZES = {"train": 1024, "test": 256}
 AUGMENTATIONS = ("none", "crop-flip", "cutout", "autoaugment")
 SPLITS = ("train", "val", "test")
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+FOLDER = "folder:"  # the prefix of an image folder's dataset name: `folder:/absolute/path`
+GREY_MODES = ("1", "L", "LA")  # PIL modes read as one channel; every other 8-bit mode is read as RGB
+MAX_IMAGE_SIZE = 4096  # pixels on a side, after resizing
 
 
 @dataclass(frozen=True)
@@ -53,6 +63,16 @@ class DatasetSpec:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "mean": list(self.mean), "std": list(self.std), "classes": list(self.classes)}
+
+    def with_statistics(self, mean=None, std=None) -> "DatasetSpec":
+        """The spec normalising with `mean` and `std` (one value per channel, std positive) where given."""
+        if mean is None and std is None:
+            return self
+        if mean is None or std is None or len(mean) != self.in_channels or len(std) != self.in_channels:
+            raise UserError(f"--mean and --std need {self.in_channels} value(s) each, for the dataset's channels")
+        if not all(math.isfinite(v) for v in (*mean, *std)) or min(std) <= 0:
+            raise UserError(f"--mean and --std must be finite and --std positive, not {list(mean)} and {list(std)}")
+        return replace(self, mean=tuple(mean), std=tuple(std))
 
     @classmethod
     def from_dict(cls, values: dict) -> "DatasetSpec":
@@ -76,10 +96,42 @@ SPECS = {
 }
 
 
-def get_spec(name: str) -> DatasetSpec:
-    if name not in SPECS:
-        raise UserError(f"unknown dataset {name!r}; choose one of: {', '.join(SPECS)}")
-    return SPECS[name]
+def is_folder(name: str) -> bool:
+    return name.startswith(FOLDER)
+
+
+def dataset_name(text: str) -> str:
+    """A dataset name as given on a command line, checked: one of SPECS, or `folder:PATH` with PATH made
+    absolute (a checkpoint then finds its folder from any working directory)."""
+    if is_folder(text):
+        path = text[len(FOLDER):]
+        if not path.strip():
+            raise UserError("--dataset folder: needs a path, e.g. --dataset folder:~/pictures")
+        name = FOLDER + str(Path(path).expanduser().absolute())
+        if len(name) > 200:  # what a checkpoint keeps of a name (train.schema)
+            raise UserError(f"{name[len(FOLDER):]} is longer than the {200 - len(FOLDER)} characters a checkpoint "
+                            "keeps of a folder's path; move it, or link it from a shorter path")
+        return name
+    if text not in SPECS:
+        raise UserError(f"unknown dataset {text!r}; choose one of: {', '.join(SPECS)}, or folder:PATH for a folder "
+                        "of images in ImageFolder's layout")
+    return text
+
+
+def check_image_size(name: str, image_size: int | None) -> None:
+    """`--image-size` resizes an image folder's images, within MAX_IMAGE_SIZE; other datasets have their own."""
+    if image_size is not None and not is_folder(name):
+        raise UserError(f"--image-size resizes the images of an image folder (--dataset folder:PATH); {name} has "
+                        "its own size: drop --image-size")
+    if image_size is not None and not 1 <= image_size <= MAX_IMAGE_SIZE:
+        raise UserError(f"--image-size must be from 1 to {MAX_IMAGE_SIZE} pixels, not {image_size}")
+
+
+def get_spec(name: str, image_size: int | None = None) -> DatasetSpec:
+    """A named dataset's fixed spec, or an image folder's, measured over all its training images."""
+    if is_folder(name):
+        return folder_spec(name, load_split(name, "train", image_size=image_size))
+    return SPECS[dataset_name(name)]
 
 
 def default_data_dir() -> Path:
@@ -248,9 +300,13 @@ def _synthetic(split: str) -> Images:
     return Images((pixels.clamp(0, 1) * 255).round().to(torch.uint8), labels)
 
 
-def load_images(name: str, split: str, data_dir: Path | str | None = None, download: bool = True) -> Images:
-    """The whole `train` or `test` split of a dataset as uint8 tensors on the CPU."""
-    get_spec(name)
+def load_images(name: str, split: str, data_dir: Path | str | None = None, download: bool = True,
+                image_size: int | None = None) -> Images:
+    """The whole `train` or `test` split of a dataset (an image folder's also `val`) as uint8 tensors on the CPU.
+    `image_size`: an image folder's images resized to this side (other datasets have their own)."""
+    if is_folder(name):
+        return _read_folder(name, split, image_size)
+    name = dataset_name(name)
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
     if name == "synthetic":
         return _synthetic(split)
@@ -263,15 +319,15 @@ def load_images(name: str, split: str, data_dir: Path | str | None = None, downl
 
 
 def load_split(name: str, split: str, data_dir=None, val_split: int = 0, train_images: int | None = None,
-               download: bool = True) -> Images:
+               download: bool = True, image_size: int | None = None) -> Images:
     """`train`: the training images minus the held-out last `val_split`, then the first `train_images` of
-    them; `val`: the held-out images, or the test split when none are held out (as the paper's curves);
-    `test`: the test split."""
+    them; `val`: the held-out images, or the test split when none are held out (as the paper's curves; an
+    image folder's val/ folder); `test`: the test split. `image_size`: see `load_images`."""
     if split not in SPLITS:
         raise UserError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
     if split == "test" or (split == "val" and not val_split):
-        return load_images(name, "test", data_dir, download)
-    images = load_images(name, "train", data_dir, download)
+        return load_images(name, split if is_folder(name) else "test", data_dir, download, image_size)
+    images = load_images(name, "train", data_dir, download, image_size)
     if val_split and not 0 < val_split < len(images):
         raise UserError(f"--val-split {val_split} must be between 0 and the {len(images)} training images")
     if split == "val":
@@ -283,6 +339,181 @@ def load_split(name: str, split: str, data_dir=None, val_split: int = 0, train_i
                             "training images available")
         images = images[:train_images]
     return images
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Image folders
+
+
+def _folder_root(name: str) -> Path:
+    root = Path(name[len(FOLDER):])
+    if not root.is_dir():
+        raise UserError(f"{root} is not a folder; --dataset folder:PATH names a folder of class folders "
+                        "(PATH/train/CLASS/*.png and PATH/val/CLASS/*.png, or PATH/CLASS/*.png)")
+    return root
+
+
+def _split_folder(root: Path, split: str) -> Path:
+    """`train`: PATH/train, or PATH itself where there is no PATH/train; `val` and `test`: PATH/val and
+    PATH/test, either standing in for the other where only one exists."""
+    if split == "train":
+        return root / "train" if (root / "train").is_dir() else root
+    for folder in (root / split, root / ("test" if split == "val" else "val")):
+        if folder.is_dir():
+            return folder
+    raise UserError(f"{root} has no val/ or test/ folder of held-out images; add one, or hold out training "
+                    "images with --val-split N")
+
+
+def _class_folders(folder: Path) -> list[str]:
+    """The class folders, sorted, as ImageFolder orders them (the position is the label)."""
+    try:
+        return sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())
+    except OSError as exc:
+        raise UserError(f"cannot read {folder} ({exc.strerror or exc})") from None
+
+
+def folder_classes(name: str) -> tuple[str, ...]:
+    """An image folder's class names: the folders of its training split, sorted."""
+    folder = _split_folder(_folder_root(name), "train")
+    classes = _class_folders(folder)
+    if not classes:
+        raise UserError(f"{folder} holds no class folders; put each class's images in a folder of its own "
+                        f"({folder}/CLASS/image.png)")
+    too_long = next((name for name in classes if len(name) > 200), None)
+    if too_long is not None:
+        raise UserError(f"{folder / too_long}: a class folder's name may have at most 200 characters; shorten it")
+    return tuple(classes)
+
+
+def _image_files(folder: Path, classes: tuple[str, ...], split: str) -> list[tuple[Path, int]]:
+    """(file, label) of every image under each class folder (ImageFolder's extensions, in any case), sorted.
+    A training class must have images; a held-out split may lack a class, not add one."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+    unknown = sorted(set(_class_folders(folder)) - set(classes))
+    if unknown:
+        raise UserError(f"{folder / unknown[0]} is a class the training images ({', '.join(classes)}) do not have; "
+                        "give every split the same class folders")
+    files = []
+    for label, name in enumerate(classes):
+        found = sorted(path for path in (folder / name).rglob("*")
+                       if path.suffix.lower() in IMG_EXTENSIONS and path.is_file())
+        if not found and split == "train":
+            raise UserError(f"{folder / name} holds no images ({' '.join(IMG_EXTENSIONS)}); add some or remove "
+                            "the folder")
+        files += [(path, label) for path in found]
+    if not files:
+        raise UserError(f"{folder} holds no images ({' '.join(IMG_EXTENSIONS)}) in its class folders")
+    return files
+
+
+@contextmanager
+def _opened(path: Path):
+    """A PIL image of `path`; whatever is wrong with the file becomes one line naming it."""
+    from PIL import Image
+    try:
+        empty = path.stat().st_size == 0
+    except OSError as exc:
+        raise UserError(f"cannot read {path} ({exc.strerror or exc})") from None
+    if empty:
+        raise UserError(f"{path} is empty, not an image; remove or replace it")
+    try:
+        with Image.open(path) as image:
+            yield image
+    except UserError:
+        raise
+    except Exception as exc:  # PIL raises many kinds; any defect of a user's file is bad input, not a bug
+        detail = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        raise UserError(f"{path} is not a readable image ({detail}); remove or replace it") from None
+
+
+def _folder_format(files: list[tuple[Path, int]], image_size: int | None) -> tuple[str, int, Path]:
+    """(PIL mode, side, reference file) every image is read in: one channel ("L") when every training image
+    is greyscale (PIL modes 1, L, LA), RGB otherwise; `image_size`, or else the first training image's side,
+    which must be square."""
+    modes, reference, side = set(), files[0][0], image_size
+    for path, _ in files:
+        with _opened(path) as image:
+            modes.add(image.mode)
+            if side is None:
+                if image.width != image.height:
+                    raise UserError(f"{path} is {image.width}x{image.height}, not square; give --image-size N to "
+                                    "resize every image (shorter side to N, then the centre N x N)")
+                side = image.width
+    return ("L" if modes <= set(GREY_MODES) else "RGB"), side, reference
+
+
+def _read_image(path: Path, mode: str, side: int, resize: bool, reference: Path) -> np.ndarray:
+    """One image as uint8 (C, side, side): converted to `mode` (alpha dropped); with `resize`, its shorter side
+    bilinearly resized to `side` and the centre cropped, else it must be side x side already."""
+    from PIL import Image
+    with _opened(path) as image:
+        if image.mode.startswith(("I", "F")):  # I;16, I, F: PIL's 8-bit conversion clips them instead of scaling
+            raise UserError(f"{path} has 16- or 32-bit pixels (PIL mode {image.mode}); only 8-bit images are read: "
+                            "convert it to 8 bits per channel")
+        image = image.convert(mode)
+    if resize:
+        scale = side / min(image.size)
+        image = image.resize((max(side, round(image.width * scale)), max(side, round(image.height * scale))),
+                             Image.Resampling.BILINEAR)
+        left, top = (image.width - side) // 2, (image.height - side) // 2
+        image = image.crop((left, top, left + side, top + side))
+    elif image.size != (side, side):
+        raise UserError(f"{path} is {image.width}x{image.height} but {reference} is {side}x{side}; give "
+                        "--image-size N to resize every image to N x N")
+    pixels = np.asarray(image, dtype=np.uint8)
+    return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+
+
+def _read_folder(name: str, split: str, image_size: int | None) -> Images:
+    """A split of an image folder, whole, as uint8 tensors, its classes spread evenly over it (`_spread`)."""
+    check_image_size(name, image_size)
+    root, classes = _folder_root(name), folder_classes(name)
+    train = _image_files(_split_folder(root, "train"), classes, "train")
+    files = train if split == "train" else _image_files(_split_folder(root, split), classes, split)
+    mode, side, reference = _folder_format(train, image_size)
+    files = [files[i] for i in _spread([label for _, label in files])]
+    images = np.stack([_read_image(path, mode, side, image_size is not None, reference) for path, _ in files])
+    return Images(torch.from_numpy(images), torch.tensor([label for _, label in files]))
+
+
+def _spread(labels: list[int]) -> list[int]:
+    """An order of the images in which each class is spread evenly over the whole split (its k-th of n images at
+    (k + 1/2) / n of the way), so that any first N (--train-images, --n-images) or last N (--val-split) hold
+    the classes in proportion, as a shuffled dataset would; fixed, and with no random numbers."""
+    counts, seen, keys = Counter(labels), Counter(), []
+    for index, label in enumerate(labels):
+        keys.append(((seen[label] + 0.5) / counts[label], label, index))
+        seen[label] += 1
+    return [index for *_, index in sorted(keys)]
+
+
+def pixel_statistics(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and population std of uint8 images (N, C, H, W), of pixel values in [0, 1]: sums in
+    exact integers, a chunk of images at a time."""
+    channels = images.shape[1]
+    count, sums, squares = images.numel() // channels, [0] * channels, [0] * channels
+    for chunk in images.split(256):
+        wide = chunk.to(torch.int64)
+        sums = [a + b for a, b in zip(sums, wide.sum((0, 2, 3)).tolist())]
+        squares = [a + b for a, b in zip(squares, wide.square().sum((0, 2, 3)).tolist())]
+    mean = tuple(total / count / 255 for total in sums)
+    std = tuple(math.sqrt(max(count * square - total * total, 0)) / count / 255
+                for total, square in zip(sums, squares))
+    return mean, std
+
+
+def folder_spec(name: str, train: Images, mean=None, std=None) -> DatasetSpec:
+    """An image folder's spec: its classes, its images' channels and side, and per-channel mean and std measured
+    over `train` (its training images as read) unless `mean` and `std` are given."""
+    measured_mean, measured_std = pixel_statistics(train.images)
+    if (mean is None or std is None) and min(measured_std) == 0:
+        raise UserError(f"the training images of {name[len(FOLDER):]} are constant in a channel (std 0), so they "
+                        "cannot be normalised; give --mean and --std, or other images")
+    _, channels, side, _ = train.images.shape
+    classes = folder_classes(name)
+    return DatasetSpec(name, len(classes), channels, side, measured_mean, measured_std, classes).with_statistics(
+        mean, std)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -305,15 +536,17 @@ def normalise(images: torch.Tensor, spec: DatasetSpec, channels_last: bool = Fal
 
 def augment(images: torch.Tensor, spec: DatasetSpec, augmentation: str, generator: torch.Generator,
             channels_last: bool = False) -> torch.Tensor:
-    """A whole uint8 batch at once: pad 4 and random 32x32 crop, horizontal flip, then normalise and, for
-    `cutout`, zero a 16x16 square (clipped at the border) of the normalised image, as DeVries & Taylor."""
+    """A whole uint8 batch at once: zero-pad by 1/8 of the side and take a random crop of the original size,
+    flip horizontally, then normalise and, for `cutout`, zero a square of half the side (clipped at the border)
+    of the normalised image, as DeVries & Taylor. At 32x32 that is CIFAR's recipe: pad 4, a 16x16 square."""
     if augmentation == "none":
         return normalise(images, spec, channels_last)
     n, _, height, width = images.shape
     device = images.device
-    padded = F.pad(images, (4, 4, 4, 4))
-    dy = torch.randint(0, 9, (n,), device=device, generator=generator)
-    dx = torch.randint(0, 9, (n,), device=device, generator=generator)
+    pad = max(1, round(min(height, width) / 8))
+    padded = F.pad(images, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n,), device=device, generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (n,), device=device, generator=generator)
     rows = (dy[:, None] + torch.arange(height, device=device))[:, None, :, None]
     cols = (dx[:, None] + torch.arange(width, device=device))[:, None, None, :]
     channels = torch.arange(images.shape[1], device=device)[None, :, None, None]
@@ -326,7 +559,8 @@ def augment(images: torch.Tensor, spec: DatasetSpec, augmentation: str, generato
         cx = torch.randint(0, width, (n, 1, 1, 1), device=device, generator=generator)
         ys = torch.arange(height, device=device).view(1, 1, -1, 1)
         xs = torch.arange(width, device=device).view(1, 1, 1, -1)
-        inside = (ys >= cy - 8) & (ys < cy + 8) & (xs >= cx - 8) & (xs < cx + 8)
+        half = max(1, round(min(height, width) / 4))
+        inside = (ys >= cy - half) & (ys < cy + half) & (xs >= cx - half) & (xs < cx + half)
         x = x.masked_fill(inside, 0.0)
     return x
 

@@ -23,7 +23,8 @@ from analyses.monitor import BNMonitor
 from . import checkpoint as ckpt
 from . import rundir, schema
 from .config import Config, config_from_dict, lr_factor, validate
-from .data import EvalBatches, TrainBatches, augmented_once, get_spec, load_split, recalibration_inputs
+from .data import (DatasetSpec, EvalBatches, TrainBatches, augmented_once, folder_classes, folder_spec, get_spec,
+                   is_folder, load_split, recalibration_inputs)
 from .errors import DiskFull, TrainingDiverged, UserError
 from .progress import Progress
 
@@ -180,9 +181,10 @@ def run(config: Config, resume: dict | None = None, lock=None) -> Path:
         torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = not config.deterministic
 
-    spec = get_spec(config.dataset)
-    train_data = load_split(config.dataset, "train", config.data_dir, config.val_split, config.train_images)
-    val_data = load_split(config.dataset, "val", config.data_dir, config.val_split)
+    train_data = load_split(config.dataset, "train", config.data_dir, config.val_split, config.train_images,
+                            image_size=config.image_size)
+    val_data = load_split(config.dataset, "val", config.data_dir, config.val_split, image_size=config.image_size)
+    spec = run_spec(config, train_data, resume)
     batches = TrainBatches(train_data, spec, config.batch_size, config.augment, device, config.seed, rank,
                            world_size, config.channels_last, config.workers)
     config.resolve_length(len(batches))
@@ -306,6 +308,20 @@ def run(config: Config, resume: dict | None = None, lock=None) -> Path:
         if dist.is_initialized():
             dist.destroy_process_group()
     return run_dir
+
+
+def run_spec(config: Config, train_data, resume: dict | None) -> DatasetSpec:
+    """What the run normalises with and stores: the dataset's spec, an image folder's measured over the training
+    images; a resumed run keeps the spec it started with (its folder's classes unchanged)."""
+    if resume is not None:
+        spec = DatasetSpec.from_dict(resume["dataset"])
+        if is_folder(config.dataset) and folder_classes(config.dataset) != spec.classes:
+            raise UserError(f"the class folders of {config.dataset} are not the ones the run started with "
+                            f"({', '.join(spec.classes)}); restore them to resume")
+        return spec
+    if is_folder(config.dataset):
+        return folder_spec(config.dataset, train_data, config.mean, config.std)
+    return get_spec(config.dataset).with_statistics(config.mean, config.std)
 
 
 def restore(state: dict, model, optimizer, scheduler, scaler, monitor, device) -> None:
