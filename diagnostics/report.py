@@ -283,14 +283,19 @@ def as_list(value) -> list[str]:
 
 
 def listed(inputs: list[str]) -> str:
-    """Files grouped by folder (`demo/plain20/: epoch_001.pt … epoch_020.pt (20 files)`), then what is not a file
+    """Files grouped by folder (`demo/plain20/epoch_001.pt … epoch_020.pt (20 files)`), then what is not a file
     (`untrained plain20, seed 0`)."""
     folders: dict[str, list[str]] = {}
     for path in filter(lambda text: Path(text).exists(), inputs):
         folders.setdefault(str(Path(path).parent), []).append(Path(path).name)
-    files = [f"{folder}/: " + (", ".join(names) if len(names) <= 3 else
-                               f"{names[0]} … {names[-1]} ({len(names)} files)") for folder, names in folders.items()]
+    files = [str(Path(folder) / names[0]) + ("".join(f", {name}" for name in names[1:]) if len(names) <= 3 else
+                                             f" … {names[-1]} ({len(names)} files)")
+             for folder, names in folders.items()]
     return "; ".join(files + [text for text in inputs if not Path(text).exists()]) or "none (models built from names)"
+
+
+def counted(n: int, thing: str) -> str:
+    return f"{n} {thing}" + ("" if n == 1 else "s")
 
 
 @functools.lru_cache(maxsize=None)
@@ -309,7 +314,7 @@ def code_commit_of(path: str) -> str:
 def provenance(ds: xr.Dataset) -> list[tuple[str, str]]:
     inputs = as_list(ds.attrs.get("checkpoint", []))
     commits = ", ".join(dict.fromkeys(code_commit_of(text) for text in inputs if Path(text).exists())) or "none"
-    return [("checkpoints", listed(inputs)), ("git commit of the code that trained them", commits),
+    return [("checkpoints", listed(inputs)), ("trained at git commit", commits),
             ("software", str(ds.attrs.get("software", "?"))), ("created", str(ds.attrs.get("created", "?")))]
 
 
@@ -324,10 +329,10 @@ def monitor_summary(run: Run) -> str:
     warnings = ds.warning.values.astype(bool)
     first = f", the first at step {int(ds.step.values[warnings.argmax()])}" if warnings.any() else ""
     tensorboard = run.config.get("tensorboard")
-    return (f"{where}: {ds.sizes['step']} measurements every {ds.attrs.get('every', '?')} steps on "
-            f"{ds.attrs.get('n_images', '?')} probe images; {int(warnings.sum())} early warnings{first}; the largest "
-            f"gap of the running against the batch statistics is {gap[step, depth]:.3g} (normalised units) at "
-            f"{ds.layer.values[depth]}, step {int(ds.step.values[step])}"
+    return (f"{where}: {counted(ds.sizes['step'], 'measurement')} every {ds.attrs.get('every', '?')} steps on "
+            f"{ds.attrs.get('n_images', '?')} probe images; {counted(int(warnings.sum()), 'early warning')}{first}; "
+            f"the largest gap of the running against the batch statistics is {gap[step, depth]:.3g} (normalised "
+            f"units) at {ds.layer.values[depth]}, step {int(ds.step.values[step])}"
             + (f"; step by step in TensorBoard: tensorboard --logdir {tensorboard}" if tensorboard else ""))
 
 
@@ -440,7 +445,7 @@ def write_pdf(path: Path, page: dict) -> None:
             pages.text(f"{run.label}: {run.text} ({run.dataset}, {run.epochs} epochs)", size=8)
         pages.text("Sections", size=11, weight="bold")
         for view in page["sections"]:
-            pages.text(f"{view.title}: {view.note}", size=8)
+            pages.text(f"{view.title}: {view.status}", size=8)
         for view in page["sections"]:
             pages.new_page()
             pages.text(view.title, size=13, weight="bold")

@@ -120,7 +120,8 @@ def test_gradients_compare_with_each_runs_model_untrained_and_the_monitor_is_sum
     worst = gap.where(gap == gap.max(), drop=True)
     line = report.monitor_summary(checked[0])
     assert f"{monitor.sizes['step']} measurements every 2 steps on 64 probe images" in line
-    assert f"{int(monitor.warning.sum())} early warnings" in line
+    warnings = int(monitor.warning.sum())
+    assert f"{warnings} early warning{'' if warnings == 1 else 's'}" in line
     assert f"{gap.max().item():.3g} (normalised units) at {worst.layer.item()}, step {worst.step.item()}" in line
 
 
@@ -248,3 +249,14 @@ def test_in_headless_chromium_every_figure_loads_and_nothing_overflows(made, tmp
     screenshot = tmp_path / "report.png"
     chromium(tmp_path, f"--window-size={width},2400", f"--screenshot={screenshot}", (made.out / "report.html").as_uri())
     assert screenshot.read_bytes().startswith(b"\x89PNG") and report.png_size(screenshot.read_bytes()) == (width, 2400)
+
+
+def test_provenance_lists_checkpoints_by_folder(tmp_path):
+    files = [tmp_path / "plain20" / f"epoch_{epoch:03d}.pt" for epoch in range(1, 6)] + [tmp_path / "r20" / "a.pt"]
+    for path in files:
+        path.parent.mkdir(exist_ok=True)
+        path.touch()
+    assert report.listed([str(path) for path in files[:2]] + ["untrained plain20, seed 0"]) == (
+        f"{files[0]}, epoch_002.pt; untrained plain20, seed 0")
+    assert report.listed([str(path) for path in files]) == f"{files[0]} … epoch_005.pt (5 files); {files[5]}"
+    assert report.listed([]) == "none (models built from names)"
