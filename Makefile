@@ -1,5 +1,6 @@
-# `make demo`: install, train a plain and a residual net briefly on Fashion-MNIST (CPU), then their report (every diagnostic).
-# `make test`: install (Fashion-MNIST, Chromium where it can) and run the test suite.   `make bench`: the performance benchmarks.
+# `make demo`: install, train a plain and a residual net briefly on Fashion-MNIST (CPU), then their report.
+# `make test`: install (with Fashion-MNIST, and Chromium where it can) and run the test suite.
+# `make bench`: the performance benchmarks.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -37,7 +38,7 @@ fashion-mnist: install
 # The report's browser test renders the page in headless Chromium: Debian's package when root (it needs only the
 # package registry), otherwise that test says it was skipped.
 chromium:
-	@if command -v chromium >/dev/null || command -v chromium-browser >/dev/null || command -v google-chrome >/dev/null; then \
+	@if command -v chromium || command -v chromium-browser || command -v google-chrome; then \
 		echo "Chromium: found"; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && { apt-get install -y -q chromium >/dev/null 2>&1 || \
 		{ apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; }; }; then \

@@ -369,6 +369,8 @@ def start(config: Config) -> Path:
     (nothing in it to keep: it is simply started again)."""
     validate(config)
     out = Path(config.out)
+    if config.tensorboard is not None:
+        check_tensorboard_folder(Path(config.tensorboard), restart=rundir.is_run_dir(out))
     lock = None
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not rundir.is_run_dir(out):
@@ -379,14 +381,12 @@ def start(config: Config) -> Path:
             raise UserError(f"--out {out} already holds a run; use --resume {out} to continue it, or choose a new "
                             "folder")
     ckpt.check_writable(out)
-    if config.tensorboard is not None:
-        check_tensorboard_folder(Path(config.tensorboard), restart=lock is not None)
     return run(config, lock=lock)
 
 
 def check_tensorboard_folder(folder: Path, restart: bool) -> None:
     """A new run's events go into a folder of their own (a run started again after dying in its first epoch
-    finds its own there, which it purges)."""
+    finds its own there, which it purges; one whose run directory holds checkpoints is refused next)."""
     events = sorted(folder.glob(EVENT_FILES)) if folder.is_dir() else []
     if events and not restart:
         raise UserError(f"--tensorboard {folder} already holds TensorBoard events ({events[0].name}); give each run "
