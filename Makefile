@@ -1,5 +1,6 @@
-# `make demo`: install, train a plain and a residual net briefly on Fashion-MNIST (CPU), run the diagnostics.
-# `make test`: install and run the test suite.   `make bench`: the performance benchmarks.
+# `make demo`: install, train a plain and a residual net briefly on Fashion-MNIST (CPU), then their report.
+# `make test`: install (with Fashion-MNIST, and Chromium where it can) and run the test suite.
+# `make bench`: the performance benchmarks.
 # `make bench-gpu`: the GPU check (benchmarks/gpu.py), with the Python that already has the project's dependencies.
 PYTHON ?= python3
 VENV := .venv
@@ -11,12 +12,11 @@ DEMO ?= demo
 # Validation on 2,000 held-out training images keeps the demo's evaluations short.
 DEMO_ARGS := --dataset fashion-mnist --data-dir $(DATA) --train-images 6000 --val-split 2000 --epochs 4
 RUNS := $(DEMO)/plain20 $(DEMO)/resnet20
-DIAG := --data-dir $(DATA) --out $(DEMO)/diagnostics
 
 # The GPU check installs nothing: this project's venv where there is one, else the machine's own Python.
 GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON))
 
-.PHONY: install test demo bench bench-gpu fashion-mnist clean
+.PHONY: install test demo bench bench-gpu fashion-mnist chromium clean
 
 install: $(VENV)/.installed
 
@@ -26,7 +26,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e ".[test]"
 	touch $@
 
-test: install
+test: install fashion-mnist chromium
 	$(BIN)/python -m pytest -q
 
 # Debian's package when root (it needs only the package registry), torchvision's download otherwise.
@@ -39,18 +39,25 @@ fashion-mnist: install
 		$(BIN)/python -c "import torchvision; [torchvision.datasets.FashionMNIST('$(DATA)', train=t, download=True) for t in (True, False)]"; \
 	fi
 
+# The report's browser test renders the page in headless Chromium: Debian's package when root (it needs only the
+# package registry), otherwise that test says it was skipped.
+chromium:
+	@if command -v chromium || command -v chromium-browser || command -v google-chrome; then \
+		echo "Chromium: found"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && { apt-get install -y -q chromium >/dev/null 2>&1 || \
+		{ apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; }; }; then \
+		echo "Chromium: installed Debian's chromium"; \
+	else \
+		echo "Chromium: not installed (needs root and apt-get); the report's browser test will be skipped"; \
+	fi
+
 demo: install fashion-mnist
 	rm -rf $(DEMO)
 	$(BIN)/python -m train --model plain20 --out $(DEMO)/plain20 $(DEMO_ARGS)
 	$(BIN)/python -m train --model resnet20 --out $(DEMO)/resnet20 $(DEMO_ARGS)
-	$(BIN)/python -m diagnostics.curves $(RUNS) --out $(DEMO)/diagnostics
-	$(BIN)/python -m diagnostics.evaluate $(RUNS) --epochs last $(DIAG)
-	$(BIN)/python -m diagnostics.responses $(RUNS) --epochs last $(DIAG)
-	$(BIN)/python -m diagnostics.gradients $(RUNS) --epochs last --init plain20 --init resnet20 $(DIAG)
-	$(BIN)/python -m diagnostics.flops $(RUNS) resnet56 plain56 resnet110 $(DIAG)
-	$(BIN)/python -m diagnostics.attributions $(RUNS) $(DIAG)
-	$(BIN)/python -m diagnostics.spikes $(RUNS) $(DIAG)
-	@echo "demo: runs in $(DEMO)/plain20 and $(DEMO)/resnet20, figures and datasets in $(DEMO)/diagnostics"
+	$(BIN)/python -m diagnostics.report $(RUNS) --data-dir $(DATA) --out $(DEMO)/diagnostics
+	@echo "demo: runs in $(DEMO)/plain20 and $(DEMO)/resnet20, figures and datasets in $(DEMO)/diagnostics, the report in"
+	@echo "$(DEMO)/diagnostics/report.html"
 
 bench: install fashion-mnist
 	$(BIN)/python -m benchmarks.train_throughput

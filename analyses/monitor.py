@@ -166,22 +166,25 @@ class BNMonitor:
         return np.array(grad_norm), np.array(weight_norm)
 
     def _write_scalars(self, record: dict) -> None:
+        """TensorBoard: one scalar per tag `group/name` and step (a layer's name is the name); per-layer values
+        also as one histogram over the layers per step (`layers/...`)."""
         step, writer = record["step"], self.writer
+        for name, tag in (("train_loss", "step/loss"), ("lr", "step/lr")):  # the caller's, where it passed them
+            if np.isfinite(record[name]):
+                writer.add_scalar(tag, record[name], step)
         for k, bn in enumerate(BN_STATISTICS):
             writer.add_scalar(f"probe/loss_{bn}", record["probe_loss"][k], step)
             writer.add_scalar(f"probe/accuracy_{bn}", record["probe_acc"][k], step)
-        for name, gap, mismatch in zip(self.bn_names, record["bn_gap"][:, 0], record["eval_mismatch"][:, 0]):
-            writer.add_scalar(f"bn_gap/{name}", gap, step)
-            writer.add_scalar(f"eval_mismatch/{name}", mismatch, step)
-        scaled = record["grad_norm"] * record["weight_norm"]
-        for name, norm, value in zip(self.weight_names, record["grad_norm"], scaled):
-            writer.add_scalar(f"grad_norm/{name}", norm, step)
-            writer.add_scalar(f"scaled_grad_norm/{name}", value, step)
-        finite = np.isfinite(record["bn_gap"][:, 0])
-        if finite.any():
-            writer.add_histogram("bn_gap", record["bn_gap"][finite, 0], step)
-        if np.isfinite(scaled).any():
-            writer.add_histogram("scaled_grad_norm", scaled[np.isfinite(scaled)], step)
+        per_layer = {"bn_gap": (self.bn_names, record["bn_gap"][:, 0]),
+                     "eval_mismatch": (self.bn_names, record["eval_mismatch"][:, 0]),
+                     "grad_norm": (self.weight_names, record["grad_norm"]),
+                     "scaled_grad_norm": (self.weight_names, record["grad_norm"] * record["weight_norm"])}
+        for group, (names, values) in per_layer.items():
+            for name, value in zip(names, values):
+                writer.add_scalar(f"{group}/{name}", value, step)
+            finite = values[np.isfinite(values)]
+            if len(finite):
+                writer.add_histogram(f"layers/{group}", finite, step)
 
     # -----------------------------------------------------------------------------------------------------------
     # The record

@@ -71,6 +71,7 @@ class Config:
     sync_bn: bool = False
     monitor_every: int = 50  # steps between BN monitor measurements (analyses.monitor); 0 = off
     monitor_images: int = 128  # the monitor's probe: the first N training images, augmented once
+    tensorboard: str | None = None  # a folder for TensorBoard event files (optional extra); None = off
     # Resolved when the run starts, so that every checkpoint says what the run actually did:
     world_size: int = 1
     per_device_batch: int = 128
@@ -182,6 +183,10 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--monitor-images", type=positive_int, metavar="N", help="the probe: the first N training "
                    "images, augmented once (default 128)")
     g.add_argument("--out", metavar="RUN_DIR", help="the run directory to create")
+    g = p.add_argument_group("TensorBoard (pip install resnet-diagnostics[tensorboard])")
+    g.add_argument("--tensorboard", metavar="DIR", help="also write the losses, accuracies, learning rate and the "
+                   "BN monitor's measurements as TensorBoard events into DIR, one folder per run (e.g. "
+                   "--tensorboard tb/plain56, then tensorboard --logdir tb)")
     return p
 
 
@@ -204,6 +209,8 @@ def from_args(args: argparse.Namespace) -> Config:
     # where an image folder's images are).
     config.data_dir, config.out = (str(Path(path).expanduser().absolute()) for path in (config.data_dir, config.out))
     config.dataset = dataset_name(config.dataset)
+    if config.tensorboard is not None:
+        config.tensorboard = str(Path(config.tensorboard).expanduser().absolute())
     return config
 
 
@@ -213,6 +220,8 @@ def validate(config: Config) -> None:
     check_image_size(dataset_name(config.dataset), config.image_size)
     if not config.out.strip():
         raise UserError("--out is empty; give the folder to create, e.g. --out runs/resnet56")
+    if config.tensorboard is not None and not config.tensorboard.strip():
+        raise UserError("--tensorboard is empty; give a folder for this run's events, e.g. --tensorboard tb/resnet56")
     positive = {"--batch-size": config.batch_size, "--eval-batch-size": config.eval_batch_size,
                 "--epochs": config.epochs if config.iterations is None else 1,
                 "--iterations": config.iterations if config.epochs is None else 1,

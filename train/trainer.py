@@ -29,6 +29,11 @@ from .errors import DiskFull, TrainingDiverged, UserError
 from .progress import Progress
 
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+EPOCH_SCALARS = {  # metrics.csv column -> TensorBoard tag, written at the epoch's last step with the row's value
+    "train_loss": "train/loss", "train_acc": "train/accuracy", "val_loss": "val/loss", "val_acc": "val/accuracy",
+    "lr": "train/lr", "epoch_seconds": "time/epoch_seconds", "images_per_second": "time/images_per_second",
+    "bn_warnings": "probe/warnings"}
+EVENT_FILES = "events.out.tfevents.*"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -89,6 +94,16 @@ def resolve_precision(config: Config, device: torch.device) -> torch.dtype | Non
 
 def autocast_context(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def summary_writer_class():
+    """torch's TensorBoard `SummaryWriter`, or one line saying how to install the optional extra."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError("--tensorboard needs the tensorboard package: pip install resnet-diagnostics[tensorboard]"
+                        ) from None
+    return SummaryWriter
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -173,6 +188,7 @@ def run(config: Config, resume: dict | None = None, lock=None) -> Path:
     """Train `config` into `config.out`; `resume` is the run's last.pt when continuing, read under `lock`."""
     rank, world_size, device = setup_processes(config)
     is_main = rank == 0
+    summary_writer = summary_writer_class() if config.tensorboard and is_main else None  # installed? before any work
     config.world_size, config.per_device_batch = world_size, config.batch_size // world_size
     config.device_used = device.type
     amp_dtype = resolve_precision(config, device)
@@ -234,11 +250,17 @@ def run(config: Config, resume: dict | None = None, lock=None) -> Path:
         step_rows = [list(row) for row in resume["step_history"]]
         start_epoch, step = resume["epoch"] + 1, resume["step"]
     progress = Progress(config.total_steps, "train", unit="step", initial=step, enabled=is_main)
+    writer = None
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         lock = lock or rundir.lock(run_dir)
         rundir.remove_stale_temporaries(run_dir)
         rundir.write_config(run_dir, asdict(config))
+        if summary_writer is not None:  # under the lock: a refused second trainer must not purge this run's events
+            # Events past the step last.pt holds are from an interrupted epoch, which this run trains again.
+            writer = summary_writer(config.tensorboard, purge_step=step + 1)
+            if monitor is not None:
+                monitor.writer = writer
     best_acc = max(history["val_acc"], default=-1.0)
     model_spec = {"name": name, "kwargs": model_kwargs}
     provenance = ckpt.provenance()
@@ -277,6 +299,10 @@ def run(config: Config, resume: dict | None = None, lock=None) -> Path:
                        "bn_warnings": warnings}
                 for column in rundir.METRICS:
                     history[column].append(row[column])
+                if writer is not None:
+                    for column, tag in EPOCH_SCALARS.items():
+                        writer.add_scalar(tag, row[column], step)
+                    writer.flush()  # before last.pt: whatever last.pt holds, its events hold too
                 state = {
                     "format": ckpt.FORMAT, "model": model_spec, "state_dict": model.state_dict(),
                     "dataset": spec.to_dict(), "config": asdict(config), "epoch": epoch, "step": step,
@@ -303,6 +329,8 @@ def run(config: Config, resume: dict | None = None, lock=None) -> Path:
                 dist.barrier()
     finally:
         progress.close()
+        if writer is not None:
+            writer.close()
         if lock is not None:
             lock.close()
         if dist.is_initialized():
@@ -361,6 +389,8 @@ def start(config: Config) -> Path:
     (nothing in it to keep: it is simply started again)."""
     validate(config)
     out = Path(config.out)
+    if config.tensorboard is not None:
+        check_tensorboard_folder(Path(config.tensorboard), restart=rundir.is_run_dir(out))
     lock = None
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not rundir.is_run_dir(out):
@@ -372,6 +402,17 @@ def start(config: Config) -> Path:
                             "folder")
     ckpt.check_writable(out)
     return run(config, lock=lock)
+
+
+def check_tensorboard_folder(folder: Path, restart: bool) -> None:
+    """A new run's events go into a folder of their own (a run started again after dying in its first epoch
+    finds its own there, which it purges; one whose run directory holds checkpoints is refused next)."""
+    events = sorted(folder.glob(EVENT_FILES)) if folder.is_dir() else []
+    if events and not restart:
+        raise UserError(f"--tensorboard {folder} already holds TensorBoard events ({events[0].name}); give each run "
+                        "a folder of its own, e.g. --tensorboard tb/NAME, and see them together with tensorboard "
+                        "--logdir tb")
+    ckpt.check_writable(folder)
 
 
 def resume(run_dir) -> Path:

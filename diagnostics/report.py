@@ -1,0 +1,523 @@
+"""`python -m diagnostics.report RUN [RUN ...] [--out DIR] [--sections NAME ...]`: one page for a set of runs.
+
+Each section is one diagnostic, run through its own command line (its `main(argv)`) into DIR, or reused where an
+earlier report made it there for the same checkpoints and options. Its figure, tables, verdicts, definition, the
+command that reproduces it and its provenance go into DIR/report.html (one file: figures inline as base64 PNG,
+styles inline, no script, nothing from the network, so it opens from disk and can be mailed) and DIR/report.pdf
+(the same figures and text on A4 pages, drawn with matplotlib: no browser is needed to make it, so it is made
+wherever the report is).
+
+Reuse: next to each `<name>.nc` the report writes `<name>.command.json` with the command, the key it was made
+for (the command with absolute paths, the software and its git commit, and the size and modification time of
+every file of the runs the diagnostics read) and the SHA-256 of that .nc. A section is reused when its key is
+the same and the .nc is still the one made for it. A diagnostic run by hand leaves no such record, so the
+report makes its section again.
+"""
+import base64
+import contextlib
+import functools
+import hashlib
+import importlib
+import io
+import json
+import shlex
+import struct
+import sys
+import textwrap
+import time
+import traceback
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import resources
+from pathlib import Path
+from typing import Callable
+
+import jinja2
+import numpy as np
+import xarray as xr
+
+import models
+from analyses.common import software
+from train import checkpoint as ckpt
+from train import rundir
+from train.data import SPLITS, default_data_dir, load_split
+from train.errors import ArgumentParser, UserError, interrupted_exit_code, positive_int
+from train.progress import Progress
+
+from . import attributions, common, curves, evaluate, flops
+
+IMAGES = ("data_dir", "device", "split", "n_images", "batch_size")  # the options a section that reads images takes
+RUN_FILES = ("config.json", "metrics.csv", "steps.csv", "monitor.nc")  # and the checkpoints (*.pt)
+# The tables' headers as the commands print them (tests/test_report.py holds them to it).
+CURVES_HEADER = ["group", "runs", "best acc %", "last acc %", "early acc %", "s/epoch", "params", "MFLOPs"]
+EVALUATE_HEADER = ["model", "epoch", "loss", "acc %", "worst class", "acc %"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The sections
+
+
+def printed(function, *args) -> str:
+    """What `function(*args)` prints, as one block of text."""
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        function(*args)
+    return buffer.getvalue().rstrip("\n")
+
+
+def verdicts(ds: xr.Dataset) -> list[str]:
+    verdict = ds.attrs.get("verdict", [])  # netCDF hands a list of one string back as the string
+    return [verdict] if isinstance(verdict, str) else [str(line) for line in verdict]
+
+
+def last_epoch(runs) -> list[str]:
+    return ["--epochs", "last"]
+
+
+def with_initial_models(runs) -> list[str]:
+    """The last epoch, and each run's model untrained where `--init NAME` builds exactly that model."""
+    names = dict.fromkeys(run.init for run in runs if run.init is not None)
+    return ["--epochs", "last", *(part for name in names for part in ("--init", name))]
+
+
+@dataclass(frozen=True)
+class Section:
+    name: str  # the diagnostic's module, and the stem of the files it writes
+    title: str
+    question: str
+    passes: tuple[str, ...] = IMAGES  # the report's options it is given, where the user gave them
+    options: Callable[[list], list[str]] = lambda runs: []
+    tables: Callable[[xr.Dataset], list[str]] = lambda ds: []
+    notes: Callable[[xr.Dataset], list[str]] = lambda ds: []
+    monitor: bool = False  # also summarise each run's BN monitor (monitor.nc)
+
+
+SECTIONS = {section.name: section for section in (
+    Section("curves", "Training curves", "How did training and validation loss and accuracy go, and how do the "
+            "runs compare?", passes=(),
+            tables=lambda ds: [printed(common.print_table, CURVES_HEADER, curves.summary_rows(ds))]),
+    Section("evaluate", "Evaluation", "Loss, accuracy and the weakest class of each run's last checkpoint.",
+            options=last_epoch,
+            tables=lambda ds: [printed(common.print_table, EVALUATE_HEADER, evaluate.table_rows(ds))]),
+    Section("responses", "Layer responses (He et al. 2016, Fig. 7)", "How strongly does each 3x3 layer respond, "
+            "in the network's order and sorted?", options=last_epoch),
+    Section("gradients", "Gradient norms by depth", "How large is the loss gradient of each layer's weight, "
+            "trained and at initialisation?", options=with_initial_models),
+    Section("spikes", "Validation-loss spikes", "Is a validation-loss spike in the BN running statistics or in "
+            "the weights?", notes=verdicts, monitor=True),
+    Section("flops", "FLOPs and parameters", "What does a forward pass cost, layer by layer?", passes=("device",),
+            tables=lambda ds: [printed(flops.print_table, ds)]),
+    Section("attributions", "Attributions", "Where does each model look, and how faithful is each map?",
+            passes=("data_dir", "device", "split", "batch_size"),
+            tables=lambda ds: [printed(attributions.print_table, ds)]),
+)}
+
+
+def parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m diagnostics.report", description=__doc__)
+    p.add_argument("runs", nargs="+", metavar="RUN", help=common.INPUTS["runs"][1])
+    p.add_argument("--sections", nargs="+", choices=tuple(SECTIONS), metavar="SECTION",
+                   help=f"only these sections, in the page's order: {', '.join(SECTIONS)} (default: all)")
+    p.add_argument("--data-dir", metavar="DIR", help="where datasets live (passed on to the diagnostics)")
+    p.add_argument("--split", choices=SPLITS, help="the split the diagnostics measure (each command's default: val)")
+    p.add_argument("--n-images", type=positive_int, metavar="N", help="the first N images of the split, for the "
+                   "sections that measure over it (evaluate, responses, gradients, spikes; each command's default "
+                   "otherwise)")
+    p.add_argument("--batch-size", type=positive_int, metavar="B",
+                   help="images per forward pass (each command's default)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--out", metavar="DIR", help="the folder of report.html, report.pdf and every diagnostic's files "
+                   "(default: diagnostics/ in the first run directory)")
+    return p
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The runs, checked before anything runs
+
+
+@dataclass
+class Run:
+    text: str  # as given, for the commands shown
+    path: Path  # resolved, for the cache keys
+    label: str
+    dataset: str
+    epochs: int
+    config: dict
+    init: str | None  # the name `gradients --init` builds untrained as exactly this run's model, or None
+
+
+def read_run(text: str) -> Run:
+    path = Path(text)
+    history = rundir.read_metrics(path)
+    loaded = ckpt.load(rundir.run_checkpoints(path)[-1])
+    kwargs = {key: value for key, value in loaded.kwargs.items() if key not in ("num_classes", "in_channels")}
+    init = loaded.label if (loaded.label in models.available()
+                            and models.canonical(loaded.label) == (loaded.name, kwargs)) else None
+    return Run(text, path.resolve(), loaded.label, loaded.spec.name, len(history["epoch"]), loaded.config or {}, init)
+
+
+def check_data(runs: list[Run], args, sections: list[Section]) -> None:
+    """Every split a section will read, loaded once now: a dataset missing offline fails before any work."""
+    if not any("data_dir" in section.passes for section in sections):
+        return
+    data_dir = args.data_dir or default_data_dir()
+    for dataset, val_split, train_images in dict.fromkeys(
+            (run.dataset, run.config.get("val_split", 0), run.config.get("train_images")) for run in runs):
+        for split in dict.fromkeys((args.split or "val", "train")):  # spikes recalibrates on training images
+            load_split(dataset, split, data_dir, val_split, train_images if split == "train" else None)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Commands and what makes a section reusable
+
+
+def arguments(section: Section, runs: list[Run], args, absolute: bool = False) -> list[str]:
+    """The section's command line after `python -m diagnostics.NAME`, without --out."""
+    argv = [str(run.path) if absolute else run.text for run in runs] + section.options(runs)
+    for option in section.passes:
+        value = getattr(args, option)
+        if value is not None:
+            value = Path(value).resolve() if absolute and option == "data_dir" else value
+            argv += [f"--{option.replace('_', '-')}", str(value)]
+    return argv
+
+
+def fingerprint(run_dir: Path) -> list:
+    """(name, size, modification time) of each file of the run a diagnostic reads."""
+    files = [path for path in sorted(run_dir.iterdir())
+             if path.is_file() and (path.name in RUN_FILES or path.suffix == ".pt")]
+    return [[path.name, path.stat().st_size, path.stat().st_mtime_ns] for path in files]
+
+
+def cache_key(section: Section, runs: list[Run], args, code_commit: str | None) -> dict:
+    return {"argv": arguments(section, runs, args, absolute=True), "software": software(), "git_commit": code_commit,
+            "inputs": {str(run.path): fingerprint(run.path) for run in runs}}
+
+
+def record_path(out: Path, name: str) -> Path:
+    return out / f"{name}.command.json"
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def reusable(out: Path, name: str, key: dict) -> bool:
+    """The record beside `<name>.nc` says it was made for `key`, and the .nc is still the one made then."""
+    try:
+        record = json.loads(record_path(out, name).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    nc, png = out / f"{name}.nc", out / f"{name}.png"
+    return (isinstance(record, dict) and record.get("key") == key and nc.is_file() and png.is_file()
+            and record.get("sha256") == sha256(nc))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Making the sections
+
+
+@dataclass
+class Outcome:
+    status: str  # made, reused, not made (the diagnostic refused these inputs), failed (a bug)
+    note: str
+
+
+def make(section: Section, argv: list[str], command: str, key: dict, out: Path) -> Outcome:
+    """Run the diagnostic's own command (its printed tables and paths are the page's now), then record it."""
+    started = time.monotonic()
+    module = importlib.import_module(f"diagnostics.{section.name}")
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            module.main([*argv, "--out", str(out)])
+    except (UserError, models.ModelError) as exc:
+        return Outcome("not made", f"not made: {exc}")
+    except SystemExit as exc:  # its parser refused the options this report gave it (the message is above)
+        return Outcome("failed", f"failed: {command} exited with code {exc.code}")
+    except Exception as exc:  # a bug: keep the other sections, show this one's traceback
+        traceback.print_exc()
+        return Outcome("failed", f"failed: {type(exc).__name__}: {str(exc)[:200]} (a bug; its traceback was printed "
+                                 "when the report ran)")
+    with ckpt.atomic_path(record_path(out, section.name)) as temporary:
+        temporary.write_text(json.dumps({"command": command, "key": key, "sha256": sha256(out / f"{section.name}.nc")},
+                                        indent=1) + "\n")
+    return Outcome("made", f"made now by the command below in {time.monotonic() - started:.0f} s")
+
+
+def reused(out: Path, name: str) -> Outcome:
+    with xr.open_dataset(out / f"{name}.nc") as ds:
+        created = ds.attrs.get("created", "?")
+    return Outcome("reused", f"reused {out / name}.nc: made at {created} by the command below, on the same "
+                             "checkpoints with the same options and software")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What the page shows
+
+
+@dataclass
+class SectionView:
+    name: str
+    title: str
+    question: str
+    status: str
+    note: str
+    command: str
+    figure: str = ""  # base64 PNG
+    width: int = 0
+    height: int = 0
+    png: bytes = b""
+    definition: str = ""
+    tables: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    provenance: list[tuple[str, str]] = field(default_factory=list)
+
+
+def as_list(value) -> list[str]:
+    values = [value] if isinstance(value, str) else list(np.atleast_1d(value))
+    return [str(v) for v in values if str(v)]
+
+
+def listed(inputs: list[str]) -> str:
+    """Files grouped by folder (`demo/plain20/epoch_001.pt … epoch_020.pt (20 files)`), then what is not a file
+    (`untrained plain20, seed 0`)."""
+    folders: dict[str, list[str]] = {}
+    for path in filter(lambda text: Path(text).exists(), inputs):
+        folders.setdefault(str(Path(path).parent), []).append(Path(path).name)
+    files = [str(Path(folder) / names[0]) + ("".join(f", {name}" for name in names[1:]) if len(names) <= 3 else
+                                             f" … {names[-1]} ({len(names)} files)")
+             for folder, names in folders.items()]
+    return "; ".join(files + [text for text in inputs if not Path(text).exists()]) or "none (models built from names)"
+
+
+def counted(n: int, thing: str) -> str:
+    return f"{n} {thing}" + ("" if n == 1 else "s")
+
+
+@functools.lru_cache(maxsize=None)
+def code_commit_of(path: str) -> str:
+    """The git commit of the code that trained a checkpoint (a run directory: its last), from its provenance."""
+    file = Path(path)
+    try:
+        if rundir.is_run_dir(file):
+            file = rundir.run_checkpoints(file)[-1]
+        commit = (ckpt.read(file).get("provenance") or {}).get("git_commit")
+    except UserError:
+        return f"unknown ({path} is not readable)"
+    return commit or "unknown (not trained from a git checkout)"
+
+
+def provenance(ds: xr.Dataset) -> list[tuple[str, str]]:
+    inputs = as_list(ds.attrs.get("checkpoint", []))
+    commits = ", ".join(dict.fromkeys(code_commit_of(text) for text in inputs if Path(text).exists())) or "none"
+    return [("checkpoints", listed(inputs)), ("trained at git commit", commits),
+            ("software", str(ds.attrs.get("software", "?"))), ("created", str(ds.attrs.get("created", "?")))]
+
+
+def monitor_summary(run: Run) -> str:
+    """One line on a run's BN monitor (monitor.nc, measured every N training steps)."""
+    ds = xr.load_dataset(run.path / "monitor.nc")
+    where = f"{run.label}: BN monitor ({Path(run.text) / 'monitor.nc'})"
+    gap = ds.bn_gap.sel(component="rms").transpose("step", "depth").values
+    if not ds.sizes["step"] or not np.isfinite(gap).any():
+        return f"{where}: no measurements"
+    step, depth = np.unravel_index(np.nanargmax(gap), gap.shape)
+    warnings = ds.warning.values.astype(bool)
+    first = f", the first at step {int(ds.step.values[warnings.argmax()])}" if warnings.any() else ""
+    tensorboard = run.config.get("tensorboard")
+    return (f"{where}: {counted(ds.sizes['step'], 'measurement')} every {ds.attrs.get('every', '?')} steps on "
+            f"{ds.attrs.get('n_images', '?')} probe images; {counted(int(warnings.sum()), 'early warning')}{first}; "
+            f"the largest gap of the running against the batch statistics is {gap[step, depth]:.3g} (normalised "
+            f"units) at {ds.layer.values[depth]}, step {int(ds.step.values[step])}"
+            + (f"; step by step in TensorBoard: tensorboard --logdir {tensorboard}" if tensorboard else ""))
+
+
+def png_size(png: bytes) -> tuple[int, int]:
+    return struct.unpack(">II", png[16:24])  # the IHDR chunk: width, height
+
+
+def section_view(section: Section, outcome: Outcome, command: str, runs: list[Run], out: Path) -> SectionView:
+    view = SectionView(section.name, section.title, section.question, outcome.status, outcome.note, command)
+    if outcome.status in ("made", "reused"):
+        ds = xr.load_dataset(out / f"{section.name}.nc")
+        view.png = (out / f"{section.name}.png").read_bytes()
+        view.figure = base64.b64encode(view.png).decode("ascii")
+        view.width, view.height = png_size(view.png)
+        view.definition = str(ds.attrs.get("definition", ""))
+        view.tables, view.notes = section.tables(ds), section.notes(ds)
+        view.provenance = provenance(ds)
+    if section.monitor:
+        view.notes += [monitor_summary(run) for run in runs if (run.path / "monitor.nc").is_file()]
+    return view
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The HTML page and the PDF
+
+
+def render_html(page: dict) -> str:
+    environment = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True,
+                                     lstrip_blocks=True)
+    template = resources.files("diagnostics").joinpath("report.html").read_text(encoding="utf-8")
+    return environment.from_string(template).render(**page)
+
+
+A4 = (8.27, 11.69)  # inches
+MARGIN = 0.6
+TEXT_WIDTH = A4[0] - 2 * MARGIN
+FIGURE_DPI = 200  # what diagnostics.plotting saves PNGs at: a figure keeps its size in inches
+CHARACTER_WIDTH = {"sans-serif": 0.55, "monospace": 0.6}  # in font sizes: DejaVu Sans on average, Sans Mono exactly
+
+
+class Pages:
+    """Text and figures laid out from the top of A4 pages down, a new page where the next item does not fit."""
+
+    def __init__(self, pdf):
+        self.pdf, self.figure, self.y = pdf, None, 0.0
+
+    def new_page(self) -> None:
+        from matplotlib.figure import Figure
+        self.finish()
+        self.figure, self.y = Figure(figsize=A4), A4[1] - MARGIN
+
+    def finish(self) -> None:
+        if self.figure is not None:
+            self.pdf.savefig(self.figure)
+            self.figure = None
+
+    def _room(self, height: float) -> None:
+        if self.figure is None or self.y - height < MARGIN:
+            self.new_page()
+
+    def text(self, text: str, size: float = 8, family: str = "sans-serif", weight: str = "normal",
+             colour: str = "black", space_after: float = 0.08) -> None:
+        """Prose wrapped at the text width; monospace text keeps its lines and breaks only the longest."""
+        characters = max(20, int(TEXT_WIDTH * 72 / (CHARACTER_WIDTH[family] * size)))
+        if family == "monospace":
+            lines = [line[i:i + characters] for line in text.splitlines() for i in range(0, max(len(line), 1),
+                                                                                             characters)]
+        else:
+            lines = textwrap.wrap(text, characters, break_on_hyphens=False) or [""]
+        for line in lines:
+            self._room(size * 1.35 / 72)
+            self.y -= size * 1.35 / 72
+            self.figure.text(MARGIN / A4[0], self.y / A4[1], line, fontsize=size, family=family, weight=weight,
+                             color=colour)
+        self.y -= space_after
+
+    def table(self, text: str) -> None:
+        """Monospace, as small as it takes (down to 5 pt) for the widest line to fit."""
+        widest = max((len(line) for line in text.splitlines()), default=1)
+        self.text(text, size=max(5.0, min(7.0, TEXT_WIDTH * 72 / (CHARACTER_WIDTH["monospace"] * widest))),
+                  family="monospace")
+
+    def image(self, png: bytes) -> None:
+        """At the size the figure was drawn for, or smaller where the page is."""
+        from matplotlib.image import imread
+        pixels = imread(io.BytesIO(png))
+        height_px, width_px = pixels.shape[:2]
+        scale = min(1.0, TEXT_WIDTH * FIGURE_DPI / width_px, (A4[1] - 2 * MARGIN) * FIGURE_DPI / height_px)
+        width, height = scale * width_px / FIGURE_DPI, scale * height_px / FIGURE_DPI
+        self._room(height)
+        self.y -= height
+        axes = self.figure.add_axes(((A4[0] - width) / 2 / A4[0], self.y / A4[1], width / A4[0], height / A4[1]))
+        axes.imshow(pixels, interpolation="none")  # the PNG's own pixels, not resampled
+        axes.axis("off")
+        self.y -= 0.1
+
+
+def write_pdf(path: Path, page: dict) -> None:
+    import matplotlib
+    from matplotlib.backends.backend_pdf import PdfPages
+    with matplotlib.rc_context({"pdf.fonttype": 42}), PdfPages(path, metadata={"Title": page["title"],
+                                                                               "Creator": page["software"]}) as pdf:
+        pages = Pages(pdf)
+        pages.text(page["title"], size=15, weight="bold", space_after=0.15)
+        for line in (f"made {page['created']} by {page['software']}, git commit {page['commit']}",
+                     f"command: {page['command']}"):
+            pages.text(line, size=8)
+        pages.text("Runs", size=11, weight="bold")
+        for run in page["runs"]:
+            pages.text(f"{run.label}: {run.text} ({run.dataset}, {run.epochs} epochs)", size=8)
+        pages.text("Sections", size=11, weight="bold")
+        for view in page["sections"]:
+            pages.text(f"{view.title}: {view.status}", size=8)
+        for view in page["sections"]:
+            pages.new_page()
+            pages.text(view.title, size=13, weight="bold")
+            pages.text(view.question, size=8.5)
+            pages.text(view.note, size=7.5, colour="0.35")
+            if view.png:
+                pages.image(view.png)
+            for heading, blocks, write in (("Definition", [view.definition] if view.definition else [], pages.text),
+                                           ("", view.tables, pages.table), ("", view.notes, pages.text),
+                                           ("Reproduce", [view.command], pages.table)):
+                if blocks and heading:
+                    pages.text(heading, size=9, weight="bold")
+                for block in blocks:
+                    write(block)
+            if view.provenance:
+                pages.text("Provenance", size=9, weight="bold")
+                for name, value in view.provenance:
+                    pages.text(f"{name}: {value}", size=7, space_after=0.02)
+        pages.finish()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The command
+
+
+def main(argv=None) -> None:
+    given = list(sys.argv[1:] if argv is None else argv)
+    args = parser().parse_args(given)
+    sections = [section for name, section in SECTIONS.items() if name in (args.sections or SECTIONS)]
+    common.require_run_dirs(args.runs, "a report reads each run's metrics.csv, config.json and checkpoints")
+    first = {}
+    for text in args.runs:  # each run once, as it was first named
+        first.setdefault(Path(text).resolve(), text)
+    runs = [read_run(text) for text in first.values()]
+    common.device_of(args)
+    out = common.output_dir(args, [common.Source(runs[0].label, run_dir=Path(runs[0].text))])
+    check_data(runs, args, sections)
+    code_commit = ckpt.provenance()["git_commit"]
+    out.mkdir(parents=True, exist_ok=True)
+    outcomes, commands = {}, {}
+    try:
+        with Progress(len(sections), "report", unit="section") as progress:
+            for section in sections:
+                argv = arguments(section, runs, args)
+                commands[section.name] = shlex.join(["python", "-m", f"diagnostics.{section.name}", *argv, "--out",
+                                                     str(out)])
+                key = cache_key(section, runs, args, code_commit)
+                outcomes[section.name] = (reused(out, section.name) if reusable(out, section.name, key) else
+                                          make(section, argv, commands[section.name], key, out))
+                progress.write(f"{section.name}: {outcomes[section.name].note}")
+                progress.update(1)
+    except KeyboardInterrupt as exc:
+        print(f"error: interrupted; the sections made so far are kept in {out} and the same command reuses them; "
+              "no report was written", file=sys.stderr)
+        sys.exit(interrupted_exit_code(exc))
+    page = {"title": "Report: " + ", ".join(dict.fromkeys(run.label for run in runs)), "runs": runs,
+            "command": f"python -m diagnostics.report {shlex.join(given)}", "software": software(),
+            "commit": code_commit or "unknown (not a git checkout)",
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "sections": [section_view(section, outcomes[section.name], commands[section.name], runs, out)
+                         for section in sections]}
+    with ckpt.atomic_path(out / "report.pdf") as temporary:
+        write_pdf(temporary, page)
+    with ckpt.atomic_path(out / "report.html") as temporary:
+        temporary.write_text(render_html(page), encoding="utf-8")
+    print(out / "report.pdf")
+    print(out / "report.html")
+    failed = [name for name, outcome in outcomes.items() if outcome.status == "failed"]
+    if failed:
+        print(f"error: {', '.join(failed)} failed (see above); the report shows the other sections", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    sys.exit(common.main_guard(main))
