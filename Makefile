@@ -27,7 +27,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 test: install fashion-mnist chromium
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --durations=15
 
 # Debian's package when root (it needs only the package registry), torchvision's download otherwise.
 fashion-mnist: install

@@ -61,16 +61,18 @@ def _fvcore_counts(model: nn.Module, x: torch.Tensor) -> tuple[dict[str, Counter
 def _torch_counts(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
     """FlopCounterMode's flops of a training-mode forward pass and of the backward of its summed logits, on meta
     tensors: shapes alone decide the count, so nothing is computed and the model's own tensors are not touched.
-    Convolutions and matrix products cost the same in either mode, so the forward count is eval mode's too."""
+    Convolutions and matrix products cost the same in either mode, so the forward count is eval mode's too. Two
+    images per image asked for (a 1x1 map of one image is no batch to BatchNorm in training mode), the counts
+    halved: they are linear in the batch."""
     parameters = {name: torch.empty_like(tensor, device="meta").requires_grad_()
                   for name, tensor in model.named_parameters()}
     buffers = {name: torch.empty_like(tensor, device="meta") for name, tensor in model.named_buffers()}
     model.train()
     with FlopCounterMode(display=False) as forward:
-        logits = torch.func.functional_call(model, {**parameters, **buffers}, (x.to("meta"),))
+        logits = torch.func.functional_call(model, {**parameters, **buffers}, (torch.cat([x, x]).to("meta"),))
     with FlopCounterMode(display=False) as backward:
         logits.sum().backward()
-    return forward.get_total_flops(), backward.get_total_flops()
+    return forward.get_total_flops() // 2, backward.get_total_flops() // 2
 
 
 def _own_counts(model: nn.Module, by_module: dict[str, Counter]) -> tuple[list[str], dict, Counter]:

@@ -5,6 +5,7 @@ Petsiuk et al.'s deletion AUC (lower is better) and insertion AUC (higher is bet
 probability, mean ± standard error over the images, against a random order. A run directory stands for its
 last epoch checkpoint unless --epochs names one epoch."""
 import sys
+import textwrap
 
 import numpy as np
 import torch
@@ -186,9 +187,9 @@ def _per_model(value, labels: list[str]) -> list[str]:
 
 
 def print_table(ds) -> None:
-    print(f"AUC of the explained class's probability as 0-100% of the pixels are deleted (set to the baseline) or "
-          f"inserted (into the baseline), most important first: mean ± standard error over {ds.sizes['sample']} "
-          "images; random: a random order, the reference")
+    print(textwrap.fill(f"AUC of the explained class's probability as 0-100% of the pixels are deleted (set to the "
+                        f"baseline) or inserted (into the baseline), most important first: mean ± standard error "
+                        f"over {ds.sizes['sample']} images; random: a random order, the reference", width=100))
     rows = [[str(label), str(explainer), auc_text(ds, "deletion", label, explainer, 3),
              auc_text(ds, "insertion", label, explainer, 3)]
             for label in ds.model.values for explainer in ds.explainer.values]

@@ -13,6 +13,7 @@ from train.errors import positive_int
 
 from . import common, plotting
 
+TABLE_HEADER = ["model", "epoch", "loss", "acc %", "worst class", "acc %"]
 MAX_BARS = 20  # classes beyond which bars are unreadable at column width: the sorted accuracies are drawn instead
 
 
@@ -135,7 +136,7 @@ def main(argv=None) -> None:
     definitions = dict.fromkeys(d.attrs["definition"] for d in results.datasets)
     ds = results.combined("; ".join(definitions), args.split, bn_mode=bn_mode,
                           recalibration_images=max(d.attrs["recalibration_images"] for d in results.datasets))
-    common.print_table(["model", "epoch", "loss", "acc %", "worst class", "acc %"], table_rows(ds))
+    common.print_table(TABLE_HEADER, table_rows(ds))
     common.write_outputs(out, "evaluate", ds, figure(ds, results.plain))
 
 

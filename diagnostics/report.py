@@ -49,8 +49,6 @@ from . import attributions, common, curves, evaluate, flops
 IMAGES = ("data_dir", "device", "split", "n_images", "batch_size")  # the options a section that reads images takes
 RUN_FILES = ("config.json", "metrics.csv", "steps.csv", "monitor.nc")  # and the checkpoints (*.pt)
 # The tables' headers as the commands print them (tests/test_report.py holds them to it).
-CURVES_HEADER = ["group", "runs", "best acc %", "last acc %", "early acc %", "s/epoch", "params", "MFLOPs"]
-EVALUATE_HEADER = ["model", "epoch", "loss", "acc %", "worst class", "acc %"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -95,10 +93,10 @@ class Section:
 SECTIONS = {section.name: section for section in (
     Section("curves", "Training curves", "How did training and validation loss and accuracy go, and how do the "
             "runs compare?", passes=(),
-            tables=lambda ds: [printed(common.print_table, CURVES_HEADER, curves.summary_rows(ds))]),
+            tables=lambda ds: [printed(common.print_table, curves.SUMMARY_HEADER, curves.summary_rows(ds))]),
     Section("evaluate", "Evaluation", "Loss, accuracy and the weakest class of each run's last checkpoint.",
             options=last_epoch,
-            tables=lambda ds: [printed(common.print_table, EVALUATE_HEADER, evaluate.table_rows(ds))]),
+            tables=lambda ds: [printed(common.print_table, evaluate.TABLE_HEADER, evaluate.table_rows(ds))]),
     Section("responses", "Layer responses (He et al. 2016, Fig. 7)", "How strongly does each 3x3 layer respond, "
             "in the network's order and sorted?", options=last_epoch),
     Section("gradients", "Gradient norms by depth", "How large is the loss gradient of each layer's weight, "

@@ -1,5 +1,6 @@
 """Shared fixtures: tiny datasets written in the real on-disk formats, and tiny trained runs."""
 import gzip
+import os
 import pickle
 import struct
 from contextlib import contextmanager
@@ -92,6 +93,13 @@ def assert_no_hooks(model: nn.Module) -> None:
             assert not left, f"{name or 'model'}.{attribute} still holds {len(left)} hook(s)"
     for attribute in GLOBAL_HOOK_DICTS:
         assert not getattr(module_globals, attribute), f"torch.nn.modules.module.{attribute} is not empty"
+
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two workers on CI's two cores: one thread each, and for the commands they start, so that
+    # OpenMP's waiting threads do not fight over the cores.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,5 @@
 """Data: real on-disk formats read by the real loaders, batch augmentation, determinism, offline errors."""
+import gzip
 import pickle
 
 import numpy as np
@@ -184,3 +185,14 @@ def test_eval_batches_cover_the_split_in_order():
     batches = data.EvalBatches(images, data.get_spec("synthetic"), 100, "cpu")
     labels = torch.cat([y for _, y in batches])
     assert len(batches) == 3 and torch.equal(labels, images.labels)
+
+
+@pytest.mark.parametrize("content, phrase", [
+    (gzip.compress(b"\x00\x00\x08\x03" + b"\x00" * 12)[:-12] + b"\xff" * 12, "not a readable idx file"),
+    (gzip.compress(b"\x00" * (65 << 20)), "more than 64 MiB"),
+])
+def test_a_damaged_or_inflating_idx_file_is_one_line(tmp_path, content, phrase):
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    path.write_bytes(content)
+    with pytest.raises(UserError, match=phrase):
+        data._read_idx(path, 3)

@@ -92,8 +92,8 @@ def test_every_analysis_runs_on_other_libraries_models(name, channels, side, n_r
     scores = {mode: evaluate(model, batches, bn_mode=mode, recalibration=[x], num_classes=3)
               for mode in ("eval", "train", "recalibrated")}
     assert all(np.isfinite(ds.loss.item()) for ds in scores.values())
-    maps = attributions(model, x[:2], y[:2], n_steps=2, batch_size=8, deletion_fractions=(0.0, 0.5))
-    assert maps.attribution.sizes["method"] == 4 and np.isfinite(maps.attribution.values).all()
+    maps = attributions(model, x[:2], y[:2], n_steps=2, batch_size=8, fractions=(0.0, 0.5, 1.0))
+    assert maps.attribution.sizes["explainer"] == 4 and np.isfinite(maps.attribution.values).all()
     flops = flop_count(model, (1, channels, side, side))
     assert int(flops.total_params) == sum(p.numel() for p in model.parameters())
     monitor = BNMonitor(model, x, y, every=1)

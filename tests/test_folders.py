@@ -221,9 +221,6 @@ def test_a_run_on_a_moved_folder_is_found_with_dataset(folder_run, image_folder,
     assert code == 2 and "not the cat, dog, fox" in stderr
 
 
-@pytest.mark.xfail(raises=AttributeError, strict=False,
-                   reason="diagnostics.spikes calls helpers (common.training_batches, models.recalibrate_bn) that "
-                          "the spike rewrite in another branch provides")
 def test_spikes_on_a_run_trained_on_a_folder(folder_run, tmp_path, capsys):
     code, stdout, stderr = run_command(spikes, [str(folder_run), "--recal-images", "24", "--out",
                                                 str(tmp_path / "out")], capsys)

@@ -101,7 +101,7 @@ def test_the_tables_are_the_ones_the_commands_print(made, runs):
     evaluate, which their commands write inline, must stay the same as theirs."""
     curves_lines = printed(diagnostics.curves.main, [*runs, "--out", made.out / "again"])
     evaluate_lines = printed(diagnostics.evaluate.main, [*runs, "--epochs", "last", "--out", made.out / "again"])
-    for lines, header in ((curves_lines, report.CURVES_HEADER), (evaluate_lines, report.EVALUATE_HEADER)):
+    for lines, header in ((curves_lines, diagnostics.curves.SUMMARY_HEADER), (evaluate_lines, diagnostics.evaluate.TABLE_HEADER)):
         start = next(i for i, line in enumerate(lines) if line.split() == " ".join(header).split())
         table = "\n".join(lines[start:start + 1 + len(runs)])
         assert str(escape(table)) in made.html

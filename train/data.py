@@ -18,6 +18,7 @@ import math
 import os
 import pickle
 import struct
+import zlib
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
@@ -205,19 +206,24 @@ def _read_cifar(name: str, split: str, data_dir: Path, download: bool) -> Images
     return Images(images, labels)
 
 
+IDX_MAX_BYTES = 64 << 20
+
+
 def _read_idx(path: Path, expected_dims: int) -> np.ndarray:
     """An idx file (the MNIST format), gzipped or not."""
     try:
         opener = gzip.open if path.suffix == ".gz" else open
         with opener(path, "rb") as file:
-            raw = file.read()
+            raw = file.read(IDX_MAX_BYTES + 1)  # a gzip bomb stops here
+        if len(raw) > IDX_MAX_BYTES:
+            raise ValueError(f"it holds more than {IDX_MAX_BYTES >> 20} MiB, more than Fashion-MNIST's 47 MiB")
         zero, dtype_code, dims = struct.unpack(">HBB", raw[:4])
         shape = struct.unpack(f">{dims}I", raw[4:4 + 4 * dims])
         if zero != 0 or dtype_code != 0x08 or dims != expected_dims:
             raise ValueError("its header is not that of a uint8 idx file")
         data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * dims)
         return data.reshape(shape)
-    except (OSError, EOFError, ValueError, struct.error) as exc:
+    except (OSError, EOFError, ValueError, struct.error, zlib.error) as exc:
         raise UserError(f"{path} is not a readable idx file ({exc}); replace it with the original") from None
 
 
