@@ -12,6 +12,8 @@ DEMO ?= demo
 # Validation on 2,000 held-out training images keeps the demo's evaluations short.
 DEMO_ARGS := --dataset fashion-mnist --data-dir $(DATA) --train-images 6000 --val-split 2000 --epochs 4
 RUNS := $(DEMO)/plain20 $(DEMO)/resnet20
+# e.g. REPORT_ARGS="--sections curves spikes" for a shorter report
+REPORT_ARGS ?=
 
 # The GPU check installs nothing: this project's venv where there is one, else the machine's own Python.
 GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON))
@@ -55,7 +57,7 @@ demo: install fashion-mnist
 	rm -rf $(DEMO)
 	$(BIN)/python -m train --model plain20 --out $(DEMO)/plain20 $(DEMO_ARGS)
 	$(BIN)/python -m train --model resnet20 --out $(DEMO)/resnet20 $(DEMO_ARGS)
-	$(BIN)/python -m diagnostics.report $(RUNS) --data-dir $(DATA) --out $(DEMO)/diagnostics
+	$(BIN)/python -m diagnostics.report $(RUNS) --data-dir $(DATA) --out $(DEMO)/diagnostics $(REPORT_ARGS)
 	@echo "demo: runs in $(DEMO)/plain20 and $(DEMO)/resnet20, figures and datasets in $(DEMO)/diagnostics, the report in"
 	@echo "$(DEMO)/diagnostics/report.html"
 

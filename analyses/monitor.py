@@ -15,7 +15,9 @@ At each measurement, with the weights of that step:
   which no BN follows, it is only indicative).
 
 An early warning fires when the probe loss with running statistics exceeds the batch-statistics loss by both
-`warn_factor` times and `warn_margin` nats: the validation loss is about to spike from BN statistics.
+`warn_factor` times and `warn_margin` nats, from step `warn_after` on: the validation loss is about to spike from
+BN statistics. (The trainer arms it once the running statistics' initial values weigh under 1%, warm_up_steps,
+or after half an epoch, whichever comes first: earlier, a gap says only that training has just begun.)
 
 In any training loop (three lines):
 
@@ -24,6 +26,7 @@ In any training loop (three lines):
     monitor.step(loss=loss)
     monitor.dataset().to_netcdf("monitor.nc")
 """
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -42,9 +45,18 @@ RECORDED = ("probe_loss", "probe_acc", "bn_gap", "eval_mismatch", "grad_norm", "
             "warning")
 
 
-def warning_rule(factor: float, margin: float) -> str:
+def warning_rule(factor: float, margin: float, after: int = 0) -> str:
     return (f"a warning when the probe loss with running BN statistics exceeds the loss with batch statistics by "
-            f"more than {factor:g}x and by more than {margin:g} nats")
+            f"more than {factor:g}x and by more than {margin:g} nats" + (f", from step {after} on" if after else ""))
+
+
+def warm_up_steps(model: nn.Module, weight: float = 0.01) -> int:
+    """Optimiser steps after which the running statistics' initial values weigh less than `weight` in them
+    (1 - momentum)^k < weight, for the BN layer of the smallest momentum (0 for a cumulative average): before
+    that, a gap says only that training has just begun."""
+    momenta = [m.momentum for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m for m in momenta if m is not None and 0 < m < 1]
+    return math.ceil(math.log(weight) / math.log(1 - min(momenta))) if momenta else 0
 
 
 def definition(every: int, n_images: int, probe: str, rule: str) -> str:
@@ -86,7 +98,7 @@ class BNMonitor:
 
     def __init__(self, model: nn.Module, probe_images: torch.Tensor, probe_labels: torch.Tensor, *, every: int = 50,
                  autocast: torch.dtype | None = None, warn_factor: float = 1.5, warn_margin: float = 0.25,
-                 probe: str = "given", writer=None, on_warning: Callable[[BNWarning], None] | None = None):
+                 warn_after: int = 0, probe: str = "given", writer=None, on_warning: Callable[[BNWarning], None] | None = None):
         if every < 0:
             raise ValueError(f"every must be 0 (off) or a positive number of steps, not {every}")
         if len(probe_images) == 0 or len(probe_images) != len(probe_labels):
@@ -94,7 +106,7 @@ class BNMonitor:
         self.model, self.every, self.autocast = model, every, autocast
         self.device = next(model.parameters()).device
         self.images, self.labels = probe_images.to(self.device), probe_labels.to(self.device)
-        self.warn_factor, self.warn_margin, self.probe = warn_factor, warn_margin, probe
+        self.warn_factor, self.warn_margin, self.warn_after, self.probe = warn_factor, warn_margin, warn_after, probe
         self.writer, self.on_warning = writer, on_warning
         self.bn_names = list(running_statistics(model))
         self.weight_names = [name for name, _ in weight_layers(model)]
@@ -138,7 +150,8 @@ class BNMonitor:
                                                                                              logits_batch)]
         gap = statistics_error_table(running, statistics, self.bn_names).numpy()
         mismatch = statistics_error_table(running, inputs, self.bn_names).numpy()
-        fired = losses[0] > self.warn_factor * losses[1] and losses[0] - losses[1] > self.warn_margin
+        fired = (step >= self.warn_after and losses[0] > self.warn_factor * losses[1]
+                 and losses[0] - losses[1] > self.warn_margin)
         record = {"step": step, "epoch": -1 if epoch is None else epoch, "probe_loss": losses,
                   "probe_acc": accuracy, "bn_gap": gap, "eval_mismatch": mismatch, "grad_norm": grad_norm,
                   "weight_norm": weight_norm, "lr": np.nan if lr is None else float(lr),
@@ -233,7 +246,7 @@ class BNMonitor:
                   "weight_depth": ("weight_depth", weight_coords["depth"][1]),
                   "weight_layer": ("weight_depth", weight_coords["layer"][1]),
                   "weight_kind": ("weight_depth", np.array(self.weight_kinds, dtype=object))}
-        rule = warning_rule(self.warn_factor, self.warn_margin)
+        rule = warning_rule(self.warn_factor, self.warn_margin, self.warn_after)
         return xr.Dataset(
             {
                 "probe_loss": variable(("step", "bn"), stacked("probe_loss", (2,)), "probe cross-entropy", "nats"),
@@ -258,6 +271,6 @@ class BNMonitor:
             attrs=attrs(definition(self.every, len(self.labels), self.probe, rule), checkpoint=checkpoint,
                         dataset=dataset, split="train", n_images=len(self.labels), batch_size=len(self.labels),
                         bn_mode="eval and train", every=self.every, rule=rule, warn_factor=self.warn_factor,
-                        warn_margin=self.warn_margin, probe=self.probe,
+                        warn_margin=self.warn_margin, warn_after=self.warn_after, probe=self.probe,
                         autocast=str(self.autocast).replace("torch.", "") if self.autocast else "fp32"),
         )

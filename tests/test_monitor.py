@@ -11,7 +11,7 @@ import xarray as xr
 import models
 from analyses.bn import BNStatistics, batch_statistics, normalisation_error, recalibrate_bn, running_statistics
 from analyses.common import ChannelMoments, forward_hooks, preserved_state
-from analyses.monitor import BNMonitor
+from analyses.monitor import BNMonitor, warm_up_steps
 from conftest import assert_no_hooks, train_tiny
 from train import checkpoint as ckpt
 from train import data
@@ -179,3 +179,20 @@ def test_the_trainer_prints_the_warning_and_counts_it(tmp_path, capsys):
     ds = xr.load_dataset(run / "monitor.nc")
     assert int(ds.warning.sum()) == sum(warnings)
     assert f"BN warnings {warnings[-1]}" in out.splitlines()[-1] or warnings[-1] == 0
+
+
+def test_the_warning_waits_for_the_running_statistics_to_warm_up():
+    model = models.build("resnet20")
+    assert warm_up_steps(model) == 44  # 0.9^44 = 0.0097: the initial statistics weigh under 1%
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.momentum = None  # a cumulative average has no initial values to forget
+    assert warm_up_steps(model) == 0
+    model.stem.bn.momentum = 0.5
+    assert warm_up_steps(model) == 7  # 0.5^7 = 0.0078
+
+
+def test_the_trainer_arms_the_warning_after_half_an_epoch_at_most(tiny_runs):
+    # 4 steps an epoch: armed from step 2 (BN momentum 0.1 would need 44).
+    ds = xr.load_dataset(tiny_runs["resnet20"] / "monitor.nc")
+    assert ds.attrs["warn_after"] == 2 and "from step 2 on" in ds.attrs["rule"]

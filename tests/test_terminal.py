@@ -52,18 +52,20 @@ def test_every_diagnostic_shows_its_bar(tiny_runs, tmp_path):
 @pytest.mark.skipif(not (ROOT / ".venv" / ".installed").exists() or Path(sys.prefix) != ROOT / ".venv",
                     reason="make demo's commands run in the project's .venv; run the suite with `make test`")
 def test_make_demo_finishes_in_a_terminal(tmp_path):
-    """`make demo` itself, on fewer images and epochs (its variables overridden as a user may)."""
+    """`make demo` itself, on fewer images and epochs and with three of the report's sections (its variables
+    overridden as a user may; every diagnostic's bar is the test above's, the whole report is tests/test_report.py's)."""
     if not any((folder / "train-images-idx3-ubyte.gz").exists() or (folder / "train-images-idx3-ubyte").exists()
                for folder in data.fashion_mnist_folders(tmp_path / "data")):
         pytest.skip("Fashion-MNIST is not installed (make test installs it with apt-get where it can)")
     demo, data_dir = tmp_path / "demo", tmp_path / "data"
     small = f"--dataset fashion-mnist --data-dir {data_dir} --train-images 512 --val-split 256 --epochs 2"
     env = {**os.environ, "MAKEFLAGS": ""}
-    code, text = terminal.run(["make", "demo", f"DEMO={demo}", f"DATA={data_dir}", f"DEMO_ARGS={small}"], cwd=ROOT,
-                              env=env, timeout=900)
+    code, text = terminal.run(["make", "demo", f"DEMO={demo}", f"DATA={data_dir}", f"DEMO_ARGS={small}",
+                               "REPORT_ARGS=--sections curves evaluate spikes"], cwd=ROOT, env=env, timeout=900)
     assert code == 0, text[-3000:]
     shown = terminal.bars(text)
-    assert {"train", "curves", "flops", "attributions"} <= shown, shown
-    for name in ("evaluate", "responses", "gradients", "spikes"):
+    assert {"train", "curves"} <= shown, shown
+    for name in ("evaluate", "spikes"):
         assert {f"{name} plain20", f"{name} resnet20"} <= shown, (name, shown)
     assert f"demo: runs in {demo}/plain20" in text and "Traceback" not in text
+    assert (demo / "diagnostics" / "report.html").is_file() and (demo / "diagnostics" / "report.pdf").is_file()

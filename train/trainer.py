@@ -18,7 +18,7 @@ import torch.nn as nn
 import models
 from analyses.bn import recalibrate_bn
 from analyses.evaluate import predict
-from analyses.monitor import BNMonitor
+from analyses.monitor import BNMonitor, warm_up_steps
 
 from . import checkpoint as ckpt
 from . import rundir, schema
@@ -237,6 +237,7 @@ def run(config: Config, resume: dict | None = None, lock=None) -> Path:
         probe = train_data[:config.monitor_images]
         monitor = BNMonitor(model, augmented_once(probe, spec, config.augment, device), probe.labels,
                             every=config.monitor_every, autocast=amp_dtype,
+                            warn_after=min(warm_up_steps(model), config.steps_per_epoch // 2),
                             probe=f"the first {len(probe)} training images, augmented once ({config.augment}, "
                                   "seed 0)",
                             on_warning=(lambda warning: progress.write(warning.message())) if is_main else None)
