@@ -172,3 +172,12 @@ def test_random_bytes_are_never_a_traceback(tmp_path):
         path.write_bytes(rng.bytes(int(rng.integers(1, 4096))))
         with pytest.raises(UserError, match="PyTorch checkpoint"):
             ckpt.read(path)
+
+
+def test_a_foreign_file_with_biased_projections_builds_them(tmp_path):
+    theirs = models.build("resnet18", num_classes=10, projection_bias=True)
+    torch.save(theirs.state_dict(), tmp_path / "theirs.pt")
+    loaded = ckpt.load(tmp_path / "theirs.pt", model_name="resnet18", dataset="cifar10")
+    assert loaded.kwargs["projection_bias"] is True
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(loaded.model(x), theirs.eval()(x))

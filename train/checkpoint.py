@@ -306,6 +306,9 @@ def _foreign(checkpoint: dict, path, model_name: str | None, dataset: str | None
     if first_conv is None:
         raise UserError(f"{path} holds no convolution weight; it is not the checkpoint of a CNN")
     kwargs = {**kwargs, "in_channels": first_conv.shape[1]}
+    if not models.is_external(name) and any(key.endswith(".shortcut.conv.bias") for key in state_dict):
+        kwargs["projection_bias"] = True  # another project's biased 1x1 projections (see --projection-bias)
+        models.canonical(name, **kwargs)
     classes = _classes_in_file(name, kwargs, state_dict, path)
     dataset = dataset or _infer_dataset(classes, first_conv.shape[1])
     if dataset is None:
