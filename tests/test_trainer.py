@@ -197,3 +197,29 @@ def test_two_processes_with_gloo(tmp_path):
     distance = lambda a, b: torch.cat([(a[k] - b[k]).flatten() for k in a]).norm()
     moved, apart = distance(single, init), distance(single, ranks[0])
     assert moved > 0.1 and apart < 1e-4 * moved  # two real steps, the same up to float rounding (5e-6 of it here)
+
+
+def test_the_diagnostics_recalibrate_as_precise_bn_did_in_bf16(tmp_path):
+    """One recalibration for the trainer's --precise-bn and the diagnostics: the same images, batches and autocast
+    dtype (bf16 here, emulated on a CPU without it), so the diagnostics reproduce the saved statistics to bf16's
+    rounding (the trainer's memory layout differs), several times closer than an fp32 recalibration comes."""
+    from analyses.bn import recalibrate_bn, running_statistics
+    from diagnostics import common, spikes
+    run = train_tiny(tmp_path / "bf16", "resnet20", "--epochs", "1", "--train-images", "128", "--precise-bn", "64",
+                     "--precision", "bf16", "--monitor-every", "0")
+    loaded = ckpt.load(run / "epoch_001.pt")
+    assert common.run_dtype(loaded) == torch.bfloat16
+    saved = running_statistics(loaded.model)
+    saved = {name: (s.mean.clone(), s.var.clone()) for name, s in saved.items()}
+    args = spikes.parser().parse_args([str(run / "epoch_001.pt")])
+
+    def largest_error(dtype) -> tuple[float, float]:
+        """(largest mean error in population stds, largest relative variance error) against the saved ones."""
+        recalibrate_bn(loaded.model, common.recalibration_inputs(loaded, args, "cpu", 64), dtype)
+        again = running_statistics(loaded.model)
+        return (max(((again[n].mean - m).abs() / v.sqrt()).max().item() for n, (m, v) in saved.items()),
+                max(((again[n].var - v).abs() / v).max().item() for n, (_, v) in saved.items()))
+
+    same, fp32 = largest_error(torch.bfloat16), largest_error(None)
+    assert same[0] < 2e-3 and same[1] < 5e-3, same  # bf16 keeps 8 bits: 4e-3 is one rounding step
+    assert fp32[0] > 3 * same[0] and fp32[1] > 3 * same[1], (same, fp32)
