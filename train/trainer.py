@@ -240,7 +240,7 @@ def run(config: Config, resume: dict | None = None, lock=None) -> Path:
                             warn_after=min(warm_up_steps(model), config.steps_per_epoch // 2),
                             probe=f"the first {len(probe)} training images, augmented once ({config.augment}, "
                                   "seed 0)",
-                            on_warning=(lambda warning: progress.write(warning.message())) if is_main else None)
+                            on_warning=WarningLines(lambda line: progress.write(line)) if is_main else None)
 
     run_dir = Path(config.out)
     history = {column: [] for column in rundir.METRICS}
@@ -403,6 +403,21 @@ def start(config: Config) -> Path:
                             "folder")
     ckpt.check_writable(out)
     return run(config, lock=lock)
+
+
+class WarningLines:
+    """Prints the BN monitor's first warning of each epoch, and a later one only where its probe loss has doubled
+    since the last printed: a run that stays in a gap is one line an epoch, not one every --monitor-every steps
+    (the epoch's line and metrics.csv's bn_warnings count them all)."""
+
+    def __init__(self, write):
+        self.write, self.epoch, self.printed_loss = write, None, 0.0
+
+    def __call__(self, warning) -> None:
+        if warning.epoch != self.epoch or warning.loss_running >= 2 * self.printed_loss:
+            more = "" if warning.epoch != self.epoch else " (it has doubled since the last line)"
+            self.epoch, self.printed_loss = warning.epoch, warning.loss_running
+            self.write(warning.message() + more)
 
 
 def check_tensorboard_folder(folder: Path, restart: bool) -> None:
