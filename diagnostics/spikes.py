@@ -377,7 +377,7 @@ def main(argv=None) -> None:
     if args.repair is not None or args.amplification is not None:
         extra = _where_and_how(ds, results, args, device, repair_epochs, amplification_epochs, recal_of)
         if extra:
-            parts = [part.merge(extra[key]) if key in extra else part
+            parts = [part.merge(extra[key], compat="no_conflicts") if key in extra else part
                      for part, key in zip(results.datasets, zip(results.labels, results.epochs))]
             if args.amplification is not None:
                 rule |= {"amplification_size": args.amplification_size, "amplification_images": args.extra_images}
@@ -440,7 +440,7 @@ def _where_and_how(ds, results, args, device, repair_epochs, amplification_epoch
             measured.append(repair(loaded.model, val, recal, dtype=dtype) if task == "repair" else
                             amplification(loaded.model, val, recal, size=args.amplification_size, dtype=dtype))
             print(f"{task}, {key[0]} epoch {key[1]}: {time.perf_counter() - started:.0f} s", flush=True)
-        found[key] = xr.merge(measured, combine_attrs="drop")
+        found[key] = xr.merge(measured, compat="no_conflicts", combine_attrs="drop")
     return found
 
 
