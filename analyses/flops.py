@@ -16,14 +16,18 @@ Each count says what it counts:
 Counting needs no data: fvcore traces the model on zeros in eval mode, FlopCounterMode runs it on meta tensors
 (shapes only).
 """
+import warnings
 from collections import Counter
 
 import numpy as np
 import torch
 import torch.nn as nn
 import xarray as xr
-from fvcore.nn import FlopCountAnalysis
 from torch.utils.flop_counter import FlopCounterMode
+
+with warnings.catch_warnings():  # fvcore imports torch.jit.script, which this torch deprecates
+    warnings.simplefilter("ignore", FutureWarning)
+    from fvcore.nn import FlopCountAnalysis
 
 from .common import attrs, layer_coords, model_device, preserved_state, variable
 
