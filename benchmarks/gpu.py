@@ -31,7 +31,7 @@ NEEDED = ("torch", "torchvision", "numpy", "xarray", "netCDF4", "fvcore", "tqdm"
 
 FULL = {  # the options of each part on a GPU
     "throughput": ["--models", "resnet56", "plain56", "--steps", "50", "--repeats", "2", "--compile"],
-    "monitor": ["--models", "resnet56", "plain56", "--steps", "200", "--every", "50", "--repeats", "2"],
+    "monitor": ["--models", "resnet56", "plain56", "--steps", "200", "--every", "100", "--repeats", "2"],
     "overhead": ["--models", "resnet56", "plain56", "--images", "2048", "--batch-size", "256", "--repeats", "2"],
     "he2016": ["--model", "resnet56", "--iterations", "1000"],
 }

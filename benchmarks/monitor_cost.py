@@ -1,12 +1,13 @@
 """Cost of the BN monitor in training: the trainer's own `train_epoch` with and without `BNMonitor` (target:
-at most 3% of training time at the trainer's default interval, `--monitor-every 50 --monitor-images 128`).
+at most 3% of training time at the trainer's default interval, `--monitor-every 100 --monitor-images 128`).
 
 Same model, batches and optimiser with and without the monitor, in interleaved rounds; the monitor is made as
 the trainer makes it (its probe: the first --probe-images training images, augmented once; the training's
 autocast dtype). A measurement costs the same whatever the interval, so a shorter --every with fewer steps
 measures the same cost per measurement sooner. Two figures for the target at the default interval:
-- measured: (epoch with the monitor / epoch without - 1) at --every E, times E / 50;
-- from the measurement time: one `BNMonitor.measure` timed alone / (50 x the time of a training step).
+- measured: (epoch with the monitor / epoch without - 1) at --every E, times E / D (D: the trainer's default
+  interval, 100);
+- from the measurement time: one `BNMonitor.measure` timed alone / (D x the time of a training step).
 
 Run: `python -m benchmarks.monitor_cost [--models resnet56 plain56] [--steps 40] [--every 10] [--bf16]`.
 """

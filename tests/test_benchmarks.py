@@ -133,7 +133,7 @@ def test_monitor_cost_measures_inside_the_trainers_epoch(capsys):
     row = next(line.split() for line in out.splitlines() if line.startswith("resnet20"))
     assert row[1] == "fp32" and row[5] == "2"  # two measurements in an epoch of two steps at every 1
     (line,) = [line for line in summaries(out) if "fp32" in line]
-    assert "BN monitor cost at every 50 steps" in line and "(target <= 3.0%)" in line
+    assert "BN monitor cost at every 100 steps" in line and "(target <= 3.0%)" in line
 
 
 def test_analysis_overhead_with_a_batch_larger_than_the_images(capsys):

@@ -69,7 +69,7 @@ class Config:
     eval_batch_size: int = 512
     workers: int = 2
     sync_bn: bool = False
-    monitor_every: int = 50  # steps between BN monitor measurements (analyses.monitor); 0 = off
+    monitor_every: int = 100  # steps between BN monitor measurements (analyses.monitor); 0 = off
     monitor_images: int = 128  # the monitor's probe: the first N training images, augmented once
     tensorboard: str | None = None  # a folder for TensorBoard event files (optional extra); None = off
     # Resolved when the run starts, so that every checkpoint says what the run actually did:
@@ -179,7 +179,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--keep", help="epoch checkpoints to keep: all, last, or N (every N-th)")
     g = p.add_argument_group("BN monitor (monitor.nc in the run directory)")
     g.add_argument("--monitor-every", type=non_negative_int, metavar="N", help="measure the BN statistics on a fixed probe every "
-                   "N steps (default 50; 0 = off)")
+                   "N steps (default 100; 0 = off)")
     g.add_argument("--monitor-images", type=positive_int, metavar="N", help="the probe: the first N training "
                    "images, augmented once (default 128)")
     g.add_argument("--out", metavar="RUN_DIR", help="the run directory to create")
