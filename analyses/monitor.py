@@ -36,6 +36,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import xarray as xr
 
+import models
+
 from .bn import COMPONENTS, UNITS, BNStatistics, batch_statistics, running_statistics, statistics_error_table
 from .common import ChannelMoments, attrs, forward_hooks, layer_coords, preserved_state, variable
 from .gradients import kind_of, weight_layers
@@ -54,8 +56,7 @@ def warm_up_steps(model: nn.Module, weight: float = 0.01) -> int:
     """Optimiser steps after which the running statistics' initial values weigh less than `weight` in them
     (1 - momentum)^k < weight, for the BN layer of the smallest momentum (0 for a cumulative average): before
     that, a gap says only that training has just begun."""
-    momenta = [m.momentum for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    momenta = [m for m in momenta if m is not None and 0 < m < 1]
+    momenta = [m.momentum for _, m in models.bn_layers(model) if m.momentum is not None and 0 < m.momentum < 1]
     return math.ceil(math.log(weight) / math.log(1 - min(momenta))) if momenta else 0
 
 
@@ -98,7 +99,8 @@ class BNMonitor:
 
     def __init__(self, model: nn.Module, probe_images: torch.Tensor, probe_labels: torch.Tensor, *, every: int = 50,
                  autocast: torch.dtype | None = None, warn_factor: float = 1.5, warn_margin: float = 0.25,
-                 warn_after: int = 0, probe: str = "given", writer=None, on_warning: Callable[[BNWarning], None] | None = None):
+                 warn_after: int = 0, probe: str = "given", writer=None,
+                 on_warning: Callable[[BNWarning], None] | None = None):
         if every < 0:
             raise ValueError(f"every must be 0 (off) or a positive number of steps, not {every}")
         if len(probe_images) == 0 or len(probe_images) != len(probe_labels):

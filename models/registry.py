@@ -19,24 +19,22 @@ class ModelError(ValueError):
     """An unknown model name or an argument the builder does not take: the user's mistake, not a bug."""
 
 
-def register(name: str):
-    def decorator(builder):
-        if name in _BUILDERS:
-            raise ValueError(f"model {name!r} is already registered")
-        _BUILDERS[name] = builder
-        return builder
-    return decorator
+def _registers_into(table: dict, kind: str):
+    """A decorator factory that files a function in `table` under a name given once: a second is refused."""
+    def register(name: str):
+        def decorator(function):
+            if name in table:
+                raise ValueError(f"{kind} {name!r} is already registered")
+            table[name] = function
+            return function
+        return decorator
+    return register
 
 
-def register_library(library: str):
-    """Register `resolve(NAME) -> builder` for the names `LIBRARY:NAME`; `resolve` raises ModelError for a
-    name the library does not have."""
-    def decorator(resolve):
-        if library in _LIBRARIES:
-            raise ValueError(f"library {library!r} is already registered")
-        _LIBRARIES[library] = resolve
-        return resolve
-    return decorator
+register = _registers_into(_BUILDERS, "model")
+# `@register_library(LIBRARY)` files `resolve(NAME) -> builder` for the names `LIBRARY:NAME`; `resolve` raises
+# ModelError for a name the library does not have.
+register_library = _registers_into(_LIBRARIES, "library")
 
 
 def is_external(name: str) -> bool:

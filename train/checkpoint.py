@@ -150,7 +150,8 @@ def read(path) -> dict:
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UserError(f"{path} is unreadable as a PyTorch checkpoint ({detail[:120]}); copy it again") from None
     except Exception as exc:  # garbage read as a legacy pickle fails in the unpickler's own ways (IndexError ...)
-        raise UserError(f"{path} is not a PyTorch checkpoint (it cannot be unpickled: {type(exc).__name__})") from None
+        raise UserError(f"{path} is not a PyTorch checkpoint (it cannot be unpickled: "
+                        f"{type(exc).__name__})") from None
     if not isinstance(checkpoint, dict):
         raise UserError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dict or state_dict")
     schema.check_tensors(checkpoint, path)
