@@ -29,24 +29,26 @@ def test_trainer_shows_its_bar_stops_on_ctrl_c_and_resumes(tmp_path):
     assert "train" in terminal.bars(text) and "epoch 8/8" in text and "Traceback" not in text
 
 
-def test_every_diagnostic_shows_its_bar(tiny_runs, tmp_path):
-    """The commands of `make demo`, each in its own terminal, on the suite's tiny runs."""
+DIAGNOSTIC_ARGUMENTS = {  # the commands of `make demo`, on the suite's tiny runs
+    "curves": [],
+    "evaluate": ["--epochs", "last"],
+    "responses": ["--epochs", "last"],
+    "gradients": ["--epochs", "last", "--init", "plain20", "--batches", "2"],
+    "flops": ["resnet56"],
+    "attributions": ["--n-images", "4", "--steps", "4"],
+    "spikes": ["--recal-images", "128"],
+}
+
+
+@pytest.mark.parametrize("name", DIAGNOSTIC_ARGUMENTS)
+def test_every_diagnostic_shows_its_bar(name, tiny_runs, tmp_path):
+    """Each diagnostic in its own terminal (one test each, so that the suite's workers share them)."""
     runs = [str(tiny_runs["plain20"]), str(tiny_runs["resnet20"])]
-    out = ["--out", str(tmp_path / "out")]
-    commands = {
-        "curves": [*runs, *out],
-        "evaluate": [*runs, "--epochs", "last", *out],
-        "responses": [*runs, "--epochs", "last", *out],
-        "gradients": [*runs, "--epochs", "last", "--init", "plain20", "--batches", "2", *out],
-        "flops": [*runs, "resnet56", *out],
-        "attributions": [*runs, "--n-images", "4", "--steps", "4", *out],
-        "spikes": [*runs, "--recal-images", "128", *out],
-    }
-    for name, arguments in commands.items():
-        code, text = terminal.run([sys.executable, "-m", f"diagnostics.{name}", *arguments], cwd=ROOT, timeout=300)
-        assert code == 0, text
-        assert any(bar.startswith(name) for bar in terminal.bars(text)), (name, text)
-        assert "Traceback" not in text
+    argv = [sys.executable, "-m", f"diagnostics.{name}", *runs, *DIAGNOSTIC_ARGUMENTS[name], "--out", str(tmp_path)]
+    code, text = terminal.run(argv, cwd=ROOT, timeout=300)
+    assert code == 0, text
+    assert any(bar.startswith(name) for bar in terminal.bars(text)), text
+    assert "Traceback" not in text
 
 
 @pytest.mark.skipif(not (ROOT / ".venv" / ".installed").exists() or Path(sys.prefix) != ROOT / ".venv",
