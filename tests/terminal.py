@@ -72,9 +72,9 @@ def start(argv: list[str], cwd, env: dict | None = None, columns: int = 120, row
     return Session(process, master, bytearray())
 
 
-def run(argv: list[str], cwd, env: dict | None = None, timeout: float = 600) -> tuple[int, str]:
+def run(argv: list[str], cwd, env: dict | None = None, timeout: float = 600, columns: int = 120) -> tuple[int, str]:
     """(exit code, everything the terminal showed)."""
-    session = start(argv, cwd, env)
+    session = start(argv, cwd, env, columns=columns)
     code = session.finish(timeout)
     return code, session.text
 

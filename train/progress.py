@@ -1,7 +1,8 @@
 """Progress of long work, for the trainer and every diagnostic alike.
 
 On a terminal, a tqdm bar on stderr, with result lines written above it. Anywhere else (a log file, CI, a
-notebook, a pipe) a bar would be noise and silence would hide a 20-minute epoch, so a short line such as
+notebook, a pipe, a terminal that reports no width, where tqdm would draw nothing) a bar would be noise or
+invisible and silence would hide a 20-minute epoch, so a short line such as
 `train: 120/780 steps (15%), 1m 02s elapsed, about 5m 40s left` goes to stderr at most every
 `RESNET_DIAG_PROGRESS_SECONDS` seconds (default 30; 0 prints one line per update).
 """
@@ -20,6 +21,16 @@ def interval_seconds() -> float:
     except ValueError:
         return DEFAULT_INTERVAL
     return value if value >= 0 else DEFAULT_INTERVAL
+
+
+def shows_a_bar() -> bool:
+    """stderr is a terminal with a width: `script` or an editor's shell started without one reports 0 columns."""
+    if not sys.stderr.isatty():
+        return False
+    try:
+        return os.get_terminal_size(sys.stderr.fileno()).columns > 0
+    except (OSError, ValueError):
+        return False
 
 
 def duration(seconds: float) -> str:
@@ -43,7 +54,7 @@ class Progress:
         self.enabled, self.bar = enabled, None
         self.interval = interval_seconds()
         self.started = self.last_line = time.monotonic()
-        if enabled and sys.stderr.isatty():
+        if enabled and shows_a_bar():
             from tqdm import tqdm
             self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, leave=False,
                             file=sys.stderr)
@@ -68,10 +79,11 @@ class Progress:
     def line(self, now: float | None = None) -> str:
         """`desc: count/total units (percent), elapsed, about ... left`."""
         elapsed = (now if now is not None else time.monotonic()) - self.started
+        units = self.unit + ("es" if self.unit.endswith(("s", "x", "ch", "sh")) else "s")
         if self.total:
-            text = f"{self.desc}: {self.count:,}/{self.total:,} {self.unit}s ({self.count / self.total:.0%})"
+            text = f"{self.desc}: {self.count:,}/{self.total:,} {units} ({self.count / self.total:.0%})"
         else:
-            text = f"{self.desc}: {self.count:,} {self.unit}s"
+            text = f"{self.desc}: {self.count:,} {units}"
         text += f", {duration(elapsed)} elapsed"
         done = self.count - self.initial
         if self.total and done > 0 and self.count < self.total:
