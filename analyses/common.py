@@ -122,37 +122,42 @@ def preserved_state(model: nn.Module, bn_statistics: bool = True):
 class ChannelMoments:
     """Per-channel count, mean and variance of a stream of batches (N, C, ...), statistics over every dim but C.
 
-    Each batch's moments come from one fused float32 pass, the kernel BatchNorm itself uses for its batch
-    statistics (`torch.native_batch_norm` in training mode, on a channels-first float32 copy, where its
-    reduction is accurate to about 1e-7), and are merged across batches in float64 with the exact counts
-    (Chan et al.'s pairwise update). Nothing but three float64 vectors is kept; the result does not depend on
-    the batch size beyond 1e-6 relative (docs/design.md §4)."""
+    Each batch is read as planes, one per (image, channel), in its float32 layout: its deviations from a
+    per-channel shift near the mean (the first batch's mean, so that nothing cancels) are summed per plane, and
+    their squares through `torch.linalg.vector_norm` per plane, both reductions along contiguous memory (with
+    the subtraction, 3-4x faster on a CPU than BatchNorm's own statistics kernel, which also writes a
+    normalised copy), accurate to about 1e-7 on a plane; the planes' sums are added in float64. Nothing but three float64 vectors is kept; a
+    plane's sums do not depend on the batch it came in, so the result does not depend on the batch size beyond
+    float32 rounding of the shifted values (1e-6 relative at most; docs/design.md §4)."""
 
     def __init__(self):
-        self.count, self.mean, self.squares = 0, None, None  # squares: the sum of squared deviations (M2)
+        self.count, self.shift, self.total, self.squares = 0, None, None, None
 
     def update(self, x: torch.Tensor) -> None:
         x = x.detach()
-        n = x.numel() // x.shape[1]
-        if n == 0:
+        if x.numel() == 0:
             return
-        x = (x if x.dtype == torch.float64 else x.float()).contiguous()  # the kernel's accurate layout
-        _, batch_mean, inverse_std = torch.native_batch_norm(x, None, None, None, None, True, 0.0, 0.0)
-        batch_mean, batch_var = batch_mean.double(), inverse_std.double().pow(-2)  # eps 0: var = 1 / invstd^2
-        batch_var = torch.where(torch.isfinite(batch_var), batch_var, 0.0)  # a constant channel: invstd inf
-        if self.mean is None:
-            self.count, self.mean, self.squares = n, batch_mean, batch_var * n
-            return
-        total = self.count + n
-        delta = batch_mean - self.mean
-        self.mean = self.mean + delta * (n / total)
-        self.squares = self.squares + batch_var * n + delta.square() * (self.count * n / total)
-        self.count = total
+        x = (x if x.dtype == torch.float64 else x.float()).contiguous()
+        planes = x.view(x.shape[0], x.shape[1], -1)
+        if self.shift is None:
+            self.shift = (planes.sum(2).double().sum(0) / (planes.shape[0] * planes.shape[2])).to(x.dtype)
+        deviations = planes - self.shift.to(x.device).view(1, -1, 1)
+        total = deviations.sum(2).double().sum(0)
+        squares = torch.linalg.vector_norm(deviations, dim=2).double().square().sum(0)
+        if self.total is None:
+            self.total, self.squares = total, squares
+        else:
+            self.total, self.squares = self.total + total, self.squares + squares
+        self.count += planes.shape[0] * planes.shape[2]
+
+    @property
+    def mean(self) -> torch.Tensor | None:
+        return None if self.shift is None else self.shift.double() + self.total / self.count
 
     @property
     def variance(self) -> torch.Tensor:
         """Population variance (divided by the count, not count - 1)."""
-        return (self.squares / self.count).clamp_min(0)
+        return (self.squares / self.count - (self.total / self.count).square()).clamp_min(0)
 
 
 def combine(datasets: list[xr.Dataset], models_: list[str], epochs: list[int], dataset_attrs: dict) -> xr.Dataset:

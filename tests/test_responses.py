@@ -219,6 +219,20 @@ def test_streamed_moments_match_the_two_pass_answer():
     assert torch.allclose(moments.variance, expected.var(1, correction=0))
 
 
+def test_streamed_moments_of_float32_activations_far_from_zero_are_exact_and_batch_size_free():
+    """float32 as the activations come, a mean 1e4 times the std (a sum of squares in float32 would keep no
+    digit of the variance): against float64 two-pass statistics of the same values, for any batch size."""
+    generator = torch.Generator().manual_seed(0)
+    data = (torch.randn(60, 4, 6, 6, generator=generator, dtype=torch.float64) * 0.01 + 100).float()
+    expected = data.double().transpose(0, 1).reshape(4, -1)
+    for batch in (60, 13, 1):
+        moments = ChannelMoments()
+        for part in data.split(batch):
+            moments.update(part)
+        torch.testing.assert_close(moments.mean, expected.mean(1), rtol=1e-12, atol=0)
+        torch.testing.assert_close(moments.variance, expected.var(1, correction=0), rtol=1e-6, atol=0)
+
+
 def test_hooks_are_removed_when_the_batches_fail():
     model = models.build("resnet20")
 
