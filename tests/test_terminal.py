@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_trainer_shows_its_bar_stops_on_ctrl_c_and_resumes(tmp_path):
     run = tmp_path / "run"
     session = terminal.start([sys.executable, "-m", "train", "--model", "resnet20", "--out", str(run), *TINY_RUN,
-                              "--epochs", "8"], cwd=ROOT)
+                              "--epochs", "4"], cwd=ROOT)
     assert session.wait_for(lambda: (run / "last.pt").exists(), 120), session.text
     session.type_ctrl_c()
     assert session.finish(60) == 130, session.text
@@ -26,7 +26,7 @@ def test_trainer_shows_its_bar_stops_on_ctrl_c_and_resumes(tmp_path):
     assert "Traceback" not in session.text
     code, text = terminal.run([sys.executable, "-m", "train", "--resume", str(run)], cwd=ROOT, timeout=300)
     assert code == 0, text
-    assert "train" in terminal.bars(text) and "epoch 8/8" in text and "Traceback" not in text
+    assert "train" in terminal.bars(text) and "epoch 4/4" in text and "Traceback" not in text
 
 
 DIAGNOSTIC_ARGUMENTS = {  # the commands of `make demo`, on the suite's tiny runs
@@ -60,7 +60,7 @@ def test_make_demo_finishes_in_a_terminal(tmp_path):
                for folder in data.fashion_mnist_folders(tmp_path / "data")):
         pytest.skip("Fashion-MNIST is not installed (make test installs it with apt-get where it can)")
     demo, data_dir = tmp_path / "demo", tmp_path / "data"
-    small = f"--dataset fashion-mnist --data-dir {data_dir} --train-images 512 --val-split 256 --epochs 2"
+    small = f"--dataset fashion-mnist --data-dir {data_dir} --train-images 256 --val-split 128 --epochs 2"
     env = {**os.environ, "MAKEFLAGS": ""}
     code, text = terminal.run(["make", "demo", f"DEMO={demo}", f"DATA={data_dir}", f"DEMO_ARGS={small}",
                                "REPORT_ARGS=--sections curves evaluate spikes"], cwd=ROOT, env=env, timeout=900)
