@@ -119,19 +119,38 @@ def preserved_state(model: nn.Module, bn_statistics: bool = True):
                     getattr(module, key).copy_(value)
 
 
+NORM_CHUNK = 1024  # values per float32 vector_norm: accurate to ~1e-8 at this length, not on a million values
+
+
+def squared_norms(rows: torch.Tensor) -> torch.Tensor:
+    """Each row's sum of squares (rows: (..., L), contiguous in L), in float64: float32 `vector_norm` over chunks
+    of at most NORM_CHUNK values (a long row in one reduction loses digits: 2e-5 relative on a 1024x1024
+    plane), the chunks added in float64."""
+    length = rows.shape[-1]
+    whole = length - length % NORM_CHUNK
+    if whole == 0:
+        return torch.linalg.vector_norm(rows, dim=-1).double().square()
+    chunks = rows[..., :whole].unflatten(-1, (whole // NORM_CHUNK, NORM_CHUNK))
+    squares = torch.linalg.vector_norm(chunks, dim=-1).double().square().sum(-1)
+    if whole < length:
+        squares = squares + torch.linalg.vector_norm(rows[..., whole:], dim=-1).double().square()
+    return squares
+
+
 class ChannelMoments:
     """Per-channel count, mean and variance of a stream of batches (N, C, ...), statistics over every dim but C.
 
-    Each batch is read as planes, one per (image, channel), in its float32 layout: its deviations from a
-    per-channel shift near the mean (the first batch's mean, so that nothing cancels) are summed per plane, and
-    their squares through `torch.linalg.vector_norm` per plane, both reductions along contiguous memory (with
-    the subtraction, 3-4x faster on a CPU than BatchNorm's own statistics kernel, which also writes a
-    normalised copy), accurate to about 1e-7 on a plane; the planes' sums are added in float64. Nothing but three float64 vectors is kept; a
-    plane's sums do not depend on the batch it came in, so the result does not depend on the batch size beyond
-    float32 rounding of the shifted values (1e-6 relative at most; docs/design.md §4)."""
+    Each batch is read as planes, one per (image, channel), in its float32 layout, and shifted by its own
+    per-channel mean (from float32 plane sums), so that nothing cancels; the deviations are summed per plane and
+    their squares taken with `squared_norms`, reductions along contiguous memory (with the subtraction, 3-4x
+    faster on a CPU than BatchNorm's own statistics kernel, which also writes a normalised copy), and the
+    batch's moments are merged into the stream's in float64 with exact counts (Chan et al.). Nothing but the
+    count and two float64 vectors is kept. The result does not depend on the batch size beyond float32 rounding
+    of the shifted values (1e-6 relative at most; docs/design.md §4). Limits: float32's, as in the activations
+    themselves (a channel whose squared deviations pass 3e38 on a plane is inf)."""
 
     def __init__(self):
-        self.count, self.shift, self.total, self.squares = 0, None, None, None
+        self.count, self.mean, self.squares = 0, None, None  # squares: the sum of squared deviations (M2)
 
     def update(self, x: torch.Tensor) -> None:
         x = x.detach()
@@ -139,25 +158,25 @@ class ChannelMoments:
             return
         x = (x if x.dtype == torch.float64 else x.float()).contiguous()
         planes = x.view(x.shape[0], x.shape[1], -1)
-        if self.shift is None:
-            self.shift = (planes.sum(2).double().sum(0) / (planes.shape[0] * planes.shape[2])).to(x.dtype)
-        deviations = planes - self.shift.to(x.device).view(1, -1, 1)
-        total = deviations.sum(2).double().sum(0)
-        squares = torch.linalg.vector_norm(deviations, dim=2).double().square().sum(0)
-        if self.total is None:
-            self.total, self.squares = total, squares
-        else:
-            self.total, self.squares = self.total + total, self.squares + squares
-        self.count += planes.shape[0] * planes.shape[2]
-
-    @property
-    def mean(self) -> torch.Tensor | None:
-        return None if self.shift is None else self.shift.double() + self.total / self.count
+        n = planes.shape[0] * planes.shape[2]
+        shift = (planes.sum(2).double().sum(0) / n).to(x.dtype)
+        deviations = planes - shift.view(1, -1, 1)
+        offset = deviations.sum(2).double().sum(0) / n  # the batch mean less the shift, free of the shift's size
+        batch_mean = shift.double() + offset
+        batch_squares = (squared_norms(deviations).sum(0) - n * offset.square()).clamp_min(0)
+        if self.mean is None:
+            self.count, self.mean, self.squares = n, batch_mean, batch_squares
+            return
+        total = self.count + n
+        delta = batch_mean - self.mean
+        self.mean = self.mean + delta * (n / total)
+        self.squares = self.squares + batch_squares + delta.square() * (self.count * n / total)
+        self.count = total
 
     @property
     def variance(self) -> torch.Tensor:
         """Population variance (divided by the count, not count - 1)."""
-        return (self.squares / self.count - (self.total / self.count).square()).clamp_min(0)
+        return (self.squares / self.count).clamp_min(0)
 
 
 def combine(datasets: list[xr.Dataset], models_: list[str], epochs: list[int], dataset_attrs: dict) -> xr.Dataset:

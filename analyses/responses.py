@@ -35,7 +35,7 @@ import models
 from models.resnet import BasicBlock, Bottleneck, Projection
 
 from .common import (ChannelMoments, attrs, forward_hooks, inputs_of, layer_coords, model_device, preserved_state,
-                     stage_and_block, variable)
+                     squared_norms, stage_and_block, variable)
 
 DEFINITION = (
     "in eval mode over every image and position of the split: response_std, the std per channel of each 3x3 "
@@ -70,17 +70,16 @@ def measures_input(module: nn.Module | None) -> bool:
 
 
 class SumOfSquares:
-    """The streamed sum of squares of a tensor's values and their count: per image a float32 sum of squares
-    (`vector_norm` along the image's values, accurate to about 1e-7 on the sizes of a layer), added up in
-    float64 on the device."""
+    """The streamed sum of squares of a tensor's values and their count: per image, float32 sums of squares
+    over chunks of its values (`analyses.common.squared_norms`), added up in float64 on the device."""
 
     def __init__(self):
         self.total, self.count = 0.0, 0
 
     def add(self, x: torch.Tensor, count: int | None = None) -> None:
         """`count`: the number of values `x` stands for, where zeros left out of it count too (option A's)."""
-        per_image = torch.linalg.vector_norm(x.float().reshape(len(x), -1), dim=1)
-        self.total = self.total + per_image.double().square().sum()
+        if x.numel():
+            self.total = self.total + squared_norms(x.float().reshape(len(x), -1)).sum()
         self.count += x.numel() if count is None else count
 
     def rms(self) -> float:

@@ -22,6 +22,8 @@ def test_the_line_states_count_share_elapsed_and_time_left():
     unknown = progress.Progress(None, "evaluate", unit="batch", enabled=False)
     unknown.started, unknown.count = 0.0, 7
     assert unknown.line(now=5.0) == "evaluate: 7 batches, 5s elapsed"
+    epochs = progress.Progress(3, "train", unit="epoch", enabled=False)
+    assert epochs.line().startswith("train: 0/3 epochs (0%)")
 
 
 def test_off_a_terminal_a_line_at_most_every_interval(monkeypatch, capsys):
@@ -45,6 +47,13 @@ def test_the_trainer_off_a_terminal_prints_progress_lines(monkeypatch, capsys, t
     err = capsys.readouterr().err
     assert "train: 4/4 steps (100%)" in err and "train: 1/4 steps (25%)" in err, err
     assert "\r" not in err and "|" not in err  # no bar
+
+
+def test_no_stderr_at_all_is_no_bar_and_no_crash(monkeypatch):
+    monkeypatch.setattr(sys, "stderr", None)  # `2>&-`, pythonw
+    monkeypatch.setenv(progress.INTERVAL_VARIABLE, "0")
+    assert not progress.shows_a_bar()
+    assert list(progress.track(range(3), 3, "work")) == [0, 1, 2]
 
 
 def test_a_terminal_with_a_width_shows_a_bar_and_one_without_shows_lines():

@@ -15,7 +15,7 @@ import xarray as xr
 import models
 from analyses.bn import recalibrate_bn
 from analyses.common import ChannelMoments, combine, forward_hooks
-from analyses.responses import layer_responses
+from analyses.responses import SumOfSquares, layer_responses
 from conftest import assert_no_hooks
 from models.resnet import BasicBlock, Bottleneck
 
@@ -231,6 +231,25 @@ def test_streamed_moments_of_float32_activations_far_from_zero_are_exact_and_bat
             moments.update(part)
         torch.testing.assert_close(moments.mean, expected.mean(1), rtol=1e-12, atol=0)
         torch.testing.assert_close(moments.variance, expected.var(1, correction=0), rtol=1e-6, atol=0)
+
+
+def test_streamed_moments_of_a_large_plane_and_an_untypical_first_batch():
+    """A 1024x1024 plane (a float32 reduction over a million values keeps about 5 digits) and a first batch
+    45 std away from the rest (a shift taken from it would cancel digits later): float64 answers to 1e-6."""
+    generator = torch.Generator().manual_seed(1)
+    large = torch.randn(2, 2, 1024, 1024, generator=generator) * 0.5 + 1
+    stream = [torch.randn(1, 4, 8, 8, generator=generator) + 1e4, *torch.randn(2000, 4, 8, 8, generator=generator).split(100)]
+    for batches in ([large], stream):
+        moments = ChannelMoments()
+        for part in batches:
+            moments.update(part)
+        values = torch.cat(batches).double().transpose(0, 1).reshape(batches[0].shape[1], -1)
+        torch.testing.assert_close(moments.variance, values.var(1, correction=0), rtol=1e-6, atol=0)
+        torch.testing.assert_close(moments.mean, values.mean(1), rtol=1e-7, atol=1e-7)
+    sums = SumOfSquares()
+    sums.add(large)
+    sums.add(large[:0])  # an empty batch adds nothing
+    assert abs(sums.total.item() / large.double().square().sum().item() - 1) < 1e-9
 
 
 def test_hooks_are_removed_when_the_batches_fail():

@@ -12,6 +12,7 @@ import time
 
 INTERVAL_VARIABLE = "RESNET_DIAG_PROGRESS_SECONDS"
 DEFAULT_INTERVAL = 30.0
+PLURALS = {"batch": "batches", "it": "iterations"}
 
 
 def interval_seconds() -> float:
@@ -25,7 +26,7 @@ def interval_seconds() -> float:
 
 def shows_a_bar() -> bool:
     """stderr is a terminal with a width: `script` or an editor's shell started without one reports 0 columns."""
-    if not sys.stderr.isatty():
+    if sys.stderr is None or not sys.stderr.isatty():  # None: stderr closed (2>&-) or pythonw
         return False
     try:
         return os.get_terminal_size(sys.stderr.fileno()).columns > 0
@@ -65,7 +66,7 @@ class Progress:
             self.bar.update(n)
         elif self.enabled:
             now = time.monotonic()
-            if now - self.last_line >= self.interval:
+            if now - self.last_line >= self.interval and sys.stderr is not None:
                 self.last_line = now
                 print(self.line(now), file=sys.stderr, flush=True)
 
@@ -79,7 +80,7 @@ class Progress:
     def line(self, now: float | None = None) -> str:
         """`desc: count/total units (percent), elapsed, about ... left`."""
         elapsed = (now if now is not None else time.monotonic()) - self.started
-        units = self.unit + ("es" if self.unit.endswith(("s", "x", "ch", "sh")) else "s")
+        units = PLURALS.get(self.unit, self.unit + "s")
         if self.total:
             text = f"{self.desc}: {self.count:,}/{self.total:,} {units} ({self.count / self.total:.0%})"
         else:
