@@ -65,6 +65,12 @@ def start(argv: list[str], cwd, env: dict | None = None, columns: int = 120, row
     def controlling_terminal():
         os.setsid()
         fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+        # As a shell starts a program in a terminal: Ctrl-C and SIGTERM neither ignored nor blocked, whatever the
+        # test process had (a mask and an ignored disposition are inherited through exec; the suite's workers
+        # start subprocesses from threads and fork servers that block or ignore them).
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
     process = subprocess.Popen(argv, cwd=cwd, env=env, stdin=slave, stdout=slave, stderr=slave,
                                preexec_fn=controlling_terminal, close_fds=True)
