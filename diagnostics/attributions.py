@@ -127,8 +127,10 @@ def figure(ds):
     names, n = ds.class_name.values, ds.sizes["sample"]
     # grid columns: the image, then per model a narrow gap and its explainers
     widths = [1.0] + ([0.2] + [1.0] * len(explainers)) * len(labels)
-    heights = [1.1] + [1] * n + [1.1, 1.1]  # header, images, the two curve rows
     cell = min(plotting.FULL_WIDTH / (sum(widths) * 1.05), 1.1)  # inches; wspace: 5% of a cell between columns
+    # header, images, the two curve rows; the header's text has a fixed size in inches, so narrower cells
+    # (three models or more) need more of them for it
+    heights = [1.1 * max(1.0, 1.1 / cell)] + [1] * n + [1.1, 1.1]
     fig = plotting.plt.figure(figsize=(cell * sum(widths) * 1.05, cell * sum(heights) * 1.25))
     grid = fig.add_gridspec(len(heights), len(widths), width_ratios=widths, height_ratios=heights,
                             left=0, right=1, bottom=0, top=1, hspace=0.25, wspace=0.05)
@@ -144,7 +146,7 @@ def figure(ds):
         _curves(deletion, ds, label, "deletion")
         _curves(insertion, ds, label, "insertion")
         deletion.tick_params(labelbottom=False)
-        insertion.set_xlabel("pixels deleted or inserted, most important first (%)")
+        insertion.set_xlabel("pixels, most important first (%)", fontsize=6)
         if k == 0:
             deletion.set_ylabel("p(explained class)")
             insertion.set_ylabel("p(explained class)")
