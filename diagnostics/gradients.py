@@ -79,31 +79,48 @@ def untrained(name: str, label: str, spec, seed: int, device) -> ckpt.Loaded:
 @plotting.styled
 def figure(ds, plain: dict[str, bool], quantity: str = "scaled"):
     """A single model with several epochs: heat map depth x epoch. Otherwise one line per model at its last
-    epoch, shaded +-std over the mini-batches. `quantity`: a key of QUANTITIES."""
+    epoch, shaded +-std over the mini-batches; untrained models (epoch 0) beside trained ones get their own panel
+    on the same axis, each model in its twin's colour. `quantity`: a key of QUANTITIES."""
     name, label_text = QUANTITIES[quantity]
     if ds.sizes["model"] == 1 and ds.sizes["epoch"] > 1:
         return heat_map(ds[f"{name}_mean"].isel(model=0), label_text)
-    fig, axes = plotting.figure(height=2.4)
-    axis = axes[0, 0]
-    labels = [str(label) for label in ds.model.values]
-    for label, style in zip(labels, plotting.line_styles(labels, plain)):
-        series = ds.sel(model=label).dropna("epoch", how="all", subset=[f"{name}_mean"])
-        last = series.isel(epoch=-1).dropna("depth", subset=[f"{name}_mean"])
-        mean, std = last[f"{name}_mean"].values, last[f"{name}_std"].values
-        style["label"] += f" (epoch {last.epoch.item()})"
-        axis.plot(last.depth.values, mean, **style)
-        # A band reaching zero is cut a decade below the mean, to keep the log axis on the data.
-        axis.fill_between(last.depth.values, np.maximum(mean - std, mean / 10), mean + std,
-                          color=style["color"], alpha=0.2, linewidth=0)
-    axis.set_yscale("log")
-    plotting.plain_log_labels(axis.yaxis)
-    axis.set_xlabel("layer depth (forward order; last = fc)")
-    axis.set_ylabel(label_text)
-    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
-    axis.grid(True, which="major")
-    axis.legend(ncol=2, loc="lower left", bbox_to_anchor=(0, 1.02), borderaxespad=0)  # above: lines fill the axes
+    last = {str(label): last_measured(ds.sel(model=label), name) for label in ds.model.values}
+    panels = [[label for label, series in last.items() if (series.epoch.item() == 0) == untrained]
+              for untrained in (True, False)]
+    panels = [labels for labels in panels if labels]
+    fig, axes = plotting.figure(cols=len(panels), width=plotting.COLUMN_WIDTH * (1 if len(panels) == 1 else 2),
+                                height=2.4, sharey=True)
+    for axis, labels in zip(axes[0], panels):
+        epochs = {last[label].epoch.item() for label in labels}
+        shared = len(panels) > 1 and len(epochs) == 1  # the panel's title names the epoch
+        names = [label.removesuffix("-init") if shared else label for label in labels]
+        for label, style in zip(labels, plotting.line_styles(names, {n: plain.get(l) for n, l in zip(names, labels)})):
+            series = last[label]
+            mean, std = series[f"{name}_mean"].values, series[f"{name}_std"].values
+            if not shared:
+                style["label"] += f" (epoch {series.epoch.item()})"
+            axis.plot(series.depth.values, mean, **style)
+            # A band reaching zero is cut a decade below the mean, to keep the log axis on the data.
+            axis.fill_between(series.depth.values, np.maximum(mean - std, mean / 10), mean + std,
+                              color=style["color"], alpha=0.2, linewidth=0)
+        if shared:
+            epoch = epochs.pop()
+            axis.set_title("at initialisation (untrained)" if epoch == 0 else f"trained (epoch {epoch})", pad=2)
+        axis.set_yscale("log")
+        plotting.plain_log_labels(axis.yaxis)
+        axis.set_xlabel("layer depth (forward order; last = fc)")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axis.grid(True, which="major")
+        axis.legend(ncol=2, loc="lower left", bbox_to_anchor=(0, 1.02 if not shared else 1.08), borderaxespad=0)
+    axes[0, 0].set_ylabel(label_text)
     fig.tight_layout()
     return fig
+
+
+def last_measured(series, name: str):
+    """A model's last epoch that has values, at the depths it has (models differ in depth)."""
+    series = series.dropna("epoch", how="all", subset=[f"{name}_mean"])
+    return series.isel(epoch=-1).dropna("depth", subset=[f"{name}_mean"])
 
 
 @plotting.styled

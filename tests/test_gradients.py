@@ -170,6 +170,25 @@ def test_the_figure_shows_the_scaled_norm_unless_raw_is_asked_for():
     plt.close("all")
 
 
+def test_untrained_models_get_their_own_panel_in_their_twins_colours():
+    batch = [(torch.tensor([[1.0, 0.0, 1.0], [0.0, 2.0, 0.0]]), torch.tensor([0, 1]))]
+    norms = [gradient_norms(linear_net(weight), batch) for weight in (
+        [[1.0, 1.0, 0.0], [0.0, 1.0, 1.0]], [[3.0, 0.0, 0.0], [0.0, 0.0, 2.0]], [[2.0, 1.0, 0.0], [0.0, 1.0, 2.0]])]
+    ds = combine(norms, ["plain20", "resnet20", "resnet20-init"], [5, 5, 0], attrs("test"))
+    fig = figure(ds, {})
+    untrained, trained = fig.axes
+    assert (untrained.get_title(), trained.get_title()) == ("at initialisation (untrained)", "trained (epoch 5)")
+    assert [line.get_label() for line in untrained.lines] == ["resnet20"]
+    assert [line.get_label() for line in trained.lines] == ["plain20", "resnet20"]
+    assert untrained.lines[0].get_color() == trained.lines[1].get_color()  # one colour per model
+    assert trained.lines[0].get_linestyle() == "--" and trained.lines[1].get_linestyle() == "-"
+    assert untrained.lines[0].get_ydata().tolist() == pytest.approx(
+        ds.scaled_grad_norm_mean.sel(model="resnet20-init", epoch=0).values.tolist())
+    assert trained.lines[0].get_ydata().tolist() == pytest.approx(
+        ds.scaled_grad_norm_mean.sel(model="plain20", epoch=5).values.tolist())
+    plt.close("all")
+
+
 def test_command_on_two_runs_and_a_model_at_init(tiny_runs, tmp_path):
     out = tmp_path / "out"
     argv = [str(tiny_runs["plain20"]), str(tiny_runs["resnet20"]), "--init", "resnet20", "--out", str(out),
