@@ -114,12 +114,16 @@ def _curves(axis, ds, label: str, curve: str) -> None:
     axis.set_title(f"{curve} (area: {better} is better)", loc="left", fontsize=6, pad=2)
 
 
+MIN_CELL = 0.8  # inches: an explainer's AUC line ("del 0.16 ± 0.05", 6 pt) needs 0.7
+
+
 @plotting.styled
 def figure(ds):
     """Rows: images (true class on top); columns: the image, then each model's maps, its prediction on top
     (green right, red wrong); the header holds each explainer's deletion and insertion AUC (mean ± s.e.m.) and
     the model's random reference; the last two rows are each model's mean deletion and insertion curves.
-    Full page width, or narrower where few columns would make the cells larger than 1.1 inches."""
+    Full page width; narrower where few columns would make the cells larger than 1.1 inches, wider where many
+    would make them narrower than MIN_CELL."""
     labels = [str(m) for m in ds.model.values]
     explainers = [str(e) for e in ds.explainer.values if e != "random"]
     layers = dict(zip(labels, _per_model(ds.attrs["gradcam_layer"], labels)))
@@ -127,7 +131,7 @@ def figure(ds):
     names, n = ds.class_name.values, ds.sizes["sample"]
     # grid columns: the image, then per model a narrow gap and its explainers
     widths = [1.0] + ([0.2] + [1.0] * len(explainers)) * len(labels)
-    cell = min(plotting.FULL_WIDTH / (sum(widths) * 1.05), 1.1)  # inches; wspace: 5% of a cell between columns
+    cell = min(max(plotting.FULL_WIDTH / (sum(widths) * 1.05), MIN_CELL), 1.1)  # inches; wspace: 5% of a cell
     # header, images, the two curve rows; the header's text has a fixed size in inches, so narrower cells
     # (three models or more) need more of them for it
     heights = [1.1 * max(1.0, 1.1 / cell)] + [1] * n + [1.1, 1.1]
@@ -148,8 +152,8 @@ def figure(ds):
         deletion.tick_params(labelbottom=False)
         insertion.set_xlabel("pixels, most important first (%)", fontsize=6)
         if k == 0:
-            deletion.set_ylabel("p(explained class)")
-            insertion.set_ylabel("p(explained class)")
+            deletion.set_ylabel("p(explained\nclass)")
+            insertion.set_ylabel("p(explained\nclass)")
             bottom_left = insertion
         else:
             deletion.tick_params(labelleft=False)

@@ -7,18 +7,22 @@ import subprocess
 import sys
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 import torchvision
 import xarray as xr
+from matplotlib.text import Text
 
 import models
 from analyses.attributions import (attributions, choose_gradcam_layer, importance_ranks, mean_and_sem,
                                    normalised_auc)
 from conftest import assert_no_hooks
 from diagnostics import common
+import diagnostics.attributions
+from analyses.attributions import combine_models
 from diagnostics.attributions import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -273,3 +277,25 @@ def test_command_refuses_bad_input_in_one_line(tiny_runs, tmp_path, capsys):
     assert code == 2 and error.count("\n") == 1
     assert error.startswith("error: resnet20: attributions take one checkpoint per model, not 2")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("n_models", [1, 4])
+def test_the_figure_text_does_not_overlap_with_many_models(n_models):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 3)).eval()
+    one = attributions(model, torch.randn(2, 1, 8, 8), torch.tensor([0, 1]), ("ig", "saliency", "gradcam"),
+                       n_steps=2, class_names=["a", "b", "c"])
+    labels = [f"resnet{20 + 12 * k}" for k in range(n_models)]
+    ds = combine_models([one] * n_models, labels, {**one.attrs, "gradcam_layer": [one.attrs["gradcam_layer"]] * n_models,
+                                                  "gradcam_layer_shape": [one.attrs["gradcam_layer_shape"]] * n_models})
+    fig = diagnostics.attributions.figure(ds)
+    renderer = fig.canvas.get_renderer()
+    fig.canvas.draw()
+    texts = [text for text in fig.findobj(Text) if text.get_visible() and text.get_text().strip()]
+    boxes = [text.get_window_extent(renderer) for text in texts]
+    overlapping = [(texts[i].get_text(), texts[j].get_text()) for i in range(len(boxes)) for j in range(i)
+                   if boxes[i].overlaps(boxes[j])]
+    assert overlapping == []
+    assert sum("del " in text.get_text() for text in texts) == 3 * n_models + n_models  # explainers and random
+    plt.close("all")
