@@ -287,8 +287,8 @@ def test_the_figure_text_does_not_overlap_with_many_models(n_models):
     one = attributions(model, torch.randn(2, 1, 8, 8), torch.tensor([0, 1]), ("ig", "saliency", "gradcam"),
                        n_steps=2, class_names=["a", "b", "c"])
     labels = [f"resnet{20 + 12 * k}" for k in range(n_models)]
-    ds = combine_models([one] * n_models, labels, {**one.attrs, "gradcam_layer": [one.attrs["gradcam_layer"]] * n_models,
-                                                  "gradcam_layer_shape": [one.attrs["gradcam_layer_shape"]] * n_models})
+    per_model = {key: [one.attrs[key]] * n_models for key in ("gradcam_layer", "gradcam_layer_shape")}
+    ds = combine_models([one] * n_models, labels, {**one.attrs, **per_model})
     fig = diagnostics.attributions.figure(ds)
     renderer = fig.canvas.get_renderer()
     fig.canvas.draw()
