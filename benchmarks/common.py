@@ -24,7 +24,7 @@ from train import data
 from train.config import Config
 from train.errors import MAX_INT, ArgumentParser, non_negative_int, positive_int
 from train.progress import Progress
-from train.trainer import native_bf16, train_epoch
+from train.trainer import cpu_flags, native_bf16, train_epoch
 
 BF16_FLAGS = ("avx512f", "avx512_bf16", "amx_bf16")  # avx512f alone: bf16 is emulated (slower than fp32)
 
@@ -67,15 +67,6 @@ def add_workers_option(p: ArgumentParser) -> None:
 
 # ---------------------------------------------------------------------------------------------------------------
 # The machine
-
-
-def cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    line = next((line for line in text.splitlines() if line.startswith("flags")), "")
-    return set(line.partition(":")[2].split())
 
 
 def cpu_model() -> str:

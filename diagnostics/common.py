@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 import models
+import resnet_diagnostics
 from analyses.common import forward_hooks, preserved_state
 from train import checkpoint as ckpt
 from train import rundir
@@ -37,7 +38,7 @@ def parser(name: str, description: str, *, inputs: str = "checkpoints", inputs_r
            n_images: int | None = 2000, batch_size: int | None = 256) -> ArgumentParser:
     """The options of docs/design.md §5. `inputs`: one of INPUTS; `inputs_required=False` where an option such as
     `--init MODEL` can stand in for them."""
-    p = ArgumentParser(prog=f"python -m diagnostics.{name}", description=description)
+    p = ArgumentParser(prog=resnet_diagnostics.prog(f"diagnostics.{name}"), description=description)
     p.set_defaults(command=name)
     metavar, what = INPUTS[inputs]
     p.add_argument("inputs", nargs="+" if inputs_required else "*", metavar=metavar, help=what)

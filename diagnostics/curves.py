@@ -17,6 +17,7 @@ import numpy as np
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
+import resnet_diagnostics
 from analyses.curves import training_curves
 from analyses.flops import total_cost
 from train import checkpoint as ckpt
@@ -35,7 +36,7 @@ SUMMARY_HEADER = ["group", "runs", "best acc %", "last acc %", "early acc %", "s
 
 
 def parser() -> ArgumentParser:
-    p = ArgumentParser(prog="python -m diagnostics.curves", description=__doc__)
+    p = ArgumentParser(prog=resnet_diagnostics.prog("diagnostics.curves"), description=__doc__)
     p.add_argument("runs", nargs="+", metavar="RUN", help="run directories (the folders python -m train --out wrote)")
     p.add_argument("--early", type=positive_int, default=5, metavar="N",
                    help="judge early stability by the mean and std of validation accuracy over the first N epochs")

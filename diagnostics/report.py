@@ -37,6 +37,7 @@ import numpy as np
 import xarray as xr
 
 import models
+import resnet_diagnostics
 from analyses.common import software
 from train import checkpoint as ckpt
 from train import rundir
@@ -112,7 +113,7 @@ SECTIONS = {section.name: section for section in (
 
 
 def parser() -> ArgumentParser:
-    p = ArgumentParser(prog="python -m diagnostics.report", description=__doc__)
+    p = ArgumentParser(prog=resnet_diagnostics.prog("diagnostics.report"), description=__doc__)
     p.add_argument("runs", nargs="+", metavar="RUN", help=common.INPUTS["runs"][1])
     p.add_argument("--sections", nargs="+", choices=tuple(SECTIONS), metavar="SECTION",
                    help=f"only these sections, in the page's order: {', '.join(SECTIONS)} (default: all)")

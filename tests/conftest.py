@@ -95,6 +95,18 @@ def assert_no_hooks(model: nn.Module) -> None:
         assert not getattr(module_globals, attribute), f"torch.nn.modules.module.{attribute} is not empty"
 
 
+def pytest_addoption(parser):
+    parser.addoption("--cpu-bf16", choices=("native", "emulated"),
+                     help="run the suite as a CPU with (native) or without (emulated) native bf16 would: sets "
+                          "RESNET_DIAG_NATIVE_BF16 for the tests and the commands they start")
+
+
+def pytest_configure(config):
+    kind = config.getoption("--cpu-bf16")
+    if kind:
+        os.environ["RESNET_DIAG_NATIVE_BF16"] = "1" if kind == "native" else "0"
+
+
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # `make test` runs two workers on CI's two cores: one thread each, and for the commands they start, so that
     # OpenMP's waiting threads do not fight over the cores.

@@ -200,25 +200,61 @@ def test_two_processes_with_gloo(tmp_path):
 
 def test_the_diagnostics_recalibrate_as_precise_bn_did_in_bf16(tmp_path):
     """One recalibration for the trainer's --precise-bn and the diagnostics: the same images, batches and autocast
-    dtype (bf16 here, emulated on a CPU without it), so the diagnostics reproduce the saved statistics to bf16's
-    rounding (the trainer's memory layout differs), several times closer than an fp32 recalibration comes."""
+    dtype. What our code guarantees is exactness: with the trainer's memory layout the diagnostics reproduce the
+    saved statistics bit for bit, in its contiguous layout to bf16's rounding. An fp32 recalibration lands
+    elsewhere on every CPU, but how far is a property of the CPU's kernels (with native bf16 kernels, only 2.6x
+    further than a bf16 one), so the test says only that it differs."""
     from analyses.bn import recalibrate_bn, running_statistics
     from diagnostics import common, spikes
     run = train_tiny(tmp_path / "bf16", "resnet20", "--epochs", "1", "--train-images", "128", "--precise-bn", "64",
                      "--precision", "bf16", "--monitor-every", "0")
     loaded = ckpt.load(run / "epoch_001.pt")
-    assert common.run_dtype(loaded) == torch.bfloat16
-    saved = running_statistics(loaded.model)
-    saved = {name: (s.mean.clone(), s.var.clone()) for name, s in saved.items()}
+    assert common.run_dtype(loaded) == torch.bfloat16 and loaded.config["channels_last"]
+    saved = {name: (s.mean.clone(), s.var.clone()) for name, s in running_statistics(loaded.model).items()}
     args = spikes.parser().parse_args([str(run / "epoch_001.pt")])
 
-    def largest_error(dtype) -> tuple[float, float]:
-        """(largest mean error in population stds, largest relative variance error) against the saved ones."""
-        recalibrate_bn(loaded.model, common.recalibration_inputs(loaded, args, "cpu", 64), dtype)
-        again = running_statistics(loaded.model)
-        return (max(((again[n].mean - m).abs() / v.sqrt()).max().item() for n, (m, v) in saved.items()),
-                max(((again[n].var - v).abs() / v).max().item() for n, (_, v) in saved.items()))
+    def recalibrated(dtype, layout=torch.contiguous_format) -> dict:
+        loaded.model.to(memory_format=layout)
+        inputs = [x.contiguous(memory_format=layout) for x in common.recalibration_inputs(loaded, args, "cpu", 64)]
+        recalibrate_bn(loaded.model, inputs, dtype)
+        return {name: (s.mean.clone(), s.var.clone()) for name, s in running_statistics(loaded.model).items()}
 
-    same, fp32 = largest_error(torch.bfloat16), largest_error(None)
+    def largest_error(statistics) -> tuple[float, float]:
+        """(largest mean error in population stds, largest relative variance error) against the saved ones."""
+        return (max(((statistics[n][0] - m).abs() / v.sqrt()).max().item() for n, (m, v) in saved.items()),
+                max(((statistics[n][1] - v).abs() / v).max().item() for n, (_, v) in saved.items()))
+
+    exact = recalibrated(torch.bfloat16, torch.channels_last)
+    assert all(torch.equal(exact[n][k], saved[n][k]) for n in saved for k in (0, 1))
+    same = largest_error(recalibrated(torch.bfloat16))
     assert same[0] < 2e-3 and same[1] < 5e-3, same  # bf16 keeps 8 bits: 4e-3 is one rounding step
-    assert fp32[0] > 3 * same[0] and fp32[1] > 3 * same[1], (same, fp32)
+    assert max(largest_error(recalibrated(None))) > 1e-4  # the dtype is part of what is reproduced
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native-bf16", "emulated-bf16"])
+def test_precision_auto_is_decided_by_the_cpu_kind_on_any_machine(tmp_path, monkeypatch, capsys, native):
+    """Both branches of `cpu_has_native_bf16`, whichever CPU runs the suite: from its flags and from the override,
+    --precision auto trains in bf16 only where bf16 is native, and a forced bf16 on a CPU without it says so."""
+    from train import trainer
+    monkeypatch.delenv(trainer.NATIVE_BF16_VARIABLE, raising=False)
+    monkeypatch.setattr(trainer, "cpu_flags", lambda: {"avx512f", "avx512_bf16"} if native else {"avx512f", "avx2"})
+    assert trainer.cpu_has_native_bf16() is native
+    monkeypatch.setattr(trainer, "cpu_flags", lambda: {"avx512f", "amx_tile", "amx_bf16"} if native else set())
+    assert trainer.cpu_has_native_bf16() is native
+    monkeypatch.setattr(trainer, "cpu_flags", lambda: set() if native else {"avx512_bf16", "amx_bf16"})
+    monkeypatch.setenv(trainer.NATIVE_BF16_VARIABLE, "1" if native else "0")  # the override beats the flags
+    run = train_tiny(tmp_path / "auto", "resnet20", "--epochs", "1", "--precision", "auto", "--monitor-every", "0")
+    config = json.loads((run / "config.json").read_text())
+    assert config["precision_used"] == ("bf16" if native else "fp32")
+    assert config["precision_reason"] == ("auto: this CPU has avx512_bf16 or AMX" if native
+                                          else "auto: this CPU lacks avx512_bf16 and AMX")
+    capsys.readouterr()
+    train_tiny(tmp_path / "forced", "resnet20", "--epochs", "1", "--precision", "bf16", "--monitor-every", "0")
+    assert ("no native bf16" in capsys.readouterr().err) is not native
+
+
+def test_a_bad_bf16_override_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("RESNET_DIAG_NATIVE_BF16", "yes")
+    assert train_main(["--model", "resnet20", "--out", str(tmp_path / "run"), *TINY_RUN, "--precision", "auto"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "RESNET_DIAG_NATIVE_BF16 must be 1" in err and not (tmp_path / "run").exists()

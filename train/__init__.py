@@ -1,1 +1,5 @@
-"""Data, checkpoints and the trainer (`python -m train`). Imports `models` only."""
+"""Data, checkpoints and the trainer (`python -m train`). Imports `models` and `analyses` (the BN monitor,
+recalibration and the evaluation pass the diagnostics share)."""
+import resnet_diagnostics
+
+resnet_diagnostics.own_modules_first()  # before anything of ours is imported

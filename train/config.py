@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import models
+import resnet_diagnostics
 
 from .data import AUGMENTATIONS, SPECS, check_image_size, dataset_name, default_data_dir
 from .errors import MAX_INT, ArgumentParser, UserError, finite_float, non_negative_int, positive_int
@@ -122,7 +123,7 @@ def lr_factor(config: Config, step: int) -> float:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog="python -m train", description="Train a plain or residual CNN and write a "
+    p = ArgumentParser(prog=resnet_diagnostics.prog("train"), description="Train a plain or residual CNN and write a "
                                 "run directory (config.json, metrics.csv, epoch checkpoints).")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.pt")
     g = p.add_argument_group("model")

@@ -1,0 +1,61 @@
+"""The console command `resnet-diag COMMAND ...` and the guard that keeps a user's project folder out of our
+imports.
+
+`python -m diagnostics.flops` puts the working directory first on `sys.path`, so a user's own `train.py`,
+`models.py` or `analyses/` there would be imported instead of ours and run. `own_modules_first()`, called by
+every package that is a way in (train, diagnostics, benchmarks) before it imports the others, takes the working
+directory off `sys.path` unless it is where these packages live; relative data and output paths still mean the
+working directory. What Python imports before any of our code runs cannot be guarded: a `train.py` in the
+working directory *is* `python -m train` there. `resnet-diag train ...` (installed with the package, its
+`sys.path[0]` the folder of the script) works from any folder.
+"""
+import os
+import runpy
+import sys
+
+CONSOLE_VARIABLE = "RESNET_DIAG_CONSOLE_COMMAND"  # set by `resnet-diag NAME` for the usage lines
+COMMANDS = {"train": "train", **{name: f"diagnostics.{name}" for name in (
+    "curves", "evaluate", "flops", "responses", "gradients", "spikes", "attributions", "report")}}
+
+
+def own_modules_first() -> None:
+    """Under `python -m` only (while Python looks for the module, sys.argv[0] is "-m"): a notebook or script that
+    imports us from its own folder keeps that folder on its path."""
+    if sys.argv[:1] != ["-m"]:
+        return
+    here = os.path.dirname(os.path.realpath(__file__))
+    cwd = os.path.realpath(os.getcwd())
+    sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != cwd or cwd == here]
+
+
+def prog(module: str) -> str:
+    """How the user typed the command, for its usage line: `resnet-diag flops` or `python -m diagnostics.flops`."""
+    command = next((name for name, target in COMMANDS.items() if target == module), None)
+    return f"resnet-diag {command}" if command and os.environ.get(CONSOLE_VARIABLE) == command else f"python -m {module}"
+
+
+def usage() -> str:
+    return ("usage: resnet-diag COMMAND [OPTIONS ...]\n"
+            f"commands: {', '.join(COMMANDS)}; each is `python -m {COMMANDS['flops'].replace('flops', 'NAME')}` "
+            "(train: `python -m train`), with the same options: resnet-diag COMMAND --help")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0 if argv else 2
+    if argv[0] not in COMMANDS:
+        print(f"error: unknown command {argv[0]!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    os.environ[CONSOLE_VARIABLE] = argv[0]  # not inherited by what the command starts: removed below
+    sys.argv = ["-m", *argv[1:]]  # as `python -m` has it while the packages are imported
+    try:
+        runpy.run_module(COMMANDS[argv[0]], run_name="__main__", alter_sys=True)  # exits as that command does
+    finally:
+        del os.environ[CONSOLE_VARIABLE]
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
