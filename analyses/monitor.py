@@ -14,6 +14,32 @@ At each measurement, with the weights of that step:
   grad_norm x weight_norm is the measure that compares across layers and across training (for the fc layer,
   which no BN follows, it is only indicative).
 
+What moves the statistics (so that the gap can be predicted, not only measured), at the same measurements:
+- `input_speed`: per BN layer, the normalisation error between the probe's batch statistics now and at the
+  previous measurement, per optimiser step: how fast the statistics the layer should normalise with move;
+- `batch_noise`: per BN layer, the spread of one training batch's statistics around the population's, in the
+  same units, from the statistics of consecutive training batches (recovered from the running buffers at every
+  step: batch = (new - (1 - m) old) / m, no extra forward), rms(b_t - b_t-1) / sqrt(2);
+- `angular_speed`: per conv and fc weight, the angle it turned since the previous measurement, per step, beside
+  `angular_equilibrium`, sqrt(2 lr wd / (1 + momentum)), the angular update per step at which SGD with weight
+  decay settles on weights that BN makes scale-invariant (Wan et al., Spherical Motion Dynamics, 2021);
+- shadow running statistics at the momenta SHADOW_MOMENTA and the run's own (buffers only, updated at every step
+  from the recovered batch statistics; the weights train exactly as without them, since in train mode BN
+  normalises by the batch): `shadow_gap`, each one's normalisation error against the probe's statistics, and
+  `predicted_gap`, the lag model's prediction of it (`predicted_error`).
+
+The lag model. An exponential moving average y_t = (1 - m) y_t-1 + m x_t of a statistic that moves at v per step
+trails it by v (1 - m) / m (the steady state of y_t - x_t under x_t = x_0 + v t), and of one that is the
+population value plus independent batch noise of spread s keeps a noise of s sqrt(m / (2 - m)) (its stationary
+variance m^2 s^2 / (1 - (1 - m)^2)). In normalisation-error units the two add in quadrature:
+
+    predicted error(m) = sqrt((v (1 - m) / m)^2 + s^2 m / (2 - m)),
+
+smallest where the lag and the noise balance: `best_momentum`. At each validation (`BNMonitor.validate`, or the
+trainer's) the model meets its measurement: every shadow's error against statistics recomputed over training
+images (`recalibrate_bn`), and the validation loss with running and with recomputed statistics on the same
+images (`attribute`): how much of the validation loss is BN statistics.
+
 An early warning fires when the probe loss with running statistics exceeds the batch-statistics loss by both
 `warn_factor` times and `warn_margin` nats, from step `warn_after` on: the validation loss is about to spike from
 BN statistics. (The trainer arms it once the running statistics' initial values weigh under 1%, warm_up_steps,
@@ -38,13 +64,85 @@ import xarray as xr
 
 import models
 
-from .bn import COMPONENTS, UNITS, BNStatistics, batch_statistics, running_statistics, statistics_error_table
+from .bn import (COMPONENTS, UNITS, BNStatistics, batch_statistics, normalisation_error, recalibrate_bn,
+                 running_statistics, statistics_error_table)
 from .common import ChannelMoments, attrs, forward_hooks, layer_coords, preserved_state, variable
+from .evaluate import predict
 from .gradients import kind_of, weight_layers
 
 BN_STATISTICS = ("running", "batch")  # the `bn` dim of the probe's loss and accuracy
 RECORDED = ("probe_loss", "probe_acc", "bn_gap", "eval_mismatch", "grad_norm", "weight_norm", "train_loss", "lr",
-            "warning")
+            "warning", "input_speed", "batch_noise", "angular_speed", "angular_equilibrium", "shadow_gap",
+            "predicted_gap")
+VALIDATION_BN = ("running", "recalibrated")  # the `val_bn` dim of a validation's loss and accuracy
+VALIDATED = ("val_step", "val_epoch", "val_loss", "val_acc", "bn_excess", "bn_excess_se", "val_images",
+             "shadow_error", "predicted_error")
+SHADOW_MOMENTA = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.6, 0.8)  # with the run's own: the `momentum` dim
+
+
+def predicted_error(speed, noise, momentum):
+    """The lag model (module docstring): the normalisation error of running statistics of BN momentum
+    `momentum` that follow a statistic moving at `speed` per step with batch noise `noise`. Broadcasts."""
+    momentum = np.asarray(momentum, dtype=np.float64)
+    lag = np.asarray(speed, dtype=np.float64) * (1 - momentum) / momentum
+    return np.sqrt(lag ** 2 + np.asarray(noise, dtype=np.float64) ** 2 * momentum / (2 - momentum))
+
+
+def best_momentum(speed, noise) -> float:
+    """The momentum in (0, 1] that minimises the predicted error, (v (1 - m) / m)^2 + s^2 m / (2 - m), summed over
+    layers (`speed`, `noise`: one value per layer), on a fine logarithmic grid. NaN without finite values."""
+    speed, noise = np.asarray(speed, dtype=np.float64), np.asarray(noise, dtype=np.float64)
+    keep = np.isfinite(speed) & np.isfinite(noise)
+    if not keep.any():
+        return float("nan")
+    grid = np.geomspace(1e-3, 1.0, 601)
+    cost = (predicted_error(speed[keep, None], noise[keep, None], grid[None, :]) ** 2).sum(0)
+    return float(grid[np.argmin(cost)])
+
+
+@dataclass
+class Attribution:
+    """One validation, on the same images, with BN's running statistics and with statistics recomputed over
+    training images: the losses and accuracies, and the excess (running minus recomputed loss) with its standard
+    error over the images (per-image paired differences)."""
+    loss_running: float
+    loss_recalibrated: float
+    acc_running: float
+    acc_recalibrated: float
+    excess: float
+    excess_se: float
+    n_images: int
+
+    def text(self) -> str:
+        """`recalibrated 0.85: 2.92 ± 0.04 of it is BN statistics` (the `val_loss ...` line's parenthesis)."""
+        return (f"recalibrated {self.loss_recalibrated:.4f}: {self.excess:+.2f} ± {self.excess_se:.2f} of it is BN "
+                "statistics")
+
+
+def attribute(running, recalibrated) -> Attribution:
+    """The attribution of two `analyses.evaluate.predict` results (per-image losses, predictions, labels) of the
+    same images, in the same order: with running and with recomputed statistics."""
+    (loss_a, pred_a, labels_a, *_), (loss_b, pred_b, labels_b, *_) = running, recalibrated
+    if len(loss_a) != len(loss_b) or not torch.equal(labels_a, labels_b):
+        raise ValueError("the two passes must be of the same images, in the same order")
+    difference = (loss_a - loss_b).double()
+    n = len(difference)
+    se = difference.std().item() / math.sqrt(n) if n > 1 else float("nan")
+    return Attribution(loss_a.double().mean().item(), loss_b.double().mean().item(),
+                       (pred_a == labels_a).double().mean().item(), (pred_b == labels_b).double().mean().item(),
+                       difference.mean().item(), se, n)
+
+
+@torch.no_grad()
+def recalibrated_predictions(model: nn.Module, batches, recalibration, dtype: torch.dtype | None = None):
+    """`predict` over `batches` (BN in eval mode) with every BN layer's statistics recomputed over the images of
+    `recalibration` (`recalibrate_bn`, as the diagnostics and `--precise-bn` do), and those statistics. The
+    model's own statistics, modes and hooks are as they were after; no random number is drawn."""
+    with preserved_state(model):
+        recalibrate_bn(model, recalibration, dtype)
+        statistics = running_statistics(model)
+        model.eval()
+        return predict(model, batches, dtype), statistics
 
 
 def warning_rule(factor: float, margin: float, after: int = 0) -> str:
@@ -72,6 +170,103 @@ def definition(every: int, n_images: int, probe: str, rule: str) -> str:
             f"unscaling) and of the weight after the step; {rule}")
 
 
+def agreement(predicted, measured) -> tuple[float, float, int]:
+    """(Spearman rank correlation, R^2 of log10 measured by log10 predicted, points) over the entries where both
+    are finite and positive: how well the lag model's predictions rank and match the measured errors."""
+    predicted, measured = np.asarray(predicted, dtype=np.float64).ravel(), np.asarray(measured, dtype=np.float64).ravel()
+    keep = np.isfinite(predicted) & np.isfinite(measured) & (predicted > 0) & (measured > 0)
+    if keep.sum() < 3:
+        return float("nan"), float("nan"), int(keep.sum())
+    x, y = np.log10(predicted[keep]), np.log10(measured[keep])
+    rank = lambda values: np.argsort(np.argsort(values)).astype(np.float64)
+    spearman = float(np.corrcoef(rank(x), rank(y))[0, 1])
+    r2 = float(1 - ((y - x) ** 2).sum() / ((y - y.mean()) ** 2).sum())
+    return spearman, r2, int(keep.sum())
+
+
+@dataclass
+class Prescription:
+    """What the run's BN statistics cost its validations, where, why and what to change (`prescription`)."""
+    worst: dict | None  # epoch, running, recalibrated, excess, se of the validation of the largest excess
+    layers: list[tuple[str, float]]  # the layers furthest off at that validation, with their error
+    momentum: float  # the run's BN momentum
+    speed: float  # median input_speed over layers and measurements
+    noise: float  # median batch_noise
+    angular_speed: float  # median over conv weights and measurements
+    angular_equilibrium: float
+    measured_best: float  # the shadow momentum closest to the recomputed statistics over the validations
+    measured_error: dict  # momentum -> RMS error over validations and layers
+    predicted_best: float
+    fit: tuple[float, float, int]  # agreement(predicted_error, shadow_error)
+
+    def lines(self) -> list[str]:
+        out = []
+        if self.worst is None:
+            out.append("BN statistics: no validation was attributed (--attribution-images 0)")
+        else:
+            w = self.worst
+            out.append(f"BN statistics: the largest share of a validation loss was at epoch {w['epoch']}: "
+                       f"{w['running']:.4f} with running statistics, {w['recalibrated']:.4f} recomputed "
+                       f"({w['excess']:+.2f} ± {w['se']:.2f} nats)")
+        if self.layers:
+            out.append("  where: the running statistics were furthest off at " + ", ".join(
+                f"{name} ({error:.2g})" for name, error in self.layers) + " (normalisation error, RMS)")
+        m = self.momentum
+        if np.isfinite(self.speed) and np.isfinite(self.noise):
+            out.append(f"  why: the layers' input statistics moved {self.speed:.2g} per step (median) against a batch "
+                       f"noise of {self.noise:.2g}; BN momentum {m:g} averages over ~{1 / m:.0f} steps, so the "
+                       f"running statistics lag by ~{self.speed * (1 - m) / m:.2g} and keep ~"
+                       f"{self.noise * math.sqrt(m / (2 - m)):.2g} of noise; the weights turned "
+                       f"{self.angular_speed:.2g} rad/step (SGD's equilibrium {self.angular_equilibrium:.2g})")
+        if np.isfinite(self.measured_best):
+            rho, r2, n = self.fit
+            out.append(f"  what: of the momenta kept in shadow, {self.measured_best:g} came closest to the recomputed "
+                       f"statistics (RMS error {self.measured_error[self.measured_best]:.2g} against "
+                       f"{self.measured_error.get(m, float('nan')):.2g} at {m:g}); the lag model predicts "
+                       f"{self.predicted_best:.2g} (Spearman {rho:.2f}, R^2 {r2:.2f} of log errors, {n} points): "
+                       f"train with --bn-momentum {self.measured_best:g}, or recompute the statistics before each "
+                       "validation with --precise-bn 2000")
+        return out
+
+
+def prescription(ds: xr.Dataset, n_layers: int = 3) -> Prescription:
+    """From a monitor dataset (`BNMonitor.dataset()` or monitor.nc): the worst attributed validation, the layers
+    whose running statistics were furthest from the recomputed ones there, the measured speed and noise, the shadow
+    momentum that came closest over all validations, the lag model's best momentum and how well it fitted."""
+    own = [float(m) for m in np.atleast_1d(ds.attrs.get("bn_momentum", []))]
+    momentum = own[0] if own else 0.1
+    worst, layers, measured, measured_best = None, [], {}, float("nan")
+    if ds.sizes.get("validation", 0):
+        excess = ds.bn_excess.values
+        if np.isfinite(excess).any():
+            i = int(np.nanargmax(excess))
+            worst = {"epoch": int(ds.val_epoch.values[i]), "running": float(ds.val_loss.values[i, 0]),
+                     "recalibrated": float(ds.val_loss.values[i, 1]), "excess": float(excess[i]),
+                     "se": float(ds.bn_excess_se.values[i])}
+            if momentum in ds.momentum.values:
+                errors = ds.shadow_error.sel(momentum=momentum).values[i]
+                order = [j for j in np.argsort(-np.nan_to_num(errors, nan=-1.0)) if np.isfinite(errors[j])]
+                layers = [(str(ds.layer.values[j]), float(errors[j])) for j in order[:n_layers]]
+        rms = np.sqrt(np.nanmean(ds.shadow_error.values ** 2, axis=(0, 2))) if np.isfinite(
+            ds.shadow_error.values).any() else np.full(ds.sizes["momentum"], np.nan)
+        measured = {float(m): float(e) for m, e in zip(ds.momentum.values, rms)}
+        if np.isfinite(rms).any():
+            measured_best = float(ds.momentum.values[int(np.nanargmin(rms))])
+    median = lambda values: float(np.nanmedian(values)) if np.isfinite(values).any() else float("nan")
+    speed_per_layer = np.nanmedian(ds.input_speed.values, axis=0) if np.isfinite(ds.input_speed.values).any() \
+        else np.full(ds.sizes["depth"], np.nan)
+    noise_per_layer = np.nanmedian(ds.batch_noise.values, axis=0) if np.isfinite(ds.batch_noise.values).any() \
+        else np.full(ds.sizes["depth"], np.nan)
+    conv = np.array([str(kind).startswith("conv") for kind in ds.weight_kind.values], dtype=bool)
+    return Prescription(
+        worst=worst, layers=layers, momentum=momentum, speed=median(ds.input_speed.values),
+        noise=median(ds.batch_noise.values), angular_speed=median(ds.angular_speed.values[:, conv]),
+        angular_equilibrium=median(ds.angular_equilibrium.values), measured_best=measured_best,
+        measured_error=measured, predicted_best=best_momentum(speed_per_layer, noise_per_layer),
+        fit=agreement(ds.predicted_error.values, ds.shadow_error.values) if ds.sizes.get("validation", 0)
+        else (float("nan"), float("nan"), 0))
+
+
 @dataclass
 class BNWarning:
     step: int
@@ -88,19 +283,120 @@ class BNWarning:
                 f"({self.gap:.3g} normalised units)")
 
 
+class StatisticsTracker:
+    """Every BN layer's batch statistics at every step, recovered from its running buffers (batch = (new - (1 - m)
+    old) / m: no forward, no hook), the shadow running statistics they give at other momenta, and the
+    batch-to-batch noise. All channels of all layers in one flat vector, so that a step costs a few tensor
+    operations, and nothing waits for the device. Layers without running statistics or with a cumulative average
+    (momentum None) leave it unusable: every shadow is then NaN."""
+
+    def __init__(self, model: nn.Module, momenta: tuple[float, ...]):
+        self.layers = [module for _, module in models.bn_layers(model) if module.running_mean is not None]
+        own = {float(module.momentum) for module in self.layers if module.momentum is not None}
+        self.momenta = tuple(sorted(set(momenta) | own))
+        self.usable = bool(self.layers) and all(module.momentum is not None and 0 < module.momentum <= 1
+                                                 for module in self.layers)
+        if not self.usable:
+            return
+        device = self.layers[0].running_mean.device
+        self.sizes = [module.running_mean.numel() for module in self.layers]
+        per_channel = lambda values: torch.cat([torch.full((n,), float(v), device=device)
+                                                for v, n in zip(values, self.sizes)])
+        self.momentum = per_channel(module.momentum for module in self.layers)
+        self.eps = per_channel(module.eps for module in self.layers)
+        self.shadow_momentum = torch.tensor(self.momenta, device=device)[:, None]
+        self.resync()
+        self.shadow_mean = self.last_mean.expand(len(self.momenta), -1).clone()
+        self.shadow_var = self.last_var.expand(len(self.momenta), -1).clone()
+        self.previous = None
+        self.noise_sum, self.noise_count = torch.zeros_like(self.last_mean, dtype=torch.float64), 0
+
+    def _buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.cat([module.running_mean.detach().float() for module in self.layers]),
+                torch.cat([module.running_var.detach().float() for module in self.layers]))
+
+    def resync(self) -> None:
+        """Take the running buffers as they are now as the last step's (after something replaced them)."""
+        if self.usable:
+            self.last_mean, self.last_var = self._buffers()
+
+    @torch.no_grad()
+    def update(self) -> None:
+        if not self.usable:
+            return
+        mean, var = self._buffers()
+        batch_mean = (mean - (1 - self.momentum) * self.last_mean) / self.momentum
+        batch_var = (var - (1 - self.momentum) * self.last_var) / self.momentum
+        self.shadow_mean += self.shadow_momentum * (batch_mean - self.shadow_mean)
+        self.shadow_var += self.shadow_momentum * (batch_var - self.shadow_var)
+        if self.previous is not None:
+            error = normalisation_error(BNStatistics(*self.previous, self.eps), BNStatistics(batch_mean, batch_var,
+                                                                                               self.eps))
+            self.noise_sum += error["rms"].square()
+            self.noise_count += 1
+        self.previous = (batch_mean, batch_var.clamp_min(0))
+        self.last_mean, self.last_var = mean, var
+
+    def noise(self, reset: bool = False) -> np.ndarray:
+        """Per layer, one batch's spread around the population, rms(b_t - b_t-1) / sqrt(2) over the steps since
+        the last reset and the layer's channels; NaN before two steps."""
+        if not self.usable or not self.noise_count:
+            return np.full(len(self.layers), np.nan)
+        per_channel = (self.noise_sum / self.noise_count / 2).split(self.sizes)
+        noise = np.array([part.mean().sqrt().item() for part in per_channel])
+        if reset:
+            self.noise_sum.zero_()
+            self.noise_count = 0
+        return noise
+
+    def shadow_statistics(self, names: list[str]) -> list[dict[str, BNStatistics]]:
+        """Per shadow momentum, the statistics of each layer (named as `names`, in the model's order)."""
+        if not self.usable:
+            return []
+        return [{name: BNStatistics(m, v.clamp_min(0), module.eps) for name, m, v, module in
+                 zip(names, mean.split(self.sizes), var.split(self.sizes), self.layers)}
+                for mean, var in zip(self.shadow_mean, self.shadow_var)]
+
+    def state_dict(self) -> dict:
+        if not self.usable:
+            return {}
+        return {"shadow_mean": self.shadow_mean.cpu(), "shadow_var": self.shadow_var.cpu(),
+                "previous": [t.cpu() for t in self.previous] if self.previous is not None else [],
+                "noise_sum": self.noise_sum.cpu(), "noise_count": self.noise_count, "momenta": list(self.momenta)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue after a resume (the model's buffers already restored); a state of other momenta or of an
+        older version starts the shadows afresh from the running statistics."""
+        if not self.usable:
+            return
+        self.resync()
+        if not state or list(state.get("momenta", [])) != list(self.momenta):
+            self.shadow_mean = self.last_mean.expand(len(self.momenta), -1).clone()
+            self.shadow_var = self.last_var.expand(len(self.momenta), -1).clone()
+            return
+        device = self.last_mean.device
+        self.shadow_mean, self.shadow_var = state["shadow_mean"].to(device), state["shadow_var"].to(device)
+        self.previous = tuple(t.to(device) for t in state["previous"]) or None
+        self.noise_sum, self.noise_count = state["noise_sum"].to(device), int(state["noise_count"])
+
+
 class BNMonitor:
     """The measurements of the module docstring, every `every` calls of `step` (0: never).
 
     `probe_images`: normalised (N, C, H, W), fixed for the whole run; `probe_labels`: (N,). They go through
     the model in one forward per mode. `autocast`: the dtype training runs in (None: fp32). `probe`: one
     phrase saying which images these are (in the attrs). `writer`: optionally a TensorBoard `SummaryWriter`
-    (anything with `add_scalar` and `add_histogram`) that receives every measurement.
+    (anything with `add_scalar` and `add_histogram`) that receives every measurement. `optimizer`: the run's
+    SGD (optional), whose learning rate, weight decay and momentum give `angular_equilibrium`.
+
+    `step` must be called after every optimiser step (it follows the running buffers from step to step); after
+    anything else replaces the running statistics (a recalibration), call `statistics_replaced()`.
     """
 
     def __init__(self, model: nn.Module, probe_images: torch.Tensor, probe_labels: torch.Tensor, *, every: int = 50,
                  autocast: torch.dtype | None = None, warn_factor: float = 1.5, warn_margin: float = 0.25,
                  warn_after: int = 0, probe: str = "given", writer=None,
-                 on_warning: Callable[[BNWarning], None] | None = None):
+                 on_warning: Callable[[BNWarning], None] | None = None, optimizer=None):
         if every < 0:
             raise ValueError(f"every must be 0 (off) or a positive number of steps, not {every}")
         if len(probe_images) == 0 or len(probe_images) != len(probe_labels):
@@ -114,8 +410,13 @@ class BNMonitor:
         self.weight_names = [name for name, _ in weight_layers(model)]
         self.weight_kinds = [kind_of(module) for _, module in weight_layers(model)]
         self.weights = [module.weight for _, module in weight_layers(model)]
+        self.optimizer = optimizer
         self.calls = 0
         self.records: dict[str, list] = {name: [] for name in ("step", "epoch", *RECORDED)}
+        self.validations: dict[str, list] = {name: [] for name in VALIDATED}
+        self.tracker = StatisticsTracker(model, SHADOW_MOMENTA)
+        self.momenta = self.tracker.momenta
+        self._previous = None  # (step, the probe's batch statistics, a copy of the weights) of the last measurement
 
     # -----------------------------------------------------------------------------------------------------------
     # Measuring
@@ -127,6 +428,7 @@ class BNMonitor:
         multiple of `every`; returns the warning if one fired."""
         self.calls += 1
         step = self.calls if step is None else step
+        self.tracker.update()
         if not self.every or step % self.every:
             return None
         return self.measure(step, epoch=epoch, loss=loss, lr=lr)
@@ -157,7 +459,8 @@ class BNMonitor:
         record = {"step": step, "epoch": -1 if epoch is None else epoch, "probe_loss": losses,
                   "probe_acc": accuracy, "bn_gap": gap, "eval_mismatch": mismatch, "grad_norm": grad_norm,
                   "weight_norm": weight_norm, "lr": np.nan if lr is None else float(lr),
-                  "train_loss": np.nan if loss is None else float(loss), "warning": fired}
+                  "train_loss": np.nan if loss is None else float(loss), "warning": fired,
+                  **self._motion(step, statistics)}
         for name, value in record.items():
             self.records[name].append(value)
         if self.writer is not None:
@@ -170,6 +473,70 @@ class BNMonitor:
         if self.on_warning is not None:
             self.on_warning(warning)
         return warning
+
+    def _motion(self, step: int, statistics: dict[str, BNStatistics]) -> dict:
+        """What moves the statistics since the last measurement (module docstring): NaN at the first one."""
+        n_bn, n_w = len(self.bn_names), len(self.weights)
+        speed, angle = np.full(n_bn, np.nan), np.full(n_w, np.nan)
+        if self._previous is not None and step > self._previous[0]:
+            steps = step - self._previous[0]
+            speed = statistics_error_table(self._previous[1], statistics, self.bn_names)[:, 0].numpy() / steps
+            for i, (before, now) in enumerate(zip(self._previous[2], self.weights)):
+                cosine = F.cosine_similarity(before.flatten().double(), now.detach().flatten().double(), dim=0)
+                angle[i] = math.acos(max(-1.0, min(1.0, cosine.item()))) / steps
+        self._previous = (step, statistics, [w.detach().clone() for w in self.weights])
+        noise = self.tracker.noise(reset=True)
+        shadows = self.tracker.shadow_statistics(self.bn_names)
+        shadow_gap = np.stack([statistics_error_table(shadow, statistics, self.bn_names)[:, 0].numpy()
+                               for shadow in shadows]) if shadows else np.full((len(self.momenta), n_bn), np.nan)
+        return {"input_speed": speed, "batch_noise": noise, "angular_speed": angle,
+                "angular_equilibrium": self._equilibrium(), "shadow_gap": shadow_gap,
+                "predicted_gap": predicted_error(speed[None, :], noise[None, :], np.asarray(self.momenta)[:, None])}
+
+    def _equilibrium(self) -> float:
+        """sqrt(2 lr wd / (1 + momentum)) of the optimiser's first group; NaN without an SGD-like optimiser."""
+        group = self.optimizer.param_groups[0] if self.optimizer is not None else {}
+        if not all(key in group for key in ("lr", "weight_decay", "momentum")):
+            return float("nan")
+        return math.sqrt(2 * float(group["lr"]) * float(group["weight_decay"]) / (1 + float(group["momentum"])))
+
+    def statistics_replaced(self) -> None:
+        """Call after something replaced the running statistics between steps (`--precise-bn`)."""
+        self.tracker.resync()
+
+    # -----------------------------------------------------------------------------------------------------------
+    # Validations
+
+    @torch.no_grad()
+    def validate(self, batches, recalibration, *, step: int | None = None, epoch: int | None = None,
+                 running=None, dtype: torch.dtype | None = None) -> Attribution:
+        """At a validation: the loss and accuracy over `batches` with running and with recomputed statistics (over
+        the images of `recalibration`), every shadow's and the running statistics' error against the recomputed
+        ones, and the lag model's prediction of those errors; recorded (`dataset()`) and returned. `running`:
+        `predict`'s result for the same batches where the caller already has it. The model's weights, buffers,
+        modes and random state are left as they were. `dtype`: the autocast dtype (default: the monitor's)."""
+        dtype = self.autocast if dtype is None else dtype
+        if running is None:
+            with preserved_state(self.model):
+                self.model.eval()
+                running = predict(self.model, batches, dtype)
+        recalibrated, statistics = recalibrated_predictions(self.model, batches, recalibration, dtype)
+        result = attribute(running, recalibrated)
+        shadows = self.tracker.shadow_statistics(self.bn_names)
+        errors = (np.stack([statistics_error_table(shadow, statistics, self.bn_names)[:, 0].numpy()
+                            for shadow in shadows]) if shadows else np.full((len(self.momenta), len(self.bn_names)),
+                                                                            np.nan))
+        last = {name: self.records[name][-1] for name in ("input_speed", "batch_noise")} if self.records["step"] \
+            else {"input_speed": np.full(len(self.bn_names), np.nan), "batch_noise": self.tracker.noise()}
+        record = {"val_step": self.calls if step is None else step, "val_epoch": -1 if epoch is None else epoch,
+                  "val_loss": [result.loss_running, result.loss_recalibrated],
+                  "val_acc": [result.acc_running, result.acc_recalibrated], "bn_excess": result.excess,
+                  "bn_excess_se": result.excess_se, "val_images": result.n_images, "shadow_error": errors,
+                  "predicted_error": predicted_error(last["input_speed"][None, :], last["batch_noise"][None, :],
+                                                     np.asarray(self.momenta)[:, None])}
+        for name, value in record.items():
+            self.validations[name].append(value)
+        return result
 
     def _norms(self) -> tuple[np.ndarray, np.ndarray]:
         """(gradient norms, weight norms), float64; NaN for a weight without a gradient."""
@@ -204,59 +571,79 @@ class BNMonitor:
     # -----------------------------------------------------------------------------------------------------------
     # The record
 
+    def _shapes(self) -> dict[str, tuple]:
+        """The shape of one entry of every record (the first dim of each variable is the measurement's)."""
+        n_bn, n_w, n_m = len(self.bn_names), len(self.weight_names), len(self.momenta)
+        return {"step": (), "epoch": (), "probe_loss": (2,), "probe_acc": (2,), "bn_gap": (n_bn, 3),
+                "eval_mismatch": (n_bn, 3), "grad_norm": (n_w,), "weight_norm": (n_w,), "train_loss": (), "lr": (),
+                "warning": (), "input_speed": (n_bn,), "batch_noise": (n_bn,), "angular_speed": (n_w,),
+                "angular_equilibrium": (), "shadow_gap": (n_m, n_bn), "predicted_gap": (n_m, n_bn),
+                "val_step": (), "val_epoch": (), "val_loss": (2,), "val_acc": (2,), "bn_excess": (),
+                "bn_excess_se": (), "val_images": (), "shadow_error": (n_m, n_bn), "predicted_error": (n_m, n_bn)}
+
+    def _stacked(self, records: dict, name: str) -> np.ndarray:
+        shape = self._shapes()[name]
+        return np.asarray(records[name], dtype=np.float64).reshape((len(records[name]), *shape))
+
     def state_dict(self) -> dict:
-        """The measurements so far, as tensors and lists (a checkpoint with weights_only=True can hold it)."""
+        """The measurements and validations so far and the shadow statistics, as tensors and lists (a checkpoint
+        with weights_only=True can hold it). The next measurement's speeds start afresh after a resume."""
         return {"calls": self.calls, "bn_layers": list(self.bn_names), "weight_layers": list(self.weight_names),
-                "records": {name: torch.as_tensor(np.asarray(values, dtype=np.float64)) for name, values in
-                            self.records.items()}}
+                "records": {name: torch.as_tensor(self._stacked(self.records, name)) for name in self.records},
+                "validations": {name: torch.as_tensor(self._stacked(self.validations, name))
+                                for name in self.validations},
+                "tracker": self.tracker.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue the record `state_dict` returned (on resume); the layers must be this model's."""
+        """Continue the record `state_dict` returned (on resume); the layers must be this model's. A record of an
+        older version lacks the newer measurements: NaN there."""
         if list(state["bn_layers"]) != self.bn_names or list(state["weight_layers"]) != self.weight_names:
             raise ValueError("the monitor's saved state is of another model")
         self.calls = int(state["calls"])
-        records = state["records"]
-        n = len(records["step"])
-        self.records = {name: [] for name in ("step", "epoch", *RECORDED)}
-        for i in range(n):
-            for name in self.records:
-                value = records[name][i].numpy()
-                self.records[name].append(value if value.ndim else value.item())
-        self.records["step"] = [int(s) for s in self.records["step"]]
-        self.records["epoch"] = [int(e) for e in self.records["epoch"]]
+        shapes = self._shapes()
+        for target, saved in ((self.records, state["records"]), (self.validations, state.get("validations", {}))):
+            n = len(saved[next(iter(target))]) if next(iter(target)) in saved else 0
+            for name in target:
+                values = saved[name].numpy() if name in saved else np.full((n, *shapes[name]), np.nan)
+                if values.shape != (n, *shapes[name]):
+                    raise ValueError(f"the monitor's saved {name} has the shape {values.shape}")
+                target[name] = [value if value.ndim else value.item() for value in values]
+        for name in ("step", "epoch", "val_step", "val_epoch", "val_images"):
+            target = self.records if name in self.records else self.validations
+            target[name] = [int(value) for value in target[name]]
         self.records["warning"] = [bool(w) for w in self.records["warning"]]
-
-    def warnings_per_epoch(self) -> dict[int, int]:
-        counts: dict[int, int] = {}
-        for epoch, fired in zip(self.records["epoch"], self.records["warning"]):
-            counts[epoch] = counts.get(epoch, 0) + int(fired)
-        return counts
+        self.tracker.load_state_dict(state.get("tracker", {}))
+        self._previous = None
 
     def dataset(self, *, checkpoint=None, dataset=None) -> xr.Dataset:
-        """Every measurement so far along `step`; BN layers along `depth`, weights along `weight_depth`."""
-        r = self.records
-        n, n_bn, n_w = len(r["step"]), len(self.bn_names), len(self.weight_names)
-
-        def stacked(name, shape):
-            return np.asarray(r[name], dtype=np.float64).reshape((n, *shape))
-
-        grad_norm, weight_norm = stacked("grad_norm", (n_w,)), stacked("weight_norm", (n_w,))
+        """Every measurement so far along `step`, every validation along `validation`; BN layers along `depth`,
+        weights along `weight_depth`, the shadow statistics' momenta along `momentum`."""
+        r, v = self.records, self.validations
+        stacked = lambda name: self._stacked(r if name in r else v, name)
+        grad_norm, weight_norm = stacked("grad_norm"), stacked("weight_norm")
         weight_coords = layer_coords(self.weight_names)
         coords = {**layer_coords(self.bn_names), "step": ("step", np.asarray(r["step"], dtype=np.int64)),
                   "epoch": ("step", np.asarray(r["epoch"], dtype=np.int64)), "bn": ("bn", list(BN_STATISTICS)),
                   "component": ("component", list(COMPONENTS)),
                   "weight_depth": ("weight_depth", weight_coords["depth"][1]),
                   "weight_layer": ("weight_depth", weight_coords["layer"][1]),
-                  "weight_kind": ("weight_depth", np.array(self.weight_kinds, dtype=object))}
+                  "weight_kind": ("weight_depth", np.array(self.weight_kinds, dtype=object)),
+                  "momentum": ("momentum", np.asarray(self.momenta, dtype=np.float64)),
+                  "validation": ("validation", np.arange(1, len(v["val_step"]) + 1)),
+                  "val_step": ("validation", np.asarray(v["val_step"], dtype=np.int64)),
+                  "val_epoch": ("validation", np.asarray(v["val_epoch"], dtype=np.int64)),
+                  "val_bn": ("val_bn", list(VALIDATION_BN))}
         rule = warning_rule(self.warn_factor, self.warn_margin, self.warn_after)
+        per_step = f"{UNITS} per optimiser step"
+        own = sorted({float(m.momentum) for _, m in models.bn_layers(self.model) if m.momentum is not None})
         return xr.Dataset(
             {
-                "probe_loss": variable(("step", "bn"), stacked("probe_loss", (2,)), "probe cross-entropy", "nats"),
-                "probe_acc": variable(("step", "bn"), stacked("probe_acc", (2,)), "probe top-1 accuracy", "1"),
-                "bn_gap": variable(("step", "depth", "component"), stacked("bn_gap", (n_bn, 3)),
+                "probe_loss": variable(("step", "bn"), stacked("probe_loss"), "probe cross-entropy", "nats"),
+                "probe_acc": variable(("step", "bn"), stacked("probe_acc"), "probe top-1 accuracy", "1"),
+                "bn_gap": variable(("step", "depth", "component"), stacked("bn_gap"),
                                    "normalisation error of the running statistics against the probe's batch "
                                    "statistics at the layer's input", UNITS),
-                "eval_mismatch": variable(("step", "depth", "component"), stacked("eval_mismatch", (n_bn, 3)),
+                "eval_mismatch": variable(("step", "depth", "component"), stacked("eval_mismatch"),
                                           "normalisation error of the running statistics against the layer's "
                                           "input in eval mode", UNITS),
                 "grad_norm": variable(("step", "weight_depth"), grad_norm, "L2 norm of the training step's gradient",
@@ -264,15 +651,51 @@ class BNMonitor:
                 "weight_norm": variable(("step", "weight_depth"), weight_norm, "L2 norm of the weight", "1"),
                 "scaled_grad_norm": variable(("step", "weight_depth"), grad_norm * weight_norm,
                                              "gradient norm x weight norm (scale invariant under BN)", "nats"),
-                "train_loss": variable("step", np.asarray(r["train_loss"], dtype=np.float64),
-                                       "training batch loss of the step", "nats"),
-                "lr": variable("step", np.asarray(r["lr"], dtype=np.float64), "learning rate of the step", "1"),
+                "train_loss": variable("step", stacked("train_loss"), "training batch loss of the step", "nats"),
+                "lr": variable("step", stacked("lr"), "learning rate of the step", "1"),
                 "warning": variable("step", np.asarray(r["warning"], dtype=bool), "early warning fired", "1"),
+                "input_speed": variable(("step", "depth"), stacked("input_speed"),
+                                        "normalisation error between the probe's batch statistics at this and the "
+                                        "previous measurement, per step", per_step),
+                "batch_noise": variable(("step", "depth"), stacked("batch_noise"),
+                                        "one training batch's statistics around the population's: rms over the "
+                                        "steps since the previous measurement and the channels of the "
+                                        "normalisation error between consecutive batches, / sqrt(2)", UNITS),
+                "angular_speed": variable(("step", "weight_depth"), stacked("angular_speed"),
+                                          "angle between the weight now and at the previous measurement, per step",
+                                          "radians per optimiser step"),
+                "angular_equilibrium": variable("step", stacked("angular_equilibrium"),
+                                                "sqrt(2 lr weight_decay / (1 + momentum)): the equilibrium angular "
+                                                "update of scale-invariant weights under SGD (Wan et al. 2021)",
+                                                "radians per optimiser step"),
+                "shadow_gap": variable(("step", "momentum", "depth"), stacked("shadow_gap"),
+                                       "normalisation error (rms) against the probe's batch statistics of running "
+                                       "statistics kept at this BN momentum from the same training batches", UNITS),
+                "predicted_gap": variable(("step", "momentum", "depth"), stacked("predicted_gap"),
+                                          "lag model: sqrt((input_speed (1 - m) / m)^2 + batch_noise^2 m / (2 - m))",
+                                          UNITS),
+                "val_loss": variable(("validation", "val_bn"), stacked("val_loss"),
+                                     "validation cross-entropy with running and with recomputed BN statistics, on "
+                                     "the same images", "nats"),
+                "val_acc": variable(("validation", "val_bn"), stacked("val_acc"), "validation top-1 accuracy", "1"),
+                "bn_excess": variable("validation", stacked("bn_excess"),
+                                      "validation loss with running minus with recomputed statistics", "nats"),
+                "bn_excess_se": variable("validation", stacked("bn_excess_se"),
+                                         "standard error of bn_excess over the images (paired differences)", "nats"),
+                "val_images": variable("validation", stacked("val_images"), "validation images attributed", "1"),
+                "shadow_error": variable(("validation", "momentum", "depth"), stacked("shadow_error"),
+                                         "normalisation error (rms) against the recomputed statistics of running "
+                                         "statistics kept at this BN momentum (the run's own momentum: its running "
+                                         "statistics)", UNITS),
+                "predicted_error": variable(("validation", "momentum", "depth"), stacked("predicted_error"),
+                                            "lag model's prediction of shadow_error from the last measurement's "
+                                            "input_speed and batch_noise", UNITS),
             },
             coords=coords,
             attrs=attrs(definition(self.every, len(self.labels), self.probe, rule), checkpoint=checkpoint,
                         dataset=dataset, split="train", n_images=len(self.labels), batch_size=len(self.labels),
                         bn_mode="eval and train", every=self.every, rule=rule, warn_factor=self.warn_factor,
                         warn_margin=self.warn_margin, warn_after=self.warn_after, probe=self.probe,
-                        autocast=str(self.autocast).replace("torch.", "") if self.autocast else "fp32"),
+                        bn_momentum=own, autocast=str(self.autocast).replace("torch.", "") if self.autocast
+                        else "fp32"),
         )

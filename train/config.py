@@ -17,6 +17,7 @@ from .errors import MAX_INT, ArgumentParser, UserError, finite_float, non_negati
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SCHEDULES = ("constant", "cosine", "multistep")
+SELECTIONS = ("running", "recalibrated")  # --select: which validation accuracy chooses best.pt
 PRESETS = {
     # He et al. 2016, Sec. 4.2: 64k iterations of batch 128, lr /10 at 32k and 48k, all 50k training images.
     "he2016": dict(lr=0.1, momentum=0.9, weight_decay=1e-4, batch_size=128, schedule="multistep",
@@ -72,6 +73,9 @@ class Config:
     sync_bn: bool = False
     monitor_every: int = 100  # steps between BN monitor measurements (analyses.monitor); 0 = off
     monitor_images: int = 128  # the monitor's probe: the first N training images, augmented once
+    attribution_images: int = 2000  # each validation also with BN statistics recomputed over N training images,
+    # on the first N validation images (analyses.monitor.attribute); 0 = off
+    select: str = "running"  # best.pt: the best validation accuracy with running or with recomputed statistics
     tensorboard: str | None = None  # a folder for TensorBoard event files (optional extra); None = off
     # Resolved when the run starts, so that every checkpoint says what the run actually did:
     world_size: int = 1
@@ -183,6 +187,13 @@ def parser() -> argparse.ArgumentParser:
                    "N steps (default 100; 0 = off)")
     g.add_argument("--monitor-images", type=positive_int, metavar="N", help="the probe: the first N training "
                    "images, augmented once (default 128)")
+    g.add_argument("--attribution-images", type=non_negative_int, metavar="N",
+                   help="at each validation, also validate the first N validation images with BN statistics "
+                        "recomputed over the first N training images: how much of the validation loss is BN "
+                        "statistics (default 2000; 0 = off)")
+    g.add_argument("--select", choices=SELECTIONS,
+                   help="best.pt holds the epoch of the best validation accuracy with BN's running statistics "
+                        "(running, the default) or with recomputed ones (recalibrated, on the attributed images)")
     g.add_argument("--out", metavar="RUN_DIR", help="the run directory to create")
     g = p.add_argument_group("TensorBoard (pip install resnet-diagnostics[tensorboard])")
     g.add_argument("--tensorboard", metavar="DIR", help="also write the losses, accuracies, learning rate and the "
@@ -235,7 +246,8 @@ def validate(config: Config) -> None:
         if not (math.isfinite(value) and value >= 0):
             raise UserError(f"{option} must be a finite number, not negative, not {value}")
     counts = {"--warmup": config.warmup, "--precise-bn": config.precise_bn, "--val-split": config.val_split,
-              "--workers": config.workers, "--seed": config.seed, "--monitor-every": config.monitor_every}
+              "--workers": config.workers, "--seed": config.seed, "--monitor-every": config.monitor_every,
+              "--attribution-images": config.attribution_images}
     for option, value in counts.items():
         if not 0 <= value <= MAX_INT:
             raise UserError(f"{option} must be an integer from 0 to {MAX_INT}, not {value}")
@@ -243,6 +255,10 @@ def validate(config: Config) -> None:
         raise UserError("--lr 0 would not train; give a positive learning rate such as 0.1")
     if not 0 <= config.label_smoothing < 1:
         raise UserError(f"--label-smoothing must be in [0, 1), not {config.label_smoothing}")
+    if config.select not in SELECTIONS:
+        raise UserError(f"--select must be one of {', '.join(SELECTIONS)}, not {config.select!r}")
+    if config.select == "recalibrated" and not config.attribution_images:
+        raise UserError("--select recalibrated needs the attribution: drop --attribution-images 0")
     if not 0 < config.bn_momentum <= 1:
         raise UserError(f"--bn-momentum must be in (0, 1], not {config.bn_momentum}")
     if config.dropout is not None and not 0 <= config.dropout < 1:

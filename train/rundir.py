@@ -19,7 +19,8 @@ from .errors import UserError
 
 REQUIRED_METRICS = ["epoch", "step", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds",
                     "images_per_second"]  # every metrics.csv has these; runs of version 0.1 have no more
-METRICS = [*REQUIRED_METRICS, "bn_warnings"]  # what the trainer writes: bn_warnings counts the BN monitor's
+ATTRIBUTION = ["val_loss_recalibrated", "val_acc_recalibrated", "bn_excess", "bn_excess_se"]  # NaN where off
+METRICS = [*REQUIRED_METRICS, "bn_warnings", *ATTRIBUTION]  # what the trainer writes: bn_warnings counts the BN monitor's
 STEPS = ["step", "epoch", "train_loss", "lr"]
 TIMING = ("epoch_seconds", "images_per_second")  # the only columns a resumed run may differ in
 EPOCH_FILE = re.compile(r"epoch_(\d+)\.pt$")
@@ -97,13 +98,15 @@ def write_csv(path, columns: list[str], rows: list[list]) -> None:
 def _plausible(column: str, value: float) -> bool:
     """What the trainer can write in a column: counts are whole and positive, accuracies fractions, times and
     the learning rate finite and not negative; a loss may be anything (a diverged evaluation is NaN)."""
-    if column in ("train_loss", "val_loss"):
+    if column in ("train_loss", "val_loss", "val_loss_recalibrated", "bn_excess"):
+        return True
+    if column in ATTRIBUTION and math.isnan(value):  # the attribution was off
         return True
     if column in ("epoch", "step"):
         return value.is_integer() and 1 <= value <= 2**62
     if column == "bn_warnings":
         return value.is_integer() and 0 <= value <= 2**62
-    if column in ("train_acc", "val_acc"):
+    if column in ("train_acc", "val_acc", "val_acc_recalibrated"):
         return 0 <= value <= 1
     return math.isfinite(value) and value >= 0
 
@@ -143,6 +146,8 @@ def read_metrics(run_dir) -> dict[str, list]:
                             "edited: copy the run again") from None
     history["epoch"] = [int(epoch) for epoch in history["epoch"]]
     history["bn_warnings"] = [int(count) for count in history.get("bn_warnings", [0] * len(history["epoch"]))]
+    for column in ATTRIBUTION:  # runs before version 3 have none
+        history.setdefault(column, [math.nan] * len(history["epoch"]))
     if len(set(history["epoch"])) < len(history["epoch"]) or history["epoch"] != sorted(history["epoch"]):
         raise UserError(f"{path} lists epochs out of order or twice; the file was edited: copy the run again")
     return history

@@ -18,7 +18,7 @@ import torch.nn as nn
 import models
 from analyses.bn import recalibrate_bn
 from analyses.evaluate import predict
-from analyses.monitor import BNMonitor, warm_up_steps
+from analyses.monitor import Attribution, BNMonitor, prescription, warm_up_steps
 
 from . import checkpoint as ckpt
 from . import rundir, schema
@@ -32,7 +32,8 @@ AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 EPOCH_SCALARS = {  # metrics.csv column -> TensorBoard tag, written at the epoch's last step with the row's value
     "train_loss": "train/loss", "train_acc": "train/accuracy", "val_loss": "val/loss", "val_acc": "val/accuracy",
     "lr": "train/lr", "epoch_seconds": "time/epoch_seconds", "images_per_second": "time/images_per_second",
-    "bn_warnings": "probe/warnings"}
+    "bn_warnings": "probe/warnings", "val_loss_recalibrated": "val/loss_recalibrated",
+    "val_acc_recalibrated": "val/accuracy_recalibrated", "bn_excess": "val/bn_excess"}
 EVENT_FILES = "events.out.tfevents.*"
 
 
@@ -126,13 +127,23 @@ def summary_writer_class():
 # Train and evaluate
 
 
-def evaluate(model: nn.Module, batches, dtype: torch.dtype | None) -> tuple[float, float]:
-    """Cross-entropy (no label smoothing) and accuracy, BN in eval mode: `analyses.evaluate.predict`, the pass
-    the diagnostics' running-statistics column makes."""
+def evaluate(model: nn.Module, batches, dtype: torch.dtype | None) -> tuple:
+    """Per-image cross-entropy (no label smoothing), predictions and labels, BN in eval mode:
+    `analyses.evaluate.predict`, the pass the diagnostics' running-statistics column makes."""
     model.eval()
-    with torch.inference_mode():
-        losses, predictions, labels, _ = predict(model, batches, dtype)
-    return losses.mean().item(), (predictions == labels).double().mean().item()
+    with torch.no_grad():
+        return predict(model, batches, dtype)
+
+
+def validation_text(loss: float, n_images: int, attribution: Attribution | None) -> str:
+    """`val_loss 3.7700 (recalibrated 0.8500: +2.92 ± 0.05 of it is BN statistics)`; where fewer images were
+    attributed than validated, which ones and their own running loss."""
+    if attribution is None:
+        return f"val_loss {loss:.4f}"
+    if attribution.n_images < n_images:
+        return (f"val_loss {loss:.4f} (first {attribution.n_images:,} images {attribution.loss_running:.4f}, "
+                f"{attribution.text()})")
+    return f"val_loss {loss:.4f} ({attribution.text()})"
 
 
 def train_epoch(step_model, optimizer, scheduler, scaler, criterion, batches, epoch, step, config, autocast,
@@ -221,10 +232,16 @@ def run(config: Config, resume: dict | None = None, lock=None) -> Path:
                            world_size, config.channels_last, config.workers)
     config.resolve_length(len(batches))
     val_batches = EvalBatches(val_data, spec, config.eval_batch_size, device, config.channels_last)
-    recal_inputs = None
+    recal_inputs = attribution_inputs = attribution_batches = None
     if config.precise_bn:
         recal_inputs = recalibration_inputs(train_data[:config.precise_bn], spec, config.augment,
                                             config.per_device_batch, device, config.channels_last)
+    if config.attribution_images:  # the same recalibration as the diagnostics' (and --precise-bn's, if given)
+        attribution_inputs = recal_inputs or recalibration_inputs(
+            train_data[:config.attribution_images], spec, config.augment, config.per_device_batch, device,
+            config.channels_last)
+        attribution_batches = EvalBatches(val_data[:config.attribution_images], spec, config.eval_batch_size,
+                                          device, config.channels_last)
 
     torch.manual_seed(config.seed)
     model_kwargs = config.model_kwargs(spec.num_classes, spec.in_channels)
@@ -249,10 +266,10 @@ def run(config: Config, resume: dict | None = None, lock=None) -> Path:
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     autocast = autocast_context(device, amp_dtype)
     monitor = None
-    if config.monitor_every and models.bn_layers(model):  # every process: SyncBatchNorm gathers across them
-        probe = train_data[:config.monitor_images]
+    if (config.monitor_every or config.attribution_images) and models.bn_layers(model):  # every process:
+        probe = train_data[:config.monitor_images]  # SyncBatchNorm gathers across them
         monitor = BNMonitor(model, augmented_once(probe, spec, config.augment, device), probe.labels,
-                            every=config.monitor_every, autocast=amp_dtype,
+                            every=config.monitor_every, autocast=amp_dtype, optimizer=optimizer,
                             warn_after=min(warm_up_steps(model), config.steps_per_epoch // 2),
                             probe=f"the first {len(probe)} training images, augmented once ({config.augment}, "
                                   "seed 0)",
@@ -263,7 +280,8 @@ def run(config: Config, resume: dict | None = None, lock=None) -> Path:
     step_rows, start_epoch, step = [], 1, 0
     if resume is not None:
         restore(resume, model, optimizer, scheduler, scaler, monitor, device)
-        history = {column: list(resume["history"].get(column, [0] * resume["epoch"])) for column in rundir.METRICS}
+        history = {column: list(resume["history"].get(column, [math.nan if column in rundir.ATTRIBUTION else 0]
+                                                      * resume["epoch"])) for column in rundir.METRICS}
         step_rows = [list(row) for row in resume["step_history"]]
         start_epoch, step = resume["epoch"] + 1, resume["step"]
     progress = Progress(config.total_steps, "train", unit="step", initial=step, enabled=is_main)
@@ -278,7 +296,8 @@ def run(config: Config, resume: dict | None = None, lock=None) -> Path:
             writer = summary_writer(config.tensorboard, purge_step=step + 1)
             if monitor is not None:
                 monitor.writer = writer
-    best_acc = max(history["val_acc"], default=-1.0)
+    selection = "val_acc_recalibrated" if config.select == "recalibrated" else "val_acc"
+    best_acc = max((a for a in history[selection] if math.isfinite(a)), default=-1.0)
     model_spec = {"name": name, "kwargs": model_kwargs}
     provenance = ckpt.provenance()
     if is_main and resume is None:
@@ -305,20 +324,38 @@ def run(config: Config, resume: dict | None = None, lock=None) -> Path:
             train_seconds = time.perf_counter() - started
             step_rows += [[first_step + i + 1, epoch, loss, lr] for i, (loss, lr) in enumerate(zip(losses, lrs))]
             check_weights(model, epoch, run_dir)  # on every process: the weights are the same everywhere
+            attributed = None  # the attributed images' pass with the statistics validation would have used
             if recal_inputs is not None:  # on every process too: SyncBatchNorm gathers across them
+                if attribution_batches is not None and monitor is not None:  # what the EMA statistics give
+                    attributed = evaluate(model, attribution_batches, amp_dtype)
                 recalibrate_bn(model, recal_inputs, amp_dtype)
+                if monitor is not None:
+                    monitor.statistics_replaced()
+            validated = evaluate(model, val_batches, amp_dtype) if is_main else None
+            attribution = None
+            if attribution_batches is not None and monitor is not None:  # every process: SyncBatchNorm again
+                if attributed is None and validated is not None:
+                    attributed = tuple(values[:config.attribution_images] for values in validated[:3])
+                attribution = monitor.validate(attribution_batches, attribution_inputs, step=step, epoch=epoch,
+                                               running=attributed, dtype=amp_dtype)
             if is_main:
-                val_loss, val_acc = evaluate(model, val_batches, amp_dtype)
+                val_loss = validated[0].mean().item()
+                val_acc = (validated[1] == validated[2]).double().mean().item()
                 row = {"epoch": epoch, "step": step, "train_loss": sum(losses) / len(losses), "train_acc": train_acc,
                        "val_loss": val_loss, "val_acc": val_acc, "lr": lrs[-1],
                        "epoch_seconds": time.perf_counter() - started,
                        "images_per_second": (step - first_step) * config.batch_size / train_seconds,
-                       "bn_warnings": warnings}
+                       "bn_warnings": warnings,
+                       **dict(zip(rundir.ATTRIBUTION, (attribution.loss_recalibrated, attribution.acc_recalibrated,
+                                                       attribution.excess, attribution.excess_se)
+                                  if attribution is not None else [math.nan] * 4))}
+                selected = row["val_acc_recalibrated" if config.select == "recalibrated" else "val_acc"]
                 for column in rundir.METRICS:
                     history[column].append(row[column])
                 if writer is not None:
                     for column, tag in EPOCH_SCALARS.items():
-                        writer.add_scalar(tag, row[column], step)
+                        if math.isfinite(row[column]):
+                            writer.add_scalar(tag, row[column], step)
                     writer.flush()  # before last.pt: whatever last.pt holds, its events hold too
                 state = {
                     "format": ckpt.FORMAT, "model": model_spec, "state_dict": model.state_dict(),
@@ -332,18 +369,22 @@ def run(config: Config, resume: dict | None = None, lock=None) -> Path:
                 if monitor is not None:
                     full["monitor"] = monitor.state_dict()
                 try:
-                    save_epoch_files(run_dir, state, full, config, epoch, is_best=val_acc > best_acc,
+                    save_epoch_files(run_dir, state, full, config, epoch, is_best=selected > best_acc,
                                      metrics=history, steps=step_rows, monitor=monitor)
                 except DiskFull as exc:
                     raise DiskFull(f"{exc}; epoch {epoch} will be trained again by python -m train --resume "
                                    f"{run_dir}") from None
-                best_acc = max(best_acc, val_acc)
+                best_acc = max(best_acc, selected)
                 progress.write(f"epoch {epoch}/{config.total_epochs}  step {step}  train_loss {row['train_loss']:.4f}  "
-                               f"train_acc {train_acc:.2%}  val_loss {val_loss:.4f}  val_acc {val_acc:.2%}  "
+                               f"train_acc {train_acc:.2%}  {validation_text(val_loss, len(validated[0]), attribution)}"
+                               f"  val_acc {val_acc:.2%}  "
                                f"lr {lrs[-1]:.4g}  {row['epoch_seconds']:.1f}s  {row['images_per_second']:,.0f} img/s"
                                + (f"  BN warnings {warnings}" if warnings else ""))
             if world_size > 1:
                 dist.barrier()
+        if is_main and monitor is not None:  # the run's end: what the BN statistics cost it, why, what to change
+            for line in prescription(monitor.dataset()).lines():
+                progress.write(line)
     finally:
         progress.close()
         if writer is not None:

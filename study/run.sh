@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The runs of docs/spikes.md (issue 26), one at a time (two of our processes on 2 cores slow each other), each
+# resumed where it stopped: `bash study/run.sh [GROUP ...]` from the repository root, runs in runs/study/.
+# Groups: pairs20 (plain20/resnet20, seeds 0-4), depth56 (plain56/resnet56, seeds 0-2), interventions.
+# THREADS=1 taskset -c 0 bash study/run.sh   leaves the other core free (what the first session did).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+OUT=${OUT:-runs/study}
+export OMP_NUM_THREADS=${THREADS:-${OMP_NUM_THREADS:-2}}
+# The recipe: Fashion-MNIST, the first 20,000 training images (the last 5,000 of the 60,000 validate), fp32, lr 0.2, BN momentum
+# 0.1, SGD 0.9, wd 5e-4, batch 128, cosine, crop-flip, 10 epochs; BN monitor every 10 steps; the attribution
+# on the first 2,000 validation images with statistics recomputed over the first 2,000 training images.
+RECIPE="--dataset fashion-mnist --data-dir ${DATA:-data} --train-images 20000 --val-split 5000 --precision fp32 --epochs 10 --lr 0.2
+        --bn-momentum 0.1 --augment crop-flip --schedule cosine --batch-size 128 --monitor-every 10"
+
+train() {  # NAME MODEL SEED [OPTIONS ...]
+  local name=$1 model=$2 seed=$3; shift 3
+  if [ -f "$OUT/$name/last.pt" ] || [ -f "$OUT/$name/config.json" ]; then
+    $PY -m train --resume "$OUT/$name"
+  else
+    $PY -m train --model "$model" --seed "$seed" $RECIPE "$@" --out "$OUT/$name"
+  fi
+}
+
+pairs20() { for seed in 0 1 2 3 4; do train plain20-s$seed plain20 $seed; train resnet20-s$seed resnet20 $seed; done; }
+depth56() { for seed in 0 1 2; do train plain56-s$seed plain56 $seed; train resnet56-s$seed resnet56 $seed; done; }
+interventions() {
+  for seed in 0 1; do
+    for model in plain20 resnet20; do
+      train $model-m0.02-s$seed $model $seed --bn-momentum 0.02
+      train $model-m0.4-s$seed $model $seed --bn-momentum 0.4
+      train $model-lr0.05-s$seed $model $seed --lr 0.05
+      train $model-precise-s$seed $model $seed --precise-bn 2000
+    done
+  done
+}
+
+for group in "${@:-pairs20}"; do
+  "$group"
+done
