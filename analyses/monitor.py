@@ -20,7 +20,8 @@ What moves the statistics (so that the gap can be predicted, not only measured),
 - `batch_noise`: per BN layer, the spread of one training batch's statistics around the population's, in the
   same units, from the statistics of consecutive training batches (recovered from the running buffers at every
   step: batch = (new - (1 - m) old) / m, no extra forward), rms(b_t - b_t-1) / sqrt(2);
-- `angular_speed`: per conv and fc weight, the angle it turned since the previous measurement, per step, beside
+- `angular_speed`: per conv and fc weight, the angle it turned in the measured step (between the weights before
+  and after it; the only copy of the weights the monitor keeps, for one step), beside
   `angular_equilibrium`, sqrt(2 lr wd / (1 + momentum)), the angular update per step at which SGD with weight
   decay settles on weights that BN makes scale-invariant (Wan et al., Spherical Motion Dynamics, 2021);
 - shadow running statistics at the momenta SHADOW_MOMENTA and the run's own (buffers only, updated at every step
@@ -416,7 +417,8 @@ class BNMonitor:
         self.validations: dict[str, list] = {name: [] for name in VALIDATED}
         self.tracker = StatisticsTracker(model, SHADOW_MOMENTA)
         self.momenta = self.tracker.momenta
-        self._previous = None  # (step, the probe's batch statistics, a copy of the weights) of the last measurement
+        self._previous = None  # (step, the probe's batch statistics) of the last measurement
+        self._before = None  # (step, a copy of the weights) one step before a measurement
 
     # -----------------------------------------------------------------------------------------------------------
     # Measuring
@@ -429,6 +431,8 @@ class BNMonitor:
         self.calls += 1
         step = self.calls if step is None else step
         self.tracker.update()
+        if self.every and (step + 1) % self.every == 0:  # the weights before the next step's update
+            self._before = (step, [w.detach().clone() for w in self.weights])
         if not self.every or step % self.every:
             return None
         return self.measure(step, epoch=epoch, loss=loss, lr=lr)
@@ -481,10 +485,11 @@ class BNMonitor:
         if self._previous is not None and step > self._previous[0]:
             steps = step - self._previous[0]
             speed = statistics_error_table(self._previous[1], statistics, self.bn_names)[:, 0].numpy() / steps
-            for i, (before, now) in enumerate(zip(self._previous[2], self.weights)):
-                cosine = F.cosine_similarity(before.flatten().double(), now.detach().flatten().double(), dim=0)
-                angle[i] = math.acos(max(-1.0, min(1.0, cosine.item()))) / steps
-        self._previous = (step, statistics, [w.detach().clone() for w in self.weights])
+        if self._before is not None and self._before[0] == step - 1:
+            cosines = [F.cosine_similarity(before.flatten().double(), now.detach().flatten().double(), dim=0)
+                       for before, now in zip(self._before[1], self.weights)]
+            angle = np.array([math.acos(max(-1.0, min(1.0, c.item()))) for c in cosines])
+        self._previous, self._before = (step, statistics), None
         noise = self.tracker.noise(reset=True)
         shadows = self.tracker.shadow_statistics(self.bn_names)
         shadow_gap = np.stack([statistics_error_table(shadow, statistics, self.bn_names)[:, 0].numpy()
@@ -586,13 +591,19 @@ class BNMonitor:
         return np.asarray(records[name], dtype=np.float64).reshape((len(records[name]), *shape))
 
     def state_dict(self) -> dict:
-        """The measurements and validations so far and the shadow statistics, as tensors and lists (a checkpoint
-        with weights_only=True can hold it). The next measurement's speeds start afresh after a resume."""
+        """The measurements and validations so far, the shadow statistics and what the next measurement compares
+        with, as tensors and lists (a checkpoint with weights_only=True can hold it): a resumed run measures as
+        if it had not stopped."""
         return {"calls": self.calls, "bn_layers": list(self.bn_names), "weight_layers": list(self.weight_names),
                 "records": {name: torch.as_tensor(self._stacked(self.records, name)) for name in self.records},
                 "validations": {name: torch.as_tensor(self._stacked(self.validations, name))
                                 for name in self.validations},
-                "tracker": self.tracker.state_dict()}
+                "tracker": self.tracker.state_dict(),
+                "previous": ({"step": self._previous[0], "mean": [self._previous[1][n].mean.cpu() for n in self.bn_names],
+                              "var": [self._previous[1][n].var.cpu() for n in self.bn_names]}
+                             if self._previous is not None else {}),
+                "before": ({"step": self._before[0], "weights": [w.cpu() for w in self._before[1]]}
+                           if self._before is not None else {})}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue the record `state_dict` returned (on resume); the layers must be this model's. A record of an
@@ -613,7 +624,13 @@ class BNMonitor:
             target[name] = [int(value) for value in target[name]]
         self.records["warning"] = [bool(w) for w in self.records["warning"]]
         self.tracker.load_state_dict(state.get("tracker", {}))
-        self._previous = None
+        previous, before = state.get("previous") or {}, state.get("before") or {}
+        eps = {name: module.eps for name, module in models.bn_layers(self.model)}
+        self._previous = ((int(previous["step"]), {name: BNStatistics(m.to(self.device), v.to(self.device), eps[name])
+                                                   for name, m, v in zip(self.bn_names, previous["mean"],
+                                                                         previous["var"])})
+                          if previous else None)
+        self._before = ((int(before["step"]), [w.to(self.device) for w in before["weights"]]) if before else None)
 
     def dataset(self, *, checkpoint=None, dataset=None) -> xr.Dataset:
         """Every measurement so far along `step`, every validation along `validation`; BN layers along `depth`,
@@ -662,7 +679,7 @@ class BNMonitor:
                                         "steps since the previous measurement and the channels of the "
                                         "normalisation error between consecutive batches, / sqrt(2)", UNITS),
                 "angular_speed": variable(("step", "weight_depth"), stacked("angular_speed"),
-                                          "angle between the weight now and at the previous measurement, per step",
+                                          "angle the weight turned in the measured step",
                                           "radians per optimiser step"),
                 "angular_equilibrium": variable("step", stacked("angular_equilibrium"),
                                                 "sqrt(2 lr weight_decay / (1 + momentum)): the equilibrium angular "

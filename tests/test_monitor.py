@@ -160,13 +160,18 @@ def test_the_trainer_writes_monitor_nc_that_the_checkpoints_confirm(tiny_runs):
 
 
 def test_the_monitor_changes_nothing_in_training(tmp_path):
+    """Measured every step and every validation attributed (statistics recomputed, shadows kept), or nothing:
+    the same weights, buffers, random state and validation losses."""
     watched = train_tiny(tmp_path / "watched", "resnet20", "--monitor-every", "1", "--deterministic")
-    unwatched = train_tiny(tmp_path / "unwatched", "resnet20", "--monitor-every", "0", "--deterministic")
+    unwatched = train_tiny(tmp_path / "unwatched", "resnet20", "--monitor-every", "0", "--attribution-images", "0",
+                           "--deterministic")
     a, b = (torch.load(run / "last.pt", weights_only=True) for run in (watched, unwatched))
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])  # buffers too
     assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
     assert a["history"]["val_loss"] == b["history"]["val_loss"]
     assert not (unwatched / "monitor.nc").exists() and "monitor" not in b
+    excess = [rundir.read_metrics(run)["bn_excess"] for run in (watched, unwatched)]
+    assert all(np.isfinite(excess[0])) and all(np.isnan(excess[1]))
 
 
 def test_the_trainer_prints_the_warning_and_counts_it(tmp_path, capsys):
@@ -182,7 +187,8 @@ def test_the_trainer_prints_the_warning_and_counts_it(tmp_path, capsys):
     assert [f"(epoch {e})" in line for e, line in zip((1, 2), firsts)] == [bool(n) for n in warnings]
     ds = xr.load_dataset(run / "monitor.nc")
     assert int(ds.warning.sum()) == sum(warnings)
-    assert f"BN warnings {warnings[-1]}" in out.splitlines()[-1] or warnings[-1] == 0
+    last_epoch = [line for line in out.splitlines() if line.startswith("epoch ")][-1]
+    assert f"BN warnings {warnings[-1]}" in last_epoch or warnings[-1] == 0
 
 
 def test_the_warning_waits_for_the_running_statistics_to_warm_up():

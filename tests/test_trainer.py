@@ -36,7 +36,8 @@ def test_run_directory_contents(tiny_runs):
             "best.pt"} <= names
     rows = read_csv(run / "metrics.csv")
     assert list(rows[0]) == ["epoch", "step", "train_loss", "train_acc", "val_loss", "val_acc", "lr",
-                             "epoch_seconds", "images_per_second", "bn_warnings"]
+                             "epoch_seconds", "images_per_second", "bn_warnings", "val_loss_recalibrated",
+                             "val_acc_recalibrated", "bn_excess", "bn_excess_se"]
     assert [int(r["step"]) for r in rows] == [4, 8]
     steps = read_csv(run / "steps.csv")
     assert [int(r["step"]) for r in steps] == list(range(1, 9))

@@ -1,0 +1,170 @@
+"""Trust every validation (issue 24): the validation attributed to BN statistics, the statistics followed from
+step to step, the lag model against a constructed moving average, and the prescription."""
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import xarray as xr
+
+import models
+from analyses.bn import recalibrate_bn
+from analyses.monitor import (BNMonitor, StatisticsTracker, agreement, attribute, best_momentum, predicted_error,
+                              prescription)
+from conftest import assert_no_hooks, train_tiny
+from train import checkpoint as ckpt
+from train import data, rundir
+
+
+def hand_loop(model, steps: int, monitor=None, batch: int = 16, seed: int = 1):
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = torch.randn(batch, 3, 32, 32, generator=generator)
+        y = torch.randint(0, 4, (batch,), generator=generator)
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if monitor is not None:
+            monitor.step(loss=loss)
+    return optimizer
+
+
+def test_each_steps_batch_statistics_are_recovered_and_the_own_momentum_shadow_is_the_running_one():
+    torch.manual_seed(0)
+    model = models.build("resnet20", num_classes=4)
+    tracker = StatisticsTracker(model, (0.02, 0.5))
+    assert tracker.momenta == (0.02, 0.1, 0.5)  # the run's own momentum joins the shadows
+    seen = {}
+    layer = dict(model.named_modules())["stage2.block1.bn1"]
+    layer.register_forward_hook(lambda module, inputs, output: seen.update(x=inputs[0].detach()))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(6):
+        loss = F.cross_entropy(model(torch.randn(16, 3, 32, 32)), torch.randint(0, 4, (16,)))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        tracker.update()
+    names = [name for name, _ in models.bn_layers(model)]
+    i = names.index("stage2.block1.bn1")
+    start = sum(tracker.sizes[:i])
+    batch_mean, batch_var = (t[start:start + tracker.sizes[i]] for t in tracker.previous)
+    torch.testing.assert_close(batch_mean, seen["x"].mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(batch_var, seen["x"].var((0, 2, 3), unbiased=True), rtol=1e-4, atol=1e-5)
+    own = tracker.shadow_statistics(names)[1]
+    for name, module in models.bn_layers(model):
+        torch.testing.assert_close(own[name].mean, module.running_mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(own[name].var, module.running_var, rtol=1e-5, atol=1e-6)
+
+
+def test_the_lag_model_matches_a_moving_average_of_a_statistic_moving_at_a_known_speed():
+    """One BN layer whose input's population mean moves v (in stds) per step: every shadow's error against the
+    population equals the lag model's sqrt((v (1 - m) / m)^2 + s^2 m / (2 - m)), with s the batch noise the tracker
+    measures (for Gaussian inputs of n values per channel, sqrt(1 / n + 1 / (2 n)): the mean's and the std's)."""
+    channels, n, v, steps = 256, 64, 0.01, 600
+    model = nn.Sequential(nn.BatchNorm2d(channels))
+    tracker = StatisticsTracker(model, (0.02, 0.05, 0.2, 0.5))
+    generator = torch.Generator().manual_seed(0)
+    for t in range(1, steps + 1):
+        model(v * t + torch.randn(n, channels, 1, 1, generator=generator))
+        tracker.update()
+    noise = tracker.noise()[0]
+    assert noise == pytest.approx(math.sqrt(1.5 / n), rel=0.05)
+    for momentum, shadow in zip(tracker.momenta, tracker.shadow_statistics(["0"])):
+        mean_error = (v * steps - shadow["0"].mean) / shadow["0"].var.add(1e-5).sqrt()
+        scale_error = 1 - 1 / shadow["0"].var.add(1e-5).sqrt()
+        measured = (mean_error.square() + scale_error.square()).mean().sqrt().item()
+        assert measured == pytest.approx(predicted_error(v, noise, momentum), rel=0.15), momentum
+
+
+def test_the_best_momentum_balances_lag_and_noise():
+    # small m: (v / m)^2 + s^2 m / 2 is smallest at m = (4 v^2 / s^2)^(1/3)
+    assert best_momentum([1e-5], [0.1]) == pytest.approx((4e-10 / 1e-2) ** (1 / 3), rel=0.05)
+    assert best_momentum([1e-5, 1e-5], [0.1, 0.1]) == best_momentum([1e-5], [0.1])
+    assert best_momentum([0.0], [0.1]) == pytest.approx(1e-3)  # nothing moves: average as long as possible
+    assert best_momentum([0.5], [0.0]) == 1.0  # no noise: follow the last batch
+    assert math.isnan(best_momentum([np.nan], [0.1]))
+    assert agreement([0.1, 0.2, 0.4, 0.8], [0.1, 0.2, 0.4, 0.8])[:2] == (1.0, 1.0)
+
+
+def test_a_corrupted_layer_is_attributed_exactly_and_nothing_is_changed(tiny_runs):
+    loaded = ckpt.load(tiny_runs["resnet20"] / "epoch_002.pt")
+    model = loaded.model
+    train_images = data.load_split("synthetic", "train")[:128]
+    recalibration = data.recalibration_inputs(train_images, loaded.spec, "none", 64, "cpu")
+    val = data.load_split("synthetic", "test")[:96]
+    batches = data.EvalBatches(val, loaded.spec, 32, "cpu")
+    x = torch.cat([b for b, _ in batches])
+    layer = dict(model.named_modules())["stage2.block1.bn1"]
+    with torch.no_grad():
+        layer.running_mean += 5 * (layer.running_var + layer.eps).sqrt()
+    monitor = BNMonitor(model, x[:16], val.labels[:16], every=0)
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    result = monitor.validate(batches, recalibration, step=7, epoch=2)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and model.training
+    assert torch.equal(rng, torch.get_rng_state())
+    assert_no_hooks(model)
+    by_hand = copy.deepcopy(model)
+    recalibrate_bn(by_hand, recalibration)
+    model.eval(), by_hand.eval()
+    with torch.no_grad():
+        running, recalibrated = (F.cross_entropy(m(x), val.labels, reduction="none").double() for m in (model, by_hand))
+    model.train()
+    difference = running - recalibrated
+    assert result.loss_running == pytest.approx(running.mean().item(), rel=1e-6)
+    assert result.loss_recalibrated == pytest.approx(recalibrated.mean().item(), rel=1e-6)
+    assert result.excess == pytest.approx(difference.mean().item(), rel=1e-6)
+    assert result.excess_se == pytest.approx(difference.std().item() / math.sqrt(96), rel=1e-6)
+    assert result.excess > 1 and result.n_images == 96 and "of it is BN statistics" in result.text()
+    ds = monitor.dataset()
+    assert ds.val_step.values.tolist() == [7] and ds.val_epoch.values.tolist() == [2]
+    errors = ds.shadow_error.sel(momentum=0.1).isel(validation=0)
+    assert str(ds.layer.values[int(np.argmax(errors.values))]) == "stage2.block1.bn1"  # the running statistics' own error
+    assert errors.max() == pytest.approx(5, rel=0.05)
+    assert prescription(ds).layers[0][0] == "stage2.block1.bn1"
+    with pytest.raises(ValueError, match="same images"):
+        attribute((running[:3], running[:3].long(), val.labels[:3]), (running[:2], running[:2].long(), val.labels[:2]))
+
+
+def test_the_monitor_keeps_its_new_measurements_across_a_resume():
+    torch.manual_seed(0)
+    model = models.build("resnet20", num_classes=4)
+    probe_x, probe_y = torch.randn(32, 3, 32, 32), torch.randint(0, 4, (32,))
+    monitor = BNMonitor(model, probe_x, probe_y, every=3)
+    optimizer = hand_loop(model, 7, monitor)
+    monitor.optimizer = optimizer
+    state = copy.deepcopy(monitor.state_dict())
+    twin = copy.deepcopy(model)
+    hand_loop(model, 5, monitor, seed=2)
+    restored = BNMonitor(twin, probe_x, probe_y, every=3)
+    restored.load_state_dict(state)
+    hand_loop(twin, 5, restored, seed=2)
+    a, b = monitor.dataset(), restored.dataset()
+    for name in ("input_speed", "batch_noise", "angular_speed", "shadow_gap", "predicted_gap"):
+        np.testing.assert_allclose(a[name].values, b[name].values, rtol=1e-5, atol=1e-7, err_msg=name)
+    assert np.isfinite(a.input_speed.sel(step=[6, 9, 12])).all() and np.isfinite(a.angular_speed).all()
+    assert np.isnan(a.input_speed.sel(step=3)).all()  # nothing to compare with at the first measurement
+
+
+def test_the_trainer_attributes_each_validation_and_selects_as_asked(tmp_path, capsys):
+    run = train_tiny(tmp_path / "run", "plain20", "--lr", "0.2", "--attribution-images", "48", "--select",
+                     "recalibrated")
+    out = capsys.readouterr().out
+    metrics = rundir.read_metrics(run)
+    epoch_lines = [line for line in out.splitlines() if line.startswith("epoch ")]
+    for line, loss, recalibrated in zip(epoch_lines, metrics["val_loss"], metrics["val_loss_recalibrated"]):
+        assert f"val_loss {loss:.4f} (first 48 images" in line and f"recalibrated {recalibrated:.4f}:" in line
+    ds = xr.load_dataset(run / "monitor.nc")
+    np.testing.assert_allclose(ds.bn_excess.values, metrics["bn_excess"])
+    np.testing.assert_allclose(ds.val_loss.sel(val_bn="recalibrated").values, metrics["val_loss_recalibrated"])
+    assert (ds.val_images == 48).all() and ds.val_epoch.values.tolist() == [1, 2]
+    best = torch.load(run / "best.pt", weights_only=True)
+    assert best["epoch"] == 1 + int(np.argmax(metrics["val_acc_recalibrated"]))
+    assert best["history"]["bn_excess"] == metrics["bn_excess"][:best["epoch"]]
+    assert any(line.startswith("BN statistics: the largest share") for line in out.splitlines())
