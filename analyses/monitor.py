@@ -67,7 +67,7 @@ import models
 
 from .bn import (COMPONENTS, UNITS, BNStatistics, batch_statistics, normalisation_error, recalibrate_bn,
                  running_statistics, statistics_error_table)
-from .common import ChannelMoments, attrs, forward_hooks, layer_coords, preserved_state, variable
+from .common import ChannelMoments, attrs, forward_hooks, inputs_of, layer_coords, preserved_state, variable
 from .evaluate import predict
 from .gradients import kind_of, weight_layers
 
@@ -137,10 +137,10 @@ def attribute(running, recalibrated) -> Attribution:
 @torch.no_grad()
 def recalibrated_predictions(model: nn.Module, batches, recalibration, dtype: torch.dtype | None = None):
     """`predict` over `batches` (BN in eval mode) with every BN layer's statistics recomputed over the images of
-    `recalibration` (`recalibrate_bn`, as the diagnostics and `--precise-bn` do), and those statistics. The
+    `recalibration` (images, or `(images, labels)` pairs; `recalibrate_bn`, as the diagnostics and `--precise-bn` do), and those statistics. The
     model's own statistics, modes and hooks are as they were after; no random number is drawn."""
     with preserved_state(model):
-        recalibrate_bn(model, recalibration, dtype)
+        recalibrate_bn(model, inputs_of(recalibration), dtype)
         statistics = running_statistics(model)
         model.eval()
         return predict(model, batches, dtype), statistics
