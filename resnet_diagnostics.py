@@ -15,7 +15,7 @@ import sys
 
 CONSOLE_VARIABLE = "RESNET_DIAG_CONSOLE_COMMAND"  # set by `resnet-diag NAME` for the usage lines
 COMMANDS = {"train": "train", **{name: f"diagnostics.{name}" for name in (
-    "curves", "evaluate", "flops", "responses", "gradients", "spikes", "attributions", "report")}}
+    "curves", "evaluate", "flops", "responses", "gradients", "spikes", "trust", "attributions", "report")}}
 
 
 def own_modules_first() -> None:

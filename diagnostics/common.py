@@ -408,13 +408,15 @@ def write_outputs(out: Path, name: str, dataset, figure=None) -> list[Path]:
     return paths
 
 
-def print_table(header: list[str], rows: list[list[str]]) -> None:
+def table_lines(header: list[str], rows: list[list[str]]) -> list[str]:
     """Columns as wide as their widest cell: the first left-aligned, the rest right-aligned."""
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        cells = [str(cell).ljust(width) if i == 0 else str(cell).rjust(width)
-                 for i, (cell, width) in enumerate(zip(row, widths))]
-        print("  ".join(cells).rstrip())
+    return ["  ".join(str(cell).ljust(width) if i == 0 else str(cell).rjust(width)
+                      for i, (cell, width) in enumerate(zip(row, widths))).rstrip() for row in [header, *rows]]
+
+
+def print_table(header: list[str], rows: list[list[str]]) -> None:
+    print("\n".join(table_lines(header, rows)))
 
 
 def main_guard(main) -> int:

@@ -1,0 +1,183 @@
+"""`python -m diagnostics.trust RUN [RUN ...]`: across seeds, how many validations BN statistics spoiled, by how
+much, why, and whether the early warning announced them.
+
+Reads each run's metrics.csv (the attribution of every validation: running against recomputed statistics) and
+monitor.nc (speeds, noise, shadow statistics, the probe). Runs that differ only in seed form a group (as in
+`diagnostics.curves`); groups that differ only in the skip connection are contrasted, plain minus residual.
+Writes trust.nc and trust.png / .pdf; prints the tables.
+"""
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+import models
+import resnet_diagnostics
+from analyses.trust import RULES, trust_study
+from train.errors import ArgumentParser, UserError
+from train.progress import track
+
+from . import common, plotting
+from .curves import group_labels, group_options, read_run, run_labels
+from .spikes import _number
+
+
+def parser():
+    p = ArgumentParser(prog=resnet_diagnostics.prog("diagnostics.trust"), description=__doc__.split("\n\n")[0])
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories of python -m train")
+    p.add_argument("--event-factor", type=_number(1.0, inclusive=False), default=1.25,
+                   help="an event: the running-statistics loss exceeds the recomputed one by this factor (default "
+                        "1.25, as diagnostics.spikes' --gap-factor)")
+    p.add_argument("--event-margin", type=_number(0.0, inclusive=True), default=0.1,
+                   help="... and by at least this many nats (default 0.1)")
+    p.add_argument("--choose-on", default="0,1", metavar="SEEDS",
+                   help="seeds whose runs choose each warning rule's threshold; the others score it (default 0,1)")
+    p.add_argument("--out", help="where trust.nc and trust.png go (default: diagnostics/ in the first run)")
+    return p
+
+
+def _seeds(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise UserError(f"--choose-on takes seeds such as 0,1, not {text!r}") from None
+
+
+def read_monitor(run_dir: Path) -> xr.Dataset | None:
+    path = run_dir / "monitor.nc"
+    if not path.exists():
+        return None
+    try:
+        return xr.load_dataset(path)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise UserError(f"{path} cannot be read ({str(exc).splitlines()[0][:100] if str(exc) else type(exc).__name__}); "
+                        "copy the run again, or move the file away to study the run without it") from None
+
+
+def skip_pairs(runs, groups: list[str]) -> list[tuple[str, str]]:
+    """(plain group, residual group) for groups whose runs differ only in the skip connection."""
+    keys = {}
+    for run, group in zip(runs, groups):
+        kwargs = {"skip": False} if run.config.get("skip") is False else {}  # --no-skip
+        name, canonical = models.canonical(run.config["model"], **kwargs)
+        options = {k: v for k, v in group_options(run).items() if k != "model"}
+        key = json.dumps([name, {k: v for k, v in canonical.items() if k != "skip"}, options], sort_keys=True,
+                         default=str)
+        keys.setdefault(key, {})[canonical.get("skip", True) is False] = group
+    return [(sides[True], sides[False]) for sides in keys.values() if True in sides and False in sides]
+
+
+def _cell(values, digits: int = 2, scale: float = 1.0) -> str:
+    mean, low, high = (scale * v for v in values)
+    if not np.isfinite(mean):
+        return "?"
+    return f"{mean:.{digits}f}" + (f" [{low:.{digits}f}, {high:.{digits}f}]" if np.isfinite(low) else "")
+
+
+GROUP_COLUMNS = [("events", "events", 1, 1), ("event_share", "share", 2, 1), ("max_excess", "max excess", 2, 1),
+                 ("final_acc_running", "acc running %", 1, 100), ("final_acc_recalibrated", "acc recomputed %", 1, 100),
+                 ("running_error", "stats error", 3, 1), ("lag_spearman", "lag model rho", 2, 1),
+                 ("best_momentum_measured", "best m", 2, 1)]
+
+
+def tables(ds: xr.Dataset) -> str:
+    lines = [f"events: {ds.attrs['definition']}", "mean [95% interval] over seeds"]
+    rows = [[str(group), str(int((ds.group_of_run == group).sum()))]
+            + [_cell(ds[f"{name}_by_group"].sel(group=group).values, digits, scale)
+               for name, _, digits, scale in GROUP_COLUMNS] for group in ds.group.values]
+    lines += common.table_lines(["group", "runs", *(title for _, title, _, _ in GROUP_COLUMNS)], rows)
+    if ds.sizes["pair"]:
+        lines.append("plain minus residual [95% Welch interval]")
+        rows = [[str(pair)] + [_cell(ds[f"{name}_contrast"].sel(pair=pair).values, digits, scale)
+                               for name, _, digits, scale in GROUP_COLUMNS] for pair in ds.pair.values]
+        lines += common.table_lines(["pair", *(title for _, title, _, _ in GROUP_COLUMNS)], rows)
+    lines.append(f"warning rules, threshold chosen on seeds {', '.join(map(str, np.atleast_1d(ds.attrs['choose_on'])))}, "
+                 "scored on the others (precision, recall, median lead in steps)")
+    rows = [[rule, f"{ds.warning_threshold.sel(rule=rule).item():.3g}"]
+            + [f"{ds[f'warning_{q}_{part}'].sel(rule=rule).item():.2f}" for part in ("chosen", "held_out")
+               for q in ("precision", "recall")]
+            + [f"{ds[f'warning_lead_{part}'].sel(rule=rule).item():.0f}" for part in ("chosen", "held_out")]
+            for rule in RULES]
+    lines += common.table_lines(["rule", "threshold", "P chosen", "R chosen", "P held out", "R held out",
+                                 "lead chosen", "lead held out"], rows)
+    return "\n".join(lines)
+
+
+@plotting.styled
+def figure(ds: xr.Dataset):
+    """Per group, seeds as dots and the mean with its 95% interval: (a) events per run, (b) every validation's
+    excess (events filled), (c) accuracy with running and recomputed statistics, (d) the running statistics'
+    error, (e) the layers' input speed against BN's window, (f) best momentum, measured and predicted."""
+    panels = [("events", "(a) BN-statistics events per run", 1, False),
+              (None, "(b) excess of each validation, nats\n(filled: events; dotted: the margin)", 1, True),
+              ("final_acc", "(c) last validation accuracy, %\n(running ●, recomputed ○)", 100, False),
+              ("running_error", "(d) running statistics' error\n(RMS over validations and layers)", 1, False),
+              ("input_speed", "(e) speed of the layers' input\nstatistics per step (median)", 1, False),
+              ("best_momentum", "(f) best BN momentum\n(measured ●, predicted ○)", 1, False)]
+    fig, axes = plotting.figure(2, 3, width=2 * plotting.COLUMN_WIDTH, height=4.6, sharex=True)
+    groups = list(ds.group.values)
+    x = np.arange(len(groups))
+    for axis, (name, title, scale, symlog) in zip(axes.flat, panels):
+        axis.set_title(title, loc="left", fontsize=6)
+        for i, group in enumerate(groups):
+            runs = ds.group_of_run.values == group
+            colour = f"C{i % 10}"
+            if name is None:
+                excess, events = ds.excess.values[runs].ravel(), ds.event.values[runs].ravel()
+                keep = np.isfinite(excess)
+                jitter = np.linspace(-0.25, 0.25, max(1, keep.sum()))
+                axis.scatter(i + jitter, excess[keep], s=6, facecolors=np.where(events[keep], colour, "none"),
+                             edgecolors=colour, linewidths=0.5)
+                continue
+            pairs = ([("final_acc_running", "o"), ("final_acc_recalibrated", "none")] if name == "final_acc" else
+                     [("best_momentum_measured", "o"), ("best_momentum_predicted", "none")]
+                     if name == "best_momentum" else [(name, "o")])
+            for k, (variable, fill) in enumerate(pairs):
+                offset = (k - (len(pairs) - 1) / 2) * 0.25
+                values = scale * ds[variable].values[runs]
+                axis.scatter(np.full(len(values), i + offset), values, s=8, edgecolors=colour, linewidths=0.6,
+                             facecolors=colour if fill == "o" else "none", zorder=3)
+                mean, low, high = scale * ds[f"{variable}_by_group"].sel(group=group).values
+                if np.isfinite(mean):
+                    axis.errorbar(i + offset + 0.1, mean, yerr=[[mean - low], [high - mean]] if np.isfinite(low)
+                                  else None, color=colour, fmt="_", markersize=8, capsize=2, linewidth=0.8)
+        if symlog:
+            axis.set_yscale("symlog", linthresh=0.1)
+            axis.axhline(ds.attrs["event_margin"], color="grey", linewidth=0.5, linestyle=":")
+        if name in ("running_error", "input_speed", "best_momentum"):
+            finite = [v for v in np.ravel([ds[v].values for v in ([f"{name}_measured", f"{name}_predicted"]
+                                           if name == "best_momentum" else [name])]) if np.isfinite(v) and v > 0]
+            if finite:
+                axis.set_yscale("log")
+                plotting.plain_log_labels(axis.yaxis)
+        if not np.isfinite(axis.dataLim.bounds).all() or not ds.sizes["run"]:
+            axis.text(0.5, 0.5, "no monitored runs", ha="center", va="center", transform=axis.transAxes)
+    for axis in axes[-1]:
+        axis.set_xticks(x, [str(g) for g in groups], rotation=30, ha="right", fontsize=6)
+        axis.set_xlim(-0.6, len(groups) - 0.4)
+    fig.tight_layout()
+    return fig
+
+
+def main(argv=None) -> None:
+    args = parser().parse_args(argv)
+    choose_on = _seeds(args.choose_on)
+    common.require_run_dirs(args.runs, "trust reads a run's metrics.csv, monitor.nc and config.json")
+    paths = list(dict.fromkeys(Path(text) for text in args.runs))
+    runs = [read_run(path) for path in track(paths, len(paths), "trust", unit="run")]
+    monitors = [read_monitor(path) for path in paths]
+    groups = group_labels(runs)
+    ds = trust_study([run.history for run in runs], monitors, run_labels(runs), groups,
+                     [int(run.config.get("seed", 0)) for run in runs], skip_pairs(runs, groups),
+                     event_factor=args.event_factor, event_margin=args.event_margin, choose_on=choose_on,
+                     checkpoint=[str(path) for path in paths],
+                     dataset=sorted({str(run.config.get("dataset")) for run in runs}))
+    out = common.output_dir(args, [common.Source(paths[0].name, run_dir=paths[0])])
+    print(tables(ds))
+    common.write_outputs(out, "trust", ds, figure(ds))
+
+
+if __name__ == "__main__":
+    sys.exit(common.main_guard(main))

@@ -1,0 +1,83 @@
+"""Trust every validation across seeds (issues 24 and 26): intervals, events, warning scores by hand, and the
+command on real runs."""
+import math
+import shutil
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from analyses.trust import (RULES, announced, events_of, precision_recall, t_interval, trust_study,
+                            welch_interval)
+from diagnostics import trust as command
+
+
+def history(recalibrated, excess, steps=None) -> dict:
+    n = len(excess)
+    return {"epoch": list(range(1, n + 1)), "step": steps or [10 * e for e in range(1, n + 1)],
+            "val_loss": [r + e for r, e in zip(recalibrated, excess)], "val_acc": [0.5] * n,
+            "val_loss_recalibrated": recalibrated, "val_acc_recalibrated": [0.6] * n, "bn_excess": excess}
+
+
+def test_intervals_by_hand():
+    mean, low, high = t_interval([1.0, 2.0, 3.0])
+    assert (mean, high - mean) == pytest.approx((2.0, 4.303 / math.sqrt(3)))
+    assert t_interval([5.0])[0] == 5 and math.isnan(t_interval([5.0])[1]) and math.isnan(t_interval([])[0])
+    difference, low, high = welch_interval([1.0, 2.0, 3.0], [1.0, 1.0, 4.0])
+    # variances 1/3 and 3/3: df = (4/3)^2 / ((1/3)^2/2 + 1/2) = 3.2 -> t(3) = 3.182
+    assert difference == pytest.approx(0.0) and high == pytest.approx(3.182 * math.sqrt(4 / 3))
+    assert welch_interval([1.0, 1.0], [0.0, 0.0]) == (1.0, 1.0, 1.0)
+
+
+def test_events_and_announcements_by_hand():
+    h = history([0.5, 0.5, 0.5, 1.0], [0.05, 0.2, 0.13, 0.3], steps=[10, 20, 30, 40])
+    # running against recomputed, 1.25 x and 0.1 nats: 0.55 no (+0.05), 0.7 yes, 0.63 yes (1.26 x), 1.3 yes (1.3 x)
+    assert events_of(h, 1.25, 0.1).tolist() == [False, True, True, True]
+    assert events_of(h, 1.27, 0.1).tolist() == [False, True, False, True]
+    steps, scores = np.array([2, 5, 12, 18, 25, 33, 38]), np.array([9.0, 0, 0, 2, 0, 0, 3])
+    fired, lead = announced(steps, scores, 3, [10, 20, 30, 40], threshold=1.0)
+    assert fired.tolist() == [False, True, False, True]  # step 2 scored 9 before the warning was armed
+    assert lead[1] == 2 and lead[3] == 2 and np.isnan(lead[0])
+    assert precision_recall(fired, [False, True, True, True]) == (1.0, 2 / 3)
+    assert math.isnan(precision_recall([False], [True])[0])
+
+
+def test_a_study_of_real_runs(tiny_runs):
+    monitors = [xr.load_dataset(tiny_runs[name] / "monitor.nc") for name in ("plain20", "resnet20")]
+    from train import rundir
+    histories = [rundir.read_metrics(tiny_runs[name]) for name in ("plain20", "resnet20")]
+    ds = trust_study(histories + histories, monitors + monitors, ["p0", "r0", "p1", "r1"],
+                     ["plain20", "resnet20", "plain20", "resnet20"], [0, 0, 1, 1], [("plain20", "resnet20")],
+                     choose_on=(0,))
+    events = [events_of(h, 1.25, 0.1).sum() for h in histories]
+    assert ds.events.values.tolist() == events + events
+    assert ds.events_by_group.sel(group="plain20", statistic="mean") == events[0]
+    assert ds.events_contrast.sel(statistic="mean").item() == events[0] - events[1]
+    excess = ds.excess.sel(run="r1").values
+    np.testing.assert_allclose(excess, histories[1]["bn_excess"])
+    assert ds.max_excess.sel(run="p0") == pytest.approx(max(histories[0]["bn_excess"]))
+    assert list(ds.rule.values) == list(RULES) and ds.warning_threshold.notnull().any()
+    assert ds.final_acc_running.sel(run="p0") == monitors[0].val_acc.values[-1, 0]
+
+
+def test_the_command_prints_the_tables_and_writes_its_files(tiny_runs, tmp_path, capsys):
+    runs = []
+    for name in ("plain20", "resnet20"):
+        for seed in (0, 1):
+            copy = tmp_path / f"{name}-s{seed}"
+            shutil.copytree(tiny_runs[name], copy, ignore=shutil.ignore_patterns("diagnostics"))
+            runs.append(str(copy))
+    command.main([*runs, "--out", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert "plain minus residual" in out and "plain20 - resnet20" in out and "probe_excess" in out
+    ds = xr.load_dataset(tmp_path / "out" / "trust.nc")
+    assert ds.sizes["run"] == 4 and ds.sizes["group"] == 2 and (tmp_path / "out" / "trust.png").is_file()
+
+
+def test_a_damaged_monitor_is_one_line(tiny_runs, tmp_path, capsys):
+    copy = tmp_path / "run"
+    shutil.copytree(tiny_runs["plain20"], copy, ignore=shutil.ignore_patterns("diagnostics"))
+    (copy / "monitor.nc").write_bytes(b"not a netcdf file")
+    assert command.common.main_guard(lambda: command.main([str(copy), "--out", str(tmp_path / "o")])) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "monitor.nc cannot be read" in err and not (tmp_path / "o").exists()
