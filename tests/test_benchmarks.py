@@ -127,13 +127,15 @@ def test_train_throughput_smallest(capsys):
 
 def test_monitor_cost_measures_inside_the_trainers_epoch(capsys):
     code, out, err = run(monitor_cost, ["--models", "resnet20", "--steps", "2", "--every", "1", "--batch-size",
-                                        "4", "--probe-images", "3", *TINY_DATA], capsys)
+                                        "4", "--probe-images", "3", "--attribution-images", "5", *TINY_DATA], capsys)
     assert code == 0, err
     assert_machine_line(out.splitlines()[0])
     row = next(line.split() for line in out.splitlines() if line.startswith("resnet20"))
     assert row[1] == "fp32" and row[5] == "2"  # two measurements in an epoch of two steps at every 1
+    monitor, attribution, together = (float(cell.rstrip("%")) for cell in (row[8], row[11], row[12]))
+    assert together == pytest.approx(monitor + attribution, abs=0.11)
     (line,) = [line for line in summaries(out) if "fp32" in line]
-    assert "BN monitor cost at every 100 steps" in line and "(target <= 3.0%)" in line
+    assert "BN monitor at every 100 steps and the attribution" in line and "(target <= 3.0%)" in line
 
 
 def test_analysis_overhead_with_a_batch_larger_than_the_images(capsys):
