@@ -39,6 +39,7 @@ import xarray as xr
 import models
 import resnet_diagnostics
 from analyses.common import software
+from analyses.monitor import prescription
 from train import checkpoint as ckpt
 from train import rundir
 from train.data import SPLITS, default_data_dir, load_split
@@ -335,6 +336,41 @@ def monitor_summary(run: Run) -> str:
             + (f"; step by step in TensorBoard: tensorboard --logdir {tensorboard}" if tensorboard else ""))
 
 
+def findings(runs: list[Run]) -> list[tuple[str, list[str]]]:
+    """What the report opens with: per run, what its BN statistics cost its validations, where, why and what to
+    change (`analyses.monitor.prescription` of its monitor.nc, the lines its trainer printed at the end), and for
+    each plain run beside its residual twin the two worst validations side by side."""
+    found, worst = [], {}
+    for run in runs:
+        path = run.path / "monitor.nc"
+        if not path.is_file():
+            found.append((run.label, ["no BN monitor in this run (trained with --monitor-every 0 and "
+                                      "--attribution-images 0, or by another trainer)"]))
+            continue
+        try:
+            ds = xr.load_dataset(path)
+            result = prescription(ds) if "validation" in ds.dims else None
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            found.append((run.label, [f"{path} cannot be read ({str(exc).splitlines()[0][:80] if str(exc) else ''}"
+                                      ")"]))
+            continue
+        if result is None:
+            found.append((run.label, [monitor_summary(run) + " (a run of version 2: no validation attributed)"]))
+            continue
+        found.append((run.label, result.lines()))
+        if result.worst is not None:
+            worst[run.label] = result.worst
+    for label, w in worst.items():
+        twin = "resnet" + label[len("plain"):] if label.startswith("plain") else None
+        if twin in worst:
+            r = worst[twin]
+            found.append((f"{label} against {twin}", [
+                f"without the skip connection the worst validation lost {w['excess']:+.2f} ± {w['se']:.2f} nats to BN "
+                f"statistics (epoch {w['epoch']}); with it {r['excess']:+.2f} ± {r['se']:.2f} (epoch {r['epoch']}): "
+                "one seed each; python -m diagnostics.trust compares groups of seeds"]))
+    return found
+
+
 def png_size(png: bytes) -> tuple[int, int]:
     return struct.unpack(">II", png[16:24])  # the IHDR chunk: width, height
 
@@ -439,6 +475,11 @@ def write_pdf(path: Path, page: dict) -> None:
         for line in (f"made {page['created']} by {page['software']}, git commit {page['commit']}",
                      f"command: {page['command']}"):
             pages.text(line, size=8)
+        pages.text("Findings: BN statistics at validation", size=11, weight="bold")
+        for label, lines in page["findings"]:
+            pages.text(label, size=8.5, weight="bold", space_after=0.02)
+            for line in lines:
+                pages.text(line.strip(), size=7.5, space_after=0.03)
         pages.text("Runs", size=11, weight="bold")
         for run in page["runs"]:
             pages.text(f"{run.label}: {run.text} ({run.dataset}, {run.epochs} epochs)", size=8)
@@ -505,7 +546,8 @@ def main(argv=None) -> None:
             "commit": code_commit or "unknown (not a git checkout)",
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "sections": [section_view(section, outcomes[section.name], commands[section.name], runs, out)
-                         for section in sections]}
+                         for section in sections], "findings": findings(runs),
+            "spikes": "spikes" in outcomes}
     with ckpt.atomic_path(out / "report.pdf") as temporary:
         write_pdf(temporary, page)
     with ckpt.atomic_path(out / "report.html") as temporary:

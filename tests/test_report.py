@@ -260,3 +260,19 @@ def test_provenance_lists_checkpoints_by_folder(tmp_path):
         f"{files[0]}, epoch_002.pt; untrained plain20, seed 0")
     assert report.listed([str(path) for path in files]) == f"{files[0]} … epoch_005.pt (5 files); {files[5]}"
     assert report.listed([]) == "none (models built from names)"
+
+
+def test_the_report_opens_with_each_runs_findings(tiny_runs, tmp_path):
+    """The first lines of the page: per run the prescription its trainer printed at the end (worst validation,
+    where, why, what), then plain against residual; a run without a monitor says so."""
+    from analyses.monitor import prescription
+    runs = [report.read_run(str(tiny_runs[name])) for name in ("plain20", "resnet20")]
+    found = dict(report.findings(runs))
+    for name in ("plain20", "resnet20"):
+        assert found[name] == prescription(xr.load_dataset(tiny_runs[name] / "monitor.nc")).lines()
+        assert found[name][0].startswith("BN statistics: the largest share of a validation loss was at epoch")
+    (contrast,) = found["plain20 against resnet20"]
+    assert contrast.startswith("without the skip connection the worst validation lost")
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_runs["plain20"], bare, ignore=shutil.ignore_patterns("diagnostics", "monitor.nc"))
+    assert "no BN monitor in this run" in dict(report.findings([report.read_run(str(bare))]))["plain20"][0]
