@@ -45,6 +45,7 @@ RUN_METRICS = {  # name: (long name, units)
     "best_momentum_measured": ("the shadow momentum closest to the recomputed statistics over the run", "1"),
     "best_momentum_predicted": ("the lag model's best momentum from the run's median speed and noise", "1"),
 }
+HORIZONS = ("epoch", "last")  # a warning announces: any measurement since the last validation, or the last one
 RULES = {  # a warning rule's score of each measurement, and what it measures
     "probe_excess": "probe loss with running minus with batch statistics (nats)",
     "probe_ratio": "probe loss with running over with batch statistics",
@@ -117,15 +118,18 @@ def rule_scores(monitor: xr.Dataset) -> dict[str, np.ndarray]:
             "predicted_gap": predicted, "bn_gap": np.nanmax(monitor.bn_gap.sel(component="rms").values, axis=1)}
 
 
-def announced(steps, scores, armed_from: int, val_steps, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+def announced(steps, scores, armed_from: int, val_steps, threshold: float, within: int | None = None
+              ) -> tuple[np.ndarray, np.ndarray]:
     """Per validation: announced by a score above `threshold` since the previous validation (from step
-    `armed_from`), and the lead in steps (NaN where not announced)."""
+    `armed_from`; with `within`, only in the last `within` steps before the validation), and the lead in steps
+    (NaN where not announced)."""
     steps, scores = np.asarray(steps), np.asarray(scores, dtype=np.float64)
     fired = np.zeros(len(val_steps), dtype=bool)
     lead = np.full(len(val_steps), np.nan)
     previous = -1
     for j, val_step in enumerate(val_steps):
-        window = (steps > previous) & (steps <= val_step) & (steps >= armed_from) & (scores > threshold)
+        start = previous if within is None else max(previous, val_step - within)
+        window = (steps > start) & (steps <= val_step) & (steps >= armed_from) & (scores > threshold)
         if window.any():
             fired[j], lead[j] = True, val_step - steps[window][0]
         previous = val_step
@@ -203,7 +207,8 @@ def trust_study(histories: list[dict], monitors: list[xr.Dataset | None], labels
               "seed": ("run", np.asarray(seeds, dtype=np.int64)), "group": ("group", np.array(group_names, dtype=object)),
               "statistic": ("statistic", list(STATISTICS)),
               "pair": ("pair", np.array([f"{p} - {r}" for p, r in pairs], dtype=object)),
-              "epoch": ("epoch", np.arange(1, longest + 1)), "rule": ("rule", list(RULES))}
+              "epoch": ("epoch", np.arange(1, longest + 1)), "rule": ("rule", list(RULES)),
+              "horizon": ("horizon", list(HORIZONS))}
     definition = (f"an event: a validation whose loss with running BN statistics exceeds the loss with statistics "
                   f"recomputed over training images, on the same validation images, by {event_factor:g} x and by "
                   f"{event_margin:g} nats; intervals: 95% Student t over a group's seeds, Welch for plain minus "
@@ -221,25 +226,33 @@ def _median(values) -> float:
 
 
 def _warning_scores(histories, monitors, events, seeds, choose_on) -> dict:
-    """Per rule: the threshold chosen on the `choose_on` seeds, and precision, recall and median lead on those
-    (`chosen`) and on the other seeds (`held_out`)."""
+    """Per horizon (`epoch`: any measurement since the previous validation; `last`: the last measurement before
+    the validation, within the monitor's interval) and rule: the threshold chosen on the `choose_on` seeds, and
+    precision, recall and median lead on those (`chosen`) and on the other seeds (`held_out`)."""
+    parts = [_horizon_scores(histories, monitors, events, seeds, choose_on, last) for last in (False, True)]
+    return {name: xr.Variable(("horizon", "rule"), np.stack([part[name].values for part in parts]),
+                              parts[0][name].attrs) for name in parts[0]}
+
+
+def _horizon_scores(histories, monitors, events, seeds, choose_on, last: bool) -> dict:
     runs = []
     for history, monitor, flags, seed in zip(histories, monitors, events, seeds):
         if monitor is None or not monitor.sizes.get("step", 0):
             continue
         finite = np.isfinite(np.asarray(history["bn_excess"], dtype=np.float64))
         runs.append((monitor.step.values, rule_scores(monitor), int(monitor.attrs.get("warn_after", 0)),
-                     np.asarray(history["step"])[finite], flags[finite], seed in choose_on))
+                     np.asarray(history["step"])[finite], flags[finite], seed in choose_on,
+                     int(monitor.attrs.get("every", 1)) if last else None))
     results = {key: np.full(len(RULES), np.nan) for key in (
         "threshold", "precision_chosen", "recall_chosen", "lead_chosen", "precision_held_out", "recall_held_out",
         "lead_held_out", "events_chosen", "events_held_out")}
 
     def pooled(rule, threshold, chosen):
         fired, flags, leads = [], [], []
-        for steps, scores, armed, val_steps, run_events, in_chosen in runs:
+        for steps, scores, armed, val_steps, run_events, in_chosen, within in runs:
             if in_chosen != chosen:
                 continue
-            hit, lead = announced(steps, scores[rule], armed, val_steps, threshold)
+            hit, lead = announced(steps, scores[rule], armed, val_steps, threshold, within)
             fired.append(hit), flags.append(run_events), leads.append(lead[hit & run_events])
         if not fired:
             return math.nan, math.nan, math.nan, 0
@@ -248,7 +261,7 @@ def _warning_scores(histories, monitors, events, seeds, choose_on) -> dict:
         return precision, recall, float(np.median(leads)) if len(leads) else math.nan, int(flags.sum())
 
     for k, rule in enumerate(RULES):
-        values = [scores[rule][np.isfinite(scores[rule])] for _, scores, _, _, _, chosen in runs if chosen]
+        values = [scores[rule][np.isfinite(scores[rule])] for _, scores, _, _, _, chosen, _ in runs if chosen]
         candidates = np.unique(np.concatenate(values)) if values else np.array([])
         best, best_value = math.nan, -1.0
         for threshold in candidates[::-1]:  # from the largest: ties keep the larger threshold

@@ -93,15 +93,20 @@ def tables(ds: xr.Dataset) -> str:
         rows = [[str(pair)] + [_cell(ds[f"{name}_contrast"].sel(pair=pair).values, digits, scale)
                                for name, _, digits, scale in GROUP_COLUMNS] for pair in ds.pair.values]
         lines += common.table_lines(["pair", *(title for _, title, _, _ in GROUP_COLUMNS)], rows)
-    lines.append(f"warning rules, threshold chosen on seeds {', '.join(map(str, np.atleast_1d(ds.attrs['choose_on'])))}, "
-                 "scored on the others (precision, recall, median lead in steps)")
-    rows = [[rule, f"{ds.warning_threshold.sel(rule=rule).item():.3g}"]
-            + [f"{ds[f'warning_{q}_{part}'].sel(rule=rule).item():.2f}" for part in ("chosen", "held_out")
-               for q in ("precision", "recall")]
-            + [f"{ds[f'warning_lead_{part}'].sel(rule=rule).item():.0f}" for part in ("chosen", "held_out")]
-            for rule in RULES]
-    lines += common.table_lines(["rule", "threshold", "P chosen", "R chosen", "P held out", "R held out",
-                                 "lead chosen", "lead held out"], rows)
+    seeds = ", ".join(map(str, np.atleast_1d(ds.attrs["choose_on"])))
+    for horizon, what in (("epoch", "any measurement since the previous validation"),
+                          ("last", "the last measurement before the validation")):
+        lines.append(f"warning rules announcing by {what}: threshold chosen on seeds {seeds}, scored on the others "
+                     "(precision, recall, median lead in steps, events)")
+        one = ds.sel(horizon=horizon)
+        rows = [[rule, f"{one.warning_threshold.sel(rule=rule).item():.3g}"]
+                + [f"{one[f'warning_{q}_{part}'].sel(rule=rule).item():.2f}" for part in ("chosen", "held_out")
+                   for q in ("precision", "recall")]
+                + [f"{one[f'warning_lead_{part}'].sel(rule=rule).item():.0f}" for part in ("chosen", "held_out")]
+                + [f"{one[f'warning_events_{part}'].sel(rule=rule).item():.0f}" for part in ("chosen", "held_out")]
+                for rule in RULES]
+        lines += common.table_lines(["rule", "threshold", "P chosen", "R chosen", "P held out", "R held out",
+                                     "lead chosen", "lead held out", "events chosen", "events held out"], rows)
     return "\n".join(lines)
 
 

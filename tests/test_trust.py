@@ -39,6 +39,11 @@ def test_events_and_announcements_by_hand():
     assert fired.tolist() == [False, True, False, True]  # step 2 scored 9 before the warning was armed
     assert lead[1] == 2 and lead[3] == 2 and np.isnan(lead[0])
     assert precision_recall(fired, [False, True, True, True]) == (1.0, 2 / 3)
+    scores[2] = 5.0  # step 12: the epoch's window announces validation 20 eight steps ahead, the last 3 steps do not
+    assert announced(steps, scores, 3, [10, 20, 30, 40], 1.0)[1][1] == 8
+    fired, lead = announced(steps, scores, 3, [10, 20, 30, 40], 1.0, within=3)
+    assert fired.tolist() == [False, True, False, True] and lead[1] == 2
+    assert not announced(steps, scores, 3, [10, 20, 30, 40], 1.0, within=1)[0].any()
     assert math.isnan(precision_recall([False], [True])[0])
 
 
