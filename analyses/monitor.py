@@ -41,9 +41,9 @@ trainer's) the model meets its measurement: every shadow's error against statist
 images (`recalibrate_bn`), and the validation loss with running and with recomputed statistics on the same
 images (`attribute`): how much of the validation loss is BN statistics.
 
-An early warning fires when the probe loss with running statistics exceeds the batch-statistics loss by both
-`warn_factor` times and `warn_margin` nats, from step `warn_after` on: the validation loss is about to spike from
-BN statistics. (The trainer arms it once the running statistics' initial values weigh under 1%, warm_up_steps,
+An early warning fires when the score of the rule `warn_rule` (WARNING_RULES, each measurement's scores kept in
+`warning_score`) exceeds `warn_threshold`, from step `warn_after` on: a validation now would be spoiled by BN
+statistics (docs/spikes.md scores the rules on real runs: the gap comes and goes within tens of steps). (The trainer arms it once the running statistics' initial values weigh under 1%, warm_up_steps,
 or after half an epoch, whichever comes first: earlier, a gap says only that training has just begun.)
 
 In any training loop (three lines):
@@ -74,11 +74,47 @@ from .gradients import kind_of, weight_layers
 BN_STATISTICS = ("running", "batch")  # the `bn` dim of the probe's loss and accuracy
 RECORDED = ("probe_loss", "probe_acc", "bn_gap", "eval_mismatch", "grad_norm", "weight_norm", "train_loss", "lr",
             "warning", "input_speed", "batch_noise", "angular_speed", "angular_equilibrium", "shadow_gap",
-            "predicted_gap")
+            "predicted_gap", "warning_score")
 VALIDATION_BN = ("running", "recalibrated")  # the `val_bn` dim of a validation's loss and accuracy
 VALIDATED = ("val_step", "val_epoch", "val_loss", "val_acc", "bn_excess", "bn_excess_se", "val_images",
              "shadow_error", "predicted_error")
 SHADOW_MOMENTA = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.6, 0.8)  # with the run's own: the `momentum` dim
+WARNING_RULES = {  # the early warning's candidate scores of a measurement (`warning_scores`), and what they measure
+    "probe_excess": "probe loss with running minus with batch statistics (nats)",
+    "probe_ratio": "probe loss with running over with batch statistics",
+    "departure": "probe_excess over the median probe_excess of the run's previous 10 armed measurements",
+    "predicted_gap": "median over BN layers of the lag model's predicted error at the run's momentum",
+    "bn_gap": "largest BN layer's normalisation error of running against the probe's batch statistics",
+}
+WARNING_RULE, WARNING_THRESHOLD = "probe_excess", 0.25  # the trainer's (docs/spikes.md scores them on real runs)
+BASELINE = 10  # measurements in the departure rule's baseline
+
+
+def warning_scores(probe_loss, bn_gap, predicted_gap, armed) -> dict[str, np.ndarray]:
+    """Every rule's score (WARNING_RULES) of each of n measurements: `probe_loss` (n, 2) with running and batch
+    statistics, `bn_gap` (n, layers) RMS, `predicted_gap` (n, layers) at the run's momentum, `armed` (n,) from
+    the warm-up on. The monitor scores its last measurement from its last BASELINE + 1; the study all at once."""
+    probe_loss = np.asarray(probe_loss, dtype=np.float64).reshape(-1, 2)
+    excess = probe_loss[:, 0] - probe_loss[:, 1]
+    armed = np.asarray(armed, dtype=bool)
+    baseline = np.full(len(excess), np.nan)
+    for i in range(len(excess)):
+        previous = excess[:i][armed[:i]][-BASELINE:]
+        if len(previous):
+            baseline[i] = max(float(np.median(previous)), 1e-3)
+    return {"probe_excess": excess, "probe_ratio": probe_loss[:, 0] / probe_loss[:, 1],
+            "departure": excess / baseline, "predicted_gap": _row_statistic(np.nanmedian, predicted_gap),
+            "bn_gap": _row_statistic(np.nanmax, bn_gap)}
+
+
+def _row_statistic(statistic, values) -> np.ndarray:
+    """`statistic` of each row over its finite values; NaN for a row with none (no warning about empty slices)."""
+    values = np.atleast_2d(np.asarray(values, dtype=np.float64))
+    out = np.full(len(values), np.nan)
+    finite = np.isfinite(values).any(axis=1)
+    if finite.any():
+        out[finite] = statistic(values[finite], axis=1)
+    return out
 
 
 def predicted_error(speed, noise, momentum):
@@ -146,9 +182,9 @@ def recalibrated_predictions(model: nn.Module, batches, recalibration, dtype: to
         return predict(model, batches, dtype), statistics
 
 
-def warning_rule(factor: float, margin: float, after: int = 0) -> str:
-    return (f"a warning when the probe loss with running BN statistics exceeds the loss with batch statistics by "
-            f"more than {factor:g}x and by more than {margin:g} nats" + (f", from step {after} on" if after else ""))
+def warning_rule(rule: str, threshold: float, after: int = 0) -> str:
+    return (f"a warning when {rule} ({WARNING_RULES[rule]}) exceeds {threshold:g}"
+            + (f", from step {after} on" if after else ""))
 
 
 def warm_up_steps(model: nn.Module, weight: float = 0.01) -> int:
@@ -276,12 +312,15 @@ class BNWarning:
     loss_batch: float
     layer: str
     gap: float
+    rule: str = WARNING_RULE
+    score: float = float("nan")
+    threshold: float = WARNING_THRESHOLD
 
     def message(self) -> str:
         where = f"step {self.step}" + (f" (epoch {self.epoch})" if self.epoch is not None else "")
         return (f"warning: {where}: probe loss {self.loss_running:.3g} with running BN statistics against "
-                f"{self.loss_batch:.3g} with batch statistics; the largest gap is at {self.layer} "
-                f"({self.gap:.3g} normalised units)")
+                f"{self.loss_batch:.3g} with batch statistics ({self.rule} {self.score:.3g} > {self.threshold:g}); "
+                f"the largest gap is at {self.layer} ({self.gap:.3g} normalised units)")
 
 
 class StatisticsTracker:
@@ -395,7 +434,8 @@ class BNMonitor:
     """
 
     def __init__(self, model: nn.Module, probe_images: torch.Tensor, probe_labels: torch.Tensor, *, every: int = 50,
-                 autocast: torch.dtype | None = None, warn_factor: float = 1.5, warn_margin: float = 0.25,
+                 autocast: torch.dtype | None = None, warn_rule: str = WARNING_RULE,
+                 warn_threshold: float = WARNING_THRESHOLD,
                  warn_after: int = 0, probe: str = "given", writer=None,
                  on_warning: Callable[[BNWarning], None] | None = None, optimizer=None):
         if every < 0:
@@ -405,7 +445,9 @@ class BNMonitor:
         self.model, self.every, self.autocast = model, every, autocast
         self.device = next(model.parameters()).device
         self.images, self.labels = probe_images.to(self.device), probe_labels.to(self.device)
-        self.warn_factor, self.warn_margin, self.warn_after, self.probe = warn_factor, warn_margin, warn_after, probe
+        if warn_rule not in WARNING_RULES:
+            raise ValueError(f"warn_rule must be one of {', '.join(WARNING_RULES)}, not {warn_rule!r}")
+        self.warn_rule, self.warn_threshold, self.warn_after, self.probe = warn_rule, warn_threshold, warn_after, probe
         self.writer, self.on_warning = writer, on_warning
         self.bn_names = list(running_statistics(model))
         self.weight_names = [name for name, _ in weight_layers(model)]
@@ -417,6 +459,8 @@ class BNMonitor:
         self.validations: dict[str, list] = {name: [] for name in VALIDATED}
         self.tracker = StatisticsTracker(model, SHADOW_MOMENTA)
         self.momenta = self.tracker.momenta
+        own = sorted({float(m.momentum) for _, m in models.bn_layers(model) if m.momentum is not None})
+        self._own_momentum = own[0] if own else None  # the shadow that is the running statistics
         self._previous = None  # (step, the probe's batch statistics) of the last measurement
         self._before = None  # (step, a copy of the weights) one step before a measurement
 
@@ -458,13 +502,13 @@ class BNMonitor:
                                                                                              logits_batch)]
         gap = statistics_error_table(running, statistics, self.bn_names).numpy()
         mismatch = statistics_error_table(running, inputs, self.bn_names).numpy()
-        fired = (step >= self.warn_after and losses[0] > self.warn_factor * losses[1]
-                 and losses[0] - losses[1] > self.warn_margin)
         record = {"step": step, "epoch": -1 if epoch is None else epoch, "probe_loss": losses,
                   "probe_acc": accuracy, "bn_gap": gap, "eval_mismatch": mismatch, "grad_norm": grad_norm,
                   "weight_norm": weight_norm, "lr": np.nan if lr is None else float(lr),
-                  "train_loss": np.nan if loss is None else float(loss), "warning": fired,
-                  **self._motion(step, statistics)}
+                  "train_loss": np.nan if loss is None else float(loss), **self._motion(step, statistics)}
+        record["warning_score"] = self._scores(record)
+        score = record["warning_score"][list(WARNING_RULES).index(self.warn_rule)]
+        fired = record["warning"] = bool(step >= self.warn_after and score > self.warn_threshold)
         for name, value in record.items():
             self.records[name].append(value)
         if self.writer is not None:
@@ -473,10 +517,22 @@ class BNMonitor:
             return None
         worst = int(np.nanargmax(gap[:, 0])) if np.isfinite(gap[:, 0]).any() else 0
         warning = BNWarning(step, epoch, losses[0], losses[1], self.bn_names[worst] if self.bn_names else "",
-                            float(gap[worst, 0]) if len(gap) else float("nan"))
+                            float(gap[worst, 0]) if len(gap) else float("nan"), self.warn_rule, float(score),
+                            self.warn_threshold)
         if self.on_warning is not None:
             self.on_warning(warning)
         return warning
+
+    def _scores(self, record: dict) -> np.ndarray:
+        """Every rule's score of this measurement, from it and the previous BASELINE."""
+        own = list(self.momenta).index(self._own_momentum) if self._own_momentum in self.momenta else None
+        tail = {name: [*self.records[name][-BASELINE:], record[name]] for name in ("step", "probe_loss", "bn_gap",
+                                                                                   "predicted_gap")}
+        predicted = (np.array(tail["predicted_gap"])[:, own] if own is not None
+                     else np.full((len(tail["step"]), len(self.bn_names)), np.nan))
+        scores = warning_scores(tail["probe_loss"], np.array(tail["bn_gap"])[..., 0], predicted,
+                                np.array(tail["step"]) >= self.warn_after)
+        return np.array([scores[rule][-1] for rule in WARNING_RULES])
 
     def _motion(self, step: int, statistics: dict[str, BNStatistics]) -> dict:
         """What moves the statistics since the last measurement (module docstring): NaN at the first one."""
@@ -583,6 +639,7 @@ class BNMonitor:
                 "eval_mismatch": (n_bn, 3), "grad_norm": (n_w,), "weight_norm": (n_w,), "train_loss": (), "lr": (),
                 "warning": (), "input_speed": (n_bn,), "batch_noise": (n_bn,), "angular_speed": (n_w,),
                 "angular_equilibrium": (), "shadow_gap": (n_m, n_bn), "predicted_gap": (n_m, n_bn),
+                "warning_score": (len(WARNING_RULES),),
                 "val_step": (), "val_epoch": (), "val_loss": (2,), "val_acc": (2,), "bn_excess": (),
                 "bn_excess_se": (), "val_images": (), "shadow_error": (n_m, n_bn), "predicted_error": (n_m, n_bn)}
 
@@ -649,8 +706,8 @@ class BNMonitor:
                   "validation": ("validation", np.arange(1, len(v["val_step"]) + 1)),
                   "val_step": ("validation", np.asarray(v["val_step"], dtype=np.int64)),
                   "val_epoch": ("validation", np.asarray(v["val_epoch"], dtype=np.int64)),
-                  "val_bn": ("val_bn", list(VALIDATION_BN))}
-        rule = warning_rule(self.warn_factor, self.warn_margin, self.warn_after)
+                  "val_bn": ("val_bn", list(VALIDATION_BN)), "rule": ("rule", list(WARNING_RULES))}
+        rule = warning_rule(self.warn_rule, self.warn_threshold, self.warn_after)
         per_step = f"{UNITS} per optimiser step"
         own = sorted({float(m.momentum) for _, m in models.bn_layers(self.model) if m.momentum is not None})
         return xr.Dataset(
@@ -671,6 +728,8 @@ class BNMonitor:
                 "train_loss": variable("step", stacked("train_loss"), "training batch loss of the step", "nats"),
                 "lr": variable("step", stacked("lr"), "learning rate of the step", "1"),
                 "warning": variable("step", np.asarray(r["warning"], dtype=bool), "early warning fired", "1"),
+                "warning_score": variable(("step", "rule"), stacked("warning_score"),
+                                          "each warning rule's score of the measurement (WARNING_RULES)", "1"),
                 "input_speed": variable(("step", "depth"), stacked("input_speed"),
                                         "normalisation error between the probe's batch statistics at this and the "
                                         "previous measurement, per step", per_step),
@@ -711,8 +770,8 @@ class BNMonitor:
             coords=coords,
             attrs=attrs(definition(self.every, len(self.labels), self.probe, rule), checkpoint=checkpoint,
                         dataset=dataset, split="train", n_images=len(self.labels), batch_size=len(self.labels),
-                        bn_mode="eval and train", every=self.every, rule=rule, warn_factor=self.warn_factor,
-                        warn_margin=self.warn_margin, warn_after=self.warn_after, probe=self.probe,
+                        bn_mode="eval and train", every=self.every, rule=rule, warn_rule=self.warn_rule,
+                        warn_threshold=self.warn_threshold, warn_after=self.warn_after, probe=self.probe,
                         bn_momentum=own, autocast=str(self.autocast).replace("torch.", "") if self.autocast
                         else "fp32"),
         )

@@ -20,7 +20,7 @@ import numpy as np
 import xarray as xr
 
 from .common import attrs, variable
-from .monitor import agreement, prescription
+from .monitor import WARNING_RULES, agreement, prescription, warning_scores
 from .spikes import gap_mask
 
 STATISTICS = ("mean", "low", "high")  # the `statistic` dim: the mean over seeds and its 95% interval
@@ -46,13 +46,6 @@ RUN_METRICS = {  # name: (long name, units)
     "best_momentum_predicted": ("the lag model's best momentum from the run's median speed and noise", "1"),
 }
 HORIZONS = ("epoch", "last")  # a warning announces: any measurement since the last validation, or the last one
-RULES = {  # a warning rule's score of each measurement, and what it measures
-    "probe_excess": "probe loss with running minus with batch statistics (nats)",
-    "probe_ratio": "probe loss with running over with batch statistics",
-    "departure": "probe_excess over the median probe_excess of the run's previous 10 armed measurements",
-    "predicted_gap": "median over BN layers of the lag model's predicted error at the run's momentum",
-    "bn_gap": "largest BN layer's normalisation error of running against the probe's batch statistics",
-}
 
 
 def t_interval(values) -> tuple[float, float, float]:
@@ -98,24 +91,16 @@ def events_of(history: dict, factor: float, margin: float) -> np.ndarray:
 
 
 def rule_scores(monitor: xr.Dataset) -> dict[str, np.ndarray]:
-    """Each rule's score (RULES) of every measurement of a monitor dataset, in step order."""
-    running, batch = (monitor.probe_loss.sel(bn=bn).values for bn in ("running", "batch"))
-    excess = running - batch
-    armed = monitor.step.values >= int(monitor.attrs.get("warn_after", 0))
-    baseline = np.full(len(excess), np.nan)
-    for i in range(len(excess)):
-        previous = excess[:i][armed[:i]][-10:]
-        if len(previous):
-            baseline[i] = max(float(np.median(previous)), 1e-3)
+    """Each rule's score (WARNING_RULES) of every measurement of a monitor dataset, in step order: as the monitor
+    scored them where it kept them, otherwise (a run recorded before it did) by the same `warning_scores`."""
+    if "warning_score" in monitor:
+        return {rule: monitor.warning_score.sel(rule=rule).values for rule in WARNING_RULES}
     own = np.atleast_1d(monitor.attrs.get("bn_momentum", [0.1]))
     momentum = float(own[0]) if len(own) else 0.1
-    predicted = np.full(len(excess), np.nan)
-    if momentum in monitor.momentum.values:
-        gaps = monitor.predicted_gap.sel(momentum=momentum).values
-        measured = np.isfinite(gaps).any(axis=1)  # the first measurement has no speed yet
-        predicted[measured] = np.nanmedian(gaps[measured], axis=1)
-    return {"probe_excess": excess, "probe_ratio": running / batch, "departure": excess / baseline,
-            "predicted_gap": predicted, "bn_gap": np.nanmax(monitor.bn_gap.sel(component="rms").values, axis=1)}
+    predicted = (monitor.predicted_gap.sel(momentum=momentum).values if momentum in monitor.momentum.values
+                 else np.full((monitor.sizes["step"], monitor.sizes["depth"]), np.nan))
+    return warning_scores(monitor.probe_loss.values, monitor.bn_gap.sel(component="rms").values, predicted,
+                          monitor.step.values >= int(monitor.attrs.get("warn_after", 0)))
 
 
 def announced(steps, scores, armed_from: int, val_steps, threshold: float, within: int | None = None
@@ -207,7 +192,7 @@ def trust_study(histories: list[dict], monitors: list[xr.Dataset | None], labels
               "seed": ("run", np.asarray(seeds, dtype=np.int64)), "group": ("group", np.array(group_names, dtype=object)),
               "statistic": ("statistic", list(STATISTICS)),
               "pair": ("pair", np.array([f"{p} - {r}" for p, r in pairs], dtype=object)),
-              "epoch": ("epoch", np.arange(1, longest + 1)), "rule": ("rule", list(RULES)),
+              "epoch": ("epoch", np.arange(1, longest + 1)), "rule": ("rule", list(WARNING_RULES)),
               "horizon": ("horizon", list(HORIZONS))}
     definition = (f"an event: a validation whose loss with running BN statistics exceeds the loss with statistics "
                   f"recomputed over training images, on the same validation images, by {event_factor:g} x and by "
@@ -217,7 +202,8 @@ def trust_study(histories: list[dict], monitors: list[xr.Dataset | None], labels
                   "and scored on the others")
     return xr.Dataset(data, coords=coords, attrs=attrs(
         definition, checkpoint=checkpoint, dataset=dataset, split="val", event_factor=event_factor,
-        event_margin=event_margin, choose_on=list(choose_on), rules=[f"{k}: {v}" for k, v in RULES.items()]))
+        event_margin=event_margin, choose_on=list(choose_on),
+        rules=[f"{k}: {v}" for k, v in WARNING_RULES.items()]))
 
 
 def _median(values) -> float:
@@ -243,7 +229,7 @@ def _horizon_scores(histories, monitors, events, seeds, choose_on, last: bool) -
         runs.append((monitor.step.values, rule_scores(monitor), int(monitor.attrs.get("warn_after", 0)),
                      np.asarray(history["step"])[finite], flags[finite], seed in choose_on,
                      int(monitor.attrs.get("every", 1)) if last else None))
-    results = {key: np.full(len(RULES), np.nan) for key in (
+    results = {key: np.full(len(WARNING_RULES), np.nan) for key in (
         "threshold", "precision_chosen", "recall_chosen", "lead_chosen", "precision_held_out", "recall_held_out",
         "lead_held_out", "events_chosen", "events_held_out")}
 
@@ -260,7 +246,7 @@ def _horizon_scores(histories, monitors, events, seeds, choose_on, last: bool) -
         precision, recall = precision_recall(fired, flags)
         return precision, recall, float(np.median(leads)) if len(leads) else math.nan, int(flags.sum())
 
-    for k, rule in enumerate(RULES):
+    for k, rule in enumerate(WARNING_RULES):
         values = [scores[rule][np.isfinite(scores[rule])] for _, scores, _, _, _, chosen, _ in runs if chosen]
         candidates = np.unique(np.concatenate(values)) if values else np.array([])
         best, best_value = math.nan, -1.0

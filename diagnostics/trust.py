@@ -15,7 +15,8 @@ import xarray as xr
 
 import models
 import resnet_diagnostics
-from analyses.trust import RULES, trust_study
+from analyses.monitor import WARNING_RULES
+from analyses.trust import trust_study
 from train.errors import ArgumentParser, UserError
 from train.progress import track
 
@@ -104,7 +105,7 @@ def tables(ds: xr.Dataset) -> str:
                    for q in ("precision", "recall")]
                 + [f"{one[f'warning_lead_{part}'].sel(rule=rule).item():.0f}" for part in ("chosen", "held_out")]
                 + [f"{one[f'warning_events_{part}'].sel(rule=rule).item():.0f}" for part in ("chosen", "held_out")]
-                for rule in RULES]
+                for rule in WARNING_RULES]
         lines += common.table_lines(["rule", "threshold", "P chosen", "R chosen", "P held out", "R held out",
                                      "lead chosen", "lead held out", "events chosen", "events held out"], rows)
     return "\n".join(lines)

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from analyses.trust import (RULES, announced, events_of, precision_recall, t_interval, trust_study,
+from analyses.monitor import WARNING_RULES
+from analyses.trust import (announced, events_of, precision_recall, t_interval, trust_study,
                             welch_interval)
 from diagnostics import trust as command
 
@@ -61,7 +62,7 @@ def test_a_study_of_real_runs(tiny_runs):
     excess = ds.excess.sel(run="r1").values
     np.testing.assert_allclose(excess, histories[1]["bn_excess"])
     assert ds.max_excess.sel(run="p0") == pytest.approx(max(histories[0]["bn_excess"]))
-    assert list(ds.rule.values) == list(RULES) and ds.warning_threshold.notnull().any()
+    assert list(ds.rule.values) == list(WARNING_RULES) and ds.warning_threshold.notnull().any()
     assert ds.final_acc_running.sel(run="p0") == monitors[0].val_acc.values[-1, 0]
 
 
@@ -86,3 +87,25 @@ def test_a_damaged_monitor_is_one_line(tiny_runs, tmp_path, capsys):
     assert command.common.main_guard(lambda: command.main([str(copy), "--out", str(tmp_path / "o")])) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "monitor.nc cannot be read" in err and not (tmp_path / "o").exists()
+
+
+def test_warning_scores_by_hand():
+    from analyses.monitor import warning_scores
+    scores = warning_scores([[1.0, 0.5], [0.9, 0.6], [3.0, 0.5]], [[0.1, 0.2]] * 3,
+                            [[np.nan, np.nan], [0.1, 0.3], [0.2, 0.4]], [False, True, True])
+    np.testing.assert_allclose(scores["probe_excess"], [0.5, 0.3, 2.5])
+    np.testing.assert_allclose(scores["probe_ratio"], [2.0, 1.5, 6.0])
+    np.testing.assert_allclose(scores["departure"], [np.nan, np.nan, 2.5 / 0.3])  # baseline: armed ones only
+    np.testing.assert_allclose(scores["predicted_gap"], [np.nan, 0.2, 0.3])
+    np.testing.assert_allclose(scores["bn_gap"], [0.2] * 3)
+
+
+def test_the_monitor_scores_its_measurements_as_the_study_does(tiny_runs):
+    from analyses.monitor import WARNING_RULE, WARNING_THRESHOLD
+    from analyses.trust import rule_scores
+    ds = xr.load_dataset(tiny_runs["plain20"] / "monitor.nc")
+    online, offline = rule_scores(ds), rule_scores(ds.drop_vars("warning_score"))
+    for rule in WARNING_RULES:
+        np.testing.assert_allclose(online[rule], offline[rule], rtol=1e-12, err_msg=rule)
+    armed = ds.step.values >= ds.attrs["warn_after"]
+    assert (ds.warning.values == (armed & (online[WARNING_RULE] > WARNING_THRESHOLD))).all()
