@@ -115,8 +115,8 @@ def _loss_panel(axis, one, style: dict) -> None:
                      label="flagged (share removed)" if k == 0 else None)
         share = one.share.values[i]
         text = f"{SHORT_CAUSE.get(one.cause.values[i], '?')} {share:.0%}" if np.isfinite(share) else "?"
-        axis.annotate(text, (epoch, running[i]), xytext=(0, 4), textcoords="offset points", ha="center",
-                      va="bottom", fontsize=5, color="C1", annotation_clip=True)
+        axis.annotate(text, (epoch, running[i]), xytext=(0, 4 + 7 * (k % 2)), textcoords="offset points",
+                      ha="center", va="bottom", fontsize=5, color="C1", annotation_clip=True)  # neighbours apart
     _loss_axis(axis, np.concatenate([one.val_loss.values.ravel(), one.history_val_loss.values]))
     axis.xaxis.set_major_locator(MaxNLocator(integer=True))
 
@@ -182,7 +182,7 @@ def figure(ds, plain: dict[str, bool]):
         axes[2, column].set_xlabel("epoch")
         if with_monitor:
             _monitor_panels(axes[3, column], axes[4, column], one, depth, norm, style)
-    axes[0, 0].legend(loc="upper right", fontsize=5)
+    axes[0, 0].legend(loc="best", fontsize=5)
     axes[0, 0].set_ylabel("validation loss (nats)")
     for row in range(1, 3):
         axes[row, 0].set_ylabel("BN layer (depth)")
@@ -211,17 +211,29 @@ def _monitor_panels(loss_axis, map_axis, one, depth, norm, style) -> None:
     for bn, colour in (("running", COLOURS["running"]), ("batch", COLOURS["batch"])):
         loss_axis.plot(steps, probe.sel(probe_bn=bn).values, color=colour, linestyle=style["linestyle"], linewidth=0.8,
                        label=f"probe, {bn} statistics")
-    warned = one.monitor_warning.values[present].astype(bool)
-    if warned.any():
-        loss_axis.plot(steps[warned], probe.sel(probe_bn="running").values[warned], "v", color="C1", markersize=3,
-                       label="early warning")
+    shown = [probe.values]
+    if "monitor_val_loss" in one and np.isfinite(one.monitor_val_loss.values).any():
+        validated = np.isfinite(one.monitor_val_step.values)
+        for bn, fill in (("running", COLOURS["running"]), ("recalibrated", "none")):
+            loss_axis.plot(one.monitor_val_step.values[validated], one.monitor_val_loss.sel(val_bn=bn).values[validated],
+                           "o", markersize=2.5, markerfacecolor=fill, markeredgecolor=COLOURS[bn], markeredgewidth=0.6,
+                           label=f"validation, {bn}")
+        shown.append(one.monitor_val_loss.values)
+    armed_from = float(one.monitor_armed_from) if "monitor_armed_from" in one else 0.0
+    armed = steps >= armed_from  # before the warm-up the initial statistics set a scale the run never sees again
     boundaries = [int(s) for s in one.monitor_epoch_end.values if np.isfinite(s)]
     for axis, colour in ((loss_axis, "0.5"), (map_axis, "white")):
         for boundary in boundaries:
             axis.axvline(boundary, color=colour, linestyle=":", linewidth=0.6)
-    _loss_axis(loss_axis, probe.values)
-    loss_axis.legend(loc="upper right", fontsize=5)
-    loss_axis.set_title("BN monitor, step resolution (dotted: epoch ends)", loc="left", fontsize=6)
+    _loss_axis(loss_axis, np.concatenate([probe.values[armed].ravel(), *(v.ravel() for v in shown[1:])]))
+    warned = one.monitor_warning.values[present].astype(bool)
+    if warned.any():  # a rug along the bottom, so that a reader can count them on a long run
+        loss_axis.plot(steps[warned], np.zeros(warned.sum()), "|", color="C1", markersize=4, markeredgewidth=0.6,
+                       transform=loss_axis.get_xaxis_transform(), label=f"early warning ({warned.sum()} of "
+                                                                         f"{len(warned)} measurements)")
+    loss_axis.legend(loc="best", fontsize=4.5, ncol=2)
+    note = f"; y: from step {armed_from:g}, armed" if armed_from > steps[0] else ""
+    loss_axis.set_title(f"BN monitor by step (dotted: epoch ends{note})", loc="left", fontsize=6)
     gap = one.monitor_bn_gap.isel(monitor_step=np.flatnonzero(present)).transpose("depth", "monitor_step")
     _heat_map(map_axis, gap.sel(depth=depth).values, steps, depth, norm)
     map_axis.set_title("running statistics vs the probe's batch statistics", loc="left", fontsize=6)
@@ -329,7 +341,12 @@ def _with_monitor(ds: xr.Dataset, monitors: dict[str, xr.Dataset], epoch_ends: d
             "monitor_probe_loss": monitor.probe_loss.rename(step="monitor_step", bn="probe_bn"),
             "monitor_bn_gap": monitor.bn_gap.sel(component="rms", drop=True).rename(step="monitor_step"),
             "monitor_warning": monitor.warning.astype(float).rename(step="monitor_step"),
+            "monitor_armed_from": float(monitor.attrs.get("warn_after", 0)),
         }).drop_vars(["epoch", "layer", "stage", "block"], errors="ignore")
+        if monitor.sizes.get("validation", 0):  # the attributed validations, at their steps
+            part = part.assign(monitor_val_step=monitor.val_step.astype(float).rename(validation="monitor_validation"),
+                               monitor_val_loss=monitor.val_loss.rename(validation="monitor_validation")
+                               ).drop_vars(["val_step", "val_epoch", "validation"], errors="ignore")
         part = part.assign(monitor_epoch_end=xr.DataArray(ends, dims="epoch_end_index"))
         parts.append(part.expand_dims(model=[label]))
     if not parts:
@@ -339,8 +356,12 @@ def _with_monitor(ds: xr.Dataset, monitors: dict[str, xr.Dataset], epoch_ends: d
             "monitor_probe_loss": ("BN monitor: probe cross-entropy", "nats"),
             "monitor_bn_gap": ("BN monitor: normalisation error of running against batch statistics", "1"),
             "monitor_warning": ("BN monitor: early warning fired (1)", "1"),
+            "monitor_armed_from": ("BN monitor: the step from which its warning is armed", "1"),
+            "monitor_val_step": ("BN monitor: step of each attributed validation", "1"),
+            "monitor_val_loss": ("BN monitor: validation loss with running and recomputed statistics", "nats"),
             "monitor_epoch_end": ("last training step of each epoch (metrics.csv)", "1")}.items():
-        merged[name].attrs = {"long_name": long_name, "units": units}
+        if name in merged:
+            merged[name].attrs = {"long_name": long_name, "units": units}
     return ds.merge(merged, join="left", compat="override")
 
 

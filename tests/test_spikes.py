@@ -19,6 +19,7 @@ from analyses.spikes import (amplification, cause_of, diagnose_checkpoint, exces
                              jackknife_share, repair, spike_diagnosis)
 from conftest import assert_no_hooks, train_tiny
 from diagnostics.common import main_guard
+from diagnostics.spikes import figure as spikes_figure
 from diagnostics.spikes import main as spikes_command
 from test_evaluate_analysis import bn_net
 from train import checkpoint as ckpt
@@ -368,6 +369,20 @@ def test_the_monitor_of_a_run_is_in_the_diagnosis(tiny_runs, tmp_path, capsys):
     printed = capsys.readouterr().out
     if ds.flagged.values.any():  # a 4-step epoch leaves stale statistics: the monitor saw it coming
         assert "the BN monitor warned first at step" in printed
+    np.testing.assert_allclose(ds.monitor_val_loss.sel(model="resnet20").values, monitor.val_loss.values)
+    assert ds.monitor_val_step.sel(model="resnet20").values.tolist() == [4, 8]
+    # The step view of a long run: the first, unarmed measurement (initial statistics) is 1e6 times the rest; the
+    # loss axis is scaled to the armed part, the warnings are a rug a reader can count, the validations are drawn.
+    ds = ds.load()
+    ds["monitor_probe_loss"][dict(monitor_step=0)] = 1e6
+    ds["monitor_armed_from"] = ds.monitor_armed_from.where(False, float(ds.monitor_step.values[1]))
+    fig = spikes_figure(ds, {})
+    loss_axis = fig.axes[3]
+    assert loss_axis.get_ylim()[1] < 1e3 and "y: from step" in loss_axis.get_title(loc="left")
+    labels = [text.get_text() for text in loss_axis.get_legend().get_texts()]
+    assert "validation, running" in labels and "validation, recalibrated" in labels
+    warned = int(ds.monitor_warning.sel(model="resnet20").sum())
+    assert not warned or f"early warning ({warned} of {ds.sizes['monitor_step']} measurements)" in labels
 
 
 def test_command_refuses_a_checkpoint_file(run, tmp_path, capsys):
