@@ -18,6 +18,29 @@ COMMANDS = {"train": "train", **{name: f"diagnostics.{name}" for name in (
     "curves", "evaluate", "flops", "responses", "gradients", "spikes", "trust", "attributions", "report")}}
 
 
+def start_command() -> None:
+    """What every way in (train, diagnostics, benchmarks) does first under `python -m`: our modules first, Ctrl-C
+    while the imports run (torch's take seconds) one line and exit 130, and matplotlib's file-only backend, so
+    that an `MPLBACKEND` naming no backend cannot stop matplotlib's import (the commands draw to files only)."""
+    if sys.argv[:1] != ["-m"]:
+        return
+    own_modules_first()
+    sys.excepthook = _interrupted_while_starting(sys.excepthook)
+    os.environ["MPLBACKEND"] = "Agg"
+
+
+def _interrupted_while_starting(previous):
+    """An excepthook: a KeyboardInterrupt that reached the top (the commands' mains catch their own, so this is
+    one in the imports) is one line and exit 130; anything else goes to `previous`."""
+    def hook(kind, value, traceback):
+        if not issubclass(kind, KeyboardInterrupt):
+            return previous(kind, value, traceback)
+        print("error: interrupted while starting; nothing was written", file=sys.stderr)
+        sys.stderr.flush()
+        os._exit(130)  # sys.exit cannot leave an excepthook
+    return hook
+
+
 def own_modules_first() -> None:
     """Under `python -m` only (while Python looks for the module, sys.argv[0] is "-m"): a notebook or script that
     imports us from its own folder keeps that folder on its path."""

@@ -4,6 +4,7 @@ Gradients, Saliency and Grad-CAM on the last feature map larger than 1x1), and h
 Petsiuk et al.'s deletion AUC (lower is better) and insertion AUC (higher is better) of the explained class's
 probability, mean ± standard error over the images, against a random order. A run directory stands for its
 last epoch checkpoint unless --epochs names one epoch."""
+import argparse
 import sys
 import textwrap
 
@@ -11,7 +12,7 @@ import numpy as np
 import torch
 from matplotlib.colors import Normalize, TwoSlopeNorm
 
-from analyses.attributions import EXPLAINERS, TARGETS, attributions, combine_models, definition
+from analyses.attributions import EXPLAINERS, MAX_STEPS, TARGETS, attributions, combine_models, definition
 from analyses.common import attrs
 from train.errors import UserError, positive_int
 from train.progress import track
@@ -35,8 +36,18 @@ def parse(argv):
                    help="the class whose logit is explained: the model's prediction (default; deletion then "
                    "measures agreement with its own decision, so models of different accuracy compare) or the "
                    "true label (deletion then measures accuracy)")
-    p.add_argument("--steps", type=positive_int, default=32, help="Integrated Gradients steps (default 32)")
+    p.add_argument("--steps", type=steps, default=32,
+                   help=f"Integrated Gradients steps, at most {MAX_STEPS} (default 32)")
     return p.parse_args(argv)
+
+
+def steps(text: str) -> int:
+    """--steps: Integrated Gradients' nodes cost memory as the square of their number, so it is bounded."""
+    value = positive_int(text)
+    if value > MAX_STEPS:
+        raise argparse.ArgumentTypeError(f"{value} steps is more than the {MAX_STEPS} allowed (the quadrature's nodes "
+                                         f"need memory as the square of their number); give at most {MAX_STEPS}")
+    return value
 
 
 def inputs(sources, args, device) -> list:

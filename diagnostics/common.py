@@ -23,7 +23,7 @@ from train.data import (SPECS, SPLITS, EvalBatches, dataset_name, default_data_d
                         load_split)
 from train.errors import (ArgumentParser, UserError, finite_float, interrupted_exit_code, positive_float, positive_int,
                           sigterm_as_interrupt)
-from train.progress import Progress
+from train.progress import Progress, interval_seconds
 
 
 INPUTS = {  # what a command's positional inputs may be: (metavar, help)
@@ -210,7 +210,7 @@ def checkpoints(sources: list[Source], args, device):
     it is read: its files are then listed again and those not yet read taken in order, so a diagnostic of a
     live run reads what the run holds instead of failing."""
     for source in sources:
-        pending, done = list(source.paths), set()
+        pending, done, epochs = list(source.paths), set(), {}
         with Progress(len(pending), f"{args.command} {source.label}", unit="checkpoint") as progress:
             while pending:
                 path = pending.pop(0)
@@ -224,8 +224,24 @@ def checkpoints(sources: list[Source], args, device):
                     progress.set_total(len(done) + len(pending))
                     continue
                 done.add(path.resolve())
+                _check_epoch(path, loaded, epochs)
                 progress.update(1)
                 yield source, loaded
+
+
+def _check_epoch(path: Path, loaded: ckpt.Loaded, epochs: dict[int, Path]) -> None:
+    """A model's epochs are distinct and an epoch file holds the epoch its name says: a copy of another epoch's
+    file (`epoch_005.pt` holding epoch 2, `epoch_0002.pt` beside `epoch_002.pt`) is refused before any output."""
+    if loaded.epoch is None:  # a foreign file: a source of its own
+        return
+    match = rundir.EPOCH_FILE.match(path.name)
+    if match and loaded.epoch != int(match.group(1)):
+        raise UserError(f"{path} holds epoch {loaded.epoch}, not the epoch {int(match.group(1))} its name says; a "
+                        "copy of another epoch's file? remove or rename it")
+    if loaded.epoch in epochs:
+        raise UserError(f"{path} and {epochs[loaded.epoch]} both hold epoch {loaded.epoch} of the same run; a copy? "
+                        "remove one of them")
+    epochs[loaded.epoch] = path
 
 
 @dataclass
@@ -426,6 +442,7 @@ def main_guard(main) -> int:
     use_file_backend()
     try:
         with sigterm_as_interrupt():
+            interval_seconds()  # a bad RESNET_DIAG_PROGRESS_SECONDS is one line before any work
             main()
     except (UserError, models.ModelError) as exc:
         print(f"error: {exc}", file=sys.stderr)

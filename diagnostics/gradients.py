@@ -13,7 +13,7 @@ import models
 from analyses.gradients import BN_MODES, definition, gradient_norms
 from train import checkpoint as ckpt
 from train.data import get_spec
-from train.errors import UserError, positive_int
+from train.errors import UserError, non_negative_int, positive_int
 from train.progress import track
 
 from . import common, plotting
@@ -29,7 +29,8 @@ def parser():
     p = common.parser(NAME, __doc__, inputs_required=False, n_images=None, batch_size=128)  # --init alone will do
     p.add_argument("--init", action="append", default=[], metavar="MODEL",
                    help="also measure this model untrained, as epoch 0 (repeatable), e.g. --init plain56")
-    p.add_argument("--seed", type=int, default=0, help="the seed the --init models are built with")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="the seed the --init models are built with "
+                   "(0 to 2^31 - 1, as the trainer's)")
     p.add_argument("--batches", type=positive_int, default=10, help="mini-batches to average over")
     p.add_argument("--bn", choices=BN_MODES, default="train",
                    help="BN with each batch's statistics as in training (train) or the running ones (eval)")

@@ -80,6 +80,26 @@ ROWS = [
                                                                "0", "0", "--std", "0", "1", "1"],
      "must be a positive number"),
     ("a lock that is a symbolic link", "train", ["--resume", "{symlink_run}"], "symbolic link"),
+    # Reliability, round three: odd paths and models.
+    ("dangling symbolic link as --out (diagnostics)", "diagnostics.responses", ["{good}", "--out", "{dangling}"],
+     "does not exist; remove the link"),
+    ("dangling symbolic link as --out (train)", "train", ["--model", "resnet20", *SYNTHETIC, "--out", "{dangling}"],
+     "does not exist; remove the link"),
+    ("dangling symbolic link as --tensorboard", "train", ["--model", "resnet20", *SYNTHETIC, "--tensorboard",
+                                                         "{dangling}", "--out", "{out}"], "remove the link"),
+    ("regular file as --tensorboard", "train", ["--model", "resnet20", *SYNTHETIC, "--tensorboard", "{empty}",
+                                               "--out", "{out}"], "is a file, not a folder"),
+    ("symbolic-link loop as an epoch file", "diagnostics.responses", ["{loop_run}"], "looping symbolic link"),
+    ("an epoch file that is a copy of another epoch", "diagnostics.evaluate", ["{copied_run}", "--n-images", "8"],
+     "holds epoch 1, not the epoch 3"),
+    ("two files of the same epoch", "diagnostics.evaluate", ["{twice_run}", "--n-images", "8"],
+     "both hold epoch 1"),
+    ("TorchScript archive as a checkpoint", "diagnostics.responses", ["{torchscript}", "--model", "resnet20"],
+     "TorchScript archive"),
+    ("seed past 64 bits for --init", "diagnostics.gradients", ["--init", "resnet20", *SYNTHETIC, "--seed",
+                                                               "99999999999999999999"], "up to 2147483647"),
+    ("a billion Integrated Gradients steps", "diagnostics.attributions", ["{good}", "--steps", "1000000000"],
+     "give at most 1024"),
 ]
 
 
@@ -134,6 +154,14 @@ def files(tmp_path_factory, tiny_runs) -> dict[str, str]:
     forged_cifar.mkdir(parents=True)
     for batch in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
         (forged_cifar / batch).write_bytes(pickle.dumps({b"data": ForgedArray(), b"labels": [0]}, protocol=2))
+    (tmp / "dangling").symlink_to(tmp / "nowhere")
+    loop_run = Path(shutil.copytree(tiny_runs["resnet20"], tmp / "loop_run"))
+    (loop_run / "epoch_009.pt").symlink_to("epoch_009.pt")
+    copied_run = Path(shutil.copytree(tiny_runs["resnet20"], tmp / "copied_run"))
+    shutil.copy(copied_run / "epoch_001.pt", copied_run / "epoch_003.pt")
+    twice_run = Path(shutil.copytree(tiny_runs["resnet20"], tmp / "twice_run"))
+    shutil.copy(twice_run / "epoch_001.pt", twice_run / "epoch_0001.pt")
+    torch.jit.save(torch.jit.trace(torch.nn.Linear(2, 2), torch.zeros(1, 2)), tmp / "torchscript.pt")
     readonly = tmp / "readonly"
     readonly.mkdir()
     readonly.chmod(0o555)
@@ -148,7 +176,8 @@ def files(tmp_path_factory, tiny_runs) -> dict[str, str]:
                                                                                   "forged", "compressed")},
             "mangled_run": str(tmp / "mangled_run"), "foreign_optimizer_run": str(tmp / "foreign_optimizer_run"),
             "symlink_run": str(symlink_run), "forged_cifar": str(forged_cifar.parent),
-            "victim": str(tmp / "victim.txt")}
+            "victim": str(tmp / "victim.txt"), "dangling": str(tmp / "dangling"), "loop_run": str(loop_run),
+            "copied_run": str(copied_run), "twice_run": str(twice_run), "torchscript": str(tmp / "torchscript.pt")}
 
 
 class ForgedArray:
@@ -175,3 +204,36 @@ def test_bad_input(case, module, arguments, phrase, files, tmp_path):
     assert not out.exists() and not (tmp_path / "diagnostics").exists()
     assert not Path(files["marker"]).exists()  # no file ever ran code
     assert Path(files["victim"]).read_text() == "keep me"  # the lock never writes through a link
+
+
+@pytest.mark.parametrize("value", ["abc", "-1", "nan"])
+@pytest.mark.parametrize("module, arguments", [
+    ("diagnostics.responses", ["{good}", "--out", "{out}"]),
+    ("train", ["--model", "resnet20", *SYNTHETIC, "--out", "{out}"])])
+def test_a_bad_progress_interval_is_one_line(value, module, arguments, files, tmp_path):
+    """RESNET_DIAG_PROGRESS_SECONDS that is no number of seconds was silently the default."""
+    out = tmp_path / "out"
+    env = {**os.environ, "RESNET_DIAG_PROGRESS_SECONDS": value}
+    result = run_module(module, [a.format(**files, out=out) for a in arguments], cwd=tmp_path, env=env)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("error: RESNET_DIAG_PROGRESS_SECONDS=") and not out.exists()
+
+
+def test_an_empty_data_variable_is_unset(monkeypatch):
+    from train import data
+    monkeypatch.setenv("RESNET_DIAG_DATA", "")
+    assert data.default_data_dir() == Path("./data")  # was Path(""): the working directory
+
+
+@pytest.mark.parametrize("package", ["train", "diagnostics"])
+def test_ctrl_c_while_importing_is_one_line_and_130(package, tmp_path):
+    """Under `python -m` (argv[0] is "-m" while the package imports), a KeyboardInterrupt that reaches the top, as
+    one in torch's import does, is one line; and MPLBACKEND naming no backend does not stop matplotlib's import."""
+    import subprocess
+    import sys
+    code = (f"import sys; sys.argv = ['-m']; import {package}; import matplotlib.pyplot as plt; "
+            "print(plt.get_backend()); raise KeyboardInterrupt")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "MPLBACKEND": "no-such-backend"})
+    assert result.returncode == 130 and result.stdout == "Agg\n"
+    assert result.stderr == "error: interrupted while starting; nothing was written\n"

@@ -1,6 +1,7 @@
 """Data: real on-disk formats read by the real loaders, batch augmentation, determinism, offline errors."""
 import gzip
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -196,3 +197,21 @@ def test_a_damaged_or_inflating_idx_file_is_one_line(tmp_path, content, phrase):
     path.write_bytes(content)
     with pytest.raises(UserError, match=phrase):
         data._read_idx(path, 3)
+
+
+def test_an_unreadable_data_folder_is_passed_over_or_one_line(fashion_dir, tmp_path, monkeypatch):
+    """Fashion-MNIST in a folder we may not read: Debian's copy is tried next; CIFAR there: one line, no
+    PermissionError traceback. (Root reads through permissions, so the refusal is planted in Path.is_file.)"""
+    locked = tmp_path / "locked"
+    is_file = Path.is_file
+
+    def refusing(path):
+        if locked in path.parents:
+            raise PermissionError(13, "Permission denied", str(path))
+        return is_file(path)
+    monkeypatch.setattr(Path, "is_file", refusing)
+    (locked / "fashion-mnist").mkdir(parents=True)
+    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", fashion_dir / "fashion-mnist")
+    assert len(data.load_images("fashion-mnist", "train", locked, download=False)) == 40
+    with pytest.raises(UserError, match=r"cannot read .*locked.* \(permission denied\)"):
+        data.load_images("cifar10", "train", locked, download=False)

@@ -228,3 +228,34 @@ def test_spikes_on_a_run_trained_on_a_folder(folder_run, tmp_path, capsys):
     ds = xr.open_dataset(tmp_path / "out" / "spikes.nc")
     assert ds.model.values.tolist() == ["torchvision:resnet18"] and ds.epoch.values.tolist() == [1, 2]
     assert ds.layer.values[0, 0] == "bn1" and "torchvision:resnet18" in stdout
+
+
+def test_image_bombs_are_refused_by_their_declared_size_before_decoding(tmp_path, recwarn):
+    """A 1-bit PNG of 20000x20000 is 48 KB on disk and 400M pixels decoded (Pillow refuses it at open, with a
+    warning first for smaller ones); one of 5000x5000 is below Pillow's limits and was decoded whole (+75 MB)."""
+    for name, size, mode, phrase in (("huge", (20000, 20000), "1", "declares more than the 16,777,216 pixels"),
+                                     ("large", (5000, 5000), "RGB", "is 5000x5000 pixels, more than")):
+        root = write_image_folder(tmp_path / name, {"train": 1})
+        bomb = root / "train" / "dog" / "bomb.png"
+        Image.new(mode, size).save(bomb)
+        for image_size in (None, 8):
+            with pytest.raises(UserError, match=phrase) as error:
+                read(root, image_size=image_size)
+            assert str(error.value).startswith(str(bomb))
+    assert not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]
+
+
+def test_a_large_jpeg_is_decoded_reduced_to_the_size_asked(tmp_path):
+    root = write_image_folder(tmp_path / "photo", {"train": 1})
+    Image.new("RGB", (6000, 5000), (200, 10, 10)).save(root / "train" / "dog" / "photo.jpg")  # 30M pixels
+    images = read(root, image_size=16)
+    assert images.images.shape[1:] == (3, 16, 16)
+    assert any(abs(int(image[0, 8, 8]) - 200) <= 3 for image in images.images)
+
+
+def test_a_split_that_would_not_fit_in_memory_is_refused_naming_its_size(tmp_path, monkeypatch):
+    root = write_image_folder(tmp_path / "many", {"train": 2})
+    monkeypatch.setattr(data, "available_memory", lambda: 2 * 6 * 3 * 1000 * 1000 - 2)  # 6 images at 1000 px
+    with pytest.raises(UserError, match=r"would need 17 MiB as 6 images of 3x1000x1000, more than half"):
+        read(root, image_size=1000)
+    assert read(root, image_size=999).images.shape == (6, 3, 999, 999)

@@ -3,10 +3,13 @@ time anywhere else, so that a 20-minute epoch in a log file, a notebook or CI is
 import sys
 from pathlib import Path
 
+import pytest
+
 import terminal
 from conftest import TINY_RUN
 from train import progress
 from train.__main__ import main as train_main
+from train.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ("import time; from train.progress import track\n"
@@ -36,8 +39,12 @@ def test_off_a_terminal_a_line_at_most_every_interval(monkeypatch, capsys):
         pass
     lines = capsys.readouterr().err.splitlines()
     assert [line.split(",")[0] for line in lines] == [f"work: {i}/3 steps ({i / 3:.0%})" for i in (1, 2, 3)]
-    monkeypatch.setenv(progress.INTERVAL_VARIABLE, "often")
-    assert progress.interval_seconds() == progress.DEFAULT_INTERVAL
+    monkeypatch.setenv(progress.INTERVAL_VARIABLE, "")
+    assert progress.interval_seconds() == progress.DEFAULT_INTERVAL  # set but empty is unset
+    for bad in ("often", "-1", "nan", "inf"):  # was silently the default: the user's setting did nothing
+        monkeypatch.setenv(progress.INTERVAL_VARIABLE, bad)
+        with pytest.raises(UserError, match=progress.INTERVAL_VARIABLE):
+            progress.interval_seconds()
 
 
 def test_the_trainer_off_a_terminal_prints_progress_lines(monkeypatch, capsys, tmp_path):

@@ -2,4 +2,4 @@
 recalibration and the evaluation pass the diagnostics share)."""
 import resnet_diagnostics
 
-resnet_diagnostics.own_modules_first()  # before anything of ours is imported
+resnet_diagnostics.start_command()  # before anything of ours is imported

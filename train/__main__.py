@@ -10,6 +10,7 @@ from . import checkpoint as ckpt
 from . import rundir
 from .config import from_args, parser
 from .errors import TrainingDiverged, UserError, interrupted_exit_code, sigterm_as_interrupt
+from .progress import interval_seconds
 from .trainer import resume, start
 
 
@@ -28,6 +29,7 @@ def main(argv=None) -> int:
 
 
 def run(args) -> None:
+    interval_seconds()  # a bad RESNET_DIAG_PROGRESS_SECONDS is one line before any work, not after config.json
     if args.resume:
         others = [k for k, v in vars(args).items() if v is not None and k != "resume"]
         if others:

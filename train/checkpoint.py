@@ -88,8 +88,11 @@ def check_writable(folder) -> None:
     a file. A real probe file, not `os.access`, which says yes to root on read-only mounts."""
     folder = Path(folder)
     existing = folder
-    while not existing.exists():
+    while not os.path.lexists(existing):  # lexists: a dangling link is a name taken, which mkdir cannot replace
         existing = existing.parent
+    if existing.is_symlink() and not existing.exists():
+        raise UserError(f"cannot create {folder}: {existing} is a symbolic link to {os.readlink(existing)}, which "
+                        "does not exist; remove the link or choose another folder")
     if not existing.is_dir():
         raise UserError(f"cannot create {folder}: {existing} is a file, not a folder")
     try:

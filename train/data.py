@@ -18,6 +18,7 @@ import math
 import os
 import pickle
 import struct
+import warnings
 import zlib
 from collections import Counter
 from contextlib import contextmanager
@@ -49,6 +50,7 @@ DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FOLDER = "folder:"  # the prefix of an image folder's dataset name: `folder:/absolute/path`
 GREY_MODES = ("1", "L", "LA")  # PIL modes read as one channel; every other 8-bit mode is read as RGB
 MAX_IMAGE_SIZE = 4096  # pixels on a side, after resizing
+MAX_IMAGE_PIXELS = MAX_IMAGE_SIZE**2  # an image file's declared size, before any decoding (Pillow's warns at 89M)
 
 
 @dataclass(frozen=True)
@@ -136,7 +138,7 @@ def get_spec(name: str, image_size: int | None = None) -> DatasetSpec:
 
 
 def default_data_dir() -> Path:
-    return Path(os.environ.get("RESNET_DIAG_DATA", "./data"))
+    return Path(os.environ.get("RESNET_DIAG_DATA") or "./data")  # set but empty is unset, not the working directory
 
 
 @dataclass
@@ -232,10 +234,15 @@ def fashion_mnist_folders(data_dir: Path) -> list[Path]:
 
 
 def _find_idx(folders: list[Path], stem: str) -> Path | None:
+    """The first readable copy: a folder we may not read is passed over as a missing one (Debian's copy, last,
+    then still serves)."""
     for folder in folders:
         for path in (folder / stem, folder / f"{stem}.gz"):
-            if path.is_file():
-                return path
+            try:
+                if path.is_file() and os.access(path, os.R_OK):
+                    return path
+            except PermissionError:
+                break
     return None
 
 
@@ -310,6 +317,14 @@ def load_images(name: str, split: str, data_dir: Path | str | None = None, downl
                 image_size: int | None = None) -> Images:
     """The whole `train` or `test` split of a dataset (an image folder's also `val`) as uint8 tensors on the CPU.
     `image_size`: an image folder's images resized to this side (other datasets have their own)."""
+    try:
+        return _load_images(name, split, data_dir, download, image_size)
+    except PermissionError as exc:  # a folder or file of the user's that we may not read: theirs to fix
+        raise UserError(f"cannot read {exc.filename or 'the data'} (permission denied); give yourself read "
+                        "permission (chmod -R u+rX) or point --data-dir or --dataset elsewhere") from None
+
+
+def _load_images(name: str, split: str, data_dir, download: bool, image_size: int | None) -> Images:
     if is_folder(name):
         return _read_folder(name, split, image_size)
     name = dataset_name(name)
@@ -424,10 +439,14 @@ def _opened(path: Path):
     if empty:
         raise UserError(f"{path} is empty, not an image; remove or replace it")
     try:
-        with Image.open(path) as image:
-            yield image
+        with warnings.catch_warnings():  # Pillow's bomb warning, past its own limit, is our refusal instead
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:  # lazy: the header only, so its declared size is checked first
+                yield image
     except UserError:
         raise
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+        raise _too_many_pixels(path) from None
     except Exception as exc:  # PIL raises many kinds; any defect of a user's file is bad input, not a bug
         detail = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
         raise UserError(f"{path} is not a readable image ({detail}); remove or replace it") from None
@@ -449,37 +468,69 @@ def _folder_format(files: list[tuple[Path, int]], image_size: int | None) -> tup
     return ("L" if modes <= set(GREY_MODES) else "RGB"), side, reference
 
 
+def _too_many_pixels(path: Path, size: tuple[int, int] | None = None) -> UserError:
+    declared = f" is {size[0]}x{size[1]} pixels," if size else " declares"
+    return UserError(f"{path}{declared} more than the {MAX_IMAGE_PIXELS:,} pixels ({MAX_IMAGE_SIZE}x{MAX_IMAGE_SIZE}) "
+                     "an image may have (decoding it could take gigabytes); downscale it, or remove it")
+
+
 def _read_image(path: Path, mode: str, side: int, resize: bool, reference: Path) -> np.ndarray:
     """One image as uint8 (C, side, side): converted to `mode` (alpha dropped); with `resize`, its shorter side
-    bilinearly resized to `side` and the centre cropped, else it must be side x side already."""
+    bilinearly resized to `side` and the centre cropped, else it must be side x side already. Every size check is
+    on the declared size, before the pixels are decoded; a JPEG is decoded already reduced towards `side` (draft),
+    anything else must have at most MAX_IMAGE_PIXELS, so one image never takes more than ~0.3 GB."""
     from PIL import Image
     with _opened(path) as image:
         if image.mode.startswith(("I", "F")):  # I;16, I, F: PIL's 8-bit conversion clips them instead of scaling
             raise UserError(f"{path} has 16- or 32-bit pixels (PIL mode {image.mode}); only 8-bit images are read: "
                             "convert it to 8 bits per channel")
+        if resize:
+            image.draft(mode, (side, side))  # JPEG only: both sides stay >= side
+        if image.width * image.height > MAX_IMAGE_PIXELS:
+            raise _too_many_pixels(path, image.size)
+        if not resize and image.size != (side, side):
+            raise UserError(f"{path} is {image.width}x{image.height} but {reference} is {side}x{side}; give "
+                            "--image-size N to resize every image to N x N")
         image = image.convert(mode)
-    if resize:
+    if resize:  # the centre square of the shorter side, straight to side x side: no full-size resized copy
         scale = side / min(image.size)
-        image = image.resize((max(side, round(image.width * scale)), max(side, round(image.height * scale))),
-                             Image.Resampling.BILINEAR)
-        left, top = (image.width - side) // 2, (image.height - side) // 2
-        image = image.crop((left, top, left + side, top + side))
-    elif image.size != (side, side):
-        raise UserError(f"{path} is {image.width}x{image.height} but {reference} is {side}x{side}; give "
-                        "--image-size N to resize every image to N x N")
+        width, height = max(side, round(image.width * scale)), max(side, round(image.height * scale))
+        left, top = (width - side) // 2 / scale, (height - side) // 2 / scale
+        image = image.resize((side, side), Image.Resampling.BILINEAR,
+                             box=(left, top, left + side / scale, top + side / scale))
     pixels = np.asarray(image, dtype=np.uint8)
     return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
 
 
+def available_memory() -> int:
+    """Bytes of memory the system can give without swapping (Linux's MemAvailable; elsewhere the free pages)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            return next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 def _read_folder(name: str, split: str, image_size: int | None) -> Images:
-    """A split of an image folder, whole, as uint8 tensors, its classes spread evenly over it (`_spread`)."""
+    """A split of an image folder, whole, as uint8 tensors, its classes spread evenly over it (`_spread`). The
+    split's size is known before any pixel is decoded: one that would take more than half the memory available
+    is refused, and the images are written into it one at a time (no second, stacked copy)."""
     check_image_size(name, image_size)
     root, classes = _folder_root(name), folder_classes(name)
     train = _image_files(_split_folder(root, "train"), classes, "train")
     files = train if split == "train" else _image_files(_split_folder(root, split), classes, split)
     mode, side, reference = _folder_format(train, image_size)
     files = [files[i] for i in _spread([label for _, label in files])]
-    images = np.stack([_read_image(path, mode, side, image_size is not None, reference) for path, _ in files])
+    shape = (len(files), 1 if mode == "L" else 3, side, side)
+    needed, available = math.prod(shape), available_memory()
+    if needed > available // 2:
+        raise UserError(f"the {split} images of {name[len(FOLDER):]} would need {needed / 2**20:,.0f} MiB as "
+                        f"{len(files)} images of {shape[1]}x{side}x{side}, more than half of the "
+                        f"{available / 2**20:,.0f} MiB of memory available; give a smaller --image-size, or fewer "
+                        "images")
+    images = np.empty(shape, dtype=np.uint8)
+    for k, (path, _) in enumerate(files):
+        images[k] = _read_image(path, mode, side, image_size is not None, reference)
     return Images(torch.from_numpy(images), torch.tensor([label for _, label in files]))
 
 

@@ -6,9 +6,12 @@ invisible and silence would hide a 20-minute epoch, so a short line such as
 `train: 120/780 steps (15%), 1m 02s elapsed, about 5m 40s left` goes to stderr at most every
 `RESNET_DIAG_PROGRESS_SECONDS` seconds (default 30; 0 prints one line per update).
 """
+import math
 import os
 import sys
 import time
+
+from .errors import UserError
 
 INTERVAL_VARIABLE = "RESNET_DIAG_PROGRESS_SECONDS"
 DEFAULT_INTERVAL = 30.0
@@ -16,12 +19,20 @@ PLURALS = {"batch": "batches", "it": "iterations"}
 
 
 def interval_seconds() -> float:
-    """The interval between progress lines off a terminal; a value that is not a number >= 0 means the default."""
-    try:
-        value = float(os.environ.get(INTERVAL_VARIABLE, DEFAULT_INTERVAL))
-    except ValueError:
+    """The interval between progress lines off a terminal: the default where the variable is unset or empty; a
+    value that is not a finite number >= 0 is bad input (the commands check it before any work), not a silent
+    default that would leave the user wondering why their setting does nothing."""
+    text = os.environ.get(INTERVAL_VARIABLE, "").strip()
+    if not text:
         return DEFAULT_INTERVAL
-    return value if value >= 0 else DEFAULT_INTERVAL
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise UserError(f"{INTERVAL_VARIABLE}={text[:40]!r} must be a number of seconds >= 0 between progress lines; "
+                        f"set a number such as 10, or unset it for the default {DEFAULT_INTERVAL:g}")
+    return value
 
 
 def shows_a_bar() -> bool:

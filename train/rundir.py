@@ -44,6 +44,10 @@ def has_checkpoints(run_dir) -> bool:
 def run_checkpoints(run_dir) -> list[Path]:
     """What tools read from a run: its epoch files in order, or `last.pt` where there are none."""
     files = epoch_files(run_dir) or [p for p in [Path(run_dir) / "last.pt"] if p.is_file()]
+    broken = next((path for path in files if not path.is_file()), None)  # is_file: False for a looping link too
+    if broken is not None:
+        raise UserError(f"{broken} is not a readable file (a dangling or looping symbolic link, or a folder); "
+                        "remove it or put the checkpoint back")
     if not files:
         raise UserError(f"{run_dir} holds no checkpoints yet (no epoch_NNN.pt or last.pt); let the run finish "
                         "an epoch, or point at another run")

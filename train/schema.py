@@ -36,6 +36,9 @@ def check_archive(path: Path) -> None:
             entries = archive.infolist()
     except (zipfile.BadZipFile, OSError, ValueError):
         raise UserError(f"{path} is truncated or corrupt as a PyTorch checkpoint; copy it again") from None
+    if any(entry.filename.split("/")[1:2] == ["code"] for entry in entries):  # ARCHIVE/code/__torch__/...: its program
+        raise UserError(f"{path} is a TorchScript archive (torch.jit.save: a compiled program), not a checkpoint; "
+                        "save the model's state_dict with torch.save and give that file")
     if any(entry.compress_type != zipfile.ZIP_STORED for entry in entries):
         raise UserError(f"{path} holds compressed entries, which torch.save never writes; it was not loaded "
                         "(it could expand to far more memory than the file): re-save it with torch.save")
