@@ -1,6 +1,7 @@
 """Cost of the BN monitor in training: the trainer's own `train_epoch` with and without `BNMonitor`, and the
 attribution of each validation (target: both together at most 3% of training time at the trainer's defaults,
-`--monitor-every 100 --monitor-images 128 --attribution-images 2000`, on full Fashion-MNIST epochs).
+`--monitor-every auto` (100 on runs of 5,000 steps and more) `--monitor-images 128 --attribution-images 2000`, on
+full Fashion-MNIST epochs).
 
 Same model, batches and optimiser with and without the monitor, in interleaved rounds; the monitor is made as
 the trainer makes it (its probe: the first --probe-images training images, augmented once; the training's
@@ -23,13 +24,14 @@ import models
 from analyses.evaluate import predict
 from analyses.monitor import BNMonitor
 from diagnostics.common import main_guard
-from train.config import Config
+from train.config import MONITOR_INTERVALS, Config
 from train.data import EvalBatches, augmented_once, recalibration_inputs
 from train.errors import UserError, positive_int
 
 from . import common
 
-TRAINER = Config(model="", dataset="", out="")  # the trainer's defaults: monitor_every, monitor_images
+TRAINER = Config(model="", dataset="", out="")  # the trainer's defaults: monitor_images, attribution_images
+AUTO_EVERY = MONITOR_INTERVALS[1]  # --monitor-every auto's interval for runs of 5,000 steps and more
 
 
 def parser():
@@ -37,7 +39,7 @@ def parser():
     common.add_data_options(p)
     p.add_argument("--steps", type=positive_int, default=40, help="training steps per timed epoch (default 40)")
     p.add_argument("--every", type=positive_int, default=10,
-                   help=f"the monitor's interval in steps (default 10; the trainer's is {TRAINER.monitor_every})")
+                   help=f"the monitor's interval in steps (default 10; the trainer's auto is {AUTO_EVERY} on long runs)")
     p.add_argument("--probe-images", type=positive_int, default=TRAINER.monitor_images,
                    help=f"the monitor's probe (default {TRAINER.monitor_images}, as the trainer's)")
     p.add_argument("--attribution-images", type=positive_int, default=TRAINER.attribution_images,
@@ -85,7 +87,7 @@ def measure(args, device: torch.device) -> common.Report:
     batches = common.trainer_batches(images[:args.steps * args.batch_size], spec, args.batch_size, device)
     probe = images[:args.probe_images]
     probe_images = augmented_once(probe, spec, "crop-flip", device)
-    default = TRAINER.monitor_every
+    default = AUTO_EVERY
     n = args.steps // args.every
     report = common.Report(
         f"seconds, median of {args.repeats} interleaved rounds after a warm-up round: an epoch of {args.steps} "

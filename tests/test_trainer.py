@@ -259,3 +259,13 @@ def test_a_bad_bf16_override_is_one_line(tmp_path, monkeypatch, capsys):
     assert train_main(["--model", "resnet20", "--out", str(tmp_path / "run"), *TINY_RUN, "--precision", "auto"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "RESNET_DIAG_NATIVE_BF16 must be 1" in err and not (tmp_path / "run").exists()
+
+
+def test_monitor_every_auto_is_resolved_to_a_number_by_the_runs_length(tmp_path, capsys):
+    assert [cfg.monitor_interval(n) for n in (8, 500, 501, 1560, 5000, 64_000)] == [10, 10, 11, 32, 100, 100]
+    run = train_tiny(tmp_path / "auto", "resnet20", "--epochs", "1", "--monitor-every", "auto")
+    config = json.loads((run / "config.json").read_text())
+    assert config["monitor_every"] == 10 and config["monitor_reason"].startswith("auto: 50 measurements over 4 steps")
+    assert "BN monitor every 10 steps (auto: " in capsys.readouterr().out
+    assert cfg.parser().parse_args(["--model", "resnet20"]).monitor_every is None  # the default comes from Config
+    assert cfg.Config(model="m", dataset="d", out="o").monitor_every == "auto"

@@ -17,6 +17,7 @@ from .errors import MAX_INT, ArgumentParser, UserError, finite_float, non_negati
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SCHEDULES = ("constant", "cosine", "multistep")
+MONITOR_MEASUREMENTS, MONITOR_INTERVALS = 50, (10, 100)  # --monitor-every auto (monitor_interval)
 SELECTIONS = ("running", "recalibrated")  # --select: which validation accuracy chooses best.pt
 PRESETS = {
     # He et al. 2016, Sec. 4.2: 64k iterations of batch 128, lr /10 at 32k and 48k, all 50k training images.
@@ -71,7 +72,8 @@ class Config:
     eval_batch_size: int = 512
     workers: int = 2
     sync_bn: bool = False
-    monitor_every: int = 100  # steps between BN monitor measurements (analyses.monitor); 0 = off
+    monitor_every: int | str = "auto"  # steps between BN monitor measurements (analyses.monitor); 0 = off; auto:
+    # resolved when the run starts (monitor_interval) and stored as the number chosen
     monitor_images: int = 128  # the monitor's probe: the first N training images, augmented once
     attribution_images: int = 2000  # each validation also with BN statistics recomputed over N training images,
     # on the first N validation images (analyses.monitor.attribute); 0 = off
@@ -82,6 +84,7 @@ class Config:
     per_device_batch: int = 128
     precision_used: str = ""
     precision_reason: str = ""
+    monitor_reason: str = ""  # why monitor_every is what it is (auto: the run's length)
     device_used: str = ""
     steps_per_epoch: int = 0
     total_steps: int = 0
@@ -103,15 +106,31 @@ class Config:
         return kwargs
 
     def resolve_length(self, steps_per_epoch: int) -> None:
-        """Schedules are in iterations; `--epochs N` means N whole epochs of `steps_per_epoch`."""
+        """Schedules are in iterations; `--epochs N` means N whole epochs of `steps_per_epoch`. `--monitor-every
+        auto` becomes the number of steps `monitor_interval` chooses for the run's length."""
         self.steps_per_epoch = steps_per_epoch
         self.total_steps = self.iterations if self.iterations else self.epochs * steps_per_epoch
         self.total_epochs = math.ceil(self.total_steps / steps_per_epoch)
+        if self.monitor_every == "auto":
+            self.monitor_every = monitor_interval(self.total_steps)
+            self.monitor_reason = (f"auto: {MONITOR_MEASUREMENTS} measurements over {self.total_steps:,} steps, "
+                                   f"every {MONITOR_INTERVALS[0]} to {MONITOR_INTERVALS[1]} steps")
+        elif not self.monitor_reason:
+            self.monitor_reason = f"--monitor-every {self.monitor_every}"
         if self.schedule == "multistep" and not self.milestones:
             self.milestones = [self.total_steps // 2, self.total_steps * 3 // 4]
         if self.schedule == "multistep" and max(self.milestones) >= self.total_steps:
             raise UserError(f"--milestones {' '.join(map(str, self.milestones))} reach past the run's "
                             f"{self.total_steps} iterations; give milestones below it")
+
+
+def monitor_interval(total_steps: int) -> int:
+    """`--monitor-every auto`: about MONITOR_MEASUREMENTS measurements over the run, for a step view that reads,
+    but never more often than every MONITOR_INTERVALS[0] steps nor less than every MONITOR_INTERVALS[1] (a
+    measurement costs about 0.85 of a training step: docs/performance.md; every 100 is 0.85%, every 10 8.5%, so a
+    run shorter than 5,000 steps pays more than 1% for its step view)."""
+    low, high = MONITOR_INTERVALS
+    return min(high, max(low, math.ceil(total_steps / MONITOR_MEASUREMENTS)))
 
 
 def lr_factor(config: Config, step: int) -> float:
@@ -183,8 +202,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--workers", type=non_negative_int, help="DataLoader workers for AutoAugment")
     g.add_argument("--keep", help="epoch checkpoints to keep: all, last, or N (every N-th)")
     g = p.add_argument_group("BN monitor (monitor.nc in the run directory)")
-    g.add_argument("--monitor-every", type=non_negative_int, metavar="N", help="measure the BN statistics on a fixed probe every "
-                   "N steps (default 100; 0 = off)")
+    g.add_argument("--monitor-every", type=monitor_every_option, metavar="N|auto",
+                   help="measure the BN statistics on a fixed probe every N steps (0 = off; default auto: about 50 "
+                        "measurements over the run, every 10 to 100 steps)")
     g.add_argument("--monitor-images", type=positive_int, metavar="N", help="the probe: the first N training "
                    "images, augmented once (default 128)")
     g.add_argument("--attribution-images", type=non_negative_int, metavar="N",
@@ -200,6 +220,10 @@ def parser() -> argparse.ArgumentParser:
                    "BN monitor's measurements as TensorBoard events into DIR, one folder per run (e.g. "
                    "--tensorboard tb/plain56, then tensorboard --logdir tb)")
     return p
+
+
+def monitor_every_option(text: str) -> int | str:
+    return "auto" if text == "auto" else non_negative_int(text)
 
 
 def from_args(args: argparse.Namespace) -> Config:
@@ -245,8 +269,11 @@ def validate(config: Config) -> None:
                           "--weight-decay": config.weight_decay}.items():
         if not (math.isfinite(value) and value >= 0):
             raise UserError(f"{option} must be a finite number, not negative, not {value}")
+    if isinstance(config.monitor_every, str) and config.monitor_every != "auto":
+        raise UserError(f"--monitor-every must be a number of steps or auto, not {config.monitor_every!r}")
     counts = {"--warmup": config.warmup, "--precise-bn": config.precise_bn, "--val-split": config.val_split,
-              "--workers": config.workers, "--seed": config.seed, "--monitor-every": config.monitor_every,
+              "--workers": config.workers, "--seed": config.seed,
+              "--monitor-every": 0 if config.monitor_every == "auto" else config.monitor_every,
               "--attribution-images": config.attribution_images}
     for option, value in counts.items():
         if not 0 <= value <= MAX_INT:

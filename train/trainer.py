@@ -303,8 +303,9 @@ def run(config: Config, resume: dict | None = None, lock=None) -> Path:
     if is_main and resume is None:
         progress.write(f"training {models.label(name, model_kwargs)} on {config.dataset} "
                        f"({len(train_data):,} images, {config.steps_per_epoch} steps/epoch, {config.total_epochs} "
-                       f"epochs) on {device.type} in {config.precision_used} ({config.precision_reason}) "
-                       f"-> {run_dir}")
+                       f"epochs) on {device.type} in {config.precision_used} ({config.precision_reason}), "
+                       + (f"BN monitor every {config.monitor_every} steps ({config.monitor_reason}) "
+                          if monitor is not None and config.monitor_every else "") + f"-> {run_dir}")
     try:
         for epoch in range(start_epoch, config.total_epochs + 1):
             if device.type == "cuda":
