@@ -552,6 +552,10 @@ def main(argv=None) -> None:
         write_pdf(temporary, page)
     with ckpt.atomic_path(out / "report.html") as temporary:
         temporary.write_text(render_html(page), encoding="utf-8")
+    for label, lines in page["findings"]:  # the page's first lines, where the user is looking now
+        print(f"{label}: {lines[0].strip()}")
+        for line in lines[1:]:
+            print(f"  {line.strip()}")
     print(out / "report.pdf")
     print(out / "report.html")
     failed = [name for name, outcome in outcomes.items() if outcome.status == "failed"]
