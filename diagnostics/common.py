@@ -271,6 +271,21 @@ class Results:
             n_images=max(d.attrs["n_images"] for d in self.datasets), **extra))
 
 
+def untrained_spec(args, dataset: str) -> data.DatasetSpec:
+    """The dataset bare model names are built for: `dataset`, an image folder's resized to --image-size."""
+    data.check_image_size(dataset, args.image_size)
+    return data.get_spec(dataset, args.image_size)
+
+
+def check_untrained(sources: list[Source], spec: data.DatasetSpec) -> None:
+    """Every bare model name takes `spec`'s images: a model that cannot (a ViT on CIFAR) is one line before any
+    work, not a traceback in it."""
+    for source in sources:
+        if source.model_name is not None:
+            models.check_input(source.model_name, {"num_classes": spec.num_classes}, spec.in_channels,
+                               spec.image_size)
+
+
 def load_checkpoint(path: Path, args, device="cpu") -> ckpt.Loaded:
     return ckpt.load(path, model_name=args.model, dataset=args.dataset, mean=args.mean, std=args.std,
                      image_size=getattr(args, "image_size", None), device=device)

@@ -1,7 +1,7 @@
 """`python -m diagnostics.flops CKPT_OR_RUN_OR_MODEL [...]`: parameters and multiply-adds of each model.
 
 Inputs are checkpoints, run directories or model names (`resnet56`, `plain110`: the untrained model, built for
-`--dataset`'s classes and image shape, CIFAR-10's by default). A run directory counts as its last checkpoint:
+`--dataset`'s classes and image shape, CIFAR-10's by default, an image folder's resized to `--image-size`). A run directory counts as its last checkpoint:
 the cost of a forward pass does not change with training. No images are read, so `--split`, `--n-images` and
 `--batch-size` do nothing here. The output has no `epoch` axis; models of different depth share `depth`.
 Prints a table whose columns are named by what they count (a legend above it says exactly), then the paths
@@ -16,7 +16,6 @@ from matplotlib.ticker import MaxNLocator
 import models
 from analyses.common import attrs, combine
 from analyses.flops import DEFINITION, flop_count
-from train.data import get_spec
 from train.progress import track
 
 from . import common, plotting
@@ -24,10 +23,10 @@ from . import common, plotting
 WEIGHTED_KINDS = ("Conv1d", "Conv2d", "Conv3d", "Linear")
 
 
-def counted_model(source: common.Source, args, device):
-    """(model, dataset spec, checkpoint path or None, whether it is a plain net) of one input."""
+def counted_model(source: common.Source, args, device, spec):
+    """(model, dataset spec, checkpoint path or None, whether it is a plain net) of one input; `spec`: the dataset
+    a model name is built for."""
     if source.model_name is not None:
-        spec = get_spec(args.dataset or "cifar10")
         name, kwargs = models.canonical(source.model_name)
         model = models.build(name, **kwargs, num_classes=spec.num_classes, in_channels=spec.in_channels)
         return model.to(device), spec, None, kwargs.get("skip", True) is False
@@ -105,9 +104,13 @@ def figure(ds: xr.Dataset, plain: dict[str, bool]):
 def main(argv=None) -> None:
     args = common.parser("flops", __doc__, inputs="models").parse_args(argv)
     device, sources, out = common.prepare(args, model_names=True)
+    names_spec = None
+    if any(source.model_name is not None for source in sources):
+        names_spec = common.untrained_spec(args, args.dataset or "cifar10")
+        common.check_untrained(sources, names_spec)
     datasets, paths, plain = [], [], {}
     for source in track(sources, len(sources), "flops", unit="model"):
-        model, spec, path, plain[source.label] = counted_model(source, args, device)
+        model, spec, path, plain[source.label] = counted_model(source, args, device, names_spec)
         shape = (1, spec.in_channels, spec.image_size, spec.image_size)
         datasets.append(flop_count(model, shape, checkpoint=path, dataset=spec.name))
         paths.append(path or "")

@@ -12,7 +12,6 @@ from matplotlib.ticker import MaxNLocator
 import models
 from analyses.gradients import BN_MODES, definition, gradient_norms
 from train import checkpoint as ckpt
-from train.data import get_spec
 from train.errors import UserError, non_negative_int, positive_int
 from train.progress import track
 
@@ -60,7 +59,7 @@ def init_sources(args, sources: list[common.Source]) -> list[common.Source]:
 def init_spec(args, sources: list[common.Source]):
     """The dataset of the `--init` models: `--dataset`, else the first checkpoint's."""
     if args.dataset:
-        return get_spec(args.dataset)
+        return common.untrained_spec(args, args.dataset)
     if sources:
         return common.load_checkpoint(sources[0].paths[0], args).spec
     raise UserError("--init needs --dataset NAME (e.g. --dataset cifar10) when no checkpoint is given")
@@ -156,6 +155,8 @@ def main(argv=None) -> None:
     sources = common.collect_sources(args) if args.inputs else []
     inits = init_sources(args, sources)
     spec = init_spec(args, sources) if inits else None
+    if inits:
+        common.check_untrained(inits, spec)
     out = common.output_dir(args, sources + inits)
     n_images = min(args.batches * args.batch_size, args.n_images or sys.maxsize)  # only what is measured
 

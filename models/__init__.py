@@ -5,6 +5,7 @@ This package imports nothing else of the project; every other part imports it.
 from importlib import metadata
 
 from . import external, resnet, vgg  # noqa: F401  (registers the families and the other libraries)
+from .inputs import check_input
 from .registry import (ModelError, available, bn_layers, build, canonical, is_external, label, register,
                        response_layers)
 
@@ -13,5 +14,5 @@ try:
 except metadata.PackageNotFoundError:  # run from a source tree that was not installed
     __version__ = "0+unknown"
 
-__all__ = ["__version__", "ModelError", "available", "bn_layers", "build", "canonical", "is_external", "label",
-           "register", "response_layers"]
+__all__ = ["__version__", "ModelError", "available", "bn_layers", "build", "canonical", "check_input", "is_external",
+           "label", "register", "response_layers"]

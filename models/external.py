@@ -30,6 +30,9 @@ def torchvision_builder(model: str) -> Callable[..., nn.Module]:
                              "RGB dataset, or a timm model (timm:NAME takes any number of input channels)")
         return torchvision.models.get_model(model, weights=None, num_classes=num_classes)
     build.__doc__ = f"torchvision.models.get_model({model!r}, weights=None, num_classes=num_classes)"
+    # The smallest images its published weights take, which its architecture needs too (ViT's 224, Inception's 75):
+    # where models.check_input looks for the side to suggest.
+    build.sides = {weights.meta["min_size"][0] for weights in torchvision.models.get_model_weights(model)}
     return build
 
 
@@ -46,4 +49,6 @@ def timm_builder(model: str) -> Callable[..., nn.Module]:
     def build(num_classes: int = 1000, in_channels: int = 3) -> nn.Module:
         return timm.create_model(model, pretrained=False, num_classes=num_classes, in_chans=in_channels)
     build.__doc__ = f"timm.create_model({model!r}, pretrained=False, num_classes=num_classes, in_chans=in_channels)"
+    # The side it was made for (a ViT takes no other): where models.check_input looks for the side to suggest.
+    build.sides = {timm.get_pretrained_cfg(model).input_size[-1]}
     return build

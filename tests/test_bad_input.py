@@ -100,11 +100,22 @@ ROWS = [
                                                                "99999999999999999999"], "up to 2147483647"),
     ("a billion Integrated Gradients steps", "diagnostics.attributions", ["{good}", "--steps", "1000000000"],
      "give at most 1024"),
+    # Models that cannot take the dataset's images (built on the meta device: no ViT weights are made).
+    ("a ViT on 32x32 images (train)", "train", ["--model", "torchvision:vit_b_16", *SYNTHETIC, "--out", "{out}"],
+     "cannot take 32x32 images; the smallest it takes is 224x224"),
+    ("a timm ViT on 32x32 images (flops)", "diagnostics.flops", ["timm:vit_tiny_patch16_224", *SYNTHETIC],
+     "the smallest it takes is 224x224"),
+    ("Inception on 32x32 images (gradients --init)", "diagnostics.gradients", ["--init", "torchvision:inception_v3",
+                                                                               *SYNTHETIC], "cannot take 32x32"),
+    ("VGG's fifth pool on 16x16 images", "train", ["--model", "vgg16", "--dataset", "folder:{pictures}", "--out",
+                                                   "{out}"], "the smallest it takes is 32x32"),
+    ("1x1 images cropped from their padding", "train", ["--model", "resnet20", "--dataset", "folder:{pictures}",
+                                                        "--image-size", "1", "--out", "{out}"], "8 of 9 crops"),
 ]
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory, tiny_runs) -> dict[str, str]:
+def files(tmp_path_factory, tiny_runs, image_folder) -> dict[str, str]:
     tmp = tmp_path_factory.mktemp("bad")
     good = tiny_runs["resnet20"] / "epoch_001.pt"
     raw = good.read_bytes()
@@ -177,7 +188,8 @@ def files(tmp_path_factory, tiny_runs) -> dict[str, str]:
             "mangled_run": str(tmp / "mangled_run"), "foreign_optimizer_run": str(tmp / "foreign_optimizer_run"),
             "symlink_run": str(symlink_run), "forged_cifar": str(forged_cifar.parent),
             "victim": str(tmp / "victim.txt"), "dangling": str(tmp / "dangling"), "loop_run": str(loop_run),
-            "copied_run": str(copied_run), "twice_run": str(twice_run), "torchscript": str(tmp / "torchscript.pt")}
+            "copied_run": str(copied_run), "twice_run": str(twice_run), "torchscript": str(tmp / "torchscript.pt"),
+            "pictures": str(image_folder)}
 
 
 class ForgedArray:

@@ -317,11 +317,28 @@ def load_images(name: str, split: str, data_dir: Path | str | None = None, downl
                 image_size: int | None = None) -> Images:
     """The whole `train` or `test` split of a dataset (an image folder's also `val`) as uint8 tensors on the CPU.
     `image_size`: an image folder's images resized to this side (other datasets have their own)."""
-    try:
+    with _readable():
         return _load_images(name, split, data_dir, download, image_size)
+
+
+@contextmanager
+def _readable():
+    try:
+        yield
     except PermissionError as exc:  # a folder or file of the user's that we may not read: theirs to fix
         raise UserError(f"cannot read {exc.filename or 'the data'} (permission denied); give yourself read "
                         "permission (chmod -R u+rX) or point --data-dir or --dataset elsewhere") from None
+
+
+def image_shape(name: str, image_size: int | None = None) -> tuple[int, int]:
+    """(channels, side) of the images a model trained on the dataset takes: an image folder's from its training
+    images' headers alone (no pixel decoded), so that a model is checked against them before any work."""
+    if not is_folder(name):
+        return SPECS[name].in_channels, SPECS[name].image_size
+    with _readable():
+        train = _image_files(_split_folder(_folder_root(name), "train"), folder_classes(name), "train")
+        mode, side, _ = _folder_format(train, image_size)
+    return len(mode), side
 
 
 def _load_images(name: str, split: str, data_dir, download: bool, image_size: int | None) -> Images:
@@ -454,8 +471,8 @@ def _opened(path: Path):
 
 def _folder_format(files: list[tuple[Path, int]], image_size: int | None) -> tuple[str, int, Path]:
     """(PIL mode, side, reference file) every image is read in: one channel ("L") when every training image
-    is greyscale (PIL modes 1, L, LA), RGB otherwise; `image_size`, or else the first training image's side,
-    which must be square."""
+    is greyscale (PIL modes 1, L, LA), RGB otherwise (the mode's length is the channels); `image_size`, or else
+    the first training image's side, which must be square."""
     modes, reference, side = set(), files[0][0], image_size
     for path, _ in files:
         with _opened(path) as image:
@@ -521,7 +538,7 @@ def _read_folder(name: str, split: str, image_size: int | None) -> Images:
     files = train if split == "train" else _image_files(_split_folder(root, split), classes, split)
     mode, side, reference = _folder_format(train, image_size)
     files = [files[i] for i in _spread([label for _, label in files])]
-    shape = (len(files), 1 if mode == "L" else 3, side, side)
+    shape = (len(files), len(mode), side, side)
     needed, available = math.prod(shape), available_memory()
     if needed > available // 2:
         raise UserError(f"the {split} images of {name[len(FOLDER):]} would need {needed / 2**20:,.0f} MiB as "
@@ -589,6 +606,17 @@ def normalise(images: torch.Tensor, spec: DatasetSpec, channels_last: bool = Fal
     mean, std = _channel_statistics(tuple(spec.mean), tuple(spec.std), images.device)
     x = (images.float() - mean) / std
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def check_augmentation(augmentation: str, side: int) -> None:
+    """Every augmentation but none crops from images padded by at least one pixel (`augment`). Of a 1x1 image's
+    9 crops, 8 are padding only, so most batches are many copies of one blank image: BN's batch variance is then
+    (nearly) 0, and its backward divides the gradient by sqrt(variance + eps), ~300x at each BN layer, until it
+    overflows and the loss turns NaN (resnet20 at step 2). Larger images always keep part of the image."""
+    if side == 1 and augmentation != "none":
+        raise UserError(f"--augment {augmentation} crops 1x1 images from a 1-pixel padding, so 8 of 9 crops are "
+                        "blank and BN's gradient on a batch of blanks overflows to NaN; give --image-size 2 or more, or "
+                        "--augment none")
 
 
 def augment(images: torch.Tensor, spec: DatasetSpec, augmentation: str, generator: torch.Generator,
