@@ -15,8 +15,9 @@ At each measurement, with the weights of that step:
   which no BN follows, it is only indicative).
 
 What moves the statistics (so that the gap can be predicted, not only measured), at the same measurements:
-- `input_speed`: per BN layer, the normalisation error between the probe's batch statistics now and at the
-  previous measurement, per optimiser step: how fast the statistics the layer should normalise with move;
+- `input_shift`, `input_shift2`: per BN layer, the normalisation error between the probe's batch statistics now
+  and at the previous measurement (and the one before), `interval` steps ago (twice that): how far the statistics
+  the layer should normalise with moved; `input_speed` = input_shift / interval;
 - `batch_noise`: per BN layer, the spread of one training batch's statistics around the population's, in the
   same units, from the statistics of consecutive training batches (recovered from the running buffers at every
   step: batch = (new - (1 - m) old) / m, no extra forward), rms(b_t - b_t-1) / sqrt(2);
@@ -29,13 +30,18 @@ What moves the statistics (so that the gap can be predicted, not only measured),
   normalises by the batch): `shadow_gap`, each one's normalisation error against the probe's statistics, and
   `predicted_gap`, the lag model's prediction of it (`predicted_error`).
 
-The lag model. An exponential moving average y_t = (1 - m) y_t-1 + m x_t of a statistic that moves at v per step
-trails it by v (1 - m) / m (the steady state of y_t - x_t under x_t = x_0 + v t), and of one that is the
-population value plus independent batch noise of spread s keeps a noise of s sqrt(m / (2 - m)) (its stationary
-variance m^2 s^2 / (1 - (1 - m)^2)). In normalisation-error units the two add in quadrature:
+The lag model. A statistic x_t that drifts at v per step and diffuses by q per step (a random walk's variance),
+measured by batches with independent noise of spread s, is followed by an exponential moving average y_t =
+(1 - m) y_t-1 + m (x_t + noise). The drift leaves a steady lag v (1 - m) / m; the error e_t = y_t - x_t of the
+rest obeys e_t = (1 - m)(e_t-1 - w_t) + m n_t, whose stationary variance is ((1 - m)^2 q + m^2 s^2) / (m (2 - m)).
+In normalisation-error units:
 
-    predicted error(m) = sqrt((v (1 - m) / m)^2 + s^2 m / (2 - m)),
+    predicted error(m) = sqrt((v (1 - m) / m)^2 + ((1 - m)^2 q + m^2 s^2) / (m (2 - m))).
 
+v and q come from the shifts over one and two intervals D: shift^2 = v^2 D^2 + q D, shift2^2 = 4 v^2 D^2 + 2 q D
+(`lag_inputs`, mean squares over the measurements since the previous validation; a record without shift2 is
+taken as pure diffusion). Drift alone (the first version of this model) made the error fall as 1/m; on real
+runs it falls nearer 1/sqrt(m), as diffusion does (docs/spikes.md). The predicted error is
 smallest where the lag and the noise balance: `best_momentum`. At each validation (`BNMonitor.validate`, or the
 trainer's) the model meets its measurement: every shadow's error against statistics recomputed over training
 images (`recalibrate_bn`), and the validation loss with running and with recomputed statistics on the same
@@ -73,8 +79,8 @@ from .gradients import kind_of, weight_layers
 
 BN_STATISTICS = ("running", "batch")  # the `bn` dim of the probe's loss and accuracy
 RECORDED = ("probe_loss", "probe_acc", "bn_gap", "eval_mismatch", "grad_norm", "weight_norm", "train_loss", "lr",
-            "warning", "input_speed", "batch_noise", "angular_speed", "angular_equilibrium", "shadow_gap",
-            "predicted_gap", "warning_score")
+            "warning", "input_shift", "input_shift2", "interval", "input_speed", "batch_noise", "angular_speed",
+            "angular_equilibrium", "shadow_gap", "predicted_gap", "warning_score")
 VALIDATION_BN = ("running", "recalibrated")  # the `val_bn` dim of a validation's loss and accuracy
 VALIDATED = ("val_step", "val_epoch", "val_loss", "val_acc", "bn_excess", "bn_excess_se", "val_images",
              "shadow_error", "predicted_error")
@@ -117,23 +123,73 @@ def _row_statistic(statistic, values) -> np.ndarray:
     return out
 
 
-def predicted_error(speed, noise, momentum):
-    """The lag model (module docstring): the normalisation error of running statistics of BN momentum
-    `momentum` that follow a statistic moving at `speed` per step with batch noise `noise`. Broadcasts."""
-    momentum = np.asarray(momentum, dtype=np.float64)
-    lag = np.asarray(speed, dtype=np.float64) * (1 - momentum) / momentum
-    return np.sqrt(lag ** 2 + np.asarray(noise, dtype=np.float64) ** 2 * momentum / (2 - momentum))
+def predicted_error(drift, diffusion, noise, momentum):
+    """The lag model (module docstring): the normalisation error of running statistics of BN momentum `momentum`
+    that follow a statistic drifting `drift` per step and diffusing `diffusion` per step, measured with batch
+    noise `noise`. Broadcasts."""
+    m = np.asarray(momentum, dtype=np.float64)
+    drift, diffusion, noise = (np.asarray(a, dtype=np.float64) for a in (drift, diffusion, noise))
+    return np.sqrt((drift * (1 - m) / m) ** 2 + ((1 - m) ** 2 * diffusion + m ** 2 * noise ** 2) / (m * (2 - m)))
 
 
-def best_momentum(speed, noise) -> float:
-    """The momentum in (0, 1] that minimises the predicted error, (v (1 - m) / m)^2 + s^2 m / (2 - m), summed over
-    layers (`speed`, `noise`: one value per layer), on a fine logarithmic grid. NaN without finite values."""
-    speed, noise = np.asarray(speed, dtype=np.float64), np.asarray(noise, dtype=np.float64)
-    keep = np.isfinite(speed) & np.isfinite(noise)
+def lag_inputs(shift, shift2, noise, interval) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per layer (drift, diffusion, noise) from n measurements' `shift`, `shift2`, `noise` (n, layers) and their
+    `interval` (n,): mean squares over the measurements, then shift^2 = v^2 D^2 + q D and shift2^2 = 4 v^2 D^2 +
+    2 q D solved for v and q (each at least 0). Where shift2 was not measured, all of the shift is diffusion."""
+    shift, shift2, noise = (np.atleast_2d(np.asarray(a, dtype=np.float64)) for a in (shift, shift2, noise))
+    interval = np.asarray(interval, dtype=np.float64).reshape(-1, 1) * np.ones_like(shift)
+    rows = np.isfinite(shift).any(axis=1) & np.isfinite(interval).all(axis=1)
+    if not rows.any():
+        nan = np.full(shift.shape[1], np.nan)
+        return nan, nan, np.sqrt(_mean_square(noise))
+    d = float(np.median(interval[rows, 0]))
+    d1, d2 = _mean_square(shift[rows]), _mean_square(shift2[rows])
+    drift = np.where(np.isfinite(d2), np.sqrt(np.clip((d2 - 2 * d1) / (2 * d * d), 0, None)), 0.0)
+    diffusion = np.where(np.isfinite(d2), np.clip((2 * d1 - d2 / 2) / d, 0, None), d1 / d)
+    return drift, diffusion, np.sqrt(_mean_square(noise))
+
+
+def _mean_square(values) -> np.ndarray:
+    values = np.asarray(values, dtype=np.float64)
+    counted = np.isfinite(values).sum(axis=0)
+    return np.where(counted > 0, np.nansum(values ** 2, axis=0) / np.maximum(counted, 1), np.nan)
+
+
+def recorded_shifts(ds: xr.Dataset) -> tuple[np.ndarray, ...]:
+    """(input_shift, input_shift2, batch_noise, interval) of a monitor dataset; one recorded before input_shift
+    gives input_speed x its interval and no shift2 (taken as pure diffusion)."""
+    if "input_shift" in ds:
+        return ds.input_shift.values, ds.input_shift2.values, ds.batch_noise.values, ds.interval.values
+    every = float(ds.attrs.get("every", 1) or 1)
+    return (ds.input_speed.values * every, np.full(ds.input_speed.shape, np.nan), ds.batch_noise.values,
+            np.full(ds.sizes["step"], every))
+
+
+def validation_predictions(ds: xr.Dataset) -> np.ndarray:
+    """(validation, momentum, depth): the lag model's error at each validation, from the measurements since the
+    previous one (a monitor dataset; one of a run recorded before input_shift: from input_speed x interval)."""
+    steps = ds.step.values
+    shift, shift2, noise, interval = recorded_shifts(ds)
+    out = np.full((ds.sizes.get("validation", 0), ds.sizes["momentum"], ds.sizes["depth"]), np.nan)
+    previous = -1
+    for i, val_step in enumerate(ds.val_step.values if "val_step" in ds else []):
+        window = (steps > previous) & (steps <= val_step)
+        if window.any():
+            inputs = lag_inputs(shift[window], shift2[window], noise[window], interval[window])
+            out[i] = predicted_error(*inputs, ds.momentum.values[:, None])
+        previous = val_step
+    return out
+
+
+def best_momentum(drift, diffusion, noise) -> float:
+    """The momentum in (0, 1] that minimises the predicted squared error summed over layers (one value per
+    layer in each argument), on a fine logarithmic grid. NaN without finite values."""
+    drift, diffusion, noise = (np.asarray(a, dtype=np.float64) for a in (drift, diffusion, noise))
+    keep = np.isfinite(drift) & np.isfinite(diffusion) & np.isfinite(noise)
     if not keep.any():
         return float("nan")
     grid = np.geomspace(1e-3, 1.0, 601)
-    cost = (predicted_error(speed[keep, None], noise[keep, None], grid[None, :]) ** 2).sum(0)
+    cost = (predicted_error(drift[keep, None], diffusion[keep, None], noise[keep, None], grid[None, :]) ** 2).sum(0)
     return float(grid[np.argmin(cost)])
 
 
@@ -227,8 +283,9 @@ class Prescription:
     worst: dict | None  # epoch, running, recalibrated, excess, se of the validation of the largest excess
     layers: list[tuple[str, float]]  # the layers furthest off at that validation, with their error
     momentum: float  # the run's BN momentum
-    speed: float  # median input_speed over layers and measurements
-    noise: float  # median batch_noise
+    drift: float  # median over layers of the drift per step, from all measurements (lag_inputs)
+    diffusion: float  # median over layers of the diffusion per step
+    noise: float  # median over layers of the batch noise
     angular_speed: float  # median over conv weights and measurements
     angular_equilibrium: float
     measured_best: float  # the shadow momentum closest to the recomputed statistics over the validations
@@ -249,12 +306,14 @@ class Prescription:
             out.append("  where: the running statistics were furthest off at " + ", ".join(
                 f"{name} ({error:.2g})" for name, error in self.layers) + " (normalisation error, RMS)")
         m = self.momentum
-        if np.isfinite(self.speed) and np.isfinite(self.noise):
-            out.append(f"  why: the layers' input statistics moved {self.speed:.2g} per step (median) against a batch "
-                       f"noise of {self.noise:.2g}; BN momentum {m:g} averages over ~{1 / m:.0f} steps, so the "
-                       f"running statistics lag by ~{self.speed * (1 - m) / m:.2g} and keep ~"
-                       f"{self.noise * math.sqrt(m / (2 - m)):.2g} of noise; the weights turned "
-                       f"{self.angular_speed:.2g} rad/step (SGD's equilibrium {self.angular_equilibrium:.2g})")
+        if np.isfinite(self.diffusion) and np.isfinite(self.noise):
+            lag = predicted_error(self.drift, self.diffusion, 0.0, m)
+            out.append(f"  why: each layer's input statistics drift {self.drift:.2g} and diffuse "
+                       f"{math.sqrt(self.diffusion):.2g} per sqrt(step) (medians over layers) against a batch noise "
+                       f"of {self.noise:.2g}; BN momentum {m:g} averages over ~{1 / m:.0f} steps, so the running "
+                       f"statistics trail by ~{lag:.2g} and keep ~{self.noise * math.sqrt(m / (2 - m)):.2g} of "
+                       f"noise; the weights turned {self.angular_speed:.2g} rad/step (SGD's equilibrium "
+                       f"{self.angular_equilibrium:.2g})")
         if np.isfinite(self.measured_best):
             rho, r2, n = self.fit
             out.append(f"  what: of the momenta kept in shadow, {self.measured_best:g} came closest to the recomputed "
@@ -268,7 +327,7 @@ class Prescription:
 
 def prescription(ds: xr.Dataset, n_layers: int = 3) -> Prescription:
     """From a monitor dataset (`BNMonitor.dataset()` or monitor.nc): the worst attributed validation, the layers
-    whose running statistics were furthest from the recomputed ones there, the measured speed and noise, the shadow
+    whose running statistics were furthest from the recomputed ones there, the measured drift, diffusion and noise, the shadow
     momentum that came closest over all validations, the lag model's best momentum and how well it fitted."""
     own = [float(m) for m in np.atleast_1d(ds.attrs.get("bn_momentum", []))]
     momentum = own[0] if own else 0.1
@@ -290,17 +349,14 @@ def prescription(ds: xr.Dataset, n_layers: int = 3) -> Prescription:
         if np.isfinite(rms).any():
             measured_best = float(ds.momentum.values[int(np.nanargmin(rms))])
     median = lambda values: float(np.nanmedian(values)) if np.isfinite(values).any() else float("nan")
-    speed_per_layer = np.nanmedian(ds.input_speed.values, axis=0) if np.isfinite(ds.input_speed.values).any() \
-        else np.full(ds.sizes["depth"], np.nan)
-    noise_per_layer = np.nanmedian(ds.batch_noise.values, axis=0) if np.isfinite(ds.batch_noise.values).any() \
-        else np.full(ds.sizes["depth"], np.nan)
+    drift, diffusion, noise = lag_inputs(*recorded_shifts(ds))
     conv = np.array([str(kind).startswith("conv") for kind in ds.weight_kind.values], dtype=bool)
     return Prescription(
-        worst=worst, layers=layers, momentum=momentum, speed=median(ds.input_speed.values),
-        noise=median(ds.batch_noise.values), angular_speed=median(ds.angular_speed.values[:, conv]),
+        worst=worst, layers=layers, momentum=momentum, drift=median(drift), diffusion=median(diffusion),
+        noise=median(noise), angular_speed=median(ds.angular_speed.values[:, conv]),
         angular_equilibrium=median(ds.angular_equilibrium.values), measured_best=measured_best,
-        measured_error=measured, predicted_best=best_momentum(speed_per_layer, noise_per_layer),
-        fit=agreement(ds.predicted_error.values, ds.shadow_error.values) if ds.sizes.get("validation", 0)
+        measured_error=measured, predicted_best=best_momentum(drift, diffusion, noise),
+        fit=agreement(validation_predictions(ds), ds.shadow_error.values) if ds.sizes.get("validation", 0)
         else (float("nan"), float("nan"), 0))
 
 
@@ -461,7 +517,7 @@ class BNMonitor:
         self.momenta = self.tracker.momenta
         own = sorted({float(m.momentum) for _, m in models.bn_layers(model) if m.momentum is not None})
         self._own_momentum = own[0] if own else None  # the shadow that is the running statistics
-        self._previous = None  # (step, the probe's batch statistics) of the last measurement
+        self._previous = []  # (step, the probe's batch statistics) of the last two measurements
         self._before = None  # (step, a copy of the weights) one step before a measurement
 
     # -----------------------------------------------------------------------------------------------------------
@@ -535,24 +591,28 @@ class BNMonitor:
         return np.array([scores[rule][-1] for rule in WARNING_RULES])
 
     def _motion(self, step: int, statistics: dict[str, BNStatistics]) -> dict:
-        """What moves the statistics since the last measurement (module docstring): NaN at the first one."""
+        """What moves the statistics since the last measurements (module docstring): NaN where there is none."""
         n_bn, n_w = len(self.bn_names), len(self.weights)
-        speed, angle = np.full(n_bn, np.nan), np.full(n_w, np.nan)
-        if self._previous is not None and step > self._previous[0]:
-            steps = step - self._previous[0]
-            speed = statistics_error_table(self._previous[1], statistics, self.bn_names)[:, 0].numpy() / steps
+        shifts, interval, angle = [np.full(n_bn, np.nan), np.full(n_bn, np.nan)], np.nan, np.full(n_w, np.nan)
+        for k, (then, statistics_then) in enumerate(reversed(self._previous)):  # the last measurement, the one before
+            if step > then:
+                shifts[k] = statistics_error_table(statistics_then, statistics, self.bn_names)[:, 0].numpy()
+        if self._previous and step > self._previous[-1][0]:
+            interval = step - self._previous[-1][0]
         if self._before is not None and self._before[0] == step - 1:
             cosines = [F.cosine_similarity(before.flatten().double(), now.detach().flatten().double(), dim=0)
                        for before, now in zip(self._before[1], self.weights)]
             angle = np.array([math.acos(max(-1.0, min(1.0, c.item()))) for c in cosines])
-        self._previous, self._before = (step, statistics), None
+        self._previous, self._before = [*self._previous[-1:], (step, statistics)], None
         noise = self.tracker.noise(reset=True)
         shadows = self.tracker.shadow_statistics(self.bn_names)
         shadow_gap = np.stack([statistics_error_table(shadow, statistics, self.bn_names)[:, 0].numpy()
                                for shadow in shadows]) if shadows else np.full((len(self.momenta), n_bn), np.nan)
-        return {"input_speed": speed, "batch_noise": noise, "angular_speed": angle,
+        drift, diffusion, _ = lag_inputs(shifts[0], shifts[1], noise, [interval])
+        return {"input_shift": shifts[0], "input_shift2": shifts[1], "interval": interval,
+                "input_speed": shifts[0] / interval, "batch_noise": noise, "angular_speed": angle,
                 "angular_equilibrium": self._equilibrium(), "shadow_gap": shadow_gap,
-                "predicted_gap": predicted_error(speed[None, :], noise[None, :], np.asarray(self.momenta)[:, None])}
+                "predicted_gap": predicted_error(drift, diffusion, noise, np.asarray(self.momenta)[:, None])}
 
     def _equilibrium(self) -> float:
         """sqrt(2 lr wd / (1 + momentum)) of the optimiser's first group; NaN without an SGD-like optimiser."""
@@ -587,14 +647,20 @@ class BNMonitor:
         errors = (np.stack([statistics_error_table(shadow, statistics, self.bn_names)[:, 0].numpy()
                             for shadow in shadows]) if shadows else np.full((len(self.momenta), len(self.bn_names)),
                                                                             np.nan))
-        last = {name: self.records[name][-1] for name in ("input_speed", "batch_noise")} if self.records["step"] \
-            else {"input_speed": np.full(len(self.bn_names), np.nan), "batch_noise": self.tracker.noise()}
-        record = {"val_step": self.calls if step is None else step, "val_epoch": -1 if epoch is None else epoch,
+        val_step = self.calls if step is None else step
+        steps = np.asarray(self.records["step"])
+        since = (steps > (self.validations["val_step"][-1] if self.validations["val_step"] else -1)) & (
+            steps <= val_step)
+        predicted = np.full((len(self.momenta), len(self.bn_names)), np.nan)
+        if since.any():
+            inputs = lag_inputs(*(self._stacked(self.records, name)[since] for name in (
+                "input_shift", "input_shift2", "batch_noise", "interval")))
+            predicted = predicted_error(*inputs, np.asarray(self.momenta)[:, None])
+        record = {"val_step": val_step, "val_epoch": -1 if epoch is None else epoch,
                   "val_loss": [result.loss_running, result.loss_recalibrated],
                   "val_acc": [result.acc_running, result.acc_recalibrated], "bn_excess": result.excess,
                   "bn_excess_se": result.excess_se, "val_images": result.n_images, "shadow_error": errors,
-                  "predicted_error": predicted_error(last["input_speed"][None, :], last["batch_noise"][None, :],
-                                                     np.asarray(self.momenta)[:, None])}
+                  "predicted_error": predicted}
         for name, value in record.items():
             self.validations[name].append(value)
         return result
@@ -637,7 +703,8 @@ class BNMonitor:
         n_bn, n_w, n_m = len(self.bn_names), len(self.weight_names), len(self.momenta)
         return {"step": (), "epoch": (), "probe_loss": (2,), "probe_acc": (2,), "bn_gap": (n_bn, 3),
                 "eval_mismatch": (n_bn, 3), "grad_norm": (n_w,), "weight_norm": (n_w,), "train_loss": (), "lr": (),
-                "warning": (), "input_speed": (n_bn,), "batch_noise": (n_bn,), "angular_speed": (n_w,),
+                "warning": (), "input_shift": (n_bn,), "input_shift2": (n_bn,), "interval": (),
+                "input_speed": (n_bn,), "batch_noise": (n_bn,), "angular_speed": (n_w,),
                 "angular_equilibrium": (), "shadow_gap": (n_m, n_bn), "predicted_gap": (n_m, n_bn),
                 "warning_score": (len(WARNING_RULES),),
                 "val_step": (), "val_epoch": (), "val_loss": (2,), "val_acc": (2,), "bn_excess": (),
@@ -656,9 +723,8 @@ class BNMonitor:
                 "validations": {name: torch.as_tensor(self._stacked(self.validations, name))
                                 for name in self.validations},
                 "tracker": self.tracker.state_dict(),
-                "previous": ({"step": self._previous[0], "mean": [self._previous[1][n].mean.cpu() for n in self.bn_names],
-                              "var": [self._previous[1][n].var.cpu() for n in self.bn_names]}
-                             if self._previous is not None else {}),
+                "previous": [{"step": step, "mean": [stats[n].mean.cpu() for n in self.bn_names],
+                              "var": [stats[n].var.cpu() for n in self.bn_names]} for step, stats in self._previous],
                 "before": ({"step": self._before[0], "weights": [w.cpu() for w in self._before[1]]}
                            if self._before is not None else {})}
 
@@ -681,12 +747,11 @@ class BNMonitor:
             target[name] = [int(value) for value in target[name]]
         self.records["warning"] = [bool(w) for w in self.records["warning"]]
         self.tracker.load_state_dict(state.get("tracker", {}))
-        previous, before = state.get("previous") or {}, state.get("before") or {}
+        previous, before = state.get("previous") or [], state.get("before") or {}
         eps = {name: module.eps for name, module in models.bn_layers(self.model)}
-        self._previous = ((int(previous["step"]), {name: BNStatistics(m.to(self.device), v.to(self.device), eps[name])
-                                                   for name, m, v in zip(self.bn_names, previous["mean"],
-                                                                         previous["var"])})
-                          if previous else None)
+        self._previous = [(int(p["step"]), {name: BNStatistics(m.to(self.device), v.to(self.device), eps[name])
+                                            for name, m, v in zip(self.bn_names, p["mean"], p["var"])})
+                          for p in (previous if isinstance(previous, list) else [previous])]
         self._before = ((int(before["step"]), [w.to(self.device) for w in before["weights"]]) if before else None)
 
     def dataset(self, *, checkpoint=None, dataset=None) -> xr.Dataset:
@@ -730,6 +795,14 @@ class BNMonitor:
                 "warning": variable("step", np.asarray(r["warning"], dtype=bool), "early warning fired", "1"),
                 "warning_score": variable(("step", "rule"), stacked("warning_score"),
                                           "each warning rule's score of the measurement (WARNING_RULES)", "1"),
+                "input_shift": variable(("step", "depth"), stacked("input_shift"),
+                                        "normalisation error between the probe's batch statistics at this and the "
+                                        "previous measurement", UNITS),
+                "input_shift2": variable(("step", "depth"), stacked("input_shift2"),
+                                         "normalisation error between the probe's batch statistics at this and the "
+                                         "measurement before the previous one", UNITS),
+                "interval": variable("step", stacked("interval"), "steps since the previous measurement",
+                                     "optimiser steps"),
                 "input_speed": variable(("step", "depth"), stacked("input_speed"),
                                         "normalisation error between the probe's batch statistics at this and the "
                                         "previous measurement, per step", per_step),
@@ -748,7 +821,8 @@ class BNMonitor:
                                        "normalisation error (rms) against the probe's batch statistics of running "
                                        "statistics kept at this BN momentum from the same training batches", UNITS),
                 "predicted_gap": variable(("step", "momentum", "depth"), stacked("predicted_gap"),
-                                          "lag model: sqrt((input_speed (1 - m) / m)^2 + batch_noise^2 m / (2 - m))",
+                                          "lag model from this measurement alone: sqrt((v (1 - m) / m)^2 + ((1 - m)^2 q + m^2 "
+                                          "batch_noise^2) / (m (2 - m))), v and q from input_shift and input_shift2",
                                           UNITS),
                 "val_loss": variable(("validation", "val_bn"), stacked("val_loss"),
                                      "validation cross-entropy with running and with recomputed BN statistics, on "
@@ -764,8 +838,8 @@ class BNMonitor:
                                          "statistics kept at this BN momentum (the run's own momentum: its running "
                                          "statistics)", UNITS),
                 "predicted_error": variable(("validation", "momentum", "depth"), stacked("predicted_error"),
-                                            "lag model's prediction of shadow_error from the last measurement's "
-                                            "input_speed and batch_noise", UNITS),
+                                            "lag model's prediction of shadow_error from the measurements since the "
+                                            "previous validation (lag_inputs)", UNITS),
             },
             coords=coords,
             attrs=attrs(definition(self.every, len(self.labels), self.probe, rule), checkpoint=checkpoint,

@@ -20,7 +20,7 @@ import numpy as np
 import xarray as xr
 
 from .common import attrs, variable
-from .monitor import WARNING_RULES, agreement, prescription, warning_scores
+from .monitor import WARNING_RULES, prescription, warning_scores
 from .spikes import gap_mask
 
 STATISTICS = ("mean", "low", "high")  # the `statistic` dim: the mean over seeds and its 95% interval
@@ -36,8 +36,10 @@ RUN_METRICS = {  # name: (long name, units)
     "final_acc_recalibrated": ("last validation's accuracy with recomputed statistics (attributed images)", "1"),
     "running_error": ("RMS over validations and BN layers of the running statistics' normalisation error "
                       "against the recomputed ones", "normalised activation (RMS)"),
-    "input_speed": ("median over measurements and BN layers of input_speed", "normalised activation per step"),
-    "batch_noise": ("median over measurements and BN layers of batch_noise", "normalised activation (RMS)"),
+    "drift": ("median over BN layers of the input statistics' drift (lag_inputs)", "normalised activation per step"),
+    "diffusion": ("median over BN layers of the input statistics' diffusion, as a spread per sqrt(step)",
+                  "normalised activation per sqrt(step)"),
+    "batch_noise": ("median over BN layers of batch_noise", "normalised activation (RMS)"),
     "angular_speed": ("median over measurements and conv weights of angular_speed", "radians per step"),
     "angular_equilibrium": ("median of sqrt(2 lr wd / (1 + momentum))", "radians per step"),
     "lag_spearman": ("Spearman correlation of the lag model's predicted and the measured shadow errors", "1"),
@@ -151,9 +153,9 @@ def trust_study(histories: list[dict], monitors: list[xr.Dataset | None], labels
             own = found.momentum
             errors = monitor.shadow_error.sel(momentum=own).values if own in monitor.momentum.values else [np.nan]
             conv = np.array([str(kind).startswith("conv") for kind in monitor.weight_kind.values], dtype=bool)
-            rho, r2, _ = agreement(monitor.predicted_error.values, monitor.shadow_error.values)
+            rho, r2, _ = found.fit
             values.update(running_error=float(np.sqrt(np.nanmean(np.square(errors)))) if np.isfinite(errors).any()
-                          else np.nan, input_speed=found.speed, batch_noise=found.noise,
+                          else np.nan, drift=found.drift, diffusion=math.sqrt(found.diffusion), batch_noise=found.noise,
                           angular_speed=_median(monitor.angular_speed.values[:, conv]),
                           angular_equilibrium=_median(monitor.angular_equilibrium.values), lag_spearman=rho,
                           lag_r2=r2, best_momentum_measured=found.measured_best,

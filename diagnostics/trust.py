@@ -120,7 +120,7 @@ def figure(ds: xr.Dataset):
               (None, "(b) excess of each validation, nats\n(filled: events; dotted: the margin)", 1, True),
               ("final_acc", "(c) last validation accuracy, %\n(running ●, recomputed ○)", 100, False),
               ("running_error", "(d) running statistics' error\n(RMS over validations and layers)", 1, False),
-              ("input_speed", "(e) speed of the layers' input\nstatistics per step (median)", 1, False),
+              ("diffusion", "(e) diffusion of the layers' input\nstatistics per sqrt(step) (median)", 1, False),
               ("best_momentum", "(f) best BN momentum\n(measured ●, predicted ○)", 1, False)]
     fig, axes = plotting.figure(2, 3, width=2 * plotting.COLUMN_WIDTH, height=4.6, sharex=True)
     groups = list(ds.group.values)
@@ -152,7 +152,7 @@ def figure(ds: xr.Dataset):
         if symlog:
             axis.set_yscale("symlog", linthresh=0.1)
             axis.axhline(ds.attrs["event_margin"], color="grey", linewidth=0.5, linestyle=":")
-        if name in ("running_error", "input_speed", "best_momentum"):
+        if name in ("running_error", "diffusion", "best_momentum"):
             finite = [v for v in np.ravel([ds[v].values for v in ([f"{name}_measured", f"{name}_predicted"]
                                            if name == "best_momentum" else [name])]) if np.isfinite(v) and v > 0]
             if finite:

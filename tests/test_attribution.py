@@ -12,8 +12,8 @@ import xarray as xr
 
 import models
 from analyses.bn import recalibrate_bn
-from analyses.monitor import (BNMonitor, StatisticsTracker, agreement, attribute, best_momentum, predicted_error,
-                              prescription)
+from analyses.monitor import (BNMonitor, StatisticsTracker, agreement, attribute, best_momentum, lag_inputs,
+                              predicted_error, prescription)
 from conftest import assert_no_hooks, train_tiny
 from train import checkpoint as ckpt
 from train import data, rundir
@@ -61,34 +61,51 @@ def test_each_steps_batch_statistics_are_recovered_and_the_own_momentum_shadow_i
         torch.testing.assert_close(own[name].var, module.running_var, rtol=1e-5, atol=1e-6)
 
 
-def test_the_lag_model_matches_a_moving_average_of_a_statistic_moving_at_a_known_speed():
-    """One BN layer whose input's population mean moves v (in stds) per step: every shadow's error against the
-    population equals the lag model's sqrt((v (1 - m) / m)^2 + s^2 m / (2 - m)), with s the batch noise the tracker
-    measures (for Gaussian inputs of n values per channel, sqrt(1 / n + 1 / (2 n)): the mean's and the std's)."""
-    channels, n, v, steps = 256, 64, 0.01, 600
+@pytest.mark.parametrize("motion", ["drift", "diffusion"])
+def test_the_lag_model_matches_a_moving_average_of_a_statistic_moving_at_a_known_speed(motion):
+    """One BN layer whose input's population mean (in stds) drifts v = 0.01 per step, or diffuses by q = 1e-4 per
+    step (a random walk): every shadow's error against the population equals the lag model's, with the batch
+    noise the tracker measures (for Gaussian inputs of n values per channel, sqrt(1 / n + 1 / (2 n)): the mean's
+    and the std's), and lag_inputs recovers v and q from the shifts over one and two intervals."""
+    channels, n, steps, interval = 512, 64, 600, 10
+    v, q = (0.01, 0.0) if motion == "drift" else (0.0, 1e-4)
     model = nn.Sequential(nn.BatchNorm2d(channels))
     tracker = StatisticsTracker(model, (0.02, 0.05, 0.2, 0.5))
     generator = torch.Generator().manual_seed(0)
+    mean = torch.zeros(channels)
+    path = []
     for t in range(1, steps + 1):
-        model(v * t + torch.randn(n, channels, 1, 1, generator=generator))
+        mean = mean + v + math.sqrt(q) * torch.randn(channels, generator=generator)
+        path.append(mean.clone())
+        model(mean.view(1, -1, 1, 1) + torch.randn(n, channels, 1, 1, generator=generator))
         tracker.update()
     noise = tracker.noise()[0]
     assert noise == pytest.approx(math.sqrt(1.5 / n), rel=0.05)
+    late = torch.stack(path[-200:])  # shifts of the population mean over one and two intervals, late in the run
+    shift = (late[interval:] - late[:-interval]).square().mean(1).sqrt()[::interval].numpy()
+    shift2 = (late[2 * interval:] - late[:-2 * interval]).square().mean(1).sqrt()[::interval].numpy()
+    count = min(len(shift), len(shift2))
+    drift, diffusion, _ = lag_inputs(shift[:count, None], shift2[:count, None], [[noise]] * count, [interval] * count)
+    assert drift[0] == pytest.approx(v, abs=0.002) and diffusion[0] == pytest.approx(q, rel=0.35, abs=2e-5)
     for momentum, shadow in zip(tracker.momenta, tracker.shadow_statistics(["0"])):
-        mean_error = (v * steps - shadow["0"].mean) / shadow["0"].var.add(1e-5).sqrt()
+        mean_error = (mean - shadow["0"].mean) / shadow["0"].var.add(1e-5).sqrt()
         scale_error = 1 - 1 / shadow["0"].var.add(1e-5).sqrt()
         measured = (mean_error.square() + scale_error.square()).mean().sqrt().item()
-        assert measured == pytest.approx(predicted_error(v, noise, momentum), rel=0.15), momentum
+        assert measured == pytest.approx(predicted_error(v, q, noise, momentum), rel=0.15), momentum
 
 
 def test_the_best_momentum_balances_lag_and_noise():
-    # small m: (v / m)^2 + s^2 m / 2 is smallest at m = (4 v^2 / s^2)^(1/3)
-    assert best_momentum([1e-5], [0.1]) == pytest.approx((4e-10 / 1e-2) ** (1 / 3), rel=0.05)
-    assert best_momentum([1e-5, 1e-5], [0.1, 0.1]) == best_momentum([1e-5], [0.1])
-    assert best_momentum([0.0], [0.1]) == pytest.approx(1e-3)  # nothing moves: average as long as possible
-    assert best_momentum([0.5], [0.0]) == 1.0  # no noise: follow the last batch
-    assert math.isnan(best_momentum([np.nan], [0.1]))
+    # small m, drift alone: (v / m)^2 + s^2 m / 2 is smallest at m = (4 v^2 / s^2)^(1/3)
+    assert best_momentum([1e-5], [0.0], [0.1]) == pytest.approx((4e-10 / 1e-2) ** (1 / 3), rel=0.05)
+    # small m, diffusion alone: q / (2 m) + s^2 m / 2 is smallest at m = sqrt(q) / s
+    assert best_momentum([0.0], [1e-6], [0.1]) == pytest.approx(0.01, rel=0.05)
+    assert best_momentum([1e-5] * 2, [0.0] * 2, [0.1] * 2) == best_momentum([1e-5], [0.0], [0.1])
+    assert best_momentum([0.0], [0.0], [0.1]) == pytest.approx(1e-3)  # nothing moves: average as long as possible
+    assert best_momentum([0.5], [0.0], [0.0]) == 1.0  # no noise: follow the last batch
+    assert math.isnan(best_momentum([np.nan], [0.0], [0.1]))
     assert agreement([0.1, 0.2, 0.4, 0.8], [0.1, 0.2, 0.4, 0.8])[:2] == (1.0, 1.0)
+    drift, diffusion, _ = lag_inputs([[0.3]], [[np.nan]], [[0.1]], [10])  # no second shift: all diffusion
+    assert (drift[0], diffusion[0]) == (0.0, pytest.approx(0.009))
 
 
 def test_a_corrupted_layer_is_attributed_exactly_and_nothing_is_changed(tiny_runs):
@@ -146,10 +163,12 @@ def test_the_monitor_keeps_its_new_measurements_across_a_resume():
     restored.load_state_dict(state)
     hand_loop(twin, 5, restored, seed=2)
     a, b = monitor.dataset(), restored.dataset()
-    for name in ("input_speed", "batch_noise", "angular_speed", "shadow_gap", "predicted_gap"):
+    for name in ("input_shift", "input_shift2", "interval", "batch_noise", "angular_speed", "shadow_gap",
+                 "predicted_gap"):
         np.testing.assert_allclose(a[name].values, b[name].values, rtol=1e-5, atol=1e-7, err_msg=name)
-    assert np.isfinite(a.input_speed.sel(step=[6, 9, 12])).all() and np.isfinite(a.angular_speed).all()
-    assert np.isnan(a.input_speed.sel(step=3)).all()  # nothing to compare with at the first measurement
+    assert np.isfinite(a.input_shift.sel(step=[6, 9, 12])).all() and np.isfinite(a.angular_speed).all()
+    assert np.isfinite(a.input_shift2.sel(step=[9, 12])).all() and np.isnan(a.input_shift2.sel(step=6)).all()
+    assert np.isnan(a.input_shift.sel(step=3)).all()  # nothing to compare with at the first measurement
 
 
 def test_the_trainer_attributes_each_validation_and_selects_as_asked(tmp_path, capsys):

@@ -75,7 +75,10 @@ class Elements(HTMLParser):
 
 def test_the_page_holds_every_sections_figure_definition_table_command_and_provenance(made, runs):
     assert made.stdout[-2:] == [str(made.out / "report.pdf"), str(made.out / "report.html")]
-    assert [line.split(":")[0] for line in made.stdout[:-2]] == SECTIONS
+    assert [line.split(":")[0] for line in made.stdout[:len(SECTIONS)]] == SECTIONS
+    findings = report.findings([report.read_run(str(run)) for run in runs])  # printed before the paths
+    assert made.stdout[len(SECTIONS):-2] == [line for label, lines in findings
+                                             for line in (f"{label}: {lines[0]}", *(f"  {x.strip()}" for x in lines[1:]))]
     elements = Elements(made.html).elements
     assert not [tag for tag, _ in elements if tag in ("script", "link", "iframe", "object", "embed")]
     references = [value for _, attrs in elements for name, value in attrs.items() if name in ("src", "href")]
@@ -129,8 +132,8 @@ def test_a_second_report_reuses_what_was_made_for_the_same_inputs_and_options(ma
     before = {name: (made.out / f"{name}.nc").stat().st_mtime_ns for name in SECTIONS}
     again = run_report(*runs, "--sections", *SECTIONS, "--out", made.out)
     assert again.code == 0
-    assert [line.split(": ")[:2] for line in again.stdout[:-2]] == [[name, f"reused {made.out / name}.nc"]
-                                                                     for name in SECTIONS]
+    assert [line.split(": ")[:2] for line in again.stdout[:len(SECTIONS)]] == [[name, f"reused {made.out / name}.nc"]
+                                                                                 for name in SECTIONS]
     assert {name: (made.out / f"{name}.nc").stat().st_mtime_ns for name in SECTIONS} == before
     assert "reused" in (made.out / "report.html").read_text()
     # Another option, a checkpoint written again, a .nc written by hand: made again.
