@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The runs of docs/spikes.md (issue 26), one at a time (two of our processes on 2 cores slow each other), each
 # resumed where it stopped: `bash study/run.sh [GROUP ...]` from the repository root, runs in runs/study/.
-# Groups: pairs20 (plain20/resnet20, seeds 0-4), depth56 (plain56/resnet56, seeds 0-2), interventions.
+# Groups: pairs20 (plain20/resnet20, seeds 0-4), interventions (BN momentum 0.02, 0.4 and the prescribed 0.8,
+# lr 0.05, --precise-bn 2000; plain20/resnet20, seeds 0-1), depth56 (plain56/resnet56, seeds 0-2).
 # THREADS=1 taskset -c 0 bash study/run.sh   leaves the other core free (what the first session did).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,6 +31,7 @@ interventions() {
     for model in plain20 resnet20; do
       train $model-m0.02-s$seed $model $seed --bn-momentum 0.02
       train $model-m0.4-s$seed $model $seed --bn-momentum 0.4
+      train $model-m0.8-s$seed $model $seed --bn-momentum 0.8
       train $model-lr0.05-s$seed $model $seed --lr 0.05
       train $model-precise-s$seed $model $seed --precise-bn 2000
     done
