@@ -279,3 +279,26 @@ def test_the_report_opens_with_each_runs_findings(tiny_runs, tmp_path):
     bare = tmp_path / "bare"
     shutil.copytree(tiny_runs["plain20"], bare, ignore=shutil.ignore_patterns("diagnostics", "monitor.nc"))
     assert "no BN monitor in this run" in dict(report.findings([report.read_run(str(bare))]))["plain20"][0]
+
+
+def test_no_figure_of_the_report_has_an_empty_panel(runs, tmp_path, monkeypatch):
+    """Every section's figures, drawn from the tiny runs: each axes draws data, or says in words why it has none
+    (a colour bar is neither)."""
+    drawn = {}
+    write = common.write_outputs
+
+    def keep(out, name, dataset, figure=None):
+        figures = figure if isinstance(figure, dict) else {"": figure}
+        drawn.update({f"{name}{'_' + suffix if suffix else ''}": fig for suffix, fig in figures.items()
+                      if fig is not None})
+        return write(out, name, dataset, figure)
+
+    monkeypatch.setattr(common, "write_outputs", keep)
+    result = run_report(*runs, "--n-images", "64", "--out", tmp_path / "out")
+    assert result.code == 0, result.stderr
+    assert set(report.SECTIONS) <= set(drawn), sorted(drawn)
+    empty = [f"{name}: {axis.get_title(loc='left') or axis.get_title() or axis.get_ylabel()!r}"
+             for name, fig in drawn.items() for axis in fig.axes
+             if axis.get_label() != "<colorbar>" and axis.get_visible() and not axis.has_data()
+             and not any(text.get_text().strip() for text in axis.texts)]
+    assert not empty, empty
