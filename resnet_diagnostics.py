@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] not in COMMANDS:
         print(f"error: unknown command {argv[0]!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    os.environ[CONSOLE_VARIABLE] = argv[0]  # not inherited by what the command starts: removed below
+    os.environ[CONSOLE_VARIABLE] = argv[0]  # for the usage lines; removed when the command ends
     sys.argv = ["-m", *argv[1:]]  # as `python -m` has it while the packages are imported
     try:
         runpy.run_module(COMMANDS[argv[0]], run_name="__main__", alter_sys=True)  # exits as that command does

@@ -299,9 +299,9 @@ class Prescription:
             out.append("BN statistics: no validation was attributed (--attribution-images 0)")
         else:
             w = self.worst
-            out.append(f"BN statistics: the largest share of a validation loss was at epoch {w['epoch']}: "
-                       f"{w['running']:.4f} with running statistics, {w['recalibrated']:.4f} recomputed "
-                       f"({w['excess']:+.2f} ± {w['se']:.2f} nats)")
+            out.append(f"BN statistics: the worst validation, epoch {w['epoch']}, read {w['running']:.4f} with running "
+                       f"statistics and {w['recalibrated']:.4f} with recomputed ones ({w['excess']:+.2f} ± "
+                       f"{w['se']:.2f} nats)")
         if self.layers:
             out.append("  where: the running statistics were furthest off at " + ", ".join(
                 f"{name} ({error:.2g})" for name, error in self.layers) + " (normalisation error, RMS)")
@@ -315,14 +315,31 @@ class Prescription:
                        f"noise; the weights turned {self.angular_speed:.2g} rad/step (SGD's equilibrium "
                        f"{self.angular_equilibrium:.2g})")
         if np.isfinite(self.measured_best):
-            rho, r2, n = self.fit
-            out.append(f"  what: of the momenta kept in shadow, {self.measured_best:g} came closest to the recomputed "
-                       f"statistics (RMS error {self.measured_error[self.measured_best]:.2g} against "
-                       f"{self.measured_error.get(m, float('nan')):.2g} at {m:g}); the lag model predicts "
-                       f"{self.predicted_best:.2g} (Spearman {rho:.2f}, R^2 {r2:.2f} of log errors, {n} points): "
-                       f"train with --bn-momentum {self.measured_best:g}, or recompute the statistics before each "
-                       "validation with --precise-bn 2000")
+            out.append("  what: " + self.what())
         return out
+
+
+    def confirmed(self) -> bool:
+        """A momentum to change to: the shadows' best differs from the run's, and the lag model, fitted to these
+        measurements (finite agreement), puts its own best within a factor 2 of it."""
+        return (np.isfinite(self.measured_best) and self.measured_best != self.momentum
+                and np.isfinite(self.fit[0]) and np.isfinite(self.predicted_best)
+                and 0.5 <= self.predicted_best / self.measured_best <= 2)
+
+    def what(self) -> str:
+        m, best = self.momentum, self.measured_best
+        rho, r2, n = self.fit
+        measured = (f"RMS error against the recomputed statistics {self.measured_error[best]:.2g} at {best:g}, "
+                    f"{self.measured_error.get(m, float('nan')):.2g} at the run's {m:g}")
+        model = (f"the lag model's best is {self.predicted_best:.2g} (Spearman {rho:.2f}, R^2 {r2:.2f} of log errors, "
+                 f"{n} points)")
+        if best == m:
+            return f"BN momentum {m:g} was already the truest of the shadows; nothing to change ({measured})"
+        if not self.confirmed():
+            return (f"of the shadows, BN momentum {best:g} came closest ({measured}), but {model}: not confirmed, "
+                    "so no prescription")
+        return (f"train with --bn-momentum {best:g}: of the shadows it came closest ({measured}), and {model}; or "
+                "recompute the statistics before each validation (--precise-bn N)")
 
 
 def prescription(ds: xr.Dataset, n_layers: int = 3) -> Prescription:
@@ -343,8 +360,10 @@ def prescription(ds: xr.Dataset, n_layers: int = 3) -> Prescription:
                 errors = ds.shadow_error.sel(momentum=momentum).values[i]
                 order = [j for j in np.argsort(-np.nan_to_num(errors, nan=-1.0)) if np.isfinite(errors[j])]
                 layers = [(str(ds.layer.values[j]), float(errors[j])) for j in order[:n_layers]]
-        rms = np.sqrt(np.nanmean(ds.shadow_error.values ** 2, axis=(0, 2))) if np.isfinite(
-            ds.shadow_error.values).any() else np.full(ds.sizes["momentum"], np.nan)
+        armed = ds.val_step.values >= int(ds.attrs.get("warn_after", 0))  # before: the shadows' initial values
+        errors = ds.shadow_error.values[armed if armed.any() else slice(None)]
+        rms = (np.sqrt(np.nanmean(errors ** 2, axis=(0, 2))) if np.isfinite(errors).any()
+               else np.full(ds.sizes["momentum"], np.nan))
         measured = {float(m): float(e) for m, e in zip(ds.momentum.values, rms)}
         if np.isfinite(rms).any():
             measured_best = float(ds.momentum.values[int(np.nanargmin(rms))])
@@ -401,9 +420,7 @@ class StatisticsTracker:
         self.momentum = per_channel(module.momentum for module in self.layers)
         self.eps = per_channel(module.eps for module in self.layers)
         self.shadow_momentum = torch.tensor(self.momenta, device=device)[:, None]
-        self.resync()
-        self.shadow_mean = self.last_mean.expand(len(self.momenta), -1).clone()
-        self.shadow_var = self.last_var.expand(len(self.momenta), -1).clone()
+        self.resync(shadows=True)
         self.previous = None
         self.noise_sum, self.noise_count = torch.zeros_like(self.last_mean, dtype=torch.float64), 0
 
@@ -411,10 +428,14 @@ class StatisticsTracker:
         return (torch.cat([module.running_mean.detach().float() for module in self.layers]),
                 torch.cat([module.running_var.detach().float() for module in self.layers]))
 
-    def resync(self) -> None:
-        """Take the running buffers as they are now as the last step's (after something replaced them)."""
+    def resync(self, shadows: bool = False) -> None:
+        """Take the running buffers as they are now as the last step's (after something replaced them); with
+        `shadows`, every shadow too."""
         if self.usable:
             self.last_mean, self.last_var = self._buffers()
+            if shadows:
+                self.shadow_mean = self.last_mean.expand(len(self.momenta), -1).clone()
+                self.shadow_var = self.last_var.expand(len(self.momenta), -1).clone()
 
     @torch.no_grad()
     def update(self) -> None:
@@ -465,15 +486,19 @@ class StatisticsTracker:
         older version starts the shadows afresh from the running statistics."""
         if not self.usable:
             return
-        self.resync()
+        self.resync(shadows=True)
         if not state or list(state.get("momenta", [])) != list(self.momenta):
-            self.shadow_mean = self.last_mean.expand(len(self.momenta), -1).clone()
-            self.shadow_var = self.last_var.expand(len(self.momenta), -1).clone()
             return
-        device = self.last_mean.device
-        self.shadow_mean, self.shadow_var = state["shadow_mean"].to(device), state["shadow_var"].to(device)
-        self.previous = tuple(t.to(device) for t in state["previous"]) or None
-        self.noise_sum, self.noise_count = state["noise_sum"].to(device), int(state["noise_count"])
+        channels, device = len(self.last_mean), self.last_mean.device
+        shadows = (len(self.momenta), channels)
+        previous = list(state.get("previous") or [])
+        if (tuple(state["shadow_mean"].shape) != shadows or tuple(state["shadow_var"].shape) != shadows
+                or tuple(state["noise_sum"].shape) != (channels,) or len(previous) not in (0, 2)
+                or any(tuple(t.shape) != (channels,) for t in previous)):
+            raise ValueError("the monitor's saved shadow statistics are not of this model's BN layers")
+        self.shadow_mean, self.shadow_var = state["shadow_mean"].to(device).float(), state["shadow_var"].to(device).float()
+        self.previous = tuple(t.to(device).float() for t in previous) or None
+        self.noise_sum, self.noise_count = state["noise_sum"].to(device).double(), int(state["noise_count"])
 
 
 class BNMonitor:
@@ -561,7 +586,7 @@ class BNMonitor:
         record = {"step": step, "epoch": -1 if epoch is None else epoch, "probe_loss": losses,
                   "probe_acc": accuracy, "bn_gap": gap, "eval_mismatch": mismatch, "grad_norm": grad_norm,
                   "weight_norm": weight_norm, "lr": np.nan if lr is None else float(lr),
-                  "train_loss": np.nan if loss is None else float(loss), **self._motion(step, statistics)}
+                  "train_loss": np.nan if loss is None else float(loss), **self._motion(step, statistics, lr)}
         record["warning_score"] = self._scores(record)
         score = record["warning_score"][list(WARNING_RULES).index(self.warn_rule)]
         fired = record["warning"] = bool(step >= self.warn_after and score > self.warn_threshold)
@@ -590,7 +615,7 @@ class BNMonitor:
                                 np.array(tail["step"]) >= self.warn_after)
         return np.array([scores[rule][-1] for rule in WARNING_RULES])
 
-    def _motion(self, step: int, statistics: dict[str, BNStatistics]) -> dict:
+    def _motion(self, step: int, statistics: dict[str, BNStatistics], lr: float | None) -> dict:
         """What moves the statistics since the last measurements (module docstring): NaN where there is none."""
         n_bn, n_w = len(self.bn_names), len(self.weights)
         shifts, interval, angle = [np.full(n_bn, np.nan), np.full(n_bn, np.nan)], np.nan, np.full(n_w, np.nan)
@@ -611,19 +636,22 @@ class BNMonitor:
         drift, diffusion, _ = lag_inputs(shifts[0], shifts[1], noise, [interval])
         return {"input_shift": shifts[0], "input_shift2": shifts[1], "interval": interval,
                 "input_speed": shifts[0] / interval, "batch_noise": noise, "angular_speed": angle,
-                "angular_equilibrium": self._equilibrium(), "shadow_gap": shadow_gap,
+                "angular_equilibrium": self._equilibrium(lr), "shadow_gap": shadow_gap,
                 "predicted_gap": predicted_error(drift, diffusion, noise, np.asarray(self.momenta)[:, None])}
 
-    def _equilibrium(self) -> float:
-        """sqrt(2 lr wd / (1 + momentum)) of the optimiser's first group; NaN without an SGD-like optimiser."""
+    def _equilibrium(self, lr: float | None) -> float:
+        """sqrt(2 lr wd / (1 + momentum)) of the optimiser's first group, at the step's own `lr` where the caller
+        gave it (the group's holds the next step's once the scheduler stepped); NaN without an SGD-like one."""
         group = self.optimizer.param_groups[0] if self.optimizer is not None else {}
         if not all(key in group for key in ("lr", "weight_decay", "momentum")):
             return float("nan")
-        return math.sqrt(2 * float(group["lr"]) * float(group["weight_decay"]) / (1 + float(group["momentum"])))
+        lr = float(group["lr"]) if lr is None else float(lr)
+        return math.sqrt(2 * lr * float(group["weight_decay"]) / (1 + float(group["momentum"])))
 
     def statistics_replaced(self) -> None:
-        """Call after something replaced the running statistics between steps (`--precise-bn`)."""
-        self.tracker.resync()
+        """Call after something replaced the running statistics between steps (`--precise-bn`): every shadow
+        starts again from them, as a run at its momentum would have been recalibrated too."""
+        self.tracker.resync(shadows=True)
 
     # -----------------------------------------------------------------------------------------------------------
     # Validations
@@ -739,6 +767,8 @@ class BNMonitor:
             n = len(saved[next(iter(target))]) if next(iter(target)) in saved else 0
             for name in target:
                 values = saved[name].numpy() if name in saved else np.full((n, *shapes[name]), np.nan)
+                if n == 0 and values.size == 0:  # an empty record of any shape (version 2 saved them flat)
+                    values = np.empty((0, *shapes[name]))
                 if values.shape != (n, *shapes[name]):
                     raise ValueError(f"the monitor's saved {name} has the shape {values.shape}")
                 target[name] = [value if value.ndim else value.item() for value in values]
@@ -749,9 +779,17 @@ class BNMonitor:
         self.tracker.load_state_dict(state.get("tracker", {}))
         previous, before = state.get("previous") or [], state.get("before") or {}
         eps = {name: module.eps for name, module in models.bn_layers(self.model)}
+        previous = previous if isinstance(previous, list) else [previous]
+        sizes = [len(statistics.mean) for statistics in running_statistics(self.model).values()]
+        if len(previous) > 2 or any(len(p["mean"]) != len(sizes) or len(p["var"]) != len(sizes)
+                                    or any(len(t) != n for t, n in zip([*p["mean"], *p["var"]], sizes * 2))
+                                    for p in previous):
+            raise ValueError("the monitor's saved probe statistics are not of this model's BN layers")
         self._previous = [(int(p["step"]), {name: BNStatistics(m.to(self.device), v.to(self.device), eps[name])
                                             for name, m, v in zip(self.bn_names, p["mean"], p["var"])})
-                          for p in (previous if isinstance(previous, list) else [previous])]
+                          for p in previous]
+        if before and [tuple(w.shape) for w in before["weights"]] != [tuple(w.shape) for w in self.weights]:
+            raise ValueError("the monitor's saved weights are not this model's")
         self._before = ((int(before["step"]), [w.to(self.device) for w in before["weights"]]) if before else None)
 
     def dataset(self, *, checkpoint=None, dataset=None) -> xr.Dataset:

@@ -24,8 +24,9 @@ from .monitor import WARNING_RULES, prescription, warning_scores
 from .spikes import gap_mask
 
 STATISTICS = ("mean", "low", "high")  # the `statistic` dim: the mean over seeds and its 95% interval
-T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
-         2.131, 2.120, 2.110, 2.101, 2.093, 2.086)  # Student's t, 97.5% quantile, 1 to 20 degrees of freedom
+T_975 = dict(enumerate((12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
+                        2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
+                        2.052, 2.048, 2.045, 2.042), start=1)) | {40: 2.021, 60: 2.000, 120: 1.980}  # Student's t, 97.5%
 RUN_METRICS = {  # name: (long name, units)
     "validations": ("validations attributed", "1"),
     "events": ("validations that were BN-statistics events", "1"),
@@ -81,7 +82,9 @@ def welch_interval(a, b) -> tuple[float, float, float]:
 
 
 def _t(df: float) -> float:
-    return T_975[max(0, min(len(T_975), int(math.floor(df))) - 1)] if df < len(T_975) + 1 else 1.96
+    """Student's t 97.5% quantile at the tabulated degrees of freedom at or below `df`: an interval a little
+    wider than exact between table entries, never narrower."""
+    return T_975[max(k for k in T_975 if k <= max(1, math.floor(df)))]
 
 
 def events_of(history: dict, factor: float, margin: float) -> np.ndarray:
@@ -97,6 +100,10 @@ def rule_scores(monitor: xr.Dataset) -> dict[str, np.ndarray]:
     scored them where it kept them, otherwise (a run recorded before it did) by the same `warning_scores`."""
     if "warning_score" in monitor:
         return {rule: monitor.warning_score.sel(rule=rule).values for rule in WARNING_RULES}
+    if "momentum" not in monitor.coords:  # version 2: no lag model
+        monitor = monitor.assign(predicted_gap=(("step", "momentum", "depth"),
+                                                np.full((monitor.sizes["step"], 1, monitor.sizes["depth"]), np.nan)),
+                                 momentum=[0.1])
     own = np.atleast_1d(monitor.attrs.get("bn_momentum", [0.1]))
     momentum = float(own[0]) if len(own) else 0.1
     predicted = (monitor.predicted_gap.sel(momentum=momentum).values if momentum in monitor.momentum.values
@@ -148,7 +155,7 @@ def trust_study(histories: list[dict], monitors: list[xr.Dataset | None], labels
                   "max_excess": excess[finite].max() if finite.any() else np.nan,
                   "final_acc_running": history["val_acc"][-1],
                   "final_acc_recalibrated": history["val_acc_recalibrated"][-1]}
-        if monitor is not None and monitor.sizes.get("step", 0):
+        if monitor is not None and monitor.sizes.get("validation", 0):  # a monitor of version 3 that validated
             found = prescription(monitor)
             own = found.momentum
             errors = monitor.shadow_error.sel(momentum=own).values if own in monitor.momentum.values else [np.nan]
@@ -253,10 +260,11 @@ def _horizon_scores(histories, monitors, events, seeds, choose_on, last: bool) -
         candidates = np.unique(np.concatenate(values)) if values else np.array([])
         best, best_value = math.nan, -1.0
         for threshold in candidates[::-1]:  # from the largest: ties keep the larger threshold
-            precision, recall, _, _ = pooled(rule, threshold - 1e-12, True)
+            below = float(np.nextafter(threshold, -np.inf))  # scores above it: this one included
+            precision, recall, _, _ = pooled(rule, below, True)
             value = min(np.nan_to_num(precision), np.nan_to_num(recall))
             if value > best_value:
-                best, best_value = threshold - 1e-12, value
+                best, best_value = below, value
         results["threshold"][k] = best
         if np.isfinite(best):
             for chosen, suffix in ((True, "chosen"), (False, "held_out")):

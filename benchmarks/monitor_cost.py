@@ -24,14 +24,14 @@ import models
 from analyses.evaluate import predict
 from analyses.monitor import BNMonitor
 from diagnostics.common import main_guard
-from train.config import MONITOR_INTERVALS, Config
+from train.config import MONITOR_LONGEST, Config
 from train.data import EvalBatches, augmented_once, recalibration_inputs
 from train.errors import UserError, positive_int
 
 from . import common
 
 TRAINER = Config(model="", dataset="", out="")  # the trainer's defaults: monitor_images, attribution_images
-AUTO_EVERY = MONITOR_INTERVALS[1]  # --monitor-every auto's interval for runs of 5,000 steps and more
+AUTO_EVERY = MONITOR_LONGEST  # --monitor-every auto's interval for runs of 5,000 steps and more
 
 
 def parser():

@@ -355,7 +355,8 @@ def findings(runs: list[Run]) -> list[tuple[str, list[str]]]:
                                       ")"]))
             continue
         if result is None:
-            found.append((run.label, [monitor_summary(run) + " (a run of version 2: no validation attributed)"]))
+            found.append((run.label, [monitor_summary(run).split(": ", 1)[1] + " (a run of version 2: no validation "
+                                      "attributed)"]))
             continue
         found.append((run.label, result.lines()))
         if result.worst is not None:

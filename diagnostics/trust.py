@@ -133,6 +133,8 @@ def figure(ds: xr.Dataset):
             if name is None:
                 excess, events = ds.excess.values[runs].ravel(), ds.event.values[runs].ravel()
                 keep = np.isfinite(excess)
+                if not keep.any():
+                    continue
                 jitter = np.linspace(-0.25, 0.25, max(1, keep.sum()))
                 axis.scatter(i + jitter, excess[keep], s=6, facecolors=np.where(events[keep], colour, "none"),
                              edgecolors=colour, linewidths=0.5)
@@ -158,8 +160,9 @@ def figure(ds: xr.Dataset):
             if finite:
                 axis.set_yscale("log")
                 plotting.plain_log_labels(axis.yaxis)
-        if not np.isfinite(axis.dataLim.bounds).all() or not ds.sizes["run"]:
-            axis.text(0.5, 0.5, "no monitored runs", ha="center", va="center", transform=axis.transAxes)
+        if not axis.has_data():
+            axis.text(0.5, 0.5, "no attributed validation (runs of version 2, or --attribution-images 0)",
+                      ha="center", va="center", transform=axis.transAxes, fontsize=5, wrap=True)
     for axis in axes[-1]:
         axis.set_xticks(x, [str(g) for g in groups], rotation=30, ha="right", fontsize=6)
         axis.set_xlim(-0.6, len(groups) - 0.4)

@@ -186,4 +186,51 @@ def test_the_trainer_attributes_each_validation_and_selects_as_asked(tmp_path, c
     best = torch.load(run / "best.pt", weights_only=True)
     assert best["epoch"] == 1 + int(np.argmax(metrics["val_acc_recalibrated"]))
     assert best["history"]["bn_excess"] == metrics["bn_excess"][:best["epoch"]]
-    assert any(line.startswith("BN statistics: the largest share") for line in out.splitlines())
+    assert any(line.startswith("BN statistics: the worst validation, epoch") for line in out.splitlines())
+
+
+def test_after_a_recalibration_every_shadow_starts_from_the_replaced_statistics():
+    """--precise-bn replaces the running statistics before each validation; a run at any momentum would have
+    been recalibrated too, so every shadow starts again there, and the run's own stays its running statistics."""
+    torch.manual_seed(0)
+    model = models.build("resnet20", num_classes=4)
+    monitor = BNMonitor(model, torch.randn(8, 3, 32, 32), torch.randint(0, 4, (8,)), every=0)
+    hand_loop(model, 4, monitor)
+    recalibrate_bn(model, [torch.randn(16, 3, 32, 32)])
+    monitor.statistics_replaced()
+    hand_loop(model, 3, monitor, seed=3)
+    names = [name for name, _ in models.bn_layers(model)]
+    for shadow in monitor.tracker.shadow_statistics(names)[list(monitor.momenta).index(0.1):][:1]:
+        for name, module in models.bn_layers(model):
+            torch.testing.assert_close(shadow[name].mean, module.running_mean, rtol=1e-5, atol=1e-6)
+
+
+def test_a_saved_state_of_another_shape_or_version_is_one_error_or_resumes():
+    torch.manual_seed(0)
+    model = models.build("resnet20", num_classes=4)
+    probe = torch.randn(8, 3, 32, 32), torch.randint(0, 4, (8,))
+    monitor = BNMonitor(model, *probe, every=2)
+    hand_loop(model, 4, monitor)
+    state = monitor.state_dict()
+    broken = copy.deepcopy(state)
+    broken["tracker"]["shadow_mean"] = torch.zeros(3)
+    with pytest.raises(ValueError, match="shadow statistics"):
+        BNMonitor(model, *probe, every=2).load_state_dict(broken)
+    broken = copy.deepcopy(state)
+    broken["previous"][0]["mean"] = broken["previous"][0]["mean"][:-1]
+    with pytest.raises(ValueError, match="probe statistics"):
+        BNMonitor(model, *probe, every=2).load_state_dict(broken)
+    # version 2 saved a run's empty record flat, with none of the new variables: it resumes
+    old = {"calls": 3, "bn_layers": state["bn_layers"], "weight_layers": state["weight_layers"],
+           "records": {name: torch.zeros(0, dtype=torch.float64) for name in
+                       ("step", "epoch", "probe_loss", "probe_acc", "bn_gap", "eval_mismatch", "grad_norm",
+                        "weight_norm", "train_loss", "lr", "warning")}}
+    resumed = BNMonitor(model, *probe, every=2)
+    resumed.load_state_dict(old)
+    hand_loop(model, 2, resumed)
+    assert resumed.dataset().sizes["step"] == 1 and resumed.calls == 5
+
+
+def test_select_recalibrated_without_bn_keeps_a_best_checkpoint(tmp_path):
+    run = train_tiny(tmp_path / "nobn", "plain20", "--no-bn", "--select", "recalibrated", "--lr", "0.01")
+    assert (run / "best.pt").is_file()

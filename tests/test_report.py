@@ -273,7 +273,7 @@ def test_the_report_opens_with_each_runs_findings(tiny_runs, tmp_path):
     found = dict(report.findings(runs))
     for name in ("plain20", "resnet20"):
         assert found[name] == prescription(xr.load_dataset(tiny_runs[name] / "monitor.nc")).lines()
-        assert found[name][0].startswith("BN statistics: the largest share of a validation loss was at epoch")
+        assert found[name][0].startswith("BN statistics: the worst validation, epoch")
     (contrast,) = found["plain20 against resnet20"]
     assert contrast.startswith("without the skip connection the worst validation lost")
     bare = tmp_path / "bare"

@@ -262,10 +262,11 @@ def test_a_bad_bf16_override_is_one_line(tmp_path, monkeypatch, capsys):
 
 
 def test_monitor_every_auto_is_resolved_to_a_number_by_the_runs_length(tmp_path, capsys):
-    assert [cfg.monitor_interval(n) for n in (8, 500, 501, 1560, 5000, 64_000)] == [10, 10, 11, 32, 100, 100]
+    assert [cfg.monitor_interval(n) for n in (4, 184, 500, 501, 1560, 5000, 64_000)] == [1, 4, 10, 11, 32, 100, 100]
     run = train_tiny(tmp_path / "auto", "resnet20", "--epochs", "1", "--monitor-every", "auto")
     config = json.loads((run / "config.json").read_text())
-    assert config["monitor_every"] == 10 and config["monitor_reason"].startswith("auto: 50 measurements over 4 steps")
-    assert "BN monitor every 10 steps (auto: " in capsys.readouterr().out
+    assert config["monitor_every"] == 1 and config["monitor_reason"].startswith("auto: 4 measurements over 4 steps")
+    assert "BN monitor every 1 step (auto: " in capsys.readouterr().out
+    assert xr.load_dataset(run / "monitor.nc").sizes["step"] == 4
     assert cfg.parser().parse_args(["--model", "resnet20"]).monitor_every is None  # the default comes from Config
     assert cfg.Config(model="m", dataset="d", out="o").monitor_every == "auto"

@@ -10,6 +10,7 @@ import xarray as xr
 from analyses.monitor import WARNING_RULES
 from analyses.trust import (announced, events_of, precision_recall, t_interval, trust_study,
                             welch_interval)
+from conftest import train_tiny
 from diagnostics import trust as command
 
 
@@ -109,3 +110,29 @@ def test_the_monitor_scores_its_measurements_as_the_study_does(tiny_runs):
         np.testing.assert_allclose(online[rule], offline[rule], rtol=1e-12, err_msg=rule)
     armed = ds.step.values >= ds.attrs["warn_after"]
     assert (ds.warning.values == (armed & (online[WARNING_RULE] > WARNING_THRESHOLD))).all()
+
+
+def test_t_quantiles_are_never_narrower_than_the_table():
+    from analyses.trust import _t
+    assert [_t(df) for df in (1, 20, 21, 30, 35, 59, 60, 500)] == [12.706, 2.086, 2.080, 2.042, 2.042, 2.021, 2.000,
+                                                                    1.980]
+
+
+def test_runs_without_attributed_validations_are_studied_not_a_traceback(tiny_runs, tmp_path, capsys):
+    """A run of version 2 (no attribution columns, a monitor without the new variables) and a run trained with
+    --attribution-images 0, beside a current one."""
+    from train import rundir
+    old = tmp_path / "old"
+    shutil.copytree(tiny_runs["plain20"], old, ignore=shutil.ignore_patterns("diagnostics"))
+    history = rundir.read_metrics(old)
+    columns = rundir.METRICS[:10]
+    rundir.write_csv(old / "metrics.csv", columns, list(zip(*(history[c] for c in columns))))
+    monitor = xr.load_dataset(old / "monitor.nc")
+    keep = ["probe_loss", "probe_acc", "bn_gap", "eval_mismatch", "grad_norm", "weight_norm", "scaled_grad_norm",
+            "train_loss", "lr", "warning"]
+    monitor[keep].drop_vars(["momentum", "rule", "val_bn"], errors="ignore").to_netcdf(old / "monitor.nc")
+    off = train_tiny(tmp_path / "off", "resnet20", "--attribution-images", "0")
+    assert command.common.main_guard(lambda: command.main([str(old), str(off), str(tiny_runs["resnet20"]),
+                                                           "--out", str(tmp_path / "out")])) == 0
+    ds = xr.load_dataset(tmp_path / "out" / "trust.nc")
+    assert ds.validations.values.tolist() == [0, 0, 2]

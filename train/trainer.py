@@ -297,15 +297,17 @@ def run(config: Config, resume: dict | None = None, lock=None) -> Path:
             if monitor is not None:
                 monitor.writer = writer
     selection = "val_acc_recalibrated" if config.select == "recalibrated" else "val_acc"
-    best_acc = max((a for a in history[selection] if math.isfinite(a)), default=-1.0)
+    best_acc = max((b if math.isnan(a) else a for a, b in zip(history[selection], history["val_acc"])),
+                   default=-1.0)
     model_spec = {"name": name, "kwargs": model_kwargs}
     provenance = ckpt.provenance()
     if is_main and resume is None:
         progress.write(f"training {models.label(name, model_kwargs)} on {config.dataset} "
                        f"({len(train_data):,} images, {config.steps_per_epoch} steps/epoch, {config.total_epochs} "
-                       f"epochs) on {device.type} in {config.precision_used} ({config.precision_reason}), "
-                       + (f"BN monitor every {config.monitor_every} steps ({config.monitor_reason}) "
-                          if monitor is not None and config.monitor_every else "") + f"-> {run_dir}")
+                       f"epochs) on {device.type} in {config.precision_used} ({config.precision_reason})"
+                       + (f", BN monitor every {config.monitor_every:,} step{'s' * (config.monitor_every != 1)} "
+                          f"({config.monitor_reason})"
+                          if monitor is not None and config.monitor_every else "") + f" -> {run_dir}")
     try:
         for epoch in range(start_epoch, config.total_epochs + 1):
             if device.type == "cuda":
@@ -351,6 +353,7 @@ def run(config: Config, resume: dict | None = None, lock=None) -> Path:
                                                        attribution.excess, attribution.excess_se)
                                   if attribution is not None else [math.nan] * 4))}
                 selected = row["val_acc_recalibrated" if config.select == "recalibrated" else "val_acc"]
+                selected = val_acc if math.isnan(selected) else selected  # no BN: the two are one
                 for column in rundir.METRICS:
                     history[column].append(row[column])
                 if writer is not None:
