@@ -191,7 +191,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=non_negative_int)
     g = p.add_argument_group("execution")
     g.add_argument("--precision", choices=PRECISIONS, help="auto (default): bf16 autocast where the GPU or CPU has "
-                   "native bf16 (avx512_bf16 or AMX), fp32 otherwise")
+                   "AMX (amx_bf16), fp32 otherwise")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"))
     g.add_argument("--no-channels-last", dest="channels_last", action="store_false", default=None)
     g.add_argument("--compile", action="store_true", default=None)
