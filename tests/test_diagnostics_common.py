@@ -7,6 +7,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from analyses.common import combine
 from diagnostics import common, responses
@@ -95,6 +96,7 @@ def test_a_file_the_trainer_replaced_while_it_was_read_is_skipped(tiny_runs, tmp
     args = SimpleNamespace(**vars(args_for(run)), command="responses")
     sources = common.collect_sources(args)
     (run / "epoch_001.pt").unlink()  # replaced between the listing and the reading
-    shutil.copy(run / "epoch_002.pt", run / "epoch_003.pt")  # and a newer one appeared
+    newer = torch.load(run / "epoch_002.pt", weights_only=True)
+    torch.save({**newer, "epoch": 3}, run / "epoch_003.pt")  # and a newer one appeared
     read = [common.epoch_of(loaded) for _, loaded in common.checkpoints(sources, args, "cpu")]
-    assert read == [2, 2]  # epoch_002.pt, then the copy named epoch_003.pt (a checkpoint of epoch 2)
+    assert read == [2, 3]
