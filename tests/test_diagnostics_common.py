@@ -97,6 +97,7 @@ def test_a_file_the_trainer_replaced_while_it_was_read_is_skipped(tiny_runs, tmp
     sources = common.collect_sources(args)
     (run / "epoch_001.pt").unlink()  # replaced between the listing and the reading
     newer = torch.load(run / "epoch_002.pt", weights_only=True)
-    torch.save({**newer, "epoch": 3}, run / "epoch_003.pt")  # and a newer one appeared
+    history = {key: [*values, values[-1]] for key, values in newer["history"].items()}
+    torch.save({**newer, "epoch": 3, "history": {**history, "epoch": [1, 2, 3]}}, run / "epoch_003.pt")  # a newer one
     read = [common.epoch_of(loaded) for _, loaded in common.checkpoints(sources, args, "cpu")]
     assert read == [2, 3]
