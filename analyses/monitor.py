@@ -92,7 +92,9 @@ WARNING_RULES = {  # the early warning's candidate scores of a measurement (`war
     "predicted_gap": "median over BN layers of the lag model's predicted error at the run's momentum",
     "bn_gap": "largest BN layer's normalisation error of running against the probe's batch statistics",
 }
-WARNING_RULE, WARNING_THRESHOLD = "probe_excess", 0.25  # the trainer's (docs/spikes.md scores them on real runs)
+# The trainer's rule, provisional: chosen on the study's seed 0 (plain20 and resnet20), scored on seed 1 at 0.89
+# precision and 0.80 recall (docs/spikes.md); seeds 2-4 are to score it held out.
+WARNING_RULE, WARNING_THRESHOLD = "bn_gap", 0.15
 BASELINE = 10  # measurements in the departure rule's baseline
 
 
