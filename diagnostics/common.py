@@ -7,7 +7,6 @@ bad input into one line `error: ...` and exit code 2 (docs/design.md §5).
 import argparse
 import fnmatch
 import sys
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -406,7 +405,8 @@ def output_dir(args, sources: list[Source]) -> Path:
 def write_outputs(out: Path, name: str, dataset, figure=None) -> list[Path]:
     """`<name>.nc` and, for each figure, `<name>.png` and `<name>.pdf` (`figure` is one figure, or a dict of
     them by suffix: "" for the main one, "repair" for `<name>_repair.png`...): all written to temporary files
-    first and then moved into place, so an error leaves none of them half-written. Prints the paths."""
+    first and then moved into place together, so an error leaves none of them half-written and two commands
+    writing the same names leave one command's set, not a mix. Prints the paths."""
     import matplotlib.pyplot as plt
 
     from .plotting import save
@@ -417,12 +417,9 @@ def write_outputs(out: Path, name: str, dataset, figure=None) -> list[Path]:
     for suffix in figures:
         stem = f"{name}_{suffix}" if suffix else name
         paths += [out / f"{stem}.png", out / f"{stem}.pdf"]
-    for path in paths:  # what a killed run of this command left of these files
-        for stale in out.glob(f".{path.name}.*.tmp"):
-            stale.unlink(missing_ok=True)
+    rundir.remove_stale_temporaries(out, [path.name for path in paths])  # what a killed run of this left
     try:
-        with ExitStack() as stack:
-            temporaries = [stack.enter_context(ckpt.atomic_path(path)) for path in paths]
+        with ckpt.atomic_paths(paths) as temporaries:  # another command writing them too: its set or ours, whole
             dataset.to_netcdf(temporaries[0], engine="netcdf4")
             for k, fig in enumerate(figures.values()):
                 save(fig, temporaries[1 + 2 * k], "png")

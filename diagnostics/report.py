@@ -8,10 +8,15 @@ styles inline, no script, nothing from the network, so it opens from disk and ca
 wherever the report is).
 
 Reuse: next to each `<name>.nc` the report writes `<name>.command.json` with the command, the key it was made
-for (the command with absolute paths, the software and its git commit, and the size and modification time of
-every file of the runs the diagnostics read) and the SHA-256 of that .nc. A section is reused when its key is
-the same and the .nc is still the one made for it. A diagnostic run by hand leaves no such record, so the
-report makes its section again.
+for (the command with absolute paths, the software and its git commit, the size and modification time of every
+file of the runs the diagnostics read, and for a section that reads images the resolved data directory and the
+size and modification time of every file in the dataset's folders) and the SHA-256 of every file it made (.nc,
+.png, .pdf). A section is reused when its key is the same and each of its files is still the one made for it.
+A diagnostic run by hand leaves no such record, so the report makes its section again.
+
+Two commands writing into one --out: each section is made in a private folder there and its files, record
+included, moved in together under a lock on the folder (and read back under it), so the folder holds one
+command's whole set, never a mix.
 """
 import base64
 import contextlib
@@ -42,8 +47,8 @@ from analyses.common import software
 from analyses.monitor import prescription
 from train import checkpoint as ckpt
 from train import rundir
-from train.data import SPLITS, default_data_dir, load_split
-from train.errors import ArgumentParser, UserError, interrupted_exit_code, positive_int
+from train.data import SPLITS, dataset_folders, default_data_dir, load_split
+from train.errors import ArgumentParser, DiskFull, UserError, interrupted_exit_code, positive_int
 from train.progress import Progress
 
 from . import attributions, common, curves, evaluate, flops
@@ -189,9 +194,28 @@ def fingerprint(run_dir: Path) -> list:
     return [[path.name, path.stat().st_size, path.stat().st_mtime_ns] for path in files]
 
 
-def cache_key(section: Section, runs: list[Run], args, code_commit: str | None) -> dict:
-    return {"argv": arguments(section, runs, args, absolute=True), "software": software(), "git_commit": code_commit,
-            "inputs": {str(run.path): fingerprint(run.path) for run in runs}}
+def tree_fingerprint(folder: Path) -> list:
+    """(path inside, size, modification time) of every file under `folder`: a file edited, replaced, added or
+    removed changes it."""
+    files = sorted(path for path in folder.rglob("*") if path.is_file()) if folder.is_dir() else []
+    return [[str(path.relative_to(folder)), path.stat().st_size, path.stat().st_mtime_ns] for path in files]
+
+
+def data_identity(runs: list[Run], args) -> dict:
+    """What the images a section reads are made from: the data directory as resolved now (--data-dir, else
+    RESNET_DIAG_DATA, else ./data) and the files of each run's dataset folders."""
+    data_dir = Path(args.data_dir or default_data_dir()).resolve()
+    folders = dict.fromkeys(folder.resolve() for run in runs for folder in dataset_folders(run.dataset, data_dir))
+    return {"data_dir": str(data_dir), "files": {str(folder): tree_fingerprint(folder) for folder in folders}}
+
+
+def cache_key(section: Section, runs: list[Run], args, code_commit: str | None, data: dict | None) -> dict:
+    """`data`: `data_identity`, part of the key of the sections that read images."""
+    key = {"argv": arguments(section, runs, args, absolute=True), "software": software(), "git_commit": code_commit,
+           "inputs": {str(run.path): fingerprint(run.path) for run in runs}}
+    if "data_dir" in section.passes:
+        key["data"] = data
+    return key
 
 
 def record_path(out: Path, name: str) -> Path:
@@ -206,15 +230,20 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def reusable(out: Path, name: str, key: dict) -> bool:
-    """The record beside `<name>.nc` says it was made for `key`, and the .nc is still the one made then."""
+def unchanged(out: Path, name: str, key: dict) -> bool:
+    """The record beside `<name>.nc` says it was made for `key`, and each file it made (its .nc and .png among
+    them) is still the one made then."""
     try:
         record = json.loads(record_path(out, name).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return False
-    nc, png = out / f"{name}.nc", out / f"{name}.png"
-    return (isinstance(record, dict) and record.get("key") == key and nc.is_file() and png.is_file()
-            and record.get("sha256") == sha256(nc))
+    if not isinstance(record, dict) or record.get("key") != key:
+        return False
+    hashes = record.get("sha256")
+    if not isinstance(hashes, dict) or not {f"{name}.nc", f"{name}.png"} <= set(hashes):  # an older record: one hash
+        return False
+    return all(Path(file).name == file and (out / file).is_file() and sha256(out / file) == digest
+               for file, digest in hashes.items())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -225,34 +254,51 @@ def reusable(out: Path, name: str, key: dict) -> bool:
 class Outcome:
     status: str  # made, reused, not made (the diagnostic refused these inputs), failed (a bug)
     note: str
+    ds: xr.Dataset | None = None  # made or reused: its dataset and figure, read while they were known to be its
+    png: bytes = b""
+
+
+def read_section(folder: Path, name: str) -> tuple[xr.Dataset, bytes]:
+    return xr.load_dataset(folder / f"{name}.nc"), (folder / f"{name}.png").read_bytes()
+
+
+def reuse(out: Path, name: str, key: dict) -> Outcome | None:
+    """The section an earlier report made for `key`, or None. Checked and read under the folder's shared lock:
+    another command replaces the set only whole, and not meanwhile."""
+    with ckpt.folder_lock(out, shared=True):
+        if not unchanged(out, name, key):
+            return None
+        ds, png = read_section(out, name)
+    return Outcome("reused", f"reused {out / name}.nc: made at {ds.attrs.get('created', '?')} by the command below, "
+                             "on the same checkpoints and data with the same options and software", ds, png)
 
 
 def make(section: Section, argv: list[str], command: str, key: dict, out: Path) -> Outcome:
-    """Run the diagnostic's own command (its printed tables and paths are the page's now), then record it."""
+    """Run the diagnostic's own command (its printed tables and paths are the page's now) into a private folder,
+    record it there, then move the whole set into `out`."""
     started = time.monotonic()
     module = importlib.import_module(f"diagnostics.{section.name}")
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            module.main([*argv, "--out", str(out)])
-    except (UserError, models.ModelError) as exc:
-        return Outcome("not made", f"not made: {exc}")
-    except SystemExit as exc:  # its parser refused the options this report gave it (the message is above)
-        return Outcome("failed", f"failed: {command} exited with code {exc.code}")
-    except Exception as exc:  # a bug: keep the other sections, show this one's traceback
-        traceback.print_exc()
-        return Outcome("failed", f"failed: {type(exc).__name__}: {str(exc)[:200]} (a bug; its traceback was printed "
-                                 "when the report ran)")
-    with ckpt.atomic_path(record_path(out, section.name)) as temporary:
-        temporary.write_text(json.dumps({"command": command, "key": key, "sha256": sha256(out / f"{section.name}.nc")},
-                                        indent=1) + "\n")
-    return Outcome("made", f"made now by the command below in {time.monotonic() - started:.0f} s")
-
-
-def reused(out: Path, name: str) -> Outcome:
-    with xr.open_dataset(out / f"{name}.nc") as ds:
-        created = ds.attrs.get("created", "?")
-    return Outcome("reused", f"reused {out / name}.nc: made at {created} by the command below, on the same "
-                             "checkpoints with the same options and software")
+    with ckpt.temporary_folder(out / section.name) as private:
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                module.main([*argv, "--out", str(private)])
+        except DiskFull:  # not these inputs' fault, and nothing more can be written: the report stops
+            raise
+        except (UserError, models.ModelError) as exc:
+            return Outcome("not made", f"not made: {exc}")
+        except SystemExit as exc:  # its parser refused the options this report gave it (the message is above)
+            return Outcome("failed", f"failed: {command} exited with code {exc.code}")
+        except Exception as exc:  # a bug: keep the other sections, show this one's traceback
+            traceback.print_exc()
+            return Outcome("failed", f"failed: {type(exc).__name__}: {str(exc)[:200]} (a bug; its traceback was "
+                                     "printed when the report ran)")
+        made = sorted(path for path in private.iterdir() if path.is_file())
+        with ckpt.atomic_path(record_path(private, section.name)) as temporary:
+            temporary.write_text(json.dumps({"command": command, "key": key,
+                                             "sha256": {path.name: sha256(path) for path in made}}, indent=1) + "\n")
+        ds, png = read_section(private, section.name)
+        ckpt.replace_together([(path, out / path.name) for path in [*made, record_path(private, section.name)]], out)
+    return Outcome("made", f"made now by the command below in {time.monotonic() - started:.0f} s", ds, png)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -376,11 +422,10 @@ def png_size(png: bytes) -> tuple[int, int]:
     return struct.unpack(">II", png[16:24])  # the IHDR chunk: width, height
 
 
-def section_view(section: Section, outcome: Outcome, command: str, runs: list[Run], out: Path) -> SectionView:
+def section_view(section: Section, outcome: Outcome, command: str, runs: list[Run]) -> SectionView:
     view = SectionView(section.name, section.title, section.question, outcome.status, outcome.note, command)
-    if outcome.status in ("made", "reused"):
-        ds = xr.load_dataset(out / f"{section.name}.nc")
-        view.png = (out / f"{section.name}.png").read_bytes()
+    if outcome.ds is not None:
+        ds, view.png = outcome.ds, outcome.png
         view.figure = base64.b64encode(view.png).decode("ascii")
         view.width, view.height = png_size(view.png)
         view.definition = str(ds.attrs.get("definition", ""))
@@ -524,8 +569,10 @@ def main(argv=None) -> None:
     common.device_of(args)
     out = common.output_dir(args, [common.Source(runs[0].label, run_dir=Path(runs[0].text))])
     check_data(runs, args, sections)
+    data = data_identity(runs, args) if any("data_dir" in section.passes for section in sections) else None
     code_commit = ckpt.provenance()["git_commit"]
     out.mkdir(parents=True, exist_ok=True)
+    rundir.remove_stale_temporaries(out, [*SECTIONS, "report.pdf", "report.html"])  # what a killed report left
     outcomes, commands = {}, {}
     try:
         with Progress(len(sections), "report", unit="section") as progress:
@@ -533,8 +580,8 @@ def main(argv=None) -> None:
                 argv = arguments(section, runs, args)
                 commands[section.name] = shlex.join(["python", "-m", f"diagnostics.{section.name}", *argv, "--out",
                                                      str(out)])
-                key = cache_key(section, runs, args, code_commit)
-                outcomes[section.name] = (reused(out, section.name) if reusable(out, section.name, key) else
+                key = cache_key(section, runs, args, code_commit, data)
+                outcomes[section.name] = (reuse(out, section.name, key) or
                                           make(section, argv, commands[section.name], key, out))
                 progress.write(f"{section.name}: {outcomes[section.name].note}")
                 progress.update(1)
@@ -546,13 +593,12 @@ def main(argv=None) -> None:
             "command": f"python -m diagnostics.report {shlex.join(given)}", "software": software(),
             "commit": code_commit or "unknown (not a git checkout)",
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "sections": [section_view(section, outcomes[section.name], commands[section.name], runs, out)
+            "sections": [section_view(section, outcomes[section.name], commands[section.name], runs)
                          for section in sections], "findings": findings(runs),
             "spikes": "spikes" in outcomes}
-    with ckpt.atomic_path(out / "report.pdf") as temporary:
-        write_pdf(temporary, page)
-    with ckpt.atomic_path(out / "report.html") as temporary:
-        temporary.write_text(render_html(page), encoding="utf-8")
+    with ckpt.atomic_paths([out / "report.pdf", out / "report.html"]) as (pdf, html):  # both or neither
+        write_pdf(pdf, page)
+        html.write_text(render_html(page), encoding="utf-8")
     for label, lines in page["findings"]:  # the page's first lines, where the user is looking now
         print(f"{label}: {lines[0].strip()}")
         for line in lines[1:]:

@@ -80,6 +80,7 @@ ROWS = [
                                                                "0", "0", "--std", "0", "1", "1"],
      "must be a positive number"),
     ("a lock that is a symbolic link", "train", ["--resume", "{symlink_run}"], "symbolic link"),
+    ("a lock that is a hard link to a user's file", "train", ["--resume", "{hardlink_run}"], "is a hard link"),
     # Reliability, round three: odd paths and models.
     ("dangling symbolic link as --out (diagnostics)", "diagnostics.responses", ["{good}", "--out", "{dangling}"],
      "does not exist; remove the link"),
@@ -161,6 +162,9 @@ def files(tmp_path_factory, tiny_runs, image_folder) -> dict[str, str]:
     (tmp / "victim.txt").write_text("keep me")
     (symlink_run / ".lock").unlink(missing_ok=True)
     (symlink_run / ".lock").symlink_to(tmp / "victim.txt")
+    hardlink_run = Path(shutil.copytree(tiny_runs["resnet20"], tmp / "hardlink_run"))
+    (hardlink_run / ".lock").unlink(missing_ok=True)
+    os.link(tmp / "victim.txt", hardlink_run / ".lock")
     forged_cifar = tmp / "forged_cifar" / "cifar-10-batches-py"
     forged_cifar.mkdir(parents=True)
     for batch in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
@@ -186,7 +190,7 @@ def files(tmp_path_factory, tiny_runs, image_folder) -> dict[str, str]:
             "marker": str(marker), **{name: str(tmp / f"{name}.pt") for name in ("wrong_kwargs", "wrong_dataset",
                                                                                   "forged", "compressed")},
             "mangled_run": str(tmp / "mangled_run"), "foreign_optimizer_run": str(tmp / "foreign_optimizer_run"),
-            "symlink_run": str(symlink_run), "forged_cifar": str(forged_cifar.parent),
+            "symlink_run": str(symlink_run), "hardlink_run": str(hardlink_run), "forged_cifar": str(forged_cifar.parent),
             "victim": str(tmp / "victim.txt"), "dangling": str(tmp / "dangling"), "loop_run": str(loop_run),
             "copied_run": str(copied_run), "twice_run": str(twice_run), "torchscript": str(tmp / "torchscript.pt"),
             "pictures": str(image_folder)}

@@ -159,3 +159,49 @@ def test_a_full_disk_during_a_diagnostic_writes_nothing(tiny_runs, tmp_path, mon
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "no space left" in err[0]
     assert not (tmp_path / "new").exists()
+
+
+def test_two_writers_of_one_folder_leave_one_whole_set_and_each_others_temporaries(tmp_path, monkeypatch):
+    """Issue 27: a second command writes the same outputs while the first is between its .nc and its .png (run
+    here inside the first's figure saving). Neither deletes the other's temporaries; the folder ends with the
+    last writer's .nc, .png and .pdf, not a mix. A dead process's temporaries go; a live one's stay."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import xarray as xr
+
+    from diagnostics import common, plotting
+
+    def figure(title: str):
+        fig = plt.figure(figsize=(2, 2))
+        fig.suptitle(title)
+        return fig
+
+    alone = tmp_path / "alone"
+    common.write_outputs(alone, "x", xr.Dataset(attrs={"writer": "first"}), figure("first"))
+    out = tmp_path / "out"
+    out.mkdir()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    try:
+        kept, stale = out / f".x.nc.{live.pid}-abcdefgh.tmp", out / f".x.nc.{dead.pid}-abcdefgh.tmp"
+        kept.write_bytes(b"a live writer's")
+        stale.write_bytes(b"a dead writer's")
+        real_save, second = plotting.save, []
+
+        def save_with_a_second_writer(fig, path, kind):
+            if not second:  # once: the second writer's own saves go straight through
+                second.append(figure("second"))
+                common.write_outputs(out, "x", xr.Dataset(attrs={"writer": "second"}), second[0])
+            real_save(fig, path, kind)
+
+        monkeypatch.setattr(plotting, "save", save_with_a_second_writer)
+        common.write_outputs(out, "x", xr.Dataset(attrs={"writer": "first"}), figure("first"))
+        assert second and kept.read_bytes() == b"a live writer's" and not stale.exists()
+    finally:
+        live.kill()
+        live.wait()
+    assert xr.load_dataset(out / "x.nc").attrs["writer"] == "first"  # the last to finish
+    assert (out / "x.png").read_bytes() == (alone / "x.png").read_bytes()
+    assert sorted(path.name for path in out.iterdir()) == sorted([kept.name, "x.nc", "x.pdf", "x.png"])

@@ -2,6 +2,7 @@
 for the same checkpoints and options, bad input as everywhere; the page rendered in headless Chromium."""
 import base64
 import contextlib
+import errno
 import io
 import json
 import os
@@ -19,7 +20,9 @@ from markupsafe import escape
 
 import diagnostics.curves
 import diagnostics.flops
+from conftest import tiny_images, write_cifar_batch
 from diagnostics import common, report
+from train.__main__ import main as train_main
 from train.errors import UserError
 
 SECTIONS = ["curves", "evaluate", "flops", "attributions"]  # the quick ones, the full-width figure among them
@@ -145,6 +148,55 @@ def test_a_second_report_reuses_what_was_made_for_the_same_inputs_and_options(ma
     assert run_report(*runs, "--sections", "curves", "--out", made.out).stdout[0].startswith("curves: made now")
     assert json.loads((made.out / "curves.command.json").read_text())["command"] == (
         f"python -m diagnostics.curves {' '.join(map(str, runs))} --out {made.out}")
+
+
+def test_a_section_is_made_again_when_the_images_it_read_or_its_own_files_changed(cifar10_dir, tmp_path,
+                                                                                   monkeypatch):
+    """Issue 27: the key holds the resolved data directory and the files of the dataset's folder, the record the
+    hash of every file made (.png and .pdf as well as .nc)."""
+    run = tmp_path / "run"
+    assert train_main(["--model", "resnet20", "--dataset", "cifar10", "--data-dir", str(cifar10_dir), "--train-images",
+                       "20", "--batch-size", "10", "--epochs", "1", "--precision", "fp32", "--monitor-every", "0",
+                       "--attribution-images", "0", "--out", str(run)]) == 0
+    other = Path(shutil.copytree(cifar10_dir / "cifar-10-batches-py", tmp_path / "other" / "cifar-10-batches-py"))
+    out = tmp_path / "out"
+
+    def first_line() -> str:
+        result = run_report(run, "--sections", "evaluate", "--out", out)
+        assert result.code == 0, result.stderr
+        return result.stdout[0]
+
+    monkeypatch.setenv("RESNET_DIAG_DATA", str(cifar10_dir))
+    assert first_line().startswith("evaluate: made now") and first_line().startswith("evaluate: reused")
+    monkeypatch.setenv("RESNET_DIAG_DATA", str(other.parent))  # another data directory, the same command line
+    assert first_line().startswith("evaluate: made now") and first_line().startswith("evaluate: reused")
+    write_cifar_batch(other / "test_batch", tiny_images(30, 7), [j % 10 for j in range(30)])  # other images
+    assert first_line().startswith("evaluate: made now") and first_line().startswith("evaluate: reused")
+    for suffix in ("png", "pdf"):  # an output edited by hand
+        with open(out / f"evaluate.{suffix}", "ab") as file:
+            file.write(b"edited")
+        assert first_line().startswith("evaluate: made now")
+    assert set(json.loads((out / "evaluate.command.json").read_text())["sha256"]) == {
+        "evaluate.nc", "evaluate.png", "evaluate.pdf"}
+
+
+@pytest.mark.parametrize("where", ["section", "page"])
+def test_a_full_disk_during_the_report_is_one_line_and_no_page(where, runs, tmp_path, monkeypatch):
+    """ENOSPC, simulated where a diagnostic writes its dataset, or where the page's HTML is written after its PDF:
+    one line, exit 2, neither report.html nor report.pdf, no temporary left."""
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    if where == "section":
+        monkeypatch.setattr(xr.Dataset, "to_netcdf", full)
+    else:
+        monkeypatch.setattr(report, "render_html", full)
+    out = tmp_path / "out"
+    result = run_report(*runs, "--sections", "curves", "--out", out)
+    assert result.code == 2 and len(result.stderr) == 1, result.stderr
+    assert result.stderr[0].startswith("error: no space left on the disk while writing")
+    assert not (out / "report.html").exists() and not (out / "report.pdf").exists()
+    assert not [path for path in out.iterdir() if path.name.startswith(".")]
 
 
 def test_a_refused_section_is_noted_and_a_failing_one_fails_alone(runs, tmp_path, monkeypatch):

@@ -7,6 +7,7 @@ our architectures their keys are mapped onto ours here, once, before the model s
 model (`torchvision:resnet18`, `timm:resnet18`) keeps its own names: only wrapper prefixes are removed.
 """
 import errno
+import fcntl
 import os
 import pickle
 import re
@@ -37,29 +38,83 @@ _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 
 
+def temporary_prefix(path: Path) -> str:
+    """How a temporary for `path` begins: `.NAME.PID-` (then random letters and `.tmp`). The pid makes the name
+    unique to this process and says whose it is: `train.rundir.remove_stale_temporaries` removes only those of
+    a process that is gone, never a live writer's beside it."""
+    return f".{path.name}.{os.getpid()}-"
+
+
+@contextmanager
+def folder_lock(folder, shared: bool = False):
+    """An OS lock on the folder itself (no file is left behind): writers replace their set of files under the
+    exclusive lock, readers of a set hold the shared one, so no one sees half of another's set."""
+    descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)  # releases the lock
+
+
+def replace_together(pairs, folder) -> None:
+    """os.replace each (temporary, path) of `folder`, all under its lock: two writers of the same set leave one
+    whole set, the last one's, never a mix of both."""
+    with folder_lock(folder):
+        for temporary, path in pairs:
+            os.replace(temporary, path)
+
+
+@contextmanager
+def atomic_paths(paths):
+    """Yield a temporary path beside each of `paths` (all in one folder); on success they replace `paths`
+    together, on any failure they vanish, so a reader finds the old set or the new one, never half of one. A
+    full disk is `DiskFull`, one line."""
+    paths = [Path(path) for path in paths]
+    folder, temporaries = paths[0].parent, []
+    try:
+        try:
+            for path in paths:
+                handle, temporary = tempfile.mkstemp(dir=folder, prefix=temporary_prefix(path), suffix=".tmp")
+                os.close(handle)
+                temporaries.append(Path(temporary))
+        except OSError as exc:
+            raise _as_user_error(exc, path) from None
+        yield temporaries
+        for temporary in temporaries:
+            with open(temporary, "rb") as file:
+                os.fsync(file.fileno())
+            os.chmod(temporary, 0o666 & ~_UMASK)  # mkstemp makes files private; outputs are ordinary files
+        replace_together(zip(temporaries, paths), folder)
+    except BaseException as exc:
+        full = isinstance(exc, Exception) and _disk_full(exc, folder)  # before the temporaries free their space
+        for temporary in temporaries:
+            temporary.unlink(missing_ok=True)
+        if full and not isinstance(exc, DiskFull):
+            raise _as_user_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), paths[0]) from None
+        raise
+
+
 @contextmanager
 def atomic_path(path):
-    """Yield a temporary path beside `path`; on success it replaces `path` whole, on any failure it vanishes,
-    so a reader finds the old file or the new one, never half of one. A full disk is `DiskFull`, one line."""
+    """`atomic_paths` of one file."""
+    with atomic_paths([path]) as (temporary,):
+        yield temporary
+
+
+@contextmanager
+def temporary_folder(path):
+    """A private folder beside `path`, named as its temporaries are, removed afterwards whatever happens: a set
+    of files is made there whole, then moved in with `replace_together`."""
     path = Path(path)
     try:
-        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        folder = Path(tempfile.mkdtemp(dir=path.parent, prefix=temporary_prefix(path), suffix=".tmp"))
     except OSError as exc:
         raise _as_user_error(exc, path) from None
-    os.close(handle)
     try:
-        yield Path(temporary)
-        with open(temporary, "rb") as file:
-            os.fsync(file.fileno())
-        os.chmod(temporary, 0o666 & ~_UMASK)  # mkstemp makes files private; outputs are ordinary files
-        os.replace(temporary, path)
-    except BaseException as exc:
-        full = isinstance(exc, Exception) and _disk_full(exc, path.parent)  # before the temporary frees its space
-        with suppress(FileNotFoundError):
-            os.unlink(temporary)
-        if full:
-            raise _as_user_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), path) from None
-        raise
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)

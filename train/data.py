@@ -141,6 +141,19 @@ def default_data_dir() -> Path:
     return Path(os.environ.get("RESNET_DIAG_DATA") or "./data")  # set but empty is unset, not the working directory
 
 
+def dataset_folders(name: str, data_dir: Path) -> list[Path]:
+    """The folders a dataset's images are read from (some may not exist): a file changed, added or removed
+    there may change the images."""
+    if is_folder(name):
+        return [Path(name[len(FOLDER):])]
+    name = dataset_name(name)
+    if name == "synthetic":
+        return []
+    if name == "fashion-mnist":
+        return fashion_mnist_folders(data_dir)
+    return [data_dir / CIFAR_FOLDERS["cifar10" if name == "mini-cifar10" else name]]
+
+
 @dataclass
 class Images:
     images: torch.Tensor  # uint8, (N, C, H, W)
@@ -193,11 +206,14 @@ def _read_cifar_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarra
     return data, labels
 
 
+CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}  # in the data directory
+
+
 def _read_cifar(name: str, split: str, data_dir: Path, download: bool) -> Images:
-    folder, files, label_key = {
-        "cifar10": ("cifar-10-batches-py", {"train": [f"data_batch_{i}" for i in range(1, 6)],
-                                            "test": ["test_batch"]}, "labels"),
-        "cifar100": ("cifar-100-python", {"train": ["train"], "test": ["test"]}, "fine_labels"),
+    folder = CIFAR_FOLDERS[name]
+    files, label_key = {
+        "cifar10": ({"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}, "labels"),
+        "cifar100": ({"train": ["train"], "test": ["test"]}, "fine_labels"),
     }[name]
     paths = [data_dir / folder / file for file in files[split]]
     if not all(path.is_file() for path in paths):

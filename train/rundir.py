@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+import shutil
 import stat
 from pathlib import Path
 
@@ -24,7 +25,9 @@ METRICS = [*REQUIRED_METRICS, "bn_warnings", *ATTRIBUTION]  # what the trainer w
 STEPS = ["step", "epoch", "train_loss", "lr"]
 TIMING = ("epoch_seconds", "images_per_second")  # the only columns a resumed run may differ in
 EPOCH_FILE = re.compile(r"epoch_(\d+)\.pt$")
-TEMPORARY = re.compile(r"^\..+\.[^.]+\.tmp$")  # what `atomic_path` writes before it renames
+# What `checkpoint.atomic_paths` and `temporary_folder` write before they rename: `.NAME.PID-RANDOM.tmp` (before
+# issue 27 without `PID-`).
+TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?:(?P<pid>\d+)-)?[^.-]+\.tmp$")
 
 
 def is_run_dir(path) -> bool:
@@ -54,15 +57,34 @@ def run_checkpoints(run_dir) -> list[Path]:
     return files
 
 
-def remove_stale_temporaries(folder) -> list[Path]:
-    """Delete the temporary files a killed writer left in `folder` (the caller holds the folder's lock, or owns
-    the outputs named: nobody else is writing them)."""
+def remove_stale_temporaries(folder, names=None) -> list[Path]:
+    """Delete the temporary files and folders a killed writer left in `folder` (those for `names` only, where
+    given). A live writer's are left alone: two commands may write into one folder at once."""
     removed = []
     for path in Path(folder).iterdir():
-        if TEMPORARY.match(path.name) and path.is_file() and not path.is_symlink():
-            path.unlink(missing_ok=True)
+        match = TEMPORARY.match(path.name)
+        if (match and (names is None or match["name"] in names) and _writer_gone(match["pid"])
+                and not path.is_symlink()):
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)  # another command may be removing it too
+            else:
+                path.unlink(missing_ok=True)
             removed.append(path)
     return removed
+
+
+def _writer_gone(pid: str | None) -> bool:
+    """No process has this pid. A name without one was written by a version before issue 27, which no longer
+    runs."""
+    if pid is None:
+        return True
+    try:
+        os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
+    except (ProcessLookupError, OverflowError):
+        return True
+    except PermissionError:  # another user's process
+        return False
+    return False
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -163,7 +185,8 @@ def read_metrics(run_dir) -> dict[str, list]:
 
 def lock(run_dir):
     """An OS lock on `run_dir/.lock`: a second trainer refuses; a killed one releases it. The file is opened
-    without following a symbolic link, and only our own regular file is ever truncated."""
+    without following a symbolic link, and only our own regular file with no other name (no hard link) is ever
+    truncated."""
     path = Path(run_dir) / ".lock"
     try:
         descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
@@ -172,9 +195,14 @@ def lock(run_dir):
             raise UserError(f"{path} is a symbolic link, not this run's lock file; remove it and run again") from None
         raise UserError(f"cannot open {path} ({exc.strerror}); check the folder's permissions") from None
     handle = os.fdopen(descriptor, "r+")
-    if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+    status = os.fstat(descriptor)
+    if not stat.S_ISREG(status.st_mode):
         handle.close()
         raise UserError(f"{path} is not a regular file; remove it and run again")
+    if status.st_nlink > 1:  # a hard link to someone's file: O_NOFOLLOW cannot tell, and we would truncate it
+        handle.close()
+        raise UserError(f"{path} is a hard link ({status.st_nlink} names for one file), not this run's own lock "
+                        "file; remove it (the other names keep the file) and run again")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
