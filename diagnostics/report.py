@@ -366,8 +366,11 @@ def provenance(ds: xr.Dataset) -> list[tuple[str, str]]:
 
 def monitor_summary(run: Run) -> str:
     """One line on a run's BN monitor (monitor.nc, measured every N training steps)."""
-    ds = xr.load_dataset(run.path / "monitor.nc")
     where = f"{run.label}: BN monitor ({Path(run.text) / 'monitor.nc'})"
+    try:
+        ds = xr.load_dataset(run.path / "monitor.nc")
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        return f"{where}: cannot be read ({str(exc).splitlines()[0][:80] if str(exc) else type(exc).__name__})"
     gap = ds.bn_gap.sel(component="rms").transpose("step", "depth").values
     if not ds.sizes["step"] or not np.isfinite(gap).any():
         return f"{where}: no measurements"
@@ -389,7 +392,7 @@ def findings(runs: list[Run]) -> list[tuple[str, list[str]]]:
     found, worst = [], {}
     for run in runs:
         path = run.path / "monitor.nc"
-        if not path.is_file():
+        if not path.exists():
             found.append((run.label, ["no BN monitor in this run (trained with --monitor-every 0 and "
                                       "--attribution-images 0, or by another trainer)"]))
             continue

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import xarray as xr
 
 from conftest import TINY_RUN, train_tiny
 from train.__main__ import main as train_main
@@ -205,3 +206,31 @@ def test_two_writers_of_one_folder_leave_one_whole_set_and_each_others_temporari
     assert xr.load_dataset(out / "x.nc").attrs["writer"] == "first"  # the last to finish
     assert (out / "x.png").read_bytes() == (alone / "x.png").read_bytes()
     assert sorted(path.name for path in out.iterdir()) == sorted([kept.name, "x.nc", "x.pdf", "x.png"])
+
+
+@pytest.mark.parametrize("damage", ["folder", "garbage", "empty"])
+def test_a_damaged_monitor_nc_is_one_line_before_training_or_rewritten(tmp_path, capsys, damage):
+    """A folder named monitor.nc cannot be replaced: refused before an epoch is trained again; a garbage or
+    empty file is the trainer's own output, rewritten from the monitor's state in last.pt. The report's findings
+    and its monitor line say a damaged monitor.nc cannot be read, not a traceback."""
+    from diagnostics import report
+    run = tmp_path / "run"
+    assert train_main(["--model", "resnet20", "--out", str(run), *TINY_RUN, "--epochs", "1"]) == 0
+    state = torch.load(run / "last.pt", weights_only=True)
+    state["config"].update(epochs=2, total_epochs=2, total_steps=2 * state["config"]["steps_per_epoch"])
+    torch.save(state, run / "last.pt")
+    (run / "monitor.nc").unlink()
+    if damage == "folder":
+        (run / "monitor.nc").mkdir()
+    else:
+        (run / "monitor.nc").write_bytes(b"" if damage == "empty" else b"\x89HDF not really")
+        found = dict(report.findings([report.read_run(str(run))]))["resnet20"]
+        assert "cannot be read" in found[0] and "cannot be read" in report.monitor_summary(report.read_run(str(run)))
+    capsys.readouterr()
+    code = train_main(["--resume", str(run)])
+    err = capsys.readouterr().err
+    if damage == "folder":
+        assert code == 2 and err.count("\n") == 1 and "monitor.nc is not a regular file" in err
+        assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 1  # nothing trained
+    else:
+        assert code == 0 and xr.load_dataset(run / "monitor.nc").sizes["step"] > 0

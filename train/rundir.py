@@ -107,6 +107,16 @@ def read_config(run_dir) -> dict:
     return config
 
 
+def check_outputs(run_dir: Path) -> None:
+    """Each file the trainer replaces at an epoch's end is a regular file or absent: found now, not after an epoch
+    of training (a folder or a device named monitor.nc cannot be replaced by a rename)."""
+    for name in ("metrics.csv", "steps.csv", "monitor.nc", "last.pt", "best.pt"):
+        path = Path(run_dir) / name
+        if path.exists() and not path.is_file():
+            raise UserError(f"{path} is not a regular file (a folder or a device), so the trainer could not "
+                            "replace it at the end of an epoch; move it away and run again")
+
+
 def write_dataset(path, dataset) -> None:
     """An xarray dataset as netCDF, atomically (the monitor's monitor.nc)."""
     with atomic_path(path) as temporary:

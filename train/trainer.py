@@ -291,6 +291,7 @@ def run(config: Config, resume: dict | None = None, lock=None) -> Path:
         run_dir.mkdir(parents=True, exist_ok=True)
         lock = lock or rundir.lock(run_dir)
         rundir.remove_stale_temporaries(run_dir)
+        rundir.check_outputs(run_dir)
         rundir.write_config(run_dir, asdict(config))
         if summary_writer is not None:  # under the lock: a refused second trainer must not purge this run's events
             # Events past the step last.pt holds are from an interrupted epoch, which this run trains again.
