@@ -763,6 +763,10 @@ class BNMonitor:
         older version lacks the newer measurements: NaN there."""
         if list(state["bn_layers"]) != self.bn_names or list(state["weight_layers"]) != self.weight_names:
             raise ValueError("the monitor's saved state is of another model")
+        for key, kind in (("records", dict), ("validations", dict), ("tracker", dict), ("previous", list),
+                          ("before", dict)):
+            if state.get(key) is not None and not isinstance(state[key], kind):
+                raise ValueError(f"the monitor's saved {key} is a {type(state[key]).__name__}, not a {kind.__name__}")
         self.calls = int(state["calls"])
         shapes = self._shapes()
         for target, saved in ((self.records, state["records"]), (self.validations, state.get("validations", {}))):

@@ -432,8 +432,8 @@ def restore(state: dict, model, optimizer, scheduler, scaler, monitor, device) -
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         if monitor is not None and state.get("monitor") is not None:
             monitor.load_state_dict(state["monitor"])
-    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
-        detail = str(exc).splitlines()[0][:150] if str(exc) else type(exc).__name__
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:  # a field of
+        detail = str(exc).splitlines()[0][:150] if str(exc) else type(exc).__name__  # another type or shape
         raise UserError(f"{path} cannot be resumed ({detail}); it is damaged: restore it from a copy") from None
 
 
