@@ -280,7 +280,7 @@ def run(config: Config, resume: dict | None = None, lock=None) -> Path:
     history = {column: [] for column in rundir.METRICS}
     step_rows, start_epoch, step = [], 1, 0
     if resume is not None:
-        restore(resume, model, optimizer, scheduler, scaler, monitor, device)
+        restore(resume, model, optimizer, scheduler, scaler, monitor, device, run_dir / "last.pt")
         history = {column: list(resume["history"].get(column, [math.nan if column in rundir.ATTRIBUTION else 0]
                                                       * resume["epoch"])) for column in rundir.METRICS}
         step_rows = [list(row) for row in resume["step_history"]]
@@ -416,10 +416,9 @@ def run_spec(config: Config, train_data, resume: dict | None) -> DatasetSpec:
     return get_spec(config.dataset).with_statistics(config.mean, config.std)
 
 
-def restore(state: dict, model, optimizer, scheduler, scaler, monitor, device) -> None:
+def restore(state: dict, model, optimizer, scheduler, scaler, monitor, device, path: Path) -> None:
     """Put a run's last.pt back into the objects of the run, each part checked against the object it goes into
     first (`schema.check_resumable` checked its form); what torch itself still refuses is one line too."""
-    path = Path(state["config"].get("out", "")) / "last.pt"
     schema.check_against(state, optimizer, scheduler, scaler, path)
     ckpt.check_finite(state["state_dict"], path)
     try:
