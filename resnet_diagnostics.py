@@ -54,7 +54,8 @@ def own_modules_first() -> None:
 def prog(module: str) -> str:
     """How the user typed the command, for its usage line: `resnet-diag flops` or `python -m diagnostics.flops`."""
     command = next((name for name, target in COMMANDS.items() if target == module), None)
-    return f"resnet-diag {command}" if command and os.environ.get(CONSOLE_VARIABLE) == command else f"python -m {module}"
+    console = command and os.environ.get(CONSOLE_VARIABLE) == command
+    return f"resnet-diag {command}" if console else f"python -m {module}"
 
 
 def usage() -> str:

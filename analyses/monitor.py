@@ -49,7 +49,8 @@ images (`attribute`): how much of the validation loss is BN statistics.
 
 An early warning fires when the score of the rule `warn_rule` (WARNING_RULES, each measurement's scores kept in
 `warning_score`) exceeds `warn_threshold`, from step `warn_after` on: a validation now would be spoiled by BN
-statistics (docs/spikes.md scores the rules on real runs: the gap comes and goes within tens of steps). (The trainer arms it once the running statistics' initial values weigh under 1%, warm_up_steps,
+statistics (docs/spikes.md scores the rules on real runs: the gap comes and goes within tens of steps). (The
+trainer arms it once the running statistics' initial values weigh under 1%, warm_up_steps,
 or after half an epoch, whichever comes first: earlier, a gap says only that training has just begun.)
 
 In any training loop (three lines):
@@ -232,7 +233,8 @@ def attribute(running, recalibrated) -> Attribution:
 @torch.no_grad()
 def recalibrated_predictions(model: nn.Module, batches, recalibration, dtype: torch.dtype | None = None):
     """`predict` over `batches` (BN in eval mode) with every BN layer's statistics recomputed over the images of
-    `recalibration` (images, or `(images, labels)` pairs; `recalibrate_bn`, as the diagnostics and `--precise-bn` do), and those statistics. The
+    `recalibration` (images, or `(images, labels)` pairs; `recalibrate_bn`, as the diagnostics and `--precise-bn`
+    do), and those statistics. The
     model's own statistics, modes and hooks are as they were after; no random number is drawn."""
     with preserved_state(model):
         recalibrate_bn(model, inputs_of(recalibration), dtype)
@@ -269,7 +271,8 @@ def definition(every: int, n_images: int, probe: str, rule: str) -> str:
 def agreement(predicted, measured) -> tuple[float, float, int]:
     """(Spearman rank correlation, R^2 of log10 measured by log10 predicted, points) over the entries where both
     are finite and positive: how well the lag model's predictions rank and match the measured errors."""
-    predicted, measured = np.asarray(predicted, dtype=np.float64).ravel(), np.asarray(measured, dtype=np.float64).ravel()
+    predicted = np.asarray(predicted, dtype=np.float64).ravel()
+    measured = np.asarray(measured, dtype=np.float64).ravel()
     keep = np.isfinite(predicted) & np.isfinite(measured) & (predicted > 0) & (measured > 0)
     if keep.sum() < 3:
         return float("nan"), float("nan"), int(keep.sum())
@@ -347,7 +350,8 @@ class Prescription:
 
 def prescription(ds: xr.Dataset, n_layers: int = 3) -> Prescription:
     """From a monitor dataset (`BNMonitor.dataset()` or monitor.nc): the worst attributed validation, the layers
-    whose running statistics were furthest from the recomputed ones there, the measured drift, diffusion and noise, the shadow
+    whose running statistics were furthest from the recomputed ones there, the measured drift, diffusion and noise,
+    the shadow
     momentum that came closest over all validations, the lag model's best momentum and how well it fitted."""
     own = [float(m) for m in np.atleast_1d(ds.attrs.get("bn_momentum", []))]
     momentum = own[0] if own else 0.1
@@ -499,7 +503,8 @@ class StatisticsTracker:
                 or tuple(state["noise_sum"].shape) != (channels,) or len(previous) not in (0, 2)
                 or any(tuple(t.shape) != (channels,) for t in previous)):
             raise ValueError("the monitor's saved shadow statistics are not of this model's BN layers")
-        self.shadow_mean, self.shadow_var = state["shadow_mean"].to(device).float(), state["shadow_var"].to(device).float()
+        self.shadow_mean = state["shadow_mean"].to(device).float()
+        self.shadow_var = state["shadow_var"].to(device).float()
         self.previous = tuple(t.to(device).float() for t in previous) or None
         self.noise_sum, self.noise_count = state["noise_sum"].to(device).double(), int(state["noise_count"])
 
@@ -866,7 +871,8 @@ class BNMonitor:
                                        "normalisation error (rms) against the probe's batch statistics of running "
                                        "statistics kept at this BN momentum from the same training batches", UNITS),
                 "predicted_gap": variable(("step", "momentum", "depth"), stacked("predicted_gap"),
-                                          "lag model from this measurement alone: sqrt((v (1 - m) / m)^2 + ((1 - m)^2 q + m^2 "
+                                          "lag model from this measurement alone: sqrt((v (1 - m) / m)^2 + "
+                                          "((1 - m)^2 q + m^2 "
                                           "batch_noise^2) / (m (2 - m))), v and q from input_shift and input_shift2",
                                           UNITS),
                 "val_loss": variable(("validation", "val_bn"), stacked("val_loss"),

@@ -26,7 +26,7 @@ from .spikes import gap_mask
 STATISTICS = ("mean", "low", "high")  # the `statistic` dim: the mean over seeds and its 95% interval
 T_975 = dict(enumerate((12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
                         2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
-                        2.052, 2.048, 2.045, 2.042), start=1)) | {40: 2.021, 60: 2.000, 120: 1.980}  # Student's t, 97.5%
+                        2.052, 2.048, 2.045, 2.042), start=1)) | {40: 2.021, 60: 2.000, 120: 1.980}  # t, 97.5%
 RUN_METRICS = {  # name: (long name, units)
     "validations": ("validations attributed", "1"),
     "events": ("validations that were BN-statistics events", "1"),
@@ -198,7 +198,8 @@ def trust_study(histories: list[dict], monitors: list[xr.Dataset | None], labels
                               "nats")
     data["event"] = variable(("run", "epoch"), flags, "the validation was a BN-statistics event", "1")
     coords = {"run": ("run", np.array(labels, dtype=object)), "group_of_run": ("run", np.array(groups, dtype=object)),
-              "seed": ("run", np.asarray(seeds, dtype=np.int64)), "group": ("group", np.array(group_names, dtype=object)),
+              "seed": ("run", np.asarray(seeds, dtype=np.int64)),
+              "group": ("group", np.array(group_names, dtype=object)),
               "statistic": ("statistic", list(STATISTICS)),
               "pair": ("pair", np.array([f"{p} - {r}" for p, r in pairs], dtype=object)),
               "epoch": ("epoch", np.arange(1, longest + 1)), "rule": ("rule", list(WARNING_RULES)),

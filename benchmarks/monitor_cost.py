@@ -39,7 +39,7 @@ def parser():
     common.add_data_options(p)
     p.add_argument("--steps", type=positive_int, default=40, help="training steps per timed epoch (default 40)")
     p.add_argument("--every", type=positive_int, default=10,
-                   help=f"the monitor's interval in steps (default 10; the trainer's auto is {AUTO_EVERY} on long runs)")
+                   help=f"the monitor's interval in steps (default 10; the trainer's auto: {AUTO_EVERY} on long runs)")
     p.add_argument("--probe-images", type=positive_int, default=TRAINER.monitor_images,
                    help=f"the monitor's probe (default {TRAINER.monitor_images}, as the trainer's)")
     p.add_argument("--attribution-images", type=positive_int, default=TRAINER.attribution_images,

@@ -215,7 +215,8 @@ def _monitor_panels(loss_axis, map_axis, one, depth, norm, style) -> None:
     if "monitor_val_loss" in one and np.isfinite(one.monitor_val_loss.values).any():
         validated = np.isfinite(one.monitor_val_step.values)
         for bn, fill in (("running", COLOURS["running"]), ("recalibrated", "none")):
-            loss_axis.plot(one.monitor_val_step.values[validated], one.monitor_val_loss.sel(val_bn=bn).values[validated],
+            losses = one.monitor_val_loss.sel(val_bn=bn).values[validated]
+            loss_axis.plot(one.monitor_val_step.values[validated], losses,
                            "o", markersize=2.5, markerfacecolor=fill, markeredgecolor=COLOURS[bn], markeredgewidth=0.6,
                            label=f"validation, {bn}")
         shown.append(one.monitor_val_loss.values)

@@ -53,7 +53,8 @@ def read_monitor(run_dir: Path) -> xr.Dataset | None:
     try:
         return xr.load_dataset(path)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise UserError(f"{path} cannot be read ({str(exc).splitlines()[0][:100] if str(exc) else type(exc).__name__}); "
+        detail = str(exc).splitlines()[0][:100] if str(exc) else type(exc).__name__
+        raise UserError(f"{path} cannot be read ({detail}); "
                         "copy the run again, or move the file away to study the run without it") from None
 
 

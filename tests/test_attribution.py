@@ -142,7 +142,7 @@ def test_a_corrupted_layer_is_attributed_exactly_and_nothing_is_changed(tiny_run
     ds = monitor.dataset()
     assert ds.val_step.values.tolist() == [7] and ds.val_epoch.values.tolist() == [2]
     errors = ds.shadow_error.sel(momentum=0.1).isel(validation=0)
-    assert str(ds.layer.values[int(np.argmax(errors.values))]) == "stage2.block1.bn1"  # the running statistics' own error
+    assert str(ds.layer.values[int(np.argmax(errors.values))]) == "stage2.block1.bn1"  # the running statistics
     assert errors.max() == pytest.approx(5, rel=0.05)
     assert prescription(ds).layers[0][0] == "stage2.block1.bn1"
     with pytest.raises(ValueError, match="same images"):

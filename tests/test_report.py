@@ -80,8 +80,8 @@ def test_the_page_holds_every_sections_figure_definition_table_command_and_prove
     assert made.stdout[-2:] == [str(made.out / "report.pdf"), str(made.out / "report.html")]
     assert [line.split(":")[0] for line in made.stdout[:len(SECTIONS)]] == SECTIONS
     findings = report.findings([report.read_run(str(run)) for run in runs])  # printed before the paths
-    assert made.stdout[len(SECTIONS):-2] == [line for label, lines in findings
-                                             for line in (f"{label}: {lines[0]}", *(f"  {x.strip()}" for x in lines[1:]))]
+    printed = [[f"{label}: {lines[0]}", *(f"  {line.strip()}" for line in lines[1:])] for label, lines in findings]
+    assert made.stdout[len(SECTIONS):-2] == [line for lines in printed for line in lines]
     elements = Elements(made.html).elements
     assert not [tag for tag, _ in elements if tag in ("script", "link", "iframe", "object", "embed")]
     references = [value for _, attrs in elements for name, value in attrs.items() if name in ("src", "href")]
