@@ -548,8 +548,8 @@ class BNMonitor:
         self.validations: dict[str, list] = {name: [] for name in VALIDATED}
         self.tracker = StatisticsTracker(model, SHADOW_MOMENTA)
         self.momenta = self.tracker.momenta
-        own = sorted({float(m.momentum) for _, m in models.bn_layers(model) if m.momentum is not None})
-        self._own_momentum = own[0] if own else None  # the shadow that is the running statistics
+        self.own_momenta = sorted({float(m.momentum) for _, m in models.bn_layers(model) if m.momentum is not None})
+        self._own_momentum = self.own_momenta[0] if self.own_momenta else None  # the shadow that is running
         self._previous = []  # (step, the probe's batch statistics) of the last two measurements
         self._before = None  # (step, a copy of the weights) one step before a measurement
 
@@ -638,14 +638,19 @@ class BNMonitor:
             angle = np.array([math.acos(max(-1.0, min(1.0, c.item()))) for c in cosines])
         self._previous, self._before = [*self._previous[-1:], (step, statistics)], None
         noise = self.tracker.noise(reset=True)
-        shadows = self.tracker.shadow_statistics(self.bn_names)
-        shadow_gap = np.stack([statistics_error_table(shadow, statistics, self.bn_names)[:, 0].numpy()
-                               for shadow in shadows]) if shadows else np.full((len(self.momenta), n_bn), np.nan)
+        shadow_gap = self._shadow_errors(statistics)
         drift, diffusion, _ = lag_inputs(shifts[0], shifts[1], noise, [interval])
         return {"input_shift": shifts[0], "input_shift2": shifts[1], "interval": interval,
                 "input_speed": shifts[0] / interval, "batch_noise": noise, "angular_speed": angle,
                 "angular_equilibrium": self._equilibrium(lr), "shadow_gap": shadow_gap,
                 "predicted_gap": predicted_error(drift, diffusion, noise, np.asarray(self.momenta)[:, None])}
+
+    def _shadow_errors(self, statistics: dict[str, BNStatistics]) -> np.ndarray:
+        """(momentum, layer): each shadow's normalisation error (RMS) against `statistics`; NaN without shadows."""
+        shadows = self.tracker.shadow_statistics(self.bn_names)
+        if not shadows:
+            return np.full((len(self.momenta), len(self.bn_names)), np.nan)
+        return np.stack([statistics_error_table(shadow, statistics, self.bn_names)[:, 0].numpy() for shadow in shadows])
 
     def _equilibrium(self, lr: float | None) -> float:
         """sqrt(2 lr wd / (1 + momentum)) of the optimiser's first group, at the step's own `lr` where the caller
@@ -679,10 +684,7 @@ class BNMonitor:
                 running = predict(self.model, batches, dtype)
         recalibrated, statistics = recalibrated_predictions(self.model, batches, recalibration, dtype)
         result = attribute(running, recalibrated)
-        shadows = self.tracker.shadow_statistics(self.bn_names)
-        errors = (np.stack([statistics_error_table(shadow, statistics, self.bn_names)[:, 0].numpy()
-                            for shadow in shadows]) if shadows else np.full((len(self.momenta), len(self.bn_names)),
-                                                                            np.nan))
+        errors = self._shadow_errors(statistics)
         val_step = self.calls if step is None else step
         steps = np.asarray(self.records["step"])
         since = (steps > (self.validations["val_step"][-1] if self.validations["val_step"] else -1)) & (
@@ -824,7 +826,6 @@ class BNMonitor:
                   "val_bn": ("val_bn", list(VALIDATION_BN)), "rule": ("rule", list(WARNING_RULES))}
         rule = warning_rule(self.warn_rule, self.warn_threshold, self.warn_after)
         per_step = f"{UNITS} per optimiser step"
-        own = sorted({float(m.momentum) for _, m in models.bn_layers(self.model) if m.momentum is not None})
         return xr.Dataset(
             {
                 "probe_loss": variable(("step", "bn"), stacked("probe_loss"), "probe cross-entropy", "nats"),
@@ -897,6 +898,6 @@ class BNMonitor:
                         dataset=dataset, split="train", n_images=len(self.labels), batch_size=len(self.labels),
                         bn_mode="eval and train", every=self.every, rule=rule, warn_rule=self.warn_rule,
                         warn_threshold=self.warn_threshold, warn_after=self.warn_after, probe=self.probe,
-                        bn_momentum=own, autocast=str(self.autocast).replace("torch.", "") if self.autocast
+                        bn_momentum=self.own_momenta, autocast=str(self.autocast).replace("torch.", "") if self.autocast
                         else "fp32"),
         )

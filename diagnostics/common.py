@@ -376,6 +376,19 @@ def run_dtype(loaded: ckpt.Loaded) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get((loaded.config or {}).get("precision_used"))
 
 
+def read_monitor(run_dir: Path):
+    """A run's monitor.nc (the trainer's BN monitor), or None where the run has none; a damaged one is one line."""
+    import xarray as xr
+    path = Path(run_dir) / "monitor.nc"
+    if not path.is_file():
+        return None
+    try:
+        return xr.load_dataset(path)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        detail = str(exc).splitlines()[0][:100] if str(exc) else type(exc).__name__
+        raise UserError(f"{path} cannot be read ({detail}); delete it or copy the run again") from None
+
+
 def recalibration_inputs(loaded: ckpt.Loaded, args, device, n_images: int) -> list:
     """What BN recalibration reads, exactly as the trainer's --precise-bn (`train.data.recalibration_inputs`):
     the first `n_images` of the run's training images, augmented once as the run trained, in even batches of at

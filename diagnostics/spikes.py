@@ -319,16 +319,6 @@ def amplification_figure(ds, plain: dict[str, bool]):
 # The command
 
 
-def _monitor_of(run_dir) -> xr.Dataset | None:
-    path = run_dir / "monitor.nc"
-    if not path.is_file():
-        return None
-    try:
-        return xr.load_dataset(path)
-    except (OSError, ValueError, KeyError) as exc:
-        raise UserError(f"{path} cannot be read ({str(exc)[:100]}); delete it or copy the run again") from None
-
-
 def _with_monitor(ds: xr.Dataset, monitors: dict[str, xr.Dataset], epoch_ends: dict[str, list]) -> xr.Dataset:
     """The monitors' probe losses, gap maps (RMS component) and warnings along `monitor_step`, and each run's
     last step of every epoch (from its metrics) along `epoch_end_index`."""
@@ -381,7 +371,7 @@ def main(argv=None) -> None:
             config = loaded.config or {}
             per_run[source.label] = {key: config.get(key, default) for key, default in
                                      (("bn_momentum", np.nan), ("precise_bn", np.nan), ("augment", "none"))}
-            if source.run_dir is not None and (monitor := _monitor_of(source.run_dir)) is not None:
+            if source.run_dir is not None and (monitor := common.read_monitor(source.run_dir)) is not None:
                 monitors[source.label] = monitor
         if not models.bn_layers(loaded.model):
             raise UserError(f"{loaded.path} has no BatchNorm layers (trained with --no-bn); there are no BN "

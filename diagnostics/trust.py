@@ -46,18 +46,6 @@ def _seeds(text: str) -> tuple[int, ...]:
         raise UserError(f"--choose-on takes seeds such as 0,1, not {text!r}") from None
 
 
-def read_monitor(run_dir: Path) -> xr.Dataset | None:
-    path = run_dir / "monitor.nc"
-    if not path.exists():
-        return None
-    try:
-        return xr.load_dataset(path)
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        detail = str(exc).splitlines()[0][:100] if str(exc) else type(exc).__name__
-        raise UserError(f"{path} cannot be read ({detail}); "
-                        "copy the run again, or move the file away to study the run without it") from None
-
-
 def skip_pairs(runs, groups: list[str]) -> list[tuple[str, str]]:
     """(plain group, residual group) for groups whose runs differ only in the skip connection."""
     keys = {}
@@ -177,7 +165,7 @@ def main(argv=None) -> None:
     common.require_run_dirs(args.runs, "trust reads a run's metrics.csv, monitor.nc and config.json")
     paths = list(dict.fromkeys(Path(text) for text in args.runs))
     runs = [read_run(path) for path in track(paths, len(paths), "trust", unit="run")]
-    monitors = [read_monitor(path) for path in paths]
+    monitors = [common.read_monitor(path) for path in paths]
     groups = group_labels(runs)
     ds = trust_study([run.history for run in runs], monitors, run_labels(runs), groups,
                      [int(run.config.get("seed", 0)) for run in runs], skip_pairs(runs, groups),

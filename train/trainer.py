@@ -9,6 +9,7 @@ import os
 import sys
 import time
 from dataclasses import asdict
+from itertools import repeat
 from pathlib import Path
 
 import torch
@@ -134,6 +135,12 @@ def evaluate(model: nn.Module, batches, dtype: torch.dtype | None) -> tuple:
     model.eval()
     with torch.no_grad():
         return predict(model, batches, dtype)
+
+
+def selected_accuracy(config: Config, val_acc: float, recalibrated: float) -> float:
+    """What chooses best.pt (`--select`): the validation accuracy with running statistics, or with recomputed ones
+    where they were measured (a model without BN has none: the two are one)."""
+    return val_acc if config.select == "running" or math.isnan(recalibrated) else recalibrated
 
 
 def validation_text(loss: float, n_images: int, attribution: Attribution | None) -> str:
@@ -298,8 +305,7 @@ def run(config: Config, resume: dict | None = None, lock=None) -> Path:
             writer = summary_writer(config.tensorboard, purge_step=step + 1)
             if monitor is not None:
                 monitor.writer = writer
-    selection = "val_acc_recalibrated" if config.select == "recalibrated" else "val_acc"
-    best_acc = max((b if math.isnan(a) else a for a, b in zip(history[selection], history["val_acc"])),
+    best_acc = max(map(selected_accuracy, repeat(config), history["val_acc"], history["val_acc_recalibrated"]),
                    default=-1.0)
     model_spec = {"name": name, "kwargs": model_kwargs}
     provenance = ckpt.provenance()
@@ -354,8 +360,7 @@ def run(config: Config, resume: dict | None = None, lock=None) -> Path:
                        **dict(zip(rundir.ATTRIBUTION, (attribution.loss_recalibrated, attribution.acc_recalibrated,
                                                        attribution.excess, attribution.excess_se)
                                   if attribution is not None else [math.nan] * 4))}
-                selected = row["val_acc_recalibrated" if config.select == "recalibrated" else "val_acc"]
-                selected = val_acc if math.isnan(selected) else selected  # no BN: the two are one
+                selected = selected_accuracy(config, val_acc, row["val_acc_recalibrated"])
                 for column in rundir.METRICS:
                     history[column].append(row[column])
                 if writer is not None:
