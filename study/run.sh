@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The runs of docs/spikes.md (issue 26), one at a time (two of our processes on 2 cores slow each other), each
 # resumed where it stopped: `bash study/run.sh [GROUP ...]` from the repository root, runs in runs/study/.
-# Groups: pairs20 (plain20/resnet20, seeds 0-4), interventions (BN momentum 0.02, 0.4 and the prescribed 0.8,
-# lr 0.05, --precise-bn 2000; plain20/resnet20, seeds 0-1), depth56 (plain56/resnet56, seeds 0-2).
+# Groups: pairs20 (plain20/resnet20, seeds 0-4), interventions (the prescribed BN momentum 0.8, --precise-bn 2000,
+# momentum 0.02 and 0.4, lr 0.05; plain20/resnet20, seeds 0-1), depth56 (plain56/resnet56, seeds 0-2).
 # THREADS=1 taskset -c 0 bash study/run.sh   leaves the other core free (what the first session did).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,14 +26,14 @@ train() {  # NAME MODEL SEED [OPTIONS ...]
 
 pairs20() { for seed in 0 1 2 3 4; do train plain20-s$seed plain20 $seed; train resnet20-s$seed resnet20 $seed; done; }
 depth56() { for seed in 0 1 2; do train plain56-s$seed plain56 $seed; train resnet56-s$seed resnet56 $seed; done; }
-interventions() {
-  for seed in 0 1; do
-    for model in plain20 resnet20; do
-      train $model-m0.02-s$seed $model $seed --bn-momentum 0.02
-      train $model-m0.4-s$seed $model $seed --bn-momentum 0.4
-      train $model-m0.8-s$seed $model $seed --bn-momentum 0.8
-      train $model-lr0.05-s$seed $model $seed --lr 0.05
-      train $model-precise-s$seed $model $seed --precise-bn 2000
+interventions() {  # each intervention on both models and both seeds before the next: a stopped study compares whole rows
+  local -A options=([m0.8]="--bn-momentum 0.8" [precise]="--precise-bn 2000" [m0.02]="--bn-momentum 0.02"
+                    [m0.4]="--bn-momentum 0.4" [lr0.05]="--lr 0.05")
+  for change in m0.8 precise m0.02 m0.4 lr0.05; do
+    for seed in 0 1; do
+      for model in plain20 resnet20; do
+        train $model-$change-s$seed $model $seed ${options[$change]}
+      done
     done
   done
 }
