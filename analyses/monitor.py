@@ -112,7 +112,9 @@ def warning_scores(probe_loss, bn_gap, predicted_gap, armed) -> dict[str, np.nda
         previous = excess[:i][armed[:i]][-BASELINE:]
         if len(previous):
             baseline[i] = max(float(np.median(previous)), 1e-3)
-    return {"probe_excess": excess, "probe_ratio": probe_loss[:, 0] / probe_loss[:, 1],
+    with np.errstate(divide="ignore", invalid="ignore"):  # a probe learnt to a loss of 0: an infinite ratio
+        ratio = probe_loss[:, 0] / probe_loss[:, 1]
+    return {"probe_excess": excess, "probe_ratio": ratio,
             "departure": excess / baseline, "predicted_gap": _row_statistic(np.nanmedian, predicted_gap),
             "bn_gap": _row_statistic(np.nanmax, bn_gap)}
 
@@ -209,6 +211,12 @@ class Attribution:
     excess: float
     excess_se: float
     n_images: int
+
+    def scalars(self) -> dict[str, float]:
+        """One scalar per tag, as the trainer's TensorBoard names them (`val/loss_running` is these images' own)."""
+        return {"val/loss_running": self.loss_running, "val/loss_recalibrated": self.loss_recalibrated,
+                "val/accuracy_running": self.acc_running, "val/accuracy_recalibrated": self.acc_recalibrated,
+                "val/bn_excess": self.excess, "val/bn_excess_se": self.excess_se}
 
     def text(self) -> str:
         """`recalibrated 0.85: 2.92 ± 0.04 of it is BN statistics` (the `val_loss ...` line's parenthesis)."""
@@ -344,8 +352,9 @@ class Prescription:
         if not self.confirmed():
             return (f"of the shadows, BN momentum {best:g} came closest ({measured}), but {model}: not confirmed, "
                     "so no prescription")
-        return (f"train with --bn-momentum {best:g}: of the shadows it came closest ({measured}), and {model}; or "
-                "recompute the statistics before each validation (--precise-bn N)")
+        return (f"train with BN momentum {best:g} (--bn-momentum {best:g}): of the shadows it came closest "
+                f"({measured}), and {model}; or recompute the statistics before each validation (--precise-bn N, "
+                "fvcore's PreciseBN)")
 
 
 def prescription(ds: xr.Dataset, n_layers: int = 3) -> Prescription:
@@ -564,11 +573,10 @@ class BNMonitor:
         self.calls += 1
         step = self.calls if step is None else step
         self.tracker.update()
+        warning = self.measure(step, epoch=epoch, loss=loss, lr=lr) if self.every and step % self.every == 0 else None
         if self.every and (step + 1) % self.every == 0:  # the weights before the next step's update
             self._before = (step, [w.detach().clone() for w in self.weights])
-        if not self.every or step % self.every:
-            return None
-        return self.measure(step, epoch=epoch, loss=loss, lr=lr)
+        return warning
 
     @torch.no_grad()
     def measure(self, step: int, *, epoch: int | None = None, loss=None, lr=None) -> BNWarning | None:
@@ -661,6 +669,11 @@ class BNMonitor:
         lr = float(group["lr"]) if lr is None else float(lr)
         return math.sqrt(2 * lr * float(group["weight_decay"]) / (1 + float(group["momentum"])))
 
+    def statistics_updated(self) -> None:
+        """Call after a training forward that moved the running statistics with no optimiser step after it (each
+        micro-batch but the last under gradient accumulation): the shadows follow every update of the buffers."""
+        self.tracker.update()
+
     def statistics_replaced(self) -> None:
         """Call after something replaced the running statistics between steps (`--precise-bn`): every shadow
         starts again from them, as a run at its momentum would have been recalibrated too."""
@@ -712,23 +725,35 @@ class BNMonitor:
         weight_norm = [n.double().item() for n in torch._foreach_norm(self.weights)]
         return np.array(grad_norm), np.array(weight_norm)
 
-    def _write_scalars(self, record: dict) -> None:
-        """TensorBoard: one scalar per tag `group/name` and step (a layer's name is the name); per-layer values
-        also as one histogram over the layers per step (`layers/...`)."""
-        step, writer = record["step"], self.writer
-        for name, tag in (("train_loss", "step/loss"), ("lr", "step/lr")):  # the caller's, where it passed them
-            if np.isfinite(record[name]):
-                writer.add_scalar(tag, record[name], step)
+    def scalars(self) -> dict[str, float]:
+        """The last measurement as one scalar per tag `group/name` (a layer's name is the name): what the
+        TensorBoard writer and the Lightning callback's loggers receive. Empty before the first measurement."""
+        if not self.records["step"]:
+            return {}
+        record = {name: values[-1] for name, values in self.records.items()}
+        scalars = {tag: float(record[name]) for name, tag in (("train_loss", "step/loss"), ("lr", "step/lr"))
+                   if np.isfinite(record[name])}  # the caller's, where it passed them
         for k, bn in enumerate(BN_STATISTICS):
-            writer.add_scalar(f"probe/loss_{bn}", record["probe_loss"][k], step)
-            writer.add_scalar(f"probe/accuracy_{bn}", record["probe_acc"][k], step)
-        per_layer = {"bn_gap": (self.bn_names, record["bn_gap"][:, 0]),
-                     "eval_mismatch": (self.bn_names, record["eval_mismatch"][:, 0]),
-                     "grad_norm": (self.weight_names, record["grad_norm"]),
-                     "scaled_grad_norm": (self.weight_names, record["grad_norm"] * record["weight_norm"])}
-        for group, (names, values) in per_layer.items():
-            for name, value in zip(names, values):
-                writer.add_scalar(f"{group}/{name}", value, step)
+            scalars[f"probe/loss_{bn}"] = float(record["probe_loss"][k])
+            scalars[f"probe/accuracy_{bn}"] = float(record["probe_acc"][k])
+        scalars["probe/warning"] = float(record["warning"])
+        for group, (names, values) in self._per_layer(record).items():
+            scalars |= {f"{group}/{name}": float(value) for name, value in zip(names, values)}
+        return scalars
+
+    def _per_layer(self, record: dict) -> dict[str, tuple[list[str], np.ndarray]]:
+        return {"bn_gap": (self.bn_names, record["bn_gap"][:, 0]),
+                "eval_mismatch": (self.bn_names, record["eval_mismatch"][:, 0]),
+                "grad_norm": (self.weight_names, record["grad_norm"]),
+                "scaled_grad_norm": (self.weight_names, record["grad_norm"] * record["weight_norm"])}
+
+    def _write_scalars(self, record: dict) -> None:
+        """TensorBoard: every scalar of `scalars()`, and the per-layer values also as one histogram over the
+        layers per step (`layers/...`)."""
+        step, writer = record["step"], self.writer
+        for tag, value in self.scalars().items():
+            writer.add_scalar(tag, value, step)
+        for group, (_, values) in self._per_layer(record).items():
             finite = values[np.isfinite(values)]
             if len(finite):
                 writer.add_histogram(f"layers/{group}", finite, step)

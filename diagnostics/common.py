@@ -43,6 +43,9 @@ def parser(name: str, description: str, *, inputs: str = "checkpoints", inputs_r
     p.add_argument("inputs", nargs="+" if inputs_required else "*", metavar=metavar, help=what)
     p.add_argument("--model", help="the model a foreign checkpoint (a bare state_dict) holds, e.g. resnet56, "
                    "torchvision:resnet18, timm:resnet18")
+    p.add_argument("--state-prefix", metavar="PREFIX",
+                   help="where a foreign checkpoint keeps the model's weights, e.g. model. for a LightningModule's "
+                   "self.model (default: found in a Lightning .ckpt, none elsewhere)")
     p.add_argument("--dataset", type=_dataset_option, metavar="NAME",
                    help=f"the dataset of a foreign checkpoint: {', '.join(SPECS)}, or folder:PATH (a folder of images "
                    "in ImageFolder's layout); for a run trained on an image folder, the folder's new place")
@@ -72,14 +75,16 @@ def _dataset_option(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def require_run_dirs(inputs: list[str], why: str) -> None:
-    """For commands that read a run's history: every input must be a run directory."""
+def require_run_dirs(inputs: list[str], why: str, lightning: bool = False) -> None:
+    """For commands that read a run's history: every input must be a run directory (`lightning`: or a Lightning
+    log directory)."""
     for text in inputs:
-        if not rundir.is_run_dir(text):
+        if not (rundir.is_run_dir(text) or lightning and rundir.is_lightning_dir(text)):
             what = ("is a checkpoint file" if Path(text).is_file() else "has no config.json" if Path(text).is_dir()
                     else "does not exist")
+            where = " (or a Lightning log directory, lightning_logs/version_N)" if lightning else ""
             raise UserError(f"{text} {what}, not a run directory; {why}: give the folder `python -m train --out` "
-                            "wrote")
+                            f"wrote{where}")
 
 
 def device_of(args) -> torch.device:
@@ -112,7 +117,7 @@ def _select_epochs(files: list[Path], selection: str, run_dir: Path) -> list[Pat
         wanted = {int(part) for part in selection.split(",")}
     except ValueError:
         raise UserError(f"--epochs must be all, last or a list such as 5,10,20, not {selection!r}") from None
-    chosen = [path for path in files if (m := rundir.EPOCH_FILE.match(path.name)) and int(m.group(1)) in wanted]
+    chosen = [path for path in files if rundir.named_epoch(path) in wanted]
     if not chosen:
         raise UserError(f"{run_dir} has none of the epochs {selection}; it has {len(files)} epoch files")
     return chosen
@@ -135,7 +140,7 @@ def collect_sources(args, *, model_names: bool = False) -> list[Source]:
         if not path.exists():
             hint = " or a model name (see models.available())" if model_names else ""
             raise UserError(f"{path} does not exist; give a checkpoint file or a run directory{hint}")
-        if rundir.is_run_dir(path):
+        if rundir.is_run_dir(path) or rundir.is_lightning_dir(path):
             files = _select_epochs(rundir.run_checkpoints(path), args.epochs, path)
             key, run_dir = path.resolve(), path
         else:
@@ -145,7 +150,7 @@ def collect_sources(args, *, model_names: bool = False) -> list[Source]:
             if run_dir is not None and not rundir.EPOCH_FILE.match(path.name):
                 key = (key, path.name)
         source = sources.setdefault(key, Source("", run_dir=run_dir))
-        source.whole_run |= rundir.is_run_dir(path)
+        source.whole_run |= rundir.is_run_dir(path) or rundir.is_lightning_dir(path)
         known = {f.resolve() for f in source.paths}
         source.paths += [f for f in files if f.resolve() not in known]
     in_runs = {f.resolve() for key, source in sources.items() if not isinstance(key, tuple) for f in source.paths}
@@ -173,8 +178,8 @@ def is_model_name(text: str) -> bool:
 
 def _epoch_order(path: Path) -> tuple[bool, int]:
     """Epoch files by number, then the run's other files (last.pt, best.pt)."""
-    match = rundir.EPOCH_FILE.match(path.name)
-    return match is None, int(match.group(1)) if match else 0
+    epoch = rundir.named_epoch(path)
+    return epoch is None, epoch or 0
 
 
 def _distinct_labels(sources: dict) -> None:
@@ -233,9 +238,9 @@ def _check_epoch(path: Path, loaded: ckpt.Loaded, epochs: dict[int, Path]) -> No
     file (`epoch_005.pt` holding epoch 2, `epoch_0002.pt` beside `epoch_002.pt`) is refused before any output."""
     if loaded.epoch is None:  # a foreign file: a source of its own
         return
-    match = rundir.EPOCH_FILE.match(path.name)
-    if match and loaded.epoch != int(match.group(1)):
-        raise UserError(f"{path} holds epoch {loaded.epoch}, not the epoch {int(match.group(1))} its name says; a "
+    named = rundir.named_epoch(path)
+    if named is not None and loaded.epoch != named:
+        raise UserError(f"{path} holds epoch {loaded.epoch}, not the epoch {named} its name says; a "
                         "copy of another epoch's file? remove or rename it")
     if loaded.epoch in epochs:
         raise UserError(f"{path} and {epochs[loaded.epoch]} both hold epoch {loaded.epoch} of the same run; a copy? "
@@ -287,7 +292,8 @@ def check_untrained(sources: list[Source], spec: data.DatasetSpec) -> None:
 
 def load_checkpoint(path: Path, args, device="cpu") -> ckpt.Loaded:
     return ckpt.load(path, model_name=args.model, dataset=args.dataset, mean=args.mean, std=args.std,
-                     image_size=getattr(args, "image_size", None), device=device)
+                     image_size=getattr(args, "image_size", None), device=device,
+                     state_prefix=getattr(args, "state_prefix", None))
 
 
 def epoch_of(loaded: ckpt.Loaded) -> int:

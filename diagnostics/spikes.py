@@ -358,7 +358,7 @@ def _with_monitor(ds: xr.Dataset, monitors: dict[str, xr.Dataset], epoch_ends: d
 
 def main(argv=None) -> None:
     args = parser().parse_args(argv)
-    common.require_run_dirs(args.inputs, "the spike diagnosis needs a run's epoch checkpoints")
+    common.require_run_dirs(args.inputs, "the spike diagnosis needs a run's epoch checkpoints", lightning=True)
     repair_epochs = None if args.repair in (None, "flagged") else _epoch_list(args.repair, "--repair")
     amplification_epochs = (None if args.amplification in (None, "last")
                             else _epoch_list(args.amplification, "--amplification"))

@@ -234,3 +234,19 @@ def test_a_saved_state_of_another_shape_or_version_is_one_error_or_resumes():
 def test_select_recalibrated_without_bn_keeps_a_best_checkpoint(tmp_path):
     run = train_tiny(tmp_path / "nobn", "plain20", "--no-bn", "--select", "recalibrated", "--lr", "0.01")
     assert (run / "best.pt").is_file()
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_the_angular_speed_is_of_the_measured_step_at_any_cadence(every):
+    """The weights' copy one step before a measurement is taken after that measurement's step (every 1: at every
+    step): the angle is the one the measured step turned, known by hand from the weights around it."""
+    torch.manual_seed(0)
+    model = models.build("resnet20", num_classes=4)
+    monitor = BNMonitor(model, torch.randn(16, 3, 32, 32), torch.randint(0, 4, (16,)), every=every)
+    hand_loop(model, 3, monitor)
+    before = [w.detach().clone() for w in monitor.weights]
+    hand_loop(model, 1, monitor, seed=5)  # step 4, measured at both cadences
+    cosines = [F.cosine_similarity(a.flatten().double(), b.detach().flatten().double(), dim=0).item()
+               for a, b in zip(before, monitor.weights)]
+    turned = [math.acos(max(-1.0, min(1.0, c))) for c in cosines]
+    np.testing.assert_allclose(monitor.dataset().angular_speed.sel(step=4).values, turned, rtol=1e-6)

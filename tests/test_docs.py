@@ -37,5 +37,8 @@ def test_every_python_block_of_the_page_runs(tmp_path, monkeypatch, image_folder
         assert [key for key, value in plt.rcParams.items() if style[key] != value] == []
         assert (tmp_path / "responses.png").stat().st_size > 0 and (tmp_path / "monitor.nc").is_file()
         assert namespace["responses"].layer.values[0] == "layer1.0.bn1"
+        lightning = Path(namespace["trainer"].log_dir)  # the Lightning section: its logger and its record
+        assert "val/bn_excess" in (lightning / "metrics.csv").read_text().splitlines()[0]
+        assert (lightning / "monitor.nc").is_file()
     finally:
         plt.close("all")

@@ -251,18 +251,46 @@ _OUR_LAYOUT = [  # (pattern, replacement), applied in order to each key, for thi
 ]
 
 
-def foreign_state_dict(checkpoint: dict, path, our_layout: bool = True) -> dict:
-    """The tensors of a foreign file without `module.`/`_orig_mod.` prefixes and, with `our_layout`, its
-    layout's names mapped onto this package's (README: "Other people's checkpoints"): akamaster's
-    `module.conv1`, `module.layer1.0.conv1`, `module.linear`; torchvision's `conv1`, `layer1.0.downsample.0`,
-    `fc`. Another library's model (`our_layout=False`) keeps its names."""
+def is_lightning(checkpoint: dict) -> bool:
+    """A PyTorch Lightning checkpoint (`.ckpt`): its weights are the LightningModule's, under its attribute's
+    name (`self.model = resnet18()`: `model.conv1.weight`)."""
+    return "pytorch-lightning_version" in checkpoint and isinstance(checkpoint.get("state_dict"), dict)
+
+
+def _tensors(checkpoint: dict, path) -> dict:
     for key in ("state_dict", "model", "model_state_dict", "net"):
         if isinstance(checkpoint.get(key), dict):
             checkpoint = checkpoint[key]
             break
-    tensors = {k: v for k, v in checkpoint.items() if isinstance(k, str) and torch.is_tensor(v)}
+    tensors = {_WRAPPERS.sub("", k): v for k, v in checkpoint.items() if isinstance(k, str) and torch.is_tensor(v)}
     if not tensors:
         raise UserError(f"{path} holds no tensors under a known key; it is not a model checkpoint")
+    return tensors
+
+
+def state_prefixes(checkpoint: dict, path, prefix: str | None = None) -> list[str]:
+    """The prefixes to try, in order, that make a foreign file's keys the model's: `prefix` where the user named
+    one (`--state-prefix`); for a Lightning checkpoint none, then the one attribute of the LightningModule that
+    holds every convolution (`model.`, `net.`, `backbone.`); for any other file none."""
+    if prefix is not None:
+        return [prefix if not prefix or prefix.endswith(".") else prefix + "."]
+    if not is_lightning(checkpoint):
+        return [""]
+    holders = {key.split(".", 1)[0] for key, value in _tensors(checkpoint, path).items() if value.ndim == 4
+               and "." in key}
+    return ["", f"{holders.pop()}."] if len(holders) == 1 else [""]
+
+
+def foreign_state_dict(checkpoint: dict, path, our_layout: bool = True, prefix: str = "") -> dict:
+    """The tensors of a foreign file under `prefix` (a LightningModule's attribute: `state_prefixes`), that
+    prefix and `module.`/`_orig_mod.` removed and, with `our_layout`, its layout's names mapped onto this
+    package's (README: "Other people's checkpoints"): akamaster's `module.conv1`, `module.layer1.0.conv1`,
+    `module.linear`; torchvision's `conv1`, `layer1.0.downsample.0`, `fc`. Another library's model
+    (`our_layout=False`) keeps its names."""
+    tensors = {key[len(prefix):]: value for key, value in _tensors(checkpoint, path).items()
+               if key.startswith(prefix)}
+    if not tensors:
+        raise UserError(f"{path} holds no tensors under {prefix!r}; check --state-prefix")
     mapped = {}
     for key, value in tensors.items():
         key = _WRAPPERS.sub("", key)
@@ -351,16 +379,16 @@ def _classes_in_file(name: str, kwargs: dict, state_dict: dict, path) -> int | N
     return None
 
 
-def _foreign(checkpoint: dict, path, model_name: str | None, dataset: str | None, image_size: int | None
-             ) -> tuple[str, dict, dict, DatasetSpec]:
-    """(model name, its arguments, state_dict, dataset spec) of a file another project wrote: the input
-    channels read off its first convolution, the classes off its classifier, the dataset `dataset` or else
-    inferred from those two."""
+def _foreign(checkpoint: dict, path, model_name: str | None, dataset: str | None, image_size: int | None,
+             prefix: str = "") -> tuple[str, dict, dict, DatasetSpec]:
+    """(model name, its arguments, state_dict, dataset spec) of a file another project wrote, its weights those
+    under `prefix`: the input channels read off its first convolution, the classes off its classifier, the
+    dataset `dataset` or else inferred from those two."""
     if model_name is None:
         raise UserError(f"{path} is not a resnet-diagnostics checkpoint; say which model its weights are for "
                         "with --model NAME (e.g. --model resnet56, --model torchvision:resnet18)")
     name, kwargs = models.canonical(model_name)
-    state_dict = foreign_state_dict(checkpoint, path, our_layout=not models.is_external(name))
+    state_dict = foreign_state_dict(checkpoint, path, our_layout=not models.is_external(name), prefix=prefix)
     first_conv = next((v for v in state_dict.values() if v.ndim == 4), None)
     if first_conv is None:
         raise UserError(f"{path} holds no convolution weight; it is not the checkpoint of a CNN")
@@ -384,14 +412,16 @@ def _foreign(checkpoint: dict, path, model_name: str | None, dataset: str | None
 
 
 def load(path, model_name: str | None = None, dataset: str | None = None, mean=None, std=None,
-         image_size: int | None = None, device="cpu") -> Loaded:
+         image_size: int | None = None, device="cpu", state_prefix: str | None = None) -> Loaded:
     """Rebuild the model of a checkpoint, in eval mode on `device`; every field checked first (train.schema).
 
     Our checkpoints carry the model's name and arguments and the dataset's statistics. A foreign file needs
     `model_name`; its number of classes and input channels are read off its weights, and its normalisation is
     the dataset's standard one (an image folder's: measured over its training images, resized to `image_size`)
     unless `mean`/`std` say otherwise. `dataset` names a dataset, or an image folder `folder:PATH`; for one of
-    our checkpoints trained on an image folder it may name the folder's new place.
+    our checkpoints trained on an image folder it may name the folder's new place. A Lightning checkpoint is a
+    foreign file whose weights are under the LightningModule's attribute (found, or named by `state_prefix`),
+    and whose epoch is the number of epochs it had trained (Lightning's `epoch` + 1).
     """
     checkpoint = read(path)
     dataset = dataset_name(dataset) if dataset is not None else None
@@ -414,13 +444,25 @@ def load(path, model_name: str | None = None, dataset: str | None = None, mean=N
         if image_size is not None:
             raise UserError(f"{path} stores the image size it was trained with ({spec.image_size}); drop "
                             "--image-size (it is for foreign checkpoints)")
+        if state_prefix is not None:
+            raise UserError(f"{path} is one of ours; drop --state-prefix (it is for foreign checkpoints)")
         config = checkpoint.get("config")
         if config is not None:
             config = asdict(config_from_dict(config, path))
         extra = {"epoch": checkpoint.get("epoch"), "config": config, "history": checkpoint.get("history")}
+        model = build_checked(name, kwargs, state_dict, path)
     else:
-        name, kwargs, state_dict, spec = _foreign(checkpoint, path, model_name, dataset, image_size)
+        prefixes = state_prefixes(checkpoint, path, state_prefix)
+        for k, prefix in enumerate(prefixes):  # the first under which the weights are the model's
+            try:
+                name, kwargs, state_dict, spec = _foreign(checkpoint, path, model_name, dataset, image_size, prefix)
+                model = build_checked(name, kwargs, state_dict, path)
+                break
+            except UserError:
+                if k == len(prefixes) - 1:
+                    raise
         spec, extra = spec.with_statistics(mean, std), {}
-    model = build_checked(name, kwargs, state_dict, path)
+        if is_lightning(checkpoint) and type(checkpoint.get("epoch")) is int and checkpoint["epoch"] >= 0:
+            extra = {"epoch": checkpoint["epoch"] + 1}
     model.to(device).eval()
     return Loaded(model, name, kwargs, models.label(name, kwargs), spec, str(path), **extra)

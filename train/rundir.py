@@ -25,6 +25,7 @@ METRICS = [*REQUIRED_METRICS, "bn_warnings", *ATTRIBUTION]  # what the trainer w
 STEPS = ["step", "epoch", "train_loss", "lr"]
 TIMING = ("epoch_seconds", "images_per_second")  # the only columns a resumed run may differ in
 EPOCH_FILE = re.compile(r"epoch_(\d+)\.pt$")
+LIGHTNING_EPOCH_FILE = re.compile(r"(?:^|[-_])epoch=(\d+)\b.*\.ckpt$")  # ModelCheckpoint's `epoch=1-step=8.ckpt`
 # What `checkpoint.atomic_paths` and `temporary_folder` write before they rename: `.NAME.PID-RANDOM.tmp` (before
 # issue 27 without `PID-`).
 TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?:(?P<pid>\d+)-)?[^.-]+\.tmp$")
@@ -32,6 +33,22 @@ TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?:(?P<pid>\d+)-)?[^.-]+\.tmp$")
 
 def is_run_dir(path) -> bool:
     return Path(path).is_dir() and (Path(path) / "config.json").is_file()
+
+
+def is_lightning_dir(path) -> bool:
+    """A PyTorch Lightning log directory (`lightning_logs/version_N`): its ModelCheckpoint's `checkpoints/*.ckpt`,
+    and the BN monitor callback's `monitor.nc` beside them."""
+    return Path(path).is_dir() and not is_run_dir(path) and any((Path(path) / "checkpoints").glob("*.ckpt"))
+
+
+def named_epoch(path) -> int | None:
+    """The epoch a checkpoint's name says: ours `epoch_005.pt` 5; Lightning's `epoch=4-step=80.ckpt` 5 (its epoch
+    counts from 0, ours the epochs trained); None for any other name."""
+    if match := EPOCH_FILE.match(Path(path).name):
+        return int(match.group(1))
+    if match := LIGHTNING_EPOCH_FILE.search(Path(path).name):
+        return int(match.group(1)) + 1
+    return None
 
 
 def epoch_files(run_dir) -> list[Path]:
@@ -45,8 +62,15 @@ def has_checkpoints(run_dir) -> bool:
 
 
 def run_checkpoints(run_dir) -> list[Path]:
-    """What tools read from a run: its epoch files in order, or `last.pt` where there are none."""
-    files = epoch_files(run_dir) or [p for p in [Path(run_dir) / "last.pt"] if p.is_file()]
+    """What tools read from a run: its epoch files in order, or `last.pt` where there are none; of a Lightning
+    log directory its `checkpoints/*.ckpt` by the epoch in their names, or the others (`last.ckpt`) where none
+    names one."""
+    if is_lightning_dir(run_dir):
+        found = sorted(Path(run_dir, "checkpoints").glob("*.ckpt"))
+        by_epoch = sorted((named_epoch(p), str(p)) for p in found if named_epoch(p) is not None)
+        files = [Path(p) for _, p in by_epoch] or found
+    else:
+        files = epoch_files(run_dir) or [p for p in [Path(run_dir) / "last.pt"] if p.is_file()]
     broken = next((path for path in files if not path.is_file()), None)  # is_file: False for a looping link too
     if broken is not None:
         raise UserError(f"{broken} is not a readable file (a dangling or looping symbolic link, or a folder); "

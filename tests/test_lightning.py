@@ -1,0 +1,215 @@
+"""The BN monitor in a real PyTorch Lightning Trainer (train.lightning.BNMonitorCallback), CPU, a few steps of a
+tiny model on synthetic images: what it logs reaches a CSVLogger, its monitor.nc is what the any-loop API records
+for the same steps, training is exactly what it is without it, a resumed fit continues the record, gradient
+accumulation is followed, and the diagnostics read the Lightning checkpoints and the record beside them."""
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import xarray as xr
+from torch.utils.data import DataLoader, TensorDataset
+
+pl = pytest.importorskip("pytorch_lightning")
+
+import models  # noqa: E402
+from analyses.monitor import BNMonitor  # noqa: E402
+from train import checkpoint as ckpt  # noqa: E402
+from train import rundir  # noqa: E402
+from train.lightning import BNMonitorCallback  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+REPO = Path(__file__).resolve().parents[1]
+BATCH, EVERY = 16, 2
+OPTIONS = dict(every=EVERY, probe_images=BATCH, attribution_images=32, recalibration_images=32)
+
+
+class Classifier(pl.LightningModule):
+    """A user's module: the network under `self.model`, SGD with weight decay."""
+
+    def __init__(self, in_channels: int = 1):
+        super().__init__()
+        self.model = models.build("resnet20", num_classes=3, in_channels=in_channels)
+
+    def forward(self, x):
+        return self.model(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", F.cross_entropy(self(x), y))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.2, momentum=0.9, weight_decay=5e-4)
+
+
+def synthetic(n: int, seed: int, channels: int = 1, size: int = 8) -> TensorDataset:
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 3
+    images = torch.randn(n, channels, size, size, generator=generator) + labels[:, None, None, None].float()
+    return TensorDataset(images, labels)
+
+
+TRAIN, VAL = synthetic(96, 0), synthetic(48, 1)
+
+
+def fit(root: Path, *, callbacks=(), epochs: int = 2, shuffle: bool = False, accumulate: int = 1, resume=None,
+        data=(TRAIN, VAL)) -> tuple[Classifier, "pl.Trainer"]:
+    pl.seed_everything(0, verbose=False)
+    module = Classifier(in_channels=data[0][0][0].shape[0])
+    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, deterministic=True,
+                         logger=pl.loggers.CSVLogger(root, name="logs", version=0), callbacks=list(callbacks),
+                         enable_progress_bar=False, enable_model_summary=False, accumulate_grad_batches=accumulate,
+                         num_sanity_val_steps=0, log_every_n_steps=1)
+    trainer.fit(module, DataLoader(data[0], batch_size=BATCH, shuffle=shuffle),
+                DataLoader(data[1], batch_size=BATCH), ckpt_path=resume)
+    return module, trainer
+
+
+def record(path: Path) -> xr.Dataset:
+    return xr.load_dataset(path)
+
+
+def assert_same_record(a: xr.Dataset, b: xr.Dataset) -> None:
+    assert list(a.step.values) == list(b.step.values)
+    assert list(a.val_step.values) == list(b.val_step.values)
+    for name in a.data_vars:
+        np.testing.assert_allclose(a[name].values.astype(float), b[name].values.astype(float), rtol=1e-6,
+                                   atol=1e-9, equal_nan=True, err_msg=name)
+
+
+@pytest.fixture(scope="module")
+def watched(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lightning")
+    module, trainer = fit(root, callbacks=[BNMonitorCallback(**OPTIONS)])
+    return root / "logs" / "version_0", module
+
+
+def test_the_loggers_receive_every_measurement_and_each_validation_attribution(watched):
+    log_dir, module = watched
+    rows = list(csv.DictReader(open(log_dir / "metrics.csv")))
+    columns = set(rows[0])
+    layers = [name for name, _ in models.bn_layers(module)]
+    assert {"probe/loss_running", "probe/loss_batch", "val/loss_recalibrated", "val/bn_excess",
+            "val/bn_excess_se", f"bn_gap/{layers[0]}", f"bn_gap/{layers[-1]}"} <= columns
+    steps = [int(row["step"]) for row in rows if row["probe/loss_running"]]
+    ds = record(log_dir / "monitor.nc")
+    assert steps == list(ds.step.values) == list(range(EVERY, 13, EVERY))  # 6 steps an epoch, from step 2
+    validated = [row for row in rows if row["val/bn_excess"]]
+    assert [int(row["step"]) for row in validated] == [6, 12] == list(ds.val_step.values)
+    np.testing.assert_allclose([float(row["val/bn_excess"]) for row in validated], ds.bn_excess.values, rtol=1e-6)
+    assert list(ds.val_epoch.values) == [1, 2] and set(ds.epoch.values) == {1, 2}  # epochs counted from 1, as ours
+
+
+def test_the_record_is_what_the_any_loop_api_records_for_the_same_steps(watched):
+    """The same training by hand (same initial weights, batches, SGD), the monitor started where the callback's
+    probe was complete (after the first batch), stepped after every optimiser step and validated after each
+    epoch on the same images: the same numbers."""
+    log_dir, _ = watched
+    pl.seed_everything(0, verbose=False)
+    module = Classifier()
+    optimizer = module.configure_optimizers()
+    train, val = DataLoader(TRAIN, batch_size=BATCH), list(DataLoader(VAL, batch_size=BATCH))[:2]
+    monitor, step = None, 0
+    for epoch in (1, 2):
+        module.train()
+        for x, y in train:
+            optimizer.zero_grad()
+            loss = F.cross_entropy(module(x), y)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            if monitor is None:
+                monitor = BNMonitor(module, x, y, every=EVERY, optimizer=optimizer, warn_after=3)  # half an epoch
+                continue
+            monitor.step(step, epoch=epoch, loss=loss.detach(), lr=0.2)
+        monitor.validate(val, list(train)[:2], step=step, epoch=epoch)
+    assert_same_record(record(log_dir / "monitor.nc"), monitor.dataset())
+
+
+def test_training_is_exactly_what_it_is_without_the_callback(tmp_path):
+    """deterministic=True, shuffled batches: the weights, BN buffers and the random state after fit are the same
+    with the callback (its forwards, its recalibrations and validations) as without it."""
+    watched, _ = fit(tmp_path / "with", callbacks=[BNMonitorCallback(**OPTIONS)], shuffle=True)
+    after_watched = torch.get_rng_state()
+    bare, _ = fit(tmp_path / "without", shuffle=True)
+    assert torch.equal(after_watched, torch.get_rng_state())
+    theirs = bare.state_dict()
+    for key, value in watched.state_dict().items():
+        assert torch.equal(value, theirs[key]), key
+    assert (tmp_path / "with" / "logs" / "version_0" / "monitor.nc").is_file()
+
+
+def test_a_resumed_fit_continues_the_record_as_if_it_had_not_stopped(tmp_path, watched):
+    log_dir, _ = watched
+    checkpoints = pl.callbacks.ModelCheckpoint(save_top_k=-1)
+    fit(tmp_path, callbacks=[BNMonitorCallback(**OPTIONS), checkpoints], epochs=1)
+    first = next((tmp_path / "logs" / "version_0" / "checkpoints").glob("epoch=0-*.ckpt"))
+    assert torch.load(first, weights_only=True)["callbacks"]  # the monitor's state rides in the checkpoint
+    fit(tmp_path, callbacks=[BNMonitorCallback(**OPTIONS)], epochs=2, resume=first)
+    assert_same_record(record(tmp_path / "logs" / "version_0" / "monitor.nc"), record(log_dir / "monitor.nc"))
+
+
+def test_under_gradient_accumulation_it_measures_after_optimiser_steps_and_follows_every_micro_batch(tmp_path):
+    """Two batches per optimiser step: measurements at optimiser steps (3 an epoch), and the shadow at the run's
+    own momentum, stepped at every micro-batch, stays the running statistics themselves."""
+    callback = BNMonitorCallback(**{**OPTIONS, "every": 1})
+    module, _ = fit(tmp_path, callbacks=[callback], accumulate=2)
+    ds = record(tmp_path / "logs" / "version_0" / "monitor.nc")
+    assert list(ds.step.values) == [1, 2, 3, 4, 5, 6]
+    monitor = callback.monitor
+    own = list(monitor.momenta).index(0.1)
+    mean, _ = monitor.tracker._buffers()
+    torch.testing.assert_close(monitor.tracker.shadow_mean[own], mean, rtol=1e-4, atol=1e-5)
+
+
+def test_the_diagnostics_read_its_checkpoints_and_draw_the_step_view_from_its_record(tmp_path, image_folder):
+    """A LightningModule trained on 3-channel 16x16 images of 3 classes, diagnosed against the image folder."""
+    module, _ = fit(tmp_path, callbacks=[BNMonitorCallback(**OPTIONS), pl.callbacks.ModelCheckpoint(save_top_k=-1)],
+                    data=(synthetic(96, 0, 3, 16), synthetic(48, 1, 3, 16)))
+    dataset = f"folder:{image_folder}"
+    log_dir = tmp_path / "logs" / "version_0"
+    files = rundir.run_checkpoints(log_dir)
+    assert [rundir.named_epoch(path) for path in files] == [1, 2]
+    loaded = ckpt.load(files[-1], model_name="resnet20", dataset=dataset)  # `model.` found and stripped
+    assert loaded.epoch == 2 and loaded.label == "resnet20"
+    for key, value in module.model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[key], value), key
+    named = ckpt.load(files[-1], model_name="resnet20", dataset=dataset, state_prefix="model")
+    assert torch.equal(named.model.fc.weight, module.model.fc.weight)
+    with pytest.raises(ckpt.UserError, match="--state-prefix"):
+        ckpt.load(files[-1], model_name="resnet20", dataset=dataset, state_prefix="backbone.")
+    out = subprocess.run([sys.executable, "-m", "diagnostics.spikes", str(log_dir), "--model", "resnet20",
+                          "--dataset", dataset, "--n-images", "8", "--recal-images", "8", "--device", "cpu"],
+                         cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "the BN monitor warned" in out.stdout or "BN monitor" in out.stdout
+    spikes = xr.load_dataset(log_dir / "diagnostics" / "spikes.nc")
+    assert spikes.monitor_probe_loss.sizes["monitor_step"] == 6
+    assert list(spikes.epoch.values) == [1, 2]
+
+
+def test_bad_options_and_batches_are_one_clear_error():
+    with pytest.raises(ValueError, match="every"):
+        BNMonitorCallback(every=-1)
+    with pytest.raises(ValueError, match="probe_images"):
+        BNMonitorCallback(probe_images=0)
+    from train.lightning import images_and_labels
+    with pytest.raises(ValueError, match="unpack="):
+        images_and_labels({"image": torch.zeros(1), "label": torch.zeros(1)})
+
+
+def test_a_training_set_smaller_than_the_probe_is_all_probe_from_the_end_of_the_first_epoch(tmp_path):
+    fit(tmp_path, callbacks=[BNMonitorCallback(**{**OPTIONS, "probe_images": 1000})])
+    ds = record(tmp_path / "logs" / "version_0" / "monitor.nc")
+    assert ds.attrs["n_images"] == len(TRAIN) and list(ds.step.values) == [8, 10, 12]
+    assert list(ds.val_step.values) == [6, 12]

@@ -1,0 +1,229 @@
+"""The BN monitor in PyTorch Lightning: one line in a user's `Trainer(callbacks=[...])`.
+
+    from train.lightning import BNMonitorCallback
+    trainer = pytorch_lightning.Trainer(callbacks=[BNMonitorCallback()], ...)
+
+Every `every` optimiser steps it measures what `analyses.monitor.BNMonitor` measures (the probe's loss with
+running and with batch statistics, each BN layer's gap, what moves the statistics, the shadow statistics at other
+momenta); at each validation, the first `attribution_images` validation images with the running statistics and
+with statistics recomputed over the first `recalibration_images` training images (how much of the validation loss
+is BN statistics). Both go to every logger of the trainer (`trainer.loggers`: TensorBoard, CSV, W&B, MLflow),
+directly, as Lightning's LearningRateMonitor logs, under the tags our trainer's TensorBoard uses
+(`probe/loss_running`, `bn_gap/LAYER`, `val/loss_recalibrated`, `val/bn_excess`). `monitor.nc` goes into the
+trainer's log directory after every training epoch and at the end of `fit`: what `python -m diagnostics.spikes`
+draws the step view from. At the end of `fit` it prints the prescription (which BN momentum would have kept the
+statistics truest), and during training the monitor's warnings, one line an epoch unless the probe loss doubles.
+
+What it needs of the user's code: training and validation batches `(images, labels, ...)` (or `unpack(batch) ->
+(images, labels)`), and a LightningModule whose forward maps those images to class logits.
+
+- The probe is the first `probe_images` training images as the loader yields them (augmented as trained), copied
+  from the first batches; the monitor starts once it has them (batches of 128 and the default 256: after step 2),
+  or at the end of the first epoch with all of its images where it has fewer.
+  Its forwards run in eval mode, or with only BN in train mode at momentum 1; every buffer is put back and no
+  random number is drawn: training goes exactly as without it.
+- Gradient accumulation: the running statistics move at every micro-batch, the weights at optimiser steps;
+  the monitor follows the first at every batch and measures after the second (`trainer.global_step` moved).
+- Precision: `32-true`, and `16-mixed` / `bf16-mixed`, whose autocast dtype it measures in.
+- Resume: its state rides in the Lightning checkpoint (`state_dict`): the probe and the whole record, so that a
+  resumed fit measures as if it had not stopped; the recalibration images are taken again from the first
+  batches after the resume.
+- DDP: every process measures (SyncBatchNorm gathers across them); rank 0 logs, prints and writes.
+"""
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+try:
+    import pytorch_lightning as pl
+except ImportError:  # pragma: no cover - the message is the point
+    raise ImportError("the Lightning callback needs PyTorch Lightning: pip install 'resnet-diagnostics[lightning]' "
+                      "(or pip install pytorch-lightning)") from None
+
+import models
+from analyses.monitor import WARNING_RULE, WARNING_THRESHOLD, BNMonitor, prescription, warm_up_steps
+
+from . import rundir
+from .config import monitor_interval
+from .trainer import WarningLines
+
+AUTOCAST = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16, "32-true": None, "32": None}
+
+
+def images_and_labels(batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(images, labels, ...)` as most datasets give them."""
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2 and all(map(torch.is_tensor, batch[:2])):
+        return batch[0], batch[1]
+    raise ValueError("BNMonitorCallback reads batches of (images, labels); give unpack=lambda batch: (images, "
+                     f"labels) for batches of another shape (this one is a {type(batch).__name__})")
+
+
+class _Images:
+    """The first `limit` images and labels of the batches it is shown, as the batches came, kept on the CPU."""
+
+    def __init__(self, limit: int):
+        self.limit, self.batches, self.count = limit, [], 0
+
+    def add(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        take = min(len(images), self.limit - self.count)
+        if take > 0:
+            self.batches.append((images[:take].detach().cpu(), labels[:take].detach().cpu()))
+            self.count += take
+
+    @property
+    def full(self) -> bool:
+        return self.count >= self.limit
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.cat([x for x, _ in self.batches]), torch.cat([y for _, y in self.batches])
+
+
+class BNMonitorCallback(pl.Callback):
+    """The module docstring. `every`: optimiser steps between measurements, or "auto" (about 50 over the fit, at
+    most every 100: `--monitor-every auto`); 0 measures nothing but still attributes validations.
+    `attribution_images`: validation images attributed at each validation (0: none); `recalibration_images`:
+    training images the statistics are recomputed over; `filename`: the record in the log directory (None: not
+    written); `warn_rule`, `warn_threshold`: the early warning (analyses.monitor.WARNING_RULES)."""
+
+    def __init__(self, every: int | str = "auto", *, probe_images: int = 256, attribution_images: int = 2000,
+                 recalibration_images: int = 2000, filename: str | None = "monitor.nc",
+                 unpack: Callable = images_and_labels, warn_rule: str = WARNING_RULE,
+                 warn_threshold: float = WARNING_THRESHOLD, print_warnings: bool = True):
+        if not (every == "auto" or (isinstance(every, int) and every >= 0)):
+            raise ValueError(f"every must be 'auto' or a number of optimiser steps (0: off), not {every!r}")
+        for name, value in (("probe_images", probe_images), ("recalibration_images", recalibration_images),
+                            ("attribution_images", attribution_images)):
+            if not isinstance(value, int) or value < (0 if name == "attribution_images" else 1):
+                raise ValueError(f"{name} must be a positive number of images, not {value!r}")
+        self.every, self.probe_images, self.filename, self.unpack = every, probe_images, filename, unpack
+        self.attribution_images, self.recalibration_images = attribution_images, recalibration_images
+        self.warn_rule, self.warn_threshold, self.print_warnings = warn_rule, warn_threshold, print_warnings
+        self.monitor: BNMonitor | None = None
+        self._saved: dict | None = None  # a checkpoint's state, until the monitor exists to take it
+        self._reset()
+
+    def _reset(self) -> None:
+        self._training = _Images(0)
+        self._validation = _Images(0)
+        self._last_step = None
+
+    # -----------------------------------------------------------------------------------------------------------
+    # Training
+
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if str(trainer.precision) not in AUTOCAST:
+            raise ValueError(f"BNMonitorCallback measures in fp32 or under autocast (precision 32-true, 16-mixed, "
+                             f"bf16-mixed), not in {trainer.precision}")
+        if not models.bn_layers(pl_module):
+            raise ValueError(f"{type(pl_module).__name__} has no BatchNorm layers: there is nothing to monitor")
+        if self.every == "auto":
+            steps = trainer.estimated_stepping_batches
+            self.every = monitor_interval(int(steps) if steps != float("inf") else 5000)
+        self.monitor, self._last_step = None, trainer.global_step
+        self._training = _Images(max(self.probe_images, self.recalibration_images))
+        if self._saved is not None:
+            saved, self._saved = self._saved, None
+            self._start(trainer, pl_module, saved["probe_images"], saved["probe_labels"])
+            self.monitor.load_state_dict(saved["monitor"])
+
+    def _start(self, trainer, pl_module, images: torch.Tensor, labels: torch.Tensor) -> None:
+        write = trainer.progress_bar_callback.print if trainer.progress_bar_callback is not None else print
+        warn = self.print_warnings and trainer.is_global_zero
+        warn_after, batches = warm_up_steps(pl_module), trainer.num_training_batches  # an iterable's is infinite
+        if batches != float("inf"):  # armed after the warm-up or half an epoch, whichever comes first (the trainer's)
+            warn_after = min(warn_after, int(batches) // max(1, trainer.accumulate_grad_batches) // 2)
+        self.monitor = BNMonitor(
+            pl_module, images, labels, every=self.every, autocast=AUTOCAST[str(trainer.precision)],
+            optimizer=trainer.optimizers[0] if trainer.optimizers else None, warn_rule=self.warn_rule,
+            warn_threshold=self.warn_threshold,
+            warn_after=warn_after,
+            probe=f"the first {len(labels)} training images, as the loader gave them",
+            on_warning=WarningLines(write) if warn else None)
+
+    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs, batch,
+                           batch_idx: int) -> None:
+        if not self._training.full:
+            self._training.add(*self.unpack(batch))
+        step = trainer.global_step
+        if self.monitor is None:
+            if self._training.count >= self.probe_images or batch_idx + 1 >= trainer.num_training_batches:
+                images, labels = self._training.tensors()
+                self._start(trainer, pl_module, images[:self.probe_images], labels[:self.probe_images])
+            self._last_step = step
+            return
+        if step == self._last_step:  # a micro-batch: the statistics moved, the weights did not
+            self.monitor.statistics_updated()
+            return
+        self._last_step = step
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        optimizer = trainer.optimizers[0] if trainer.optimizers else None
+        lr = optimizer.param_groups[0]["lr"] if optimizer is not None else None
+        self.monitor.step(step, epoch=trainer.current_epoch + 1, loss=loss, lr=lr)  # 1-based, as ours
+        if self.monitor.records["step"] and self.monitor.records["step"][-1] == step:  # it measured
+            self._log(trainer, self.monitor.scalars(), step)
+
+    def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._write(trainer)
+
+    def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._write(trainer)
+        if self.monitor is not None and trainer.is_global_zero and self.monitor.records["step"]:
+            for line in prescription(self.monitor.dataset()).lines():
+                print(line)
+
+    # -----------------------------------------------------------------------------------------------------------
+    # Validation
+
+    def on_validation_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._validation = _Images(self.attribution_images)
+
+    def on_validation_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs, batch,
+                                batch_idx: int, dataloader_idx: int = 0) -> None:
+        if dataloader_idx == 0 and not trainer.sanity_checking and not self._validation.full:
+            self._validation.add(*self.unpack(batch))
+
+    def on_validation_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if (self.monitor is None or trainer.sanity_checking or not self._validation.count
+                or not self._training.batches):
+            return
+        attribution = self.monitor.validate(self._validation.batches, self._training.batches,
+                                            step=trainer.global_step, epoch=trainer.current_epoch + 1)
+        self._validation = _Images(0)
+        self._log(trainer, attribution.scalars(), trainer.global_step)
+
+    # -----------------------------------------------------------------------------------------------------------
+    # Logs, the record, resume
+
+    def _log(self, trainer, scalars: dict[str, float], step: int) -> None:
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(scalars, step=step)
+
+    def monitor_path(self, trainer: "pl.Trainer") -> Path | None:
+        if self.filename is None:
+            return None
+        return Path(trainer.log_dir or trainer.default_root_dir) / self.filename
+
+    def _write(self, trainer) -> None:
+        path = self.monitor_path(trainer)
+        if self.monitor is None or path is None or not trainer.is_global_zero:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rundir.write_dataset(path, self.monitor.dataset(checkpoint=str(path.parent), dataset=_data_name(trainer)))
+
+    def state_dict(self) -> dict:
+        if self.monitor is None:
+            return {}
+        return {"every": self.monitor.every, "probe_images": self.monitor.images.cpu(),
+                "probe_labels": self.monitor.labels.cpu(), "monitor": self.monitor.state_dict()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if state_dict:
+            self._saved = state_dict
+            self.every = int(state_dict["every"])
+
+
+def _data_name(trainer) -> str | None:
+    datamodule = getattr(trainer, "datamodule", None)
+    return type(datamodule).__name__ if datamodule is not None else None
