@@ -63,13 +63,13 @@ TRAIN, VAL = synthetic(96, 0), synthetic(48, 1)
 
 
 def fit(root: Path, *, callbacks=(), epochs: int = 2, shuffle: bool = False, accumulate: int = 1, resume=None,
-        data=(TRAIN, VAL)) -> tuple[Classifier, "pl.Trainer"]:
+        data=(TRAIN, VAL), precision: str = "32-true") -> tuple[Classifier, "pl.Trainer"]:
     pl.seed_everything(0, verbose=False)
     module = Classifier(in_channels=data[0][0][0].shape[0])
     trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, deterministic=True,
                          logger=pl.loggers.CSVLogger(root, name="logs", version=0), callbacks=list(callbacks),
                          enable_progress_bar=False, enable_model_summary=False, accumulate_grad_batches=accumulate,
-                         num_sanity_val_steps=0, log_every_n_steps=1)
+                         num_sanity_val_steps=0, log_every_n_steps=1, precision=precision)
     trainer.fit(module, DataLoader(data[0], batch_size=BATCH, shuffle=shuffle),
                 DataLoader(data[1], batch_size=BATCH), ckpt_path=resume)
     return module, trainer
@@ -213,3 +213,15 @@ def test_a_training_set_smaller_than_the_probe_is_all_probe_from_the_end_of_the_
     ds = record(tmp_path / "logs" / "version_0" / "monitor.nc")
     assert ds.attrs["n_images"] == len(TRAIN) and list(ds.step.values) == [8, 10, 12]
     assert list(ds.val_step.values) == [6, 12]
+
+
+def test_under_bf16_mixed_it_measures_in_the_runs_autocast_and_refuses_true_half_precision(tmp_path):
+    """The probe's passes under the run's autocast dtype, as training normalised; bf16-true (weights in bf16) is
+    one clear error, not a dtype mismatch deep in a forward."""
+    callback = BNMonitorCallback(**OPTIONS)
+    fit(tmp_path, callbacks=[callback], epochs=1, precision="bf16-mixed")
+    ds = record(tmp_path / "logs" / "version_0" / "monitor.nc")
+    assert callback.monitor.autocast == torch.bfloat16 and ds.attrs["autocast"] == "bfloat16"
+    assert np.isfinite(ds.probe_loss.values).all() and np.isfinite(ds.bn_excess.values).all()
+    with pytest.raises(ValueError, match="precision"):
+        fit(tmp_path / "true", callbacks=[BNMonitorCallback(**OPTIONS)], epochs=1, precision="bf16-true")
