@@ -684,18 +684,20 @@ class BNMonitor:
 
     @torch.no_grad()
     def validate(self, batches, recalibration, *, step: int | None = None, epoch: int | None = None,
-                 running=None, dtype: torch.dtype | None = None) -> Attribution:
+                 running=None, recalibrated=None, dtype: torch.dtype | None = None) -> Attribution:
         """At a validation: the loss and accuracy over `batches` with running and with recomputed statistics (over
         the images of `recalibration`), every shadow's and the running statistics' error against the recomputed
         ones, and the lag model's prediction of those errors; recorded (`dataset()`) and returned. `running`:
-        `predict`'s result for the same batches where the caller already has it. The model's weights, buffers,
-        modes and random state are left as they were. `dtype`: the autocast dtype (default: the monitor's)."""
+        `predict`'s result for the same batches where the caller already has it; `recalibrated`: `(predict's
+        result, running_statistics)` of the model whose statistics the caller has just recomputed over the same
+        images (`--precise-bn`), so that they are not recomputed twice. The model's weights, buffers, modes and
+        random state are left as they were. `dtype`: the autocast dtype (default: the monitor's)."""
         dtype = self.autocast if dtype is None else dtype
         if running is None:
             with preserved_state(self.model):
                 self.model.eval()
                 running = predict(self.model, batches, dtype)
-        recalibrated, statistics = recalibrated_predictions(self.model, batches, recalibration, dtype)
+        recalibrated, statistics = recalibrated or recalibrated_predictions(self.model, batches, recalibration, dtype)
         result = attribute(running, recalibrated)
         errors = self._shadow_errors(statistics)
         val_step = self.calls if step is None else step

@@ -250,3 +250,21 @@ def test_the_angular_speed_is_of_the_measured_step_at_any_cadence(every):
                for a, b in zip(before, monitor.weights)]
     turned = [math.acos(max(-1.0, min(1.0, c))) for c in cosines]
     np.testing.assert_allclose(monitor.dataset().angular_speed.sel(step=4).values, turned, rtol=1e-6)
+
+
+def test_under_precise_bn_the_statistics_are_recomputed_once_per_validation(tmp_path, monkeypatch):
+    """--precise-bn recomputes the statistics the attribution needs (over the same images): the trainer passes its
+    own pass to the monitor instead of a second recalibration, and the numbers are what that pass gives: the
+    validation, made with the recomputed statistics, reads the attribution's recalibrated loss exactly."""
+    import analyses.monitor
+    import train.trainer
+    calls = []
+    for module in (train.trainer, analyses.monitor):
+        monkeypatch.setattr(module, "recalibrate_bn", lambda *a, __f=module.recalibrate_bn, **k: (
+            calls.append(1), __f(*a, **k))[1])
+    run = train_tiny(tmp_path / "run", "plain20", "--precise-bn", "128", "--attribution-images", "128",
+                     "--val-split", "64")
+    metrics = rundir.read_metrics(run)
+    assert len(calls) == 2  # one per epoch
+    np.testing.assert_allclose(metrics["val_loss_recalibrated"], metrics["val_loss"], rtol=1e-12)
+    assert np.isfinite(metrics["bn_excess"]).all()

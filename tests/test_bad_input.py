@@ -3,6 +3,7 @@
 One row a case. A row names the command, its arguments (with placeholders for the hostile files made
 below) and a phrase the error line must contain, so that the line says what is wrong.
 """
+import json
 import math
 import os
 import pickle
@@ -110,6 +111,12 @@ ROWS = [
                                                                                *SYNTHETIC], "cannot take 32x32"),
     ("VGG's fifth pool on 16x16 images", "train", ["--model", "vgg16", "--dataset", "folder:{pictures}", "--out",
                                                    "{out}"], "the smallest it takes is 32x32"),
+    ("a ViT's own checkpoint on 32x32 images (evaluate)", "diagnostics.evaluate", ["{vit}", "--model",
+                                                                                   "timm:vit_tiny_patch16_224",
+                                                                                   *SYNTHETIC],
+     "the smallest it takes is 224x224"),
+    ("--resume of a run that never trained, of a model that cannot take its images", "train",
+     ["--resume", "{vit_run}"], "cannot take 32x32 images"),
     ("1x1 images cropped from their padding", "train", ["--model", "resnet20", "--dataset", "folder:{pictures}",
                                                         "--image-size", "1", "--out", "{out}"], "8 of 9 crops"),
 ]
@@ -177,6 +184,12 @@ def files(tmp_path_factory, tiny_runs, image_folder) -> dict[str, str]:
     twice_run = Path(shutil.copytree(tiny_runs["resnet20"], tmp / "twice_run"))
     shutil.copy(twice_run / "epoch_001.pt", twice_run / "epoch_0001.pt")
     torch.jit.save(torch.jit.trace(torch.nn.Linear(2, 2), torch.zeros(1, 2)), tmp / "torchscript.pt")
+    timm = pytest.importorskip("timm")
+    torch.save(timm.create_model("vit_tiny_patch16_224", num_classes=4).state_dict(), tmp / "vit.pt")
+    vit_run = tmp / "vit_run"  # config.json only: it stopped before its first epoch ended
+    vit_run.mkdir()
+    config = json.loads((tiny_runs["resnet20"] / "config.json").read_text())
+    (vit_run / "config.json").write_text(json.dumps({**config, "model": "torchvision:vit_b_16", "out": str(vit_run)}))
     readonly = tmp / "readonly"
     readonly.mkdir()
     readonly.chmod(0o555)
@@ -193,7 +206,7 @@ def files(tmp_path_factory, tiny_runs, image_folder) -> dict[str, str]:
             "symlink_run": str(symlink_run), "hardlink_run": str(hardlink_run), "forged_cifar": str(forged_cifar.parent),
             "victim": str(tmp / "victim.txt"), "dangling": str(tmp / "dangling"), "loop_run": str(loop_run),
             "copied_run": str(copied_run), "twice_run": str(twice_run), "torchscript": str(tmp / "torchscript.pt"),
-            "pictures": str(image_folder)}
+            "pictures": str(image_folder), "vit": str(tmp / "vit.pt"), "vit_run": str(vit_run)}
 
 
 class ForgedArray:

@@ -9,7 +9,6 @@ import models
 from . import checkpoint as ckpt
 from . import rundir
 from .config import from_args, parser
-from .data import SPECS, check_augmentation, folder_classes, image_shape, is_folder
 from .errors import TrainingDiverged, UserError, interrupted_exit_code, sigterm_as_interrupt
 from .progress import interval_seconds
 from .trainer import resume, start
@@ -37,18 +36,7 @@ def run(args) -> None:
             raise UserError(f"--resume continues a run with its own options; drop --{others[0].replace('_', '-')}")
         resume(args.resume)
     else:
-        config = from_args(args)
-        check_images(config)
-        start(config)
-
-
-def check_images(config) -> None:
-    """The model takes the dataset's images, and the augmentation leaves something of them: refused here, before
-    `start` writes config.json and the lock (a model that cannot would fail at its first step, leaving them)."""
-    channels, side = image_shape(config.dataset, config.image_size)
-    check_augmentation(config.augment, side)
-    classes = len(folder_classes(config.dataset)) if is_folder(config.dataset) else SPECS[config.dataset].num_classes
-    models.check_input(config.model, config.model_kwargs(classes, channels), channels, side)
+        start(from_args(args))
 
 
 def interrupted(run_dir) -> str:

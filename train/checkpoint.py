@@ -164,11 +164,14 @@ def save(checkpoint: dict, path) -> None:
 
 def provenance() -> dict:
     import torchvision
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                                text=True, timeout=5).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
+    root = Path(__file__).resolve().parents[1]  # our source checkout, or site-packages for an installed wheel
+    commit = None
+    # Only a checkout of ours has a commit: an installed copy may sit inside another project's repository (its
+    # .venv), whose HEAD is not the code that ran.
+    if (root / ".git").exists():
+        with suppress(OSError, subprocess.SubprocessError):
+            commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                    timeout=5).stdout.strip() or None
     return {
         "software": {"resnet-diagnostics": models.__version__, "torch": str(torch.__version__),
                      "torchvision": str(torchvision.__version__)},
@@ -457,6 +460,10 @@ def load(path, model_name: str | None = None, dataset: str | None = None, mean=N
             try:
                 name, kwargs, state_dict, spec = _foreign(checkpoint, path, model_name, dataset, image_size, prefix)
                 model = build_checked(name, kwargs, state_dict, path)
+                try:  # it was trained elsewhere, on images of any size: does it take these?
+                    models.check_input(name, kwargs, spec.in_channels, spec.image_size)
+                except models.ModelError as exc:
+                    raise UserError(f"{path}: {exc}") from None
                 break
             except UserError:
                 if k == len(prefixes) - 1:

@@ -17,15 +17,15 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import models
-from analyses.bn import recalibrate_bn
+from analyses.bn import recalibrate_bn, running_statistics
 from analyses.evaluate import predict
 from analyses.monitor import Attribution, BNMonitor, prescription, warm_up_steps
 
 from . import checkpoint as ckpt
 from . import rundir, schema
 from .config import Config, config_from_dict, lr_factor, validate
-from .data import (DatasetSpec, EvalBatches, TrainBatches, augmented_once, folder_classes, folder_spec, get_spec,
-                   is_folder, load_split, recalibration_inputs)
+from .data import (SPECS, DatasetSpec, EvalBatches, TrainBatches, augmented_once, check_augmentation, folder_classes,
+                   folder_spec, get_spec, image_shape, is_folder, load_split, recalibration_inputs)
 from .errors import DiskFull, TrainingDiverged, UserError
 from .progress import Progress
 
@@ -335,20 +335,25 @@ def run(config: Config, resume: dict | None = None, lock=None) -> Path:
             train_seconds = time.perf_counter() - started
             step_rows += [[first_step + i + 1, epoch, loss, lr] for i, (loss, lr) in enumerate(zip(losses, lrs))]
             check_weights(model, epoch, run_dir)  # on every process: the weights are the same everywhere
-            attributed = None  # the attributed images' pass with the statistics validation would have used
+            attributed = recalibrated = None  # the attributed images' passes with EMA and recomputed statistics
+            attributing = attribution_batches is not None and monitor is not None
             if recal_inputs is not None:  # on every process too: SyncBatchNorm gathers across them
-                if attribution_batches is not None and monitor is not None:  # what the EMA statistics give
+                if attributing:  # what the EMA statistics give
                     attributed = evaluate(model, attribution_batches, amp_dtype)
                 recalibrate_bn(model, recal_inputs, amp_dtype)
                 if monitor is not None:
                     monitor.statistics_replaced()
             validated = evaluate(model, val_batches, amp_dtype) if is_main else None
+            first = lambda passed: tuple(values[:config.attribution_images] for values in passed[:3])
+            if attributing and recal_inputs is not None:  # recomputed over the attribution's own images already
+                passed = validated if validated is not None else evaluate(model, attribution_batches, amp_dtype)
+                recalibrated = (first(passed), running_statistics(model))  # every process: none recomputes again
+            elif attributing and validated is not None:
+                attributed = first(validated)
             attribution = None
-            if attribution_batches is not None and monitor is not None:  # every process: SyncBatchNorm again
-                if attributed is None and validated is not None:
-                    attributed = tuple(values[:config.attribution_images] for values in validated[:3])
+            if attributing:  # every process: SyncBatchNorm again
                 attribution = monitor.validate(attribution_batches, attribution_inputs, step=step, epoch=epoch,
-                                               running=attributed, dtype=amp_dtype)
+                                               running=attributed, recalibrated=recalibrated, dtype=amp_dtype)
             if is_main:
                 val_loss = validated[0].mean().item()
                 val_acc = (validated[1] == validated[2]).double().mean().item()
@@ -452,10 +457,20 @@ def check_weights(model: nn.Module, epoch: int, run_dir: Path) -> None:
 # The ways in
 
 
+def check_images(config: Config) -> None:
+    """The model takes the dataset's images, and the augmentation leaves something of them: refused before a run
+    writes config.json and the lock, or trains (a model that cannot would fail at its first step)."""
+    channels, side = image_shape(config.dataset, config.image_size)
+    check_augmentation(config.augment, side)
+    classes = len(folder_classes(config.dataset)) if is_folder(config.dataset) else SPECS[config.dataset].num_classes
+    models.check_input(config.model, config.model_kwargs(classes, channels), channels, side)
+
+
 def start(config: Config) -> Path:
     """A new run into an empty or new --out, or into a run directory that never finished its first epoch
     (nothing in it to keep: it is simply started again)."""
     validate(config)
+    check_images(config)
     out = Path(config.out)
     if config.tensorboard is not None:
         check_tensorboard_folder(Path(config.tensorboard), restart=rundir.is_run_dir(out))
@@ -512,6 +527,7 @@ def resume(run_dir) -> Path:
             config.out = str(run_dir)
             for derived in ("precision_used", "precision_reason"):
                 setattr(config, derived, "")
+            check_images(config)  # a config.json of an older version, or edited: checked as a new run's
             print(f"{run_dir} stopped before its first epoch ended (no last.pt); training it again from step 0")
             return run(config, lock=lock)
         state = ckpt.read(last)
