@@ -3,6 +3,7 @@ tiny model on synthetic images: what it logs reaches a CSVLogger, its monitor.nc
 for the same steps, training is exactly what it is without it, a resumed fit continues the record, gradient
 accumulation is followed, and the diagnostics read the Lightning checkpoints and the record beside them."""
 import csv
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -221,7 +222,39 @@ def test_under_bf16_mixed_it_measures_in_the_runs_autocast_and_refuses_true_half
     callback = BNMonitorCallback(**OPTIONS)
     fit(tmp_path, callbacks=[callback], epochs=1, precision="bf16-mixed")
     ds = record(tmp_path / "logs" / "version_0" / "monitor.nc")
-    assert callback.monitor.autocast == torch.bfloat16 and ds.attrs["autocast"] == "bfloat16"
+    assert callback.monitor.autocast == torch.bfloat16 and ds.attrs["autocast"] == "bf16"
     assert np.isfinite(ds.probe_loss.values).all() and np.isfinite(ds.bn_excess.values).all()
     with pytest.raises(ValueError, match="precision"):
         fit(tmp_path / "true", callbacks=[BNMonitorCallback(**OPTIONS)], epochs=1, precision="bf16-true")
+
+
+DDP_SCRIPT = """
+import pytorch_lightning as pl
+from torch.utils.data import DataLoader
+from test_lightning import BATCH, OPTIONS, TRAIN, VAL, Classifier
+from train.lightning import BNMonitorCallback
+
+if __name__ == "__main__":
+    pl.seed_everything(0, verbose=False)
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=2, strategy="ddp_spawn", num_sanity_val_steps=0,
+                         logger=pl.loggers.CSVLogger(".", name="logs", version=0), enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False,
+                         callbacks=[BNMonitorCallback(**OPTIONS)])
+    trainer.fit(Classifier(), DataLoader(TRAIN, batch_size=BATCH), DataLoader(VAL, batch_size=BATCH))
+"""
+
+
+def test_under_ddp_every_process_measures_and_rank_zero_alone_logs_prints_and_writes(tmp_path):
+    """Two CPU processes (gloo): each trains on half the batches (3 steps an epoch); one record, one logger's
+    file with the monitor's keys, one prescription printed."""
+    (tmp_path / "ddp.py").write_text(DDP_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'tests'}", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "ddp.py"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.count("BN statistics: the worst validation") == 1
+    ds = record(tmp_path / "logs" / "version_0" / "monitor.nc")
+    assert list(ds.step.values) == [2] and list(ds.val_step.values) == [3]
+    assert "val/bn_excess" in (tmp_path / "logs" / "version_0" / "metrics.csv").read_text().splitlines()[0]
+    assert sorted(path.name for path in (tmp_path / "logs" / "version_0").iterdir()) == ["metrics.csv",
+                                                                                         "monitor.nc"]

@@ -1,0 +1,82 @@
+"""Each intervention run of docs/spikes.md against the run of the same model and seed at the recipe's settings:
+`python study/interventions.py [runs/study]` prints one row per intervention run that has finished.
+
+- training: the largest difference of the per-step training loss (steps.csv). A BN momentum or --precise-bn
+  changes only the running statistics, which training (BN in train mode) never reads: the same losses, to the
+  last bit on one CPU thread;
+- shadow check (BN momentum runs): the run's own running statistics' error at each validation against the
+  baseline's shadow at that momentum (the baseline's monitor kept it from the same batches), as the largest
+  relative difference: the shadows are what a run at that momentum would have had;
+- the statistics error (RMS over validations and layers) of the run's running statistics, and as a ratio of the
+  baseline's at momentum 0.1 (the prediction's "0.25-0.5x");
+- events (the spike diagnosis's gap: running loss 1.25x and 0.1 nats over the recomputed) and the largest excess.
+"""
+import csv
+import sys
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from train import rundir  # noqa: E402
+
+FACTOR, MARGIN = 1.25, 0.1
+
+
+def losses(run: Path) -> np.ndarray:
+    with open(run / "steps.csv") as file:
+        return np.array([float(row["train_loss"]) for row in csv.DictReader(file)])
+
+
+def own_error(ds: xr.Dataset, momentum: float) -> np.ndarray:
+    """(validation, layer): the running statistics' error, which the monitor keeps as its own momentum's shadow."""
+    return ds.shadow_error.sel(momentum=momentum, method="nearest").values
+
+
+def events(metrics: dict) -> tuple[int, float]:
+    excess = np.array(metrics["bn_excess"])
+    recomputed = np.array(metrics["val_loss_recalibrated"])
+    running = recomputed + excess
+    return int(((running > FACTOR * recomputed) & (excess > MARGIN)).sum()), float(np.nanmax(excess))
+
+
+def row(run: Path, base: Path) -> list[str]:
+    config, base_config = (rundir.read_config(path) for path in (run, base))
+    momentum, base_momentum = float(config["bn_momentum"]), float(base_config["bn_momentum"])
+    ds, base_ds = (xr.load_dataset(path / "monitor.nc") for path in (run, base))
+    a, b = losses(run), losses(base)
+    n = min(len(a), len(b))
+    mine = own_error(ds, momentum)
+    shadow = "-"
+    if momentum != base_momentum and momentum in base_ds.momentum.values and not config.get("precise_bn"):
+        theirs = own_error(base_ds, momentum)
+        shadow = f"{np.nanmax(np.abs(mine - theirs) / np.abs(theirs)):.1e}"
+    rms = lambda e: float(np.sqrt(np.nanmean(e ** 2)))
+    count, largest = events(rundir.read_metrics(run))
+    base_count, base_largest = events(rundir.read_metrics(base))
+    return [run.name, f"{np.max(np.abs(a[:n] - b[:n])):.1e}", shadow, f"{rms(mine):.3f}",
+            f"{rms(mine) / rms(own_error(base_ds, base_momentum)):.2f}", f"{count} ({base_count})",
+            f"{largest:.2f} ({base_largest:.2f})"]
+
+
+def main(root: Path) -> None:
+    header = ["run", "max |loss diff|", "shadow check", "stats error", "x baseline's", "events (base)",
+              "max excess (base)"]
+    rows = []
+    for run in sorted(root.iterdir()):
+        model, _, rest = run.name.partition("-")
+        if not rest or rest.startswith("s") or not (run / "metrics.csv").is_file():
+            continue
+        metrics = rundir.read_metrics(run)
+        if len(metrics["epoch"]) < rundir.read_config(run)["epochs"]:
+            continue  # still training
+        base = root / f"{model}-{rest.rpartition('-')[2]}"
+        rows.append(row(run, base))
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for r in [header, *rows]:
+        print("  ".join(cell.ljust(width) for cell, width in zip(r, widths)))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1] if len(sys.argv) > 1 else "runs/study"))
