@@ -22,7 +22,7 @@ import torch.nn as nn
 
 import models
 
-from .common import forward_hooks, preserved_state
+from .common import autocast, forward_hooks, preserved_state
 
 with warnings.catch_warnings():  # fvcore imports torch.jit.script, which this torch deprecates
     warnings.simplefilter("ignore", FutureWarning)
@@ -94,9 +94,7 @@ def recalibrate_bn(model: nn.Module, inputs: Iterable[torch.Tensor], dtype: torc
     if not inputs:
         raise ValueError("no recalibration images were given")
     device = next(model.parameters()).device
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else torch.autocast(device.type,
-                                                                                                  enabled=False)
-    with preserved_state(model, bn_statistics=False), autocast:
+    with preserved_state(model, bn_statistics=False), autocast(device.type, dtype):
         model.eval()
         for _, module in models.bn_layers(model):
             module.train()

@@ -14,10 +14,21 @@ import xarray as xr
 
 import models
 
+AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # --precision's names -> autocast dtype
 _STAGE_BLOCK = re.compile(r"^stage(\d+)(?:\.block(\d+))?")
 _HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
                "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_backward_hooks",
                "_backward_pre_hooks")
+
+
+def autocast(device_type: str, dtype: torch.dtype | None):
+    """torch.autocast in `dtype`, or off (fp32) where it is None: one context for training and every analysis."""
+    return torch.autocast(device_type, dtype=dtype, enabled=dtype is not None)
+
+
+def dtype_name(dtype: torch.dtype | None) -> str:
+    """An autocast dtype by the name config.json and the datasets' attrs give it: fp32, bf16 or fp16."""
+    return next(name for name, value in AUTOCAST.items() if value == dtype)
 
 
 def software() -> str:

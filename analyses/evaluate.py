@@ -18,7 +18,7 @@ import xarray as xr
 import models
 
 from .bn import recalibrate_bn
-from .common import attrs, inputs_of, model_device, preserved_state, variable
+from .common import attrs, autocast, dtype_name, inputs_of, model_device, preserved_state, variable
 
 BN_MODES = ("eval", "recalibrated", "train")
 
@@ -41,7 +41,7 @@ def predict(model: nn.Module, batches: Iterable, dtype: torch.dtype | None = Non
     device = model_device(model)
     losses, predictions, labels = [], [], []
     for x, y in batches:
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        with autocast(device.type, dtype):
             logits = model(x.to(device)).float()
         losses.append(F.cross_entropy(logits, y.to(device), reduction="none").double())
         predictions.append(logits.argmax(1))
@@ -79,7 +79,7 @@ def evaluate(model: nn.Module, batches: Iterable, *, bn_mode: str = "eval", reca
     definition = (f"mean cross-entropy (natural log, no label smoothing) and top-1 accuracy over the images, "
                   f"BN in {bn_mode} mode" + (f" after recomputing BN population statistics over {recal_images} "
                                              "images (fvcore update_bn_stats)" if bn_mode == "recalibrated" else "")
-                  + f", {'fp32' if dtype is None else str(dtype).replace('torch.', '') + ' autocast'}")
+                  + f", {'fp32' if dtype is None else dtype_name(dtype) + ' autocast'}")
     return xr.Dataset(
         {
             "loss": variable((), losses.mean().item(), "cross-entropy", "nats"),

@@ -74,7 +74,8 @@ import models
 
 from .bn import (COMPONENTS, UNITS, BNStatistics, batch_statistics, normalisation_error, recalibrate_bn,
                  running_statistics, statistics_error_table)
-from .common import ChannelMoments, attrs, forward_hooks, inputs_of, layer_coords, preserved_state, variable
+from .common import (ChannelMoments, attrs, autocast, dtype_name, forward_hooks, inputs_of, layer_coords,
+                     preserved_state, variable)
 from .evaluate import predict
 from .gradients import kind_of, weight_layers
 
@@ -586,9 +587,7 @@ class BNMonitor:
         as_evaluated = {name: ChannelMoments() for name in self.bn_names}
         hooks = {name: (lambda module, inputs, output, m=as_evaluated[name]: m.update(inputs[0]))
                  for name in self.bn_names}
-        autocast = (torch.autocast(self.device.type, dtype=self.autocast) if self.autocast is not None
-                    else torch.autocast(self.device.type, enabled=False))
-        with preserved_state(self.model), autocast:
+        with preserved_state(self.model), autocast(self.device.type, self.autocast):
             self.model.eval()
             with forward_hooks(self.model, hooks):
                 logits_running = self.model(self.images).float()
@@ -925,6 +924,5 @@ class BNMonitor:
                         dataset=dataset, split="train", n_images=len(self.labels), batch_size=len(self.labels),
                         bn_mode="eval and train", every=self.every, rule=rule, warn_rule=self.warn_rule,
                         warn_threshold=self.warn_threshold, warn_after=self.warn_after, probe=self.probe,
-                        bn_momentum=self.own_momenta, autocast=str(self.autocast).replace("torch.", "") if self.autocast
-                        else "fp32"),
+                        bn_momentum=self.own_momenta, autocast=dtype_name(self.autocast)),
         )

@@ -28,8 +28,8 @@ import models
 
 from .bn import (COMPONENTS, UNITS, BNStatistics, normalisation_error, recalibrate_bn, running_statistics,
                  set_statistics, statistics_error_table)
-from .common import (ChannelMoments, attrs, combine, forward_hooks, inputs_of, layer_coords, model_device,
-                     preserved_state, variable)
+from .common import (ChannelMoments, attrs, combine, dtype_name, forward_hooks, inputs_of, layer_coords,
+                     model_device, preserved_state, variable)
 from .evaluate import predict, set_bn_mode
 
 BN_STATISTICS = ("running", "recalibrated", "batch")  # the `bn` dim
@@ -255,7 +255,7 @@ def diagnose_checkpoint(model: nn.Module, val_batches: Iterable, recal_inputs: I
                     n_images=int(passes["running"].batch_images.sum()),
                     batch_size=int(passes["running"].batch_images.max()), recal_images=recal_images,
                     recal_batch_size=max(len(x) for x in recal),
-                    autocast="fp32" if dtype is None else str(dtype).replace("torch.", "")),
+                    autocast=dtype_name(dtype)),
     )
 
 

@@ -18,6 +18,7 @@ from typing import Callable, Iterable
 import torch
 
 import models
+from analyses.common import autocast
 from analyses.monitor import BNMonitor
 from diagnostics.common import device_of, print_table
 from train import data
@@ -158,9 +159,8 @@ def trainer_epoch(step_model, batches: data.TrainBatches, optimizer, amp_dtype: 
     config = Config(model="", dataset="", out="", total_steps=MAX_INT)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     scaler = torch.amp.GradScaler(batches.device.type, enabled=False)
-    autocast = torch.autocast(batches.device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
     train_epoch(step_model, optimizer, scheduler, scaler, torch.nn.CrossEntropyLoss(), batches, 1, 0, config,
-                autocast, Progress(None, "", enabled=False), monitor)
+                autocast(batches.device.type, amp_dtype), Progress(None, "", enabled=False), monitor)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import torch
 
 import models
 import resnet_diagnostics
-from analyses.common import forward_hooks, preserved_state
+from analyses.common import AUTOCAST, forward_hooks, preserved_state
 from train import checkpoint as ckpt
 from train import rundir
 from train import data
@@ -379,7 +379,7 @@ def image_batches(loaded: ckpt.Loaded, args, device, n_images: int | None = None
 
 def run_dtype(loaded: ckpt.Loaded) -> torch.dtype | None:
     """The autocast dtype the checkpoint's run trained in (None: fp32, or a file that does not say)."""
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get((loaded.config or {}).get("precision_used"))
+    return AUTOCAST.get((loaded.config or {}).get("precision_used"))
 
 
 def read_monitor(run_dir: Path):

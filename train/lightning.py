@@ -42,13 +42,14 @@ except ImportError:  # pragma: no cover - the message is the point
                       "(or pip install pytorch-lightning)") from None
 
 import models
+from analyses.common import AUTOCAST
 from analyses.monitor import WARNING_RULE, WARNING_THRESHOLD, BNMonitor, prescription, warm_up_steps
 
 from . import rundir
 from .config import monitor_interval
 from .trainer import WarningLines
 
-AUTOCAST = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16, "32-true": None, "32": None}
+PRECISIONS = {"16-mixed": "fp16", "bf16-mixed": "bf16", "32-true": "fp32", "32": "fp32"}  # Lightning's: ours
 
 
 def images_and_labels(batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,7 +113,7 @@ class BNMonitorCallback(pl.Callback):
     # Training
 
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        if str(trainer.precision) not in AUTOCAST:
+        if str(trainer.precision) not in PRECISIONS:
             raise ValueError(f"BNMonitorCallback measures in fp32 or under autocast (precision 32-true, 16-mixed, "
                              f"bf16-mixed), not in {trainer.precision}")
         if not models.bn_layers(pl_module):
@@ -134,7 +135,7 @@ class BNMonitorCallback(pl.Callback):
         if batches != float("inf"):  # armed after the warm-up or half an epoch, whichever comes first (the trainer's)
             warn_after = min(warn_after, int(batches) // max(1, trainer.accumulate_grad_batches) // 2)
         self.monitor = BNMonitor(
-            pl_module, images, labels, every=self.every, autocast=AUTOCAST[str(trainer.precision)],
+            pl_module, images, labels, every=self.every, autocast=AUTOCAST[PRECISIONS[str(trainer.precision)]],
             optimizer=trainer.optimizers[0] if trainer.optimizers else None, warn_rule=self.warn_rule,
             warn_threshold=self.warn_threshold,
             warn_after=warn_after,

@@ -18,6 +18,7 @@ import torch.nn as nn
 
 import models
 from analyses.bn import recalibrate_bn, running_statistics
+from analyses.common import AUTOCAST, autocast
 from analyses.evaluate import predict
 from analyses.monitor import Attribution, BNMonitor, prescription, warm_up_steps
 
@@ -29,7 +30,6 @@ from .data import (SPECS, DatasetSpec, EvalBatches, TrainBatches, augmented_once
 from .errors import DiskFull, TrainingDiverged, UserError
 from .progress import Progress
 
-AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 EPOCH_SCALARS = {  # metrics.csv column -> TensorBoard tag, written at the epoch's last step with the row's value
     "train_loss": "train/loss", "train_acc": "train/accuracy", "val_loss": "val/loss", "val_acc": "val/accuracy",
     "lr": "train/lr", "epoch_seconds": "time/epoch_seconds", "images_per_second": "time/images_per_second",
@@ -111,10 +111,6 @@ def resolve_precision(config: Config, device: torch.device) -> torch.dtype | Non
     return AUTOCAST[config.precision_used]
 
 
-def autocast_context(device: torch.device, dtype: torch.dtype | None):
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-
-
 def summary_writer_class():
     """torch's TensorBoard `SummaryWriter`, or one line saying how to install the optional extra."""
     try:
@@ -154,7 +150,7 @@ def validation_text(loss: float, n_images: int, attribution: Attribution | None)
     return f"val_loss {loss:.4f} ({attribution.text()})"
 
 
-def train_epoch(step_model, optimizer, scheduler, scaler, criterion, batches, epoch, step, config, autocast,
+def train_epoch(step_model, optimizer, scheduler, scaler, criterion, batches, epoch, step, config, amp,
                 progress, monitor: BNMonitor | None = None):
     """One epoch (or up to `total_steps`). Losses stay on the device until the epoch ends: no sync per step
     (the monitor syncs once per measurement). Returns (step, losses, lrs, train accuracy, BN warnings)."""
@@ -166,7 +162,7 @@ def train_epoch(step_model, optimizer, scheduler, scaler, criterion, batches, ep
         if step >= config.total_steps:
             break
         lrs.append(optimizer.param_groups[0]["lr"])
-        with autocast:
+        with amp:  # the run's autocast
             logits = step_model(x)
             loss = criterion(logits, y)
         optimizer.zero_grad(set_to_none=True)
@@ -272,7 +268,7 @@ def run(config: Config, resume: dict | None = None, lock=None) -> Path:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(config, step))
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    autocast = autocast_context(device, amp_dtype)
+    amp = autocast(device.type, amp_dtype)
     monitor = None
     if (config.monitor_every or config.attribution_images) and models.bn_layers(model):  # every process:
         probe = train_data[:config.monitor_images]  # SyncBatchNorm gathers across them
@@ -323,7 +319,7 @@ def run(config: Config, resume: dict | None = None, lock=None) -> Path:
             started = time.perf_counter()
             first_step = step
             step, losses, lrs, train_acc, warnings = train_epoch(step_model, optimizer, scheduler, scaler, criterion,
-                                                                 batches, epoch, step, config, autocast, progress,
+                                                                 batches, epoch, step, config, amp, progress,
                                                                  monitor)
             bad = next((i for i, loss in enumerate(losses) if not math.isfinite(loss)), None)
             if bad is not None:
