@@ -58,7 +58,7 @@ def checkpoint_cases(state: dict, keys=None, values_per_key: int = 5, values_per
                 mutated[key] = {**state[key], field: HOSTILE[name]}
                 cases.append((f"{key}.{field} = {name}", mutated))
     weights = state["state_dict"]
-    first, bias = next(iter(weights)), "fc.bias"
+    first, bias = next(iter(weights)), next(key for key in weights if key.endswith("fc.bias"))
     for description, change in (
             ("state_dict gains a non-string key", {**weights, 7: torch.zeros(1)}),
             ("state_dict gains an extra tensor", {**weights, "extra.weight": torch.zeros(2)}),
@@ -76,6 +76,32 @@ def checkpoint_cases(state: dict, keys=None, values_per_key: int = 5, values_per
             **optimizer, "param_groups": [{**optimizer["param_groups"][0], "params": [0, 1]}]}}))
         cases.append(("step history rows of the wrong length", {**state, "step_history": [[1, 2]] * state["step"]}))
     return cases
+
+
+def lightning_checkpoint(state: dict) -> dict:
+    """The run's weights as PyTorch Lightning's ModelCheckpoint writes them: under the LightningModule's
+    attribute (`self.model = ...`), beside the loops', callbacks' and optimisers' states."""
+    return {"epoch": state["epoch"] - 1, "global_step": state["step"], "pytorch-lightning_version": "2.6.6",
+            "state_dict": {f"model.{key}": value for key, value in state["state_dict"].items()},
+            "loops": {"fit_loop": {"epoch_progress": {"current": {"completed": state["epoch"]}}}},
+            "callbacks": {"BNMonitorCallback": {}}, "optimizer_states": [], "lr_schedulers": [],
+            "hparams_name": "kwargs", "hyper_parameters": {"lr": 0.05}}
+
+
+def lightning_cases(checkpoint: dict) -> list[tuple[str, dict]]:
+    """Every field of a Lightning checkpoint made wrong, and the ways its attribute prefix can mislead: a second
+    attribute holding convolutions, weights without any prefix, one tensor outside the model's attribute."""
+    weights = checkpoint["state_dict"]
+    bare = {key.removeprefix("model."): value for key, value in weights.items()}
+    first = next(key for key in weights if key.endswith("conv.weight"))
+    return [(f"lightning {description}", mutated) for description, mutated in [
+        *checkpoint_cases(checkpoint, values_per_key=3, nested=("loops", "callbacks", "hyper_parameters")),
+        ("a second attribute holding convolutions", {**checkpoint, "state_dict": {
+            **weights, "teacher.conv.weight": weights[first].clone()}}),
+        ("weights without the attribute's prefix", {**checkpoint, "state_dict": bare}),
+        ("a tensor of another attribute (a loss's weight)", {**checkpoint, "state_dict": {
+            **weights, "criterion.weight": torch.ones(4)}}),
+        ("epoch a bool", {**checkpoint, "epoch": True})]]
 
 
 def csv_cases(text: str) -> list[tuple[str, str]]:
@@ -168,6 +194,16 @@ def main(run: Path, work: Path) -> None:
         torch.save(mutated, path)
         result = run_case(lambda: main_guard(lambda: evaluate.main(
             [str(path), "--n-images", "16", "--batch-size", "16", "--out", str(out)])), out)
+        record(description, result, check=lambda: _loss(out) == reference)
+        path.unlink()
+        shutil.rmtree(out, ignore_errors=True)
+
+    lightning = lightning_checkpoint(state)  # the same weights: the same result, read with --model and --dataset
+    foreign = ["--model", "resnet20", "--dataset", "synthetic", "--n-images", "16", "--batch-size", "16"]
+    for k, (description, mutated) in enumerate(lightning_cases(lightning)):
+        path, out = work / f"l{k}.ckpt", work / f"l{k}-out"
+        torch.save(mutated, path)
+        result = run_case(lambda: main_guard(lambda: evaluate.main([str(path), *foreign, "--out", str(out)])), out)
         record(description, result, check=lambda: _loss(out) == reference)
         path.unlink()
         shutil.rmtree(out, ignore_errors=True)
