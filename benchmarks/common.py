@@ -12,7 +12,6 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from datetime import date
-from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
@@ -20,12 +19,12 @@ import torch
 import models
 from analyses.common import autocast
 from analyses.monitor import BNMonitor
-from diagnostics.common import device_of, print_table
+from diagnostics.common import print_table
 from train import data
 from train.config import Config
 from train.errors import MAX_INT, ArgumentParser, non_negative_int, positive_int
 from train.progress import Progress
-from train.trainer import cpu_flags, native_bf16, train_epoch
+from train.trainer import choose_device, cpu_flags, cpu_info, native_bf16, train_epoch
 
 BF16_FLAGS = ("avx512f", "avx512_bf16", "amx_bf16")  # avx512f alone: bf16 is emulated (slower than fp32)
 
@@ -71,11 +70,7 @@ def add_workers_option(p: ArgumentParser) -> None:
 
 
 def cpu_model() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        text = ""
-    name = next((line.partition(":")[2].strip() for line in text.splitlines() if line.startswith("model name")), "")
+    name = cpu_info("model name")
     return f"{name or platform.processor() or 'unknown CPU'} ({platform.machine()}, {os.cpu_count()} cores)"
 
 
@@ -264,7 +259,7 @@ def print_report(report: Report) -> None:
 def main(parser: Callable[[], ArgumentParser], measure: Callable[..., Report], argv=None) -> None:
     """A benchmark's command: its options, the machine line, then `measure(args, device)`'s report."""
     args = parser().parse_args(argv)
-    device = device_of(args)
+    device = choose_device(args.device)
     print(machine_line(device), flush=True)
     print_report(measure(args, device))
 

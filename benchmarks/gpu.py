@@ -122,12 +122,13 @@ def main(argv=None) -> None:
     import torch
 
     from train import data
+    from train.trainer import choose_device
 
     from . import analysis_overhead, common, monitor_cost, train_throughput
     if not torch.cuda.is_available() and not args.shrink:
         raise UserError("no GPU is visible; run this on a machine with one, or give --shrink for a quick "
                                "check of the script on a CPU")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = choose_device("auto")
     data_dir = args.data_dir or str(data.default_data_dir())
     if args.shrink:
         dataset, why = "synthetic", "shrunk: tiny sizes on the synthetic dataset; these figures measure nothing"

@@ -22,6 +22,7 @@ from diagnostics.spikes import main as spikes_main
 from train import data, rundir
 from train.__main__ import main as train_main
 from train.errors import UserError, positive_int
+from train.trainer import choose_device
 
 from . import common
 
@@ -60,7 +61,7 @@ def baseline_args(run: Path, shared: list[str]):
 def plain_validation(run: Path, shared: list[str]) -> None:
     """Load every epoch checkpoint and evaluate it once, BN in eval mode."""
     args = baseline_args(run, shared)
-    device = diagnostics_common.device_of(args)
+    device = choose_device(args.device)
     for path in rundir.run_checkpoints(run):
         loaded = diagnostics_common.load_checkpoint(path, args, device)
         evaluate(loaded.model, diagnostics_common.image_batches(loaded, args, device), bn_mode="eval")

@@ -6,7 +6,6 @@ bad input into one line `error: ...` and exit code 2 (docs/design.md §5).
 """
 import argparse
 import fnmatch
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,9 +19,10 @@ from train import rundir
 from train import data
 from train.data import (SPECS, SPLITS, EvalBatches, dataset_name, default_data_dir, folder_classes, is_folder,
                         load_split)
-from train.errors import (ArgumentParser, UserError, finite_float, interrupted_exit_code, positive_float, positive_int,
-                          sigterm_as_interrupt)
+from train.errors import (ArgumentParser, UserError, finite_float, first_line, positive_float, positive_int,
+                          run_command)
 from train.progress import Progress, interval_seconds
+from train.trainer import choose_device
 
 
 INPUTS = {  # what a command's positional inputs may be: (metavar, help)
@@ -85,13 +85,6 @@ def require_run_dirs(inputs: list[str], why: str, lightning: bool = False) -> No
             where = " (or a Lightning log directory, lightning_logs/version_N)" if lightning else ""
             raise UserError(f"{text} {what}, not a run directory; {why}: give the folder `python -m train --out` "
                             f"wrote{where}")
-
-
-def device_of(args) -> torch.device:
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but no GPU is visible; use --device cpu")
-    return torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-                        else "cpu")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -202,7 +195,7 @@ def _distinct_labels(sources: dict) -> None:
 
 def prepare(args, *, model_names: bool = False) -> tuple[torch.device, list[Source], Path]:
     """The device, the resolved inputs and the output folder: every check on the inputs, before any work."""
-    device = device_of(args)
+    device = choose_device(args.device)
     sources = collect_sources(args, model_names=model_names)
     return device, sources, output_dir(args, sources)
 
@@ -391,8 +384,7 @@ def read_monitor(run_dir: Path):
     try:
         return xr.load_dataset(path)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        detail = str(exc).splitlines()[0][:100] if str(exc) else type(exc).__name__
-        raise UserError(f"{path} cannot be read ({detail}); delete it or copy the run again") from None
+        raise UserError(f"{path} cannot be read ({first_line(exc)}); delete it or copy the run again") from None
 
 
 def recalibration_inputs(loaded: ckpt.Loaded, args, device, n_images: int) -> list:
@@ -467,18 +459,12 @@ def print_table(header: list[str], rows: list[list[str]]) -> None:
 
 
 def main_guard(main) -> int:
-    """Run `main()` as a command: figures to files only; bad input -> `error: ...` on stderr and exit 2;
-    Ctrl-C or SIGTERM -> one line and 130 / 143 (outputs are written whole at the end or not at all)."""
+    """Run `main()` as a command (`train.errors.run_command`), figures to files only (outputs are written whole at
+    the end or not at all, so an interruption leaves nothing)."""
     from .plotting import use_file_backend
     use_file_backend()
-    try:
-        with sigterm_as_interrupt():
-            interval_seconds()  # a bad RESNET_DIAG_PROGRESS_SECONDS is one line before any work
-            main()
-    except (UserError, models.ModelError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as exc:
-        print("error: interrupted; nothing was written", file=sys.stderr)
-        return interrupted_exit_code(exc)
-    return 0
+
+    def checked():
+        interval_seconds()  # a bad RESNET_DIAG_PROGRESS_SECONDS is one line before any work
+        main()
+    return run_command(checked)

@@ -14,6 +14,7 @@ from analyses.gradients import BN_MODES, definition, gradient_norms
 from train import checkpoint as ckpt
 from train.errors import UserError, non_negative_int, positive_int
 from train.progress import track
+from train.trainer import choose_device
 
 from . import common, plotting
 
@@ -151,7 +152,7 @@ def main(argv=None) -> None:
     if not args.inputs and not args.init:
         raise UserError("give checkpoints or run directories, or --init MODEL (e.g. --init resnet56 --dataset "
                         "cifar10)")
-    device = common.device_of(args)
+    device = choose_device(args.device)
     sources = common.collect_sources(args) if args.inputs else []
     inits = init_sources(args, sources)
     spec = init_spec(args, sources) if inits else None

@@ -48,8 +48,9 @@ from analyses.monitor import prescription
 from train import checkpoint as ckpt
 from train import rundir
 from train.data import SPLITS, dataset_folders, default_data_dir, load_split
-from train.errors import ArgumentParser, DiskFull, UserError, interrupted_exit_code, positive_int
+from train.errors import BAD_INPUT, ArgumentParser, DiskFull, UserError, first_line, interrupted_exit_code, positive_int
 from train.progress import Progress
+from train.trainer import choose_device
 
 from . import attributions, common, curves, evaluate, flops
 
@@ -284,13 +285,13 @@ def make(section: Section, argv: list[str], command: str, key: dict, out: Path) 
                 module.main([*argv, "--out", str(private)])
         except DiskFull:  # not these inputs' fault, and nothing more can be written: the report stops
             raise
-        except (UserError, models.ModelError) as exc:
+        except BAD_INPUT as exc:
             return Outcome("not made", f"not made: {exc}")
         except SystemExit as exc:  # its parser refused the options this report gave it (the message is above)
             return Outcome("failed", f"failed: {command} exited with code {exc.code}")
         except Exception as exc:  # a bug: keep the other sections, show this one's traceback
             traceback.print_exc()
-            return Outcome("failed", f"failed: {type(exc).__name__}: {str(exc)[:200]} (a bug; its traceback was "
+            return Outcome("failed", f"failed: {type(exc).__name__}: {first_line(exc)} (a bug; its traceback was "
                                      "printed when the report ran)")
         made = sorted(path for path in private.iterdir() if path.is_file())
         with ckpt.atomic_path(record_path(private, section.name)) as temporary:
@@ -370,7 +371,7 @@ def monitor_summary(run: Run) -> str:
     try:
         ds = xr.load_dataset(run.path / "monitor.nc")
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        return f"{where}: cannot be read ({str(exc).splitlines()[0][:80] if str(exc) else type(exc).__name__})"
+        return f"{where}: cannot be read ({first_line(exc)})"
     gap = ds.bn_gap.sel(component="rms").transpose("step", "depth").values
     if not ds.sizes["step"] or not np.isfinite(gap).any():
         return f"{where}: no measurements"
@@ -400,8 +401,7 @@ def findings(runs: list[Run]) -> list[tuple[str, list[str]]]:
             ds = xr.load_dataset(path)
             result = prescription(ds) if "validation" in ds.dims else None
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
-            found.append((run.label, [f"{path} cannot be read ({str(exc).splitlines()[0][:80] if str(exc) else ''}"
-                                      ")"]))
+            found.append((run.label, [f"{path} cannot be read ({first_line(exc)})"]))
             continue
         if result is None:
             found.append((run.label, [monitor_summary(run).split(": ", 1)[1] + " (a run of version 2: no validation "
@@ -569,7 +569,7 @@ def main(argv=None) -> None:
     for text in args.runs:  # each run once, as it was first named
         first.setdefault(Path(text).resolve(), text)
     runs = [read_run(text) for text in first.values()]
-    common.device_of(args)
+    choose_device(args.device)  # --device cuda without a GPU: one line before any work
     out = common.output_dir(args, [common.Source(runs[0].label, run_dir=Path(runs[0].text))])
     check_data(runs, args, sections)
     data = data_identity(runs, args) if any("data_dir" in section.passes for section in sections) else None

@@ -1,7 +1,6 @@
 """`python -m diagnostics.spikes RUN_DIR [...]`: is a validation-loss spike in the BN running statistics or in the
 weights, how much of it, where in the network, and when in training? Every epoch checkpoint is evaluated with
 running, recalibrated (PreciseBN) and batch statistics; `--repair` and `--amplification` say where and how."""
-import argparse
 import sys
 import time
 
@@ -15,26 +14,13 @@ import models
 from analyses.spikes import (BN_STATISTICS, PERTURBATIONS, amplification, diagnose_checkpoint, layer_error, repair,
                              repair_depths, running_statistics, spike_diagnosis)
 from train import checkpoint as ckpt
-from train.errors import UserError, positive_int
+from train.errors import UserError, bounded_float, positive_int
 
 from . import common, plotting
 
 COLOURS = {"running": "C3", "recalibrated": "C0", "batch": "C2"}
 LABELS = {"running": "(a) running stats", "recalibrated": "(b) recalibrated", "batch": "(c) batch stats"}
 SHORT_CAUSE = {"BN statistics": "BN", "weights": "weights", "mixed": "mixed"}
-
-
-def _number(minimum: float, inclusive: bool, maximum: float = np.inf):
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if not np.isfinite(value) or value < minimum or (value == minimum and not inclusive) or value >= maximum:
-            raise argparse.ArgumentTypeError(f"{value:g} must be {'at least' if inclusive else 'above'} {minimum:g}"
-                                             + (f" and below {maximum:g}" if np.isfinite(maximum) else ""))
-        return value
-    return parse
 
 
 def parser():
@@ -44,12 +30,12 @@ def parser():
                         "(default 2000)")
     p.add_argument("--window", type=positive_int, default=3,
                    help="a spike is measured against the median of this many previous checkpoints (default 3)")
-    p.add_argument("--factor", type=_number(1.0, inclusive=False), default=3.0,
+    p.add_argument("--factor", type=bounded_float(1.0, inclusive=False), default=3.0,
                    help="a spike exceeds that median by this factor (default 3)")
-    p.add_argument("--gap-factor", type=_number(1.0, inclusive=False), default=1.25,
+    p.add_argument("--gap-factor", type=bounded_float(1.0, inclusive=False), default=1.25,
                    help="a BN-statistics gap: the running-statistics loss exceeds the recalibrated one by this "
                         "factor (default 1.25)")
-    p.add_argument("--min-increase", type=_number(0.0, inclusive=True), default=0.1,
+    p.add_argument("--min-increase", type=bounded_float(0.0, inclusive=True), default=0.1,
                    help="... both by at least this many nats (default 0.1)")
     p.add_argument("--repair", nargs="?", const="flagged", metavar="EPOCHS",
                    help="also recompute the statistics of the first k BN layers only, for k along the depth, and of "
@@ -57,7 +43,7 @@ def parser():
     p.add_argument("--amplification", nargs="?", const="last", metavar="EPOCHS",
                    help="also perturb each BN layer's statistics by --amplification-size and measure what reaches "
                         "the last BN layer: at each run's last epoch, or the epochs given; two evaluations per layer")
-    p.add_argument("--amplification-size", type=_number(0.0, inclusive=False, maximum=1.0), default=0.1,
+    p.add_argument("--amplification-size", type=bounded_float(0.0, inclusive=False, maximum=1.0), default=0.1,
                    help="the normalisation error planted (default 0.1: a mean shift of 0.1 std, a std off by 10%%)")
     p.add_argument("--extra-images", type=positive_int, default=2000,
                    help="validation images for --repair and --amplification (default 2000)")

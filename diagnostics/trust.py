@@ -17,21 +17,20 @@ import models
 import resnet_diagnostics
 from analyses.monitor import WARNING_RULES
 from analyses.trust import trust_study
-from train.errors import ArgumentParser, UserError
+from train.errors import ArgumentParser, UserError, bounded_float
 from train.progress import track
 
 from . import common, plotting
 from .curves import group_labels, group_options, read_run, run_labels
-from .spikes import _number
 
 
 def parser():
     p = ArgumentParser(prog=resnet_diagnostics.prog("diagnostics.trust"), description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories of python -m train")
-    p.add_argument("--event-factor", type=_number(1.0, inclusive=False), default=1.25,
+    p.add_argument("--event-factor", type=bounded_float(1.0, inclusive=False), default=1.25,
                    help="an event: the running-statistics loss exceeds the recomputed one by this factor (default "
                         "1.25, as diagnostics.spikes' --gap-factor)")
-    p.add_argument("--event-margin", type=_number(0.0, inclusive=True), default=0.1,
+    p.add_argument("--event-margin", type=bounded_float(0.0, inclusive=True), default=0.1,
                    help="... and by at least this many nats (default 0.1)")
     p.add_argument("--choose-on", default="0,1", metavar="SEEDS",
                    help="seeds whose runs choose each warning rule's threshold; the others score it (default 0,1)")

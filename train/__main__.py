@@ -1,31 +1,19 @@
 """`python -m train ...`: exit 0 done, 2 bad input (one line `error: ...`), 3 diverged, 130 / 143 interrupted by
 Ctrl-C / SIGTERM (one line: what was kept, how to continue), 1 a bug (traceback)."""
-import os
 import sys
 from pathlib import Path
-
-import models
 
 from . import checkpoint as ckpt
 from . import rundir
 from .config import from_args, parser
-from .errors import TrainingDiverged, UserError, interrupted_exit_code, sigterm_as_interrupt
+from .errors import UserError, run_command
 from .progress import interval_seconds
 from .trainer import resume, start
 
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    try:
-        with sigterm_as_interrupt():
-            run(args)
-    except (UserError, models.ModelError) as exc:
-        return report(exc, 2)
-    except TrainingDiverged as exc:
-        return report(exc, 3)
-    except KeyboardInterrupt as exc:
-        return report(interrupted(args.resume or args.out), interrupted_exit_code(exc))
-    return 0
+    return run_command(lambda: run(args), lambda: interrupted(args.resume or args.out))
 
 
 def run(args) -> None:
@@ -52,13 +40,6 @@ def interrupted(run_dir) -> str:
     except UserError:
         epoch = "?"
     return f"interrupted; {last} keeps epoch {epoch}: continue with {again}"
-
-
-def report(message, code: int) -> int:
-    """One line on stderr, from the first process only where torchrun started several."""
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(f"error: {message}", file=sys.stderr)
-    return code
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import models
 from . import schema
 from .config import config_from_dict
 from .data import DatasetSpec, check_image_size, dataset_name, get_spec, is_folder
-from .errors import DiskFull, UserError
+from .errors import DiskFull, UserError, first_line
 
 FORMAT = "resnet-diagnostics/1"
 FORMAT_VERSION = 1
@@ -208,8 +208,7 @@ def read(path) -> dict:
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
         if "zip" in str(exc).lower() or isinstance(exc, EOFError):  # the archive's end is missing or damaged
             raise UserError(f"{path} is truncated or corrupt as a PyTorch checkpoint; copy it again") from None
-        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(f"{path} is unreadable as a PyTorch checkpoint ({detail[:120]}); copy it again") from None
+        raise UserError(f"{path} is unreadable as a PyTorch checkpoint ({first_line(exc)}); copy it again") from None
     except Exception as exc:  # garbage read as a legacy pickle fails in the unpickler's own ways (IndexError ...)
         raise UserError(f"{path} is not a PyTorch checkpoint (it cannot be unpickled: "
                         f"{type(exc).__name__})") from None
@@ -333,7 +332,7 @@ def build_checked(name: str, kwargs: dict, state_dict: dict, path) -> nn.Module:
         with torch.device("meta"):
             skeleton = models.build(name, **kwargs)
     except (models.ModelError, TypeError, ValueError) as exc:
-        raise UserError(f"{path} names a model that cannot be built ({str(exc)[:150]})") from None
+        raise UserError(f"{path} names a model that cannot be built ({first_line(exc)})") from None
     label = models.label(name, kwargs)
     _check_fit(skeleton, state_dict, label, path)
     check_finite(state_dict, path)
@@ -374,7 +373,7 @@ def _classes_in_file(name: str, kwargs: dict, state_dict: dict, path) -> int | N
         with torch.device("meta"):
             one, two = (models.build(name, **{**kwargs, "num_classes": n}).state_dict() for n in (1, 2))
     except (models.ModelError, TypeError, ValueError) as exc:
-        raise UserError(f"{path} cannot be read as {name} ({str(exc)[:200]})") from None
+        raise UserError(f"{path} cannot be read as {name} ({first_line(exc)})") from None
     for key, tensor in one.items():
         if tensor.shape != two[key].shape and key in state_dict and state_dict[key].ndim == tensor.ndim:
             dim = next(d for d, (a, b) in enumerate(zip(tensor.shape, two[key].shape)) if a != b)

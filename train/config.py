@@ -13,7 +13,7 @@ import models
 import resnet_diagnostics
 
 from .data import AUGMENTATIONS, SPECS, check_image_size, dataset_name, default_data_dir
-from .errors import MAX_INT, ArgumentParser, UserError, finite_float, non_negative_int, positive_int
+from .errors import BAD_INPUT, MAX_INT, ArgumentParser, UserError, finite_float, non_negative_int, positive_int
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SCHEDULES = ("constant", "cosine", "multistep")
@@ -324,7 +324,7 @@ def config_from_dict(values, path) -> Config:
     config = Config(**known)
     try:
         validate(config)
-    except (UserError, models.ModelError) as exc:
+    except BAD_INPUT as exc:
         raise UserError(f"{path} holds an option out of range ({exc}); it is damaged: restore it from a copy") from None
     return config
 

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 CIFAR100_CLASSES = tuple("""apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus
@@ -481,8 +481,7 @@ def _opened(path: Path):
     except (Image.DecompressionBombWarning, Image.DecompressionBombError):
         raise _too_many_pixels(path) from None
     except Exception as exc:  # PIL raises many kinds; any defect of a user's file is bad input, not a bug
-        detail = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
-        raise UserError(f"{path} is not a readable image ({detail}); remove or replace it") from None
+        raise UserError(f"{path} is not a readable image ({first_line(exc)}); remove or replace it") from None
 
 
 def _folder_format(files: list[tuple[Path, int]], image_size: int | None) -> tuple[str, int, Path]:

@@ -2,10 +2,15 @@
 (Ctrl-C: 130, SIGTERM: 143); and the command-line parsing that reports bad options the same way."""
 import argparse
 import math
+import os
 import re
 import signal
+import sys
 import threading
 from contextlib import contextmanager
+from typing import Callable
+
+import models
 
 
 class UserError(Exception):
@@ -18,6 +23,17 @@ class DiskFull(UserError):
 
 class TrainingDiverged(Exception):
     """The loss became NaN or infinite; the message names the step and the checkpoint kept."""
+
+
+BAD_INPUT = (UserError, models.ModelError)  # what every command turns into one line and exit 2
+DETAIL_LIMIT = 150  # characters of another library's message quoted in ours
+
+
+def first_line(exc: BaseException) -> str:
+    """What went wrong, for a one-line message: the exception's first line, cut at DETAIL_LIMIT characters, or its
+    type where it says nothing."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:DETAIL_LIMIT] if text else type(exc).__name__
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -57,6 +73,17 @@ def positive_float(text: str) -> float:
     return value
 
 
+def bounded_float(minimum: float, inclusive: bool, maximum: float = math.inf) -> Callable[[str], float]:
+    """A parser of finite numbers from `minimum` (itself where `inclusive`) to below `maximum`."""
+    def parse(text: str) -> float:
+        value = finite_float(text)
+        if value < minimum or (value == minimum and not inclusive) or value >= maximum:
+            raise argparse.ArgumentTypeError(f"{value:g} must be {'at least' if inclusive else 'above'} {minimum:g}"
+                                             + (f" and below {maximum:g}" if math.isfinite(maximum) else ""))
+        return value
+    return parse
+
+
 def finite_float(text: str) -> float:
     """A number, but not NaN or infinite (float() takes 'nan' and 'inf')."""
     try:
@@ -91,3 +118,24 @@ def sigterm_as_interrupt():
 def interrupted_exit_code(exc: KeyboardInterrupt) -> int:
     """128 + the signal's number, as a shell reports a program a signal ended: 130 Ctrl-C, 143 SIGTERM."""
     return 128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)
+
+
+def run_command(main: Callable[[], None], interrupted: Callable[[], str] = lambda: "interrupted; nothing was written"
+                ) -> int:
+    """Run `main()` as a command and return its exit code: 0 done; bad input 2 and a diverged run 3, each one line
+    `error: ...` on stderr; Ctrl-C or SIGTERM 130 / 143 with `interrupted()`'s line; a bug raises (traceback).
+    Where torchrun started several processes, the first alone prints."""
+    def error(message, code: int) -> int:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"error: {message}", file=sys.stderr)
+        return code
+    try:
+        with sigterm_as_interrupt():
+            main()
+    except BAD_INPUT as exc:
+        return error(exc, 2)
+    except TrainingDiverged as exc:
+        return error(exc, 3)
+    except KeyboardInterrupt as exc:
+        return error(interrupted(), interrupted_exit_code(exc))
+    return 0

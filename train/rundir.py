@@ -16,7 +16,7 @@ import stat
 from pathlib import Path
 
 from .checkpoint import atomic_path
-from .errors import UserError
+from .errors import UserError, first_line
 
 REQUIRED_METRICS = ["epoch", "step", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds",
                     "images_per_second"]  # every metrics.csv has these; runs of version 0.1 have no more
@@ -125,7 +125,7 @@ def read_config(run_dir) -> dict:
     try:
         config = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise UserError(f"{path} is not readable JSON ({str(exc)[:100]}); copy the run again") from None
+        raise UserError(f"{path} is not readable JSON ({first_line(exc)}); copy the run again") from None
     if not isinstance(config, dict):
         raise UserError(f"{path} holds no training options; give a run directory python -m train wrote")
     return config
@@ -181,7 +181,7 @@ def read_metrics(run_dir) -> dict[str, list]:
         with open(path, newline="") as file:
             lines = list(csv.reader(file))
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise UserError(f"{path} cannot be read as CSV ({str(exc)[:100]}); copy the run again") from None
+        raise UserError(f"{path} cannot be read as CSV ({first_line(exc)}); copy the run again") from None
     header, rows = (lines[0], lines[1:]) if lines else ([], [])
     missing = [column for column in REQUIRED_METRICS if column not in header]
     if missing:
@@ -202,7 +202,7 @@ def read_metrics(run_dir) -> dict[str, list]:
                     raise ValueError(f"{column} {row[position]!r} is out of range")
                 history[column].append(value)
         except ValueError as exc:
-            raise UserError(f"{path} line {line} is damaged ({str(exc)[:100]}); the file is truncated or was "
+            raise UserError(f"{path} line {line} is damaged ({first_line(exc)}); the file is truncated or was "
                             "edited: copy the run again") from None
     history["epoch"] = [int(epoch) for epoch in history["epoch"]]
     history["bn_warnings"] = [int(count) for count in history.get("bn_warnings", [0] * len(history["epoch"]))]

@@ -45,10 +45,8 @@ EVENT_FILES = "events.out.tfevents.*"
 def setup_processes(config: Config) -> tuple[int, int, torch.device]:
     """(rank, world size, device). Under torchrun each process joins the group and takes its own GPU."""
     world_size, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    want_cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
-    if want_cuda and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but no GPU is visible; use --device cpu")
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if want_cuda else "cpu")
+    device = choose_device(config.device, int(os.environ.get("LOCAL_RANK", 0)))
+    want_cuda = device.type == "cuda"
     if world_size > 1:
         if config.batch_size % world_size:
             raise UserError(f"--batch-size {config.batch_size} is the global batch and must divide evenly over "
@@ -61,17 +59,31 @@ def setup_processes(config: Config) -> tuple[int, int, torch.device]:
     return rank, world_size, device
 
 
+def choose_device(option: str, index: int | None = None) -> torch.device:
+    """`--device auto|cpu|cuda` of every command: auto is a GPU where one is visible. `index`: which GPU (a torchrun
+    process's LOCAL_RANK), else the current one."""
+    if option == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no GPU is visible; use --device cpu")
+    cuda = option == "cuda" or (option == "auto" and torch.cuda.is_available())
+    return torch.device("cuda", index) if cuda else torch.device("cpu")
+
+
 NATIVE_BF16_VARIABLE = "RESNET_DIAG_NATIVE_BF16"  # 1 or 0: overrides the CPU's flags (tests run both kinds)
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags (/proc/cpuinfo's first `flags` line; none where it cannot be read)."""
+def cpu_info(field: str) -> str:
+    """The first value of `field` ("flags", "model name") in /proc/cpuinfo; "" where it cannot be read."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return set()
-    line = next((line for line in text.splitlines() if line.startswith("flags")), "")
-    return set(line.partition(":")[2].split())
+        return ""
+    pairs = (line.partition(":") for line in text.splitlines())
+    return next((value.strip() for name, _, value in pairs if name.strip() == field), "")
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (none where they cannot be read)."""
+    return set(cpu_info("flags").split())
 
 
 def cpu_has_native_bf16() -> bool:
