@@ -234,3 +234,29 @@ def test_gpu_check_runs_shrunk_on_a_cpu():
     assert "ours fp32 compiled" in out  # torch.compile's path, traced by the eager backend
     assert re.search(r"^all +the GPU check's wall time +[\d.]+ min +<= 5\.0 min +(met|MISSED)$", out, re.M), out
     assert re.search(r"^train_throughput: \d+/\d+ runs", result.stderr, re.M), result.stderr  # progress off a tty
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The BN monitor as a Lightning callback (the pytorch-lightning extra)
+
+
+@pytest.mark.parametrize("clock", [[], ["--cpu-time"]])
+def test_lightning_cost_fits_a_real_trainer_with_and_without_the_callback(capsys, clock):
+    pytest.importorskip("pytorch_lightning")
+    from benchmarks import lightning_cost
+    assert lightning_cost.parser().prog == "python -m benchmarks.lightning_cost"
+    code, out, err = run(lightning_cost, ["--models", "resnet20", "--steps", "2", "--every", "1", "--batch-size", "4",
+                                          "--probe-images", "3", "--attribution-images", "5",
+                                          "--recalibration-images", "5", "--repeats", "1", *clock], capsys)
+    assert code == 0, err
+    assert_machine_line(out.splitlines()[0])
+    assert out.splitlines()[1].startswith("CPU seconds, " if clock else "seconds, ")
+    row = next(line.split() for line in out.splitlines() if line.startswith("resnet20"))
+    assert row[1] == "fp32" and row[5] == "1"  # steps 1 and 2: the probe is complete after the first, step 2 measured
+    monitor, attribution, together = (float(cell.rstrip("%")) for cell in (row[8], row[11], row[12]))
+    assert together == pytest.approx(monitor + attribution, abs=0.11)
+    (line,) = summaries(out)
+    assert "BNMonitorCallback at every 100 steps and the attribution" in line and "(target <= 3.0%)" in line
+    assert "GPU available" not in out + err  # Lightning's banner, once per fit, is kept out of the report
+    code, out, err = run(lightning_cost, ["--steps", "4", "--every", "5"], capsys)
+    assert code == 2 and "give --steps at least 5" in err
