@@ -70,6 +70,7 @@ bench: install fashion-mnist
 	$(BIN)/python -m benchmarks.analysis_overhead
 	$(BIN)/python -m benchmarks.depth_scaling
 	$(BIN)/python -m benchmarks.spikes_cost
+	$(BIN)/python -m benchmarks.lightning_cost
 
 bench-gpu:
 	$(GPU_PYTHON) -m benchmarks.gpu --data-dir $(DATA)

@@ -311,7 +311,7 @@ class Prescription:
     def lines(self) -> list[str]:
         out = []
         if self.worst is None:
-            out.append("BN statistics: no validation was attributed (--attribution-images 0)")
+            out.append("BN statistics: no validation was attributed (none ran, or --attribution-images 0)")
         else:
             w = self.worst
             out.append(f"BN statistics: the worst validation, epoch {w['epoch']}, read {w['running']:.4f} with running "
