@@ -53,6 +53,32 @@ class Classifier(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.2, momentum=0.9, weight_decay=5e-4)
 
 
+class Scheduled(Classifier):
+    """The learning rate divided by the step's number, stepped after every optimiser step (OneCycleLR, warm-up)."""
+
+    def configure_optimizers(self):
+        optimizer = super().configure_optimizers()
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda done: 1 / (done + 1))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+class DictLogits(Classifier):
+    """A forward that returns a dict, not the logits the monitor reads."""
+
+    def forward(self, x):
+        return {"logits": self.model(x)}
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self(batch[0])["logits"], batch[1])
+
+
+class Stop(pl.Callback):
+    """Ends the fit after its first batch."""
+
+    def on_train_batch_end(self, trainer, *args):
+        trainer.should_stop = True
+
+
 def synthetic(n: int, seed: int, channels: int = 1, size: int = 8) -> TensorDataset:
     generator = torch.Generator().manual_seed(seed)
     labels = torch.arange(n) % 3
@@ -64,9 +90,9 @@ TRAIN, VAL = synthetic(96, 0), synthetic(48, 1)
 
 
 def fit(root: Path, *, callbacks=(), epochs: int = 2, shuffle: bool = False, accumulate: int = 1, resume=None,
-        data=(TRAIN, VAL), precision: str = "32-true") -> tuple[Classifier, "pl.Trainer"]:
+        data=(TRAIN, VAL), precision: str = "32-true", kind=Classifier) -> tuple[Classifier, "pl.Trainer"]:
     pl.seed_everything(0, verbose=False)
-    module = Classifier(in_channels=data[0][0][0].shape[0])
+    module = kind(in_channels=data[0][0][0].shape[0])
     trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, deterministic=True,
                          logger=pl.loggers.CSVLogger(root, name="logs", version=0), callbacks=list(callbacks),
                          enable_progress_bar=False, enable_model_summary=False, accumulate_grad_batches=accumulate,
@@ -91,12 +117,13 @@ def assert_same_record(a: xr.Dataset, b: xr.Dataset) -> None:
 @pytest.fixture(scope="module")
 def watched(tmp_path_factory):
     root = tmp_path_factory.mktemp("lightning")
-    module, trainer = fit(root, callbacks=[BNMonitorCallback(**OPTIONS)])
-    return root / "logs" / "version_0", module
+    callback = BNMonitorCallback(**OPTIONS)
+    module, trainer = fit(root, callbacks=[callback])
+    return root / "logs" / "version_0", module, callback, trainer
 
 
 def test_the_loggers_receive_every_measurement_and_each_validation_attribution(watched):
-    log_dir, module = watched
+    log_dir, module, _, _ = watched
     rows = list(csv.DictReader(open(log_dir / "metrics.csv")))
     columns = set(rows[0])
     layers = [name for name, _ in models.bn_layers(module)]
@@ -115,7 +142,7 @@ def test_the_record_is_what_the_any_loop_api_records_for_the_same_steps(watched)
     """The same training by hand (same initial weights, batches, SGD), the monitor started where the callback's
     probe was complete (after the first batch), stepped after every optimiser step and validated after each
     epoch on the same images: the same numbers."""
-    log_dir, _ = watched
+    log_dir, _, _, _ = watched
     pl.seed_everything(0, verbose=False)
     module = Classifier()
     optimizer = module.configure_optimizers()
@@ -137,6 +164,13 @@ def test_the_record_is_what_the_any_loop_api_records_for_the_same_steps(watched)
     assert_same_record(record(log_dir / "monitor.nc"), monitor.dataset())
 
 
+def test_a_validation_outside_fit_is_not_recorded(watched):
+    """trainer.validate() after fit: its step is the last validation's; the record keeps fit's validations."""
+    _, module, callback, trainer = watched
+    trainer.validate(module, DataLoader(VAL, batch_size=BATCH), verbose=False)
+    assert callback.monitor.validations["val_step"] == [6, 12]
+
+
 def test_training_is_exactly_what_it_is_without_the_callback(tmp_path):
     """deterministic=True, shuffled batches: the weights, BN buffers and the random state after fit are the same
     with the callback (its forwards, its recalibrations and validations) as without it."""
@@ -151,26 +185,34 @@ def test_training_is_exactly_what_it_is_without_the_callback(tmp_path):
 
 
 def test_a_resumed_fit_continues_the_record_as_if_it_had_not_stopped(tmp_path, watched):
-    log_dir, _ = watched
+    """... at the interval it was recorded at, or at the one the resumed fit's callback is given."""
+    log_dir, _, _, _ = watched
     checkpoints = pl.callbacks.ModelCheckpoint(save_top_k=-1)
     fit(tmp_path, callbacks=[BNMonitorCallback(**OPTIONS), checkpoints], epochs=1)
     first = next((tmp_path / "logs" / "version_0" / "checkpoints").glob("epoch=0-*.ckpt"))
     assert torch.load(first, weights_only=True)["callbacks"]  # the monitor's state rides in the checkpoint
     fit(tmp_path, callbacks=[BNMonitorCallback(**OPTIONS)], epochs=2, resume=first)
     assert_same_record(record(tmp_path / "logs" / "version_0" / "monitor.nc"), record(log_dir / "monitor.nc"))
+    fit(tmp_path / "every3", callbacks=[BNMonitorCallback(**{**OPTIONS, "every": 3})], epochs=2, resume=first)
+    assert list(record(tmp_path / "every3" / "logs" / "version_0" / "monitor.nc").step.values) == [2, 4, 6, 9, 12]
 
 
 def test_under_gradient_accumulation_it_measures_after_optimiser_steps_and_follows_every_micro_batch(tmp_path):
-    """Two batches per optimiser step: measurements at optimiser steps (3 an epoch), and the shadow at the run's
-    own momentum, stepped at every micro-batch, stays the running statistics themselves."""
-    callback = BNMonitorCallback(**{**OPTIONS, "every": 1})
-    module, _ = fit(tmp_path, callbacks=[callback], accumulate=2)
+    """Two batches per optimiser step: measurements at optimiser steps (3 an epoch), each with the learning rate
+    of its step (not the next one's, where the scheduler steps after every optimiser step), and the shadow at the
+    run's own momentum, stepped at every micro-batch, stays the running statistics themselves. every="auto" is
+    worked out for each fit: 6 steps, every step; then 90 steps, every second."""
+    callback = BNMonitorCallback(**{**OPTIONS, "every": "auto"})
+    module, _ = fit(tmp_path, callbacks=[callback], accumulate=2, kind=Scheduled)
     ds = record(tmp_path / "logs" / "version_0" / "monitor.nc")
     assert list(ds.step.values) == [1, 2, 3, 4, 5, 6]
+    np.testing.assert_allclose(ds.lr.values, 0.2 / ds.step.values, rtol=1e-6)
     monitor = callback.monitor
     own = list(monitor.momenta).index(0.1)
     mean, _ = monitor.tracker._buffers()
     torch.testing.assert_close(monitor.tracker.shadow_mean[own], mean, rtol=1e-4, atol=1e-5)
+    fit(tmp_path / "longer", callbacks=[callback, Stop()], epochs=30, accumulate=2)
+    assert callback.monitor.every == 2
 
 
 def test_the_diagnostics_read_its_checkpoints_and_draw_the_step_view_from_its_record(tmp_path, image_folder):
@@ -199,7 +241,7 @@ def test_the_diagnostics_read_its_checkpoints_and_draw_the_step_view_from_its_re
     assert list(spikes.epoch.values) == [1, 2]
 
 
-def test_bad_options_and_batches_are_one_clear_error():
+def test_bad_options_batches_and_forwards_are_one_clear_error(tmp_path):
     with pytest.raises(ValueError, match="every"):
         BNMonitorCallback(every=-1)
     with pytest.raises(ValueError, match="probe_images"):
@@ -207,6 +249,20 @@ def test_bad_options_and_batches_are_one_clear_error():
     from train.lightning import images_and_labels
     with pytest.raises(ValueError, match="unpack="):
         images_and_labels({"image": torch.zeros(1), "label": torch.zeros(1)})
+    with pytest.raises(ValueError, match="DictLogits's forward .* gave a dict of logits"):
+        fit(tmp_path, callbacks=[BNMonitorCallback(**OPTIONS)], epochs=1, kind=DictLogits)
+
+
+def test_the_images_kept_are_copies_not_views_of_the_batch():
+    """A loader that refills its batch tensors in place (DALI, FFCV, a preallocated buffer) leaves the probe,
+    recalibration and attribution images as they came."""
+    from train.lightning import _Images
+    kept = _Images(2)
+    images, labels = torch.zeros(4, 1, 2, 2), torch.zeros(4, dtype=torch.long)
+    kept.add(images, labels)
+    images.fill_(7), labels.fill_(2)
+    assert kept.tensors()[0].eq(0).all() and kept.tensors()[1].eq(0).all()
+    assert kept.batches[0][0].untyped_storage().nbytes() == 2 * 4 * 4  # not the whole batch's storage
 
 
 def test_a_training_set_smaller_than_the_probe_is_all_probe_from_the_end_of_the_first_epoch(tmp_path):

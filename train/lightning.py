@@ -42,7 +42,7 @@ except ImportError:  # pragma: no cover - the message is the point
                       "(or pip install pytorch-lightning)") from None
 
 import models
-from analyses.common import AUTOCAST
+from analyses.common import AUTOCAST, preserved_state
 from analyses.monitor import WARNING_RULE, WARNING_THRESHOLD, BNMonitor, prescription, warm_up_steps
 
 from . import rundir
@@ -69,7 +69,10 @@ class _Images:
     def add(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         take = min(len(images), self.limit - self.count)
         if take > 0:
-            self.batches.append((images[:take].detach().cpu(), labels[:take].detach().cpu()))
+            # copies: a view would keep the whole batch alive, and a loader that refills its batch tensors in place
+            # (DALI, FFCV, a preallocated buffer) would change the images under it
+            self.batches.append((images[:take].detach().to("cpu", copy=True),
+                                 labels[:take].detach().to("cpu", copy=True)))
             self.count += take
 
     @property
@@ -82,7 +85,8 @@ class _Images:
 
 class BNMonitorCallback(pl.Callback):
     """The module docstring. `every`: optimiser steps between measurements, or "auto" (about 50 over the fit, at
-    most every 100: `--monitor-every auto`); 0 measures nothing but still attributes validations.
+    most every 100: `--monitor-every auto`, worked out for each fit; a resumed fit keeps the record's unless given
+    a number); 0 measures nothing but still attributes validations (those of `fit`, not of `trainer.validate`).
     `attribution_images`: validation images attributed at each validation (0: none); `recalibration_images`:
     training images the statistics are recomputed over; `filename`: the record in the log directory (None: not
     written); `warn_rule`, `warn_threshold`: the early warning (analyses.monitor.WARNING_RULES)."""
@@ -102,6 +106,8 @@ class BNMonitorCallback(pl.Callback):
         self.warn_rule, self.warn_threshold, self.print_warnings = warn_rule, warn_threshold, print_warnings
         self.monitor: BNMonitor | None = None
         self._saved: dict | None = None  # a checkpoint's state, until the monitor exists to take it
+        self._every = 0  # this fit's `every`: "auto" resolved anew for each fit, a resumed record's own kept
+        self._lr = None  # the learning rate of the optimiser step, read before the step (a scheduler moves it after)
         self._reset()
 
     def _reset(self) -> None:
@@ -118,10 +124,14 @@ class BNMonitorCallback(pl.Callback):
                              f"bf16-mixed), not in {trainer.precision}")
         if not models.bn_layers(pl_module):
             raise ValueError(f"{type(pl_module).__name__} has no BatchNorm layers: there is nothing to monitor")
-        if self.every == "auto":
+        if self.every != "auto":
+            self._every = self.every
+        elif self._saved is not None:
+            self._every = int(self._saved["every"])
+        else:
             steps = trainer.estimated_stepping_batches
-            self.every = monitor_interval(int(steps) if steps != float("inf") else 5000)
-        self.monitor, self._last_step = None, trainer.global_step
+            self._every = monitor_interval(int(steps) if steps != float("inf") else 5000)
+        self.monitor, self._last_step, self._lr = None, trainer.global_step, None
         self._training = _Images(max(self.probe_images, self.recalibration_images))
         if self._saved is not None:
             saved, self._saved = self._saved, None
@@ -131,16 +141,21 @@ class BNMonitorCallback(pl.Callback):
     def _start(self, trainer, pl_module, images: torch.Tensor, labels: torch.Tensor) -> None:
         write = trainer.progress_bar_callback.print if trainer.progress_bar_callback is not None else print
         warn = self.print_warnings and trainer.is_global_zero
+        _check_logits(pl_module, images[:1], labels)
         warn_after, batches = warm_up_steps(pl_module), trainer.num_training_batches  # an iterable's is infinite
         if batches != float("inf"):  # armed after the warm-up or half an epoch, whichever comes first (the trainer's)
             warn_after = min(warn_after, int(batches) // max(1, trainer.accumulate_grad_batches) // 2)
         self.monitor = BNMonitor(
-            pl_module, images, labels, every=self.every, autocast=AUTOCAST[PRECISIONS[str(trainer.precision)]],
+            pl_module, images, labels, every=self._every, autocast=AUTOCAST[PRECISIONS[str(trainer.precision)]],
             optimizer=trainer.optimizers[0] if trainer.optimizers else None, warn_rule=self.warn_rule,
             warn_threshold=self.warn_threshold,
             warn_after=warn_after,
             probe=f"the first {len(labels)} training images, as the loader gave them",
             on_warning=WarningLines(write) if warn else None)
+
+    def on_before_optimizer_step(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer) -> None:
+        if trainer.optimizers and optimizer is trainer.optimizers[0]:
+            self._lr = optimizer.param_groups[0]["lr"]
 
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs, batch,
                            batch_idx: int) -> None:
@@ -158,9 +173,7 @@ class BNMonitorCallback(pl.Callback):
             return
         self._last_step = step
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        optimizer = trainer.optimizers[0] if trainer.optimizers else None
-        lr = optimizer.param_groups[0]["lr"] if optimizer is not None else None
-        self.monitor.step(step, epoch=trainer.current_epoch + 1, loss=loss, lr=lr)  # 1-based, as ours
+        self.monitor.step(step, epoch=trainer.current_epoch + 1, loss=loss, lr=self._lr)  # 1-based, as ours
         if self.monitor.records["step"] and self.monitor.records["step"][-1] == step:  # it measured
             self._log(trainer, self.monitor.scalars(), step)
 
@@ -177,7 +190,9 @@ class BNMonitorCallback(pl.Callback):
     # Validation
 
     def on_validation_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        self._validation = _Images(self.attribution_images)
+        # the record's validations are fit's: trainer.validate() after fit would repeat its last step's
+        fitting = trainer.state.fn == "fit"
+        self._validation = _Images(self.attribution_images if fitting else 0)
 
     def on_validation_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs, batch,
                                 batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -222,7 +237,22 @@ class BNMonitorCallback(pl.Callback):
     def load_state_dict(self, state_dict: dict) -> None:
         if state_dict:
             self._saved = state_dict
-            self.every = int(state_dict["every"])
+
+
+@torch.no_grad()
+def _check_logits(pl_module: "pl.LightningModule", image: torch.Tensor, labels: torch.Tensor) -> None:
+    """One image through the module's forward, as the monitor will pass its probe: class logits, or one clear
+    error now rather than an AttributeError deep in the first measurement."""
+    with preserved_state(pl_module):
+        pl_module.eval()
+        out = pl_module(image.to(pl_module.device))
+    name = type(pl_module).__name__
+    if not torch.is_tensor(out) or out.ndim != 2 or out.shape[1] <= int(labels.max()):
+        got = (f"a tensor of shape {tuple(out.shape)}" if torch.is_tensor(out) else
+               f"a {type(out).__name__}" + (f" of {', '.join(map(str, out))}" if isinstance(out, dict) else ""))
+        raise ValueError(f"BNMonitorCallback passes images through {name}'s forward and reads class logits (images "
+                         f"x classes, more than the largest label {int(labels.max())}); it gave {got}: make forward "
+                         "return the logits")
 
 
 def _data_name(trainer) -> str | None:
