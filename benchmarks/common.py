@@ -19,7 +19,7 @@ import torch
 import models
 from analyses.common import autocast
 from analyses.monitor import BNMonitor
-from diagnostics.common import print_table
+from diagnostics.common import format_table
 from train import data
 from train.config import Config
 from train.errors import MAX_INT, ArgumentParser, non_negative_int, positive_int
@@ -249,7 +249,7 @@ class Report:
 
 def print_report(report: Report) -> None:
     print(report.heading)
-    print_table(report.header, report.rows)
+    print(format_table(report.header, report.rows))
     for note in report.notes:
         print(note)
     for target in report.targets:

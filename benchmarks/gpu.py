@@ -163,7 +163,7 @@ def main(argv=None) -> None:
                           unit=" min", fmt=".1f")
     summary.append(["all", total.name, total.figure_text, total.goal_text, total.verdict])
     print("\n## summary", flush=True)
-    common.print_table(["part", "target", "figure", "goal", "verdict"], summary)
+    print(common.format_table(["part", "target", "figure", "goal", "verdict"], summary))
 
 
 if __name__ == "__main__":

@@ -203,15 +203,17 @@ def _per_model(value, labels: list[str]) -> list[str]:
     return [str(v) for v in value] if isinstance(value, (list, tuple, np.ndarray)) else [str(value)] * len(labels)
 
 
-def print_table(ds) -> None:
-    print(textwrap.fill(f"AUC of the explained class's probability as 0-100% of the pixels are deleted (set to the "
-                        f"baseline) or inserted (into the baseline), most important first: mean ± standard error "
-                        f"over {ds.sizes['sample']} images; random: a random order, the reference", width=100))
+def table_text(ds) -> str:
+    """The explanation and the table the command prints."""
     rows = [[str(label), str(explainer), auc_text(ds, "deletion", label, explainer, 3),
              auc_text(ds, "insertion", label, explainer, 3)]
             for label in ds.model.values for explainer in ds.explainer.values]
-    common.print_table(["model", "explainer", "deletion AUC (lower = more faithful)",
-                        "insertion AUC (higher = more faithful)"], rows)
+    explanation = textwrap.fill(f"AUC of the explained class's probability as 0-100% of the pixels are deleted (set to "
+                                f"the baseline) or inserted (into the baseline), most important first: mean ± standard "
+                                f"error over {ds.sizes['sample']} images; random: a random order, the reference",
+                                width=100)
+    return explanation + "\n" + common.format_table(["model", "explainer", "deletion AUC (lower = more faithful)",
+                                                     "insertion AUC (higher = more faithful)"], rows)
 
 
 def main(argv=None) -> None:
@@ -236,7 +238,7 @@ def main(argv=None) -> None:
         n_images=first["n_images"], batch_size=args.batch_size, bn_mode="eval", target=args.target,
         n_steps=args.steps, gradcam_layer=layers, gradcam_layer_shape=shapes, baseline=first["baseline"],
         insertion_start=first["insertion_start"], random_seed=first["random_seed"]))
-    print_table(ds)
+    print(table_text(ds))
     common.write_outputs(out, "attributions", ds, figure(ds))
 
 

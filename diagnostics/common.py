@@ -87,6 +87,43 @@ def require_run_dirs(inputs: list[str], why: str, lightning: bool = False) -> No
                             f"wrote{where}")
 
 
+@dataclass
+class Run:
+    """A run directory as the commands that read its history see it (curves, report): its files, and the model
+    and dataset of its last checkpoint."""
+    text: str  # as given, for the commands shown and the labels
+    path: Path  # resolved
+    history: dict[str, list]  # metrics.csv's columns
+    config: dict  # config.json
+    model_name: str
+    model_kwargs: dict
+    label: str
+    spec: data.DatasetSpec
+
+    @property
+    def dataset(self) -> str:
+        return self.spec.name
+
+    @property
+    def epochs(self) -> int:
+        return len(self.history["epoch"])
+
+
+def read_run(text: str) -> Run:
+    path = Path(text)
+    history, config = rundir.read_metrics(path), rundir.read_config(path)
+    loaded = ckpt.load(rundir.run_checkpoints(path)[-1])
+    return Run(text, path.resolve(), history, config, loaded.name, loaded.kwargs, loaded.label, loaded.spec)
+
+
+def run_split(dataset: str, config: dict, split: str, data_dir, image_size: int | None = None) -> data.Images:
+    """A split as a run defined it: its held-out images (`val_split`), its first `train_images` (the training
+    split), its images resized to its `image_size` (else `image_size`: a foreign checkpoint's --image-size)."""
+    return load_split(dataset, split, data_dir, config.get("val_split", 0),
+                      config.get("train_images") if split == "train" else None,
+                      image_size=config.get("image_size") or image_size)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Inputs
 
@@ -310,8 +347,7 @@ def _split_images(loaded: ckpt.Loaded, args, split: str):
                         f"{', '.join(spec.classes)} {loaded.path} was trained on; point --dataset folder:PATH at "
                         "its images")
     if key not in _IMAGES:
-        images = load_split(spec.name, split, args.data_dir, config.get("val_split", 0),
-                            config.get("train_images") if split == "train" else None, image_size=image_size)
+        images = run_split(spec.name, config, split, args.data_dir, image_size)
         if tuple(images.images.shape[1:]) != (spec.in_channels, spec.image_size, spec.image_size):
             raise UserError(f"the {split} images of {spec.name} are {'x'.join(map(str, images.images.shape[1:]))} "
                             f"(channels x height x width), but {loaded.path} was trained on {spec.in_channels}x"
@@ -447,15 +483,11 @@ def write_outputs(out: Path, name: str, dataset, figure=None) -> list[Path]:
     return paths
 
 
-def table_lines(header: list[str], rows: list[list[str]]) -> list[str]:
+def format_table(header: list[str], rows: list[list[str]]) -> str:
     """Columns as wide as their widest cell: the first left-aligned, the rest right-aligned."""
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
-    return ["  ".join(str(cell).ljust(width) if i == 0 else str(cell).rjust(width)
-                      for i, (cell, width) in enumerate(zip(row, widths))).rstrip() for row in [header, *rows]]
-
-
-def print_table(header: list[str], rows: list[list[str]]) -> None:
-    print("\n".join(table_lines(header, rows)))
+    return "\n".join("  ".join(str(cell).ljust(width) if i == 0 else str(cell).rjust(width)
+                               for i, (cell, width) in enumerate(zip(row, widths))).rstrip() for row in [header, *rows])
 
 
 def main_guard(main) -> int:

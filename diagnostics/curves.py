@@ -10,18 +10,16 @@ the arithmetic. `model` and `skip` count through the model label, so `--model pl
 """
 import json
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
+import models
 import resnet_diagnostics
 from analyses.curves import training_curves
 from analyses.flops import total_cost
-from train import checkpoint as ckpt
-from train import rundir
 from train.errors import ArgumentParser, positive_int
 from train.progress import track
 
@@ -48,49 +46,32 @@ def parser() -> ArgumentParser:
 # Reading a run
 
 
-@dataclass
-class Run:
-    path: Path
-    history: dict[str, list]
-    config: dict
-    model_label: str
-    flops: int
-    params: int
-
-
-def model_cost(loaded: ckpt.Loaded) -> tuple[int, int]:
+def model_cost(run: common.Run) -> tuple[int, int]:
     """(multiply-adds per image of a forward pass through the convolutions and fc layers, the paper's FLOPs;
     parameters) of the run's model on its dataset's images; counted once per architecture (runs of one model
     that differ in seed are the common case)."""
-    spec = loaded.spec
+    spec = run.spec
     shape = (1, spec.in_channels, spec.image_size, spec.image_size)
-    key = (loaded.name, json.dumps(loaded.kwargs, sort_keys=True), shape)
+    key = (run.model_name, json.dumps(run.model_kwargs, sort_keys=True), shape)
     if key not in _COSTS:
-        _COSTS[key] = total_cost(loaded.model, shape)
+        _COSTS[key] = total_cost(models.build(run.model_name, **run.model_kwargs), shape)
     return _COSTS[key]
 
 
 _COSTS: dict[tuple, tuple[int, int]] = {}
 
 
-def read_run(path: Path) -> Run:
-    history, config = rundir.read_metrics(path), rundir.read_config(path)
-    loaded = ckpt.load(rundir.run_checkpoints(path)[-1])  # the model spec and dataset of the run
-    flops, params = model_cost(loaded)
-    return Run(path, history, config, loaded.label, flops, params)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Groups and labels
 
 
-def group_options(run: Run) -> dict:
+def group_options(run: common.Run) -> dict:
     """What defines the run's group (see the module's docstring)."""
     options = {key: value for key, value in run.config.items() if key not in NOT_GROUPING | {"model", "skip"}}
-    return {"model": run.model_label, **options}
+    return {"model": run.label, **options}
 
 
-def group_labels(runs: list[Run]) -> list[str]:
+def group_labels(runs: list[common.Run]) -> list[str]:
     """Each run's group label: its model label and every option whose value differs between runs. Runs share a
     label exactly when they share their group options."""
     keys = [group_options(run) for run in runs]
@@ -99,10 +80,10 @@ def group_labels(runs: list[Run]) -> list[str]:
     return [" ".join([key["model"], *(f"{name}={key.get(name)}" for name in varying)]) for key in keys]
 
 
-def run_labels(runs: list[Run]) -> list[str]:
+def run_labels(runs: list[common.Run]) -> list[str]:
     """The run directory's name, or its whole path where two runs share a name."""
-    names = [run.path.name for run in runs]
-    return [name if names.count(name) == 1 else str(run.path) for name, run in zip(names, runs)]
+    names = [Path(run.text).name for run in runs]
+    return [name if names.count(name) == 1 else run.text for name, run in zip(names, runs)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -176,17 +157,18 @@ def main(argv=None) -> None:
     args = parser().parse_args(argv)
     common.require_run_dirs(args.runs, "curves reads a run's metrics.csv and config.json")
     paths = list(dict.fromkeys(Path(text) for text in args.runs))
-    runs = [read_run(path) for path in track(paths, len(paths), "curves", unit="run")]
+    runs = [common.read_run(str(path)) for path in track(paths, len(paths), "curves", unit="run")]
+    costs = [model_cost(run) for run in runs]
     out = common.output_dir(args, [common.Source(paths[0].name, run_dir=paths[0])])
     ds = training_curves([run.history for run in runs], run_labels(runs), group_labels(runs), early=args.early,
-                         params=[run.params for run in runs], flops=[run.flops for run in runs],
+                         params=[params for _, params in costs], flops=[flops for flops, _ in costs],
                          checkpoint=[str(path) for path in paths],
                          dataset=sorted({str(run.config.get("dataset")) for run in runs}))
     early = min(args.early, max(len(run.history["epoch"]) for run in runs))
     print(f"early: validation accuracy over epochs 1-{early}, mean ± std over the epochs (averaged over a "
           "group's runs); other ± are the std over a group's runs; conv+fc MACs: millions of multiply-adds per "
           "image of a forward pass through the convolutions and fc layers (the paper's FLOPs)")
-    common.print_table(SUMMARY_HEADER, summary_rows(ds))
+    print(common.format_table(SUMMARY_HEADER, summary_rows(ds)))
     common.write_outputs(out, "curves", ds, figure(ds))
 
 

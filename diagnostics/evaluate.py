@@ -136,7 +136,7 @@ def main(argv=None) -> None:
     definitions = dict.fromkeys(d.attrs["definition"] for d in results.datasets)
     ds = results.combined("; ".join(definitions), args.split, bn_mode=bn_mode,
                           recalibration_images=max(d.attrs["recalibration_images"] for d in results.datasets))
-    common.print_table(TABLE_HEADER, table_rows(ds))
+    print(common.format_table(TABLE_HEADER, table_rows(ds)))
     common.write_outputs(out, "evaluate", ds, figure(ds, results.plain))
 
 

@@ -42,8 +42,8 @@ LEGEND = """per image, in millions; MACs = multiply-adds (He et al.'s FLOPs coun
   train torch MACs: forward + backward as FlopCounterMode measures them (no gradient for the input image)"""
 
 
-def print_table(ds: xr.Dataset) -> None:
-    print(LEGEND)
+def table_text(ds: xr.Dataset) -> str:
+    """The legend and the table the command prints."""
     rows = []
     for label in ds.model.values:
         one = ds.sel(model=label)
@@ -54,8 +54,8 @@ def print_table(ds: xr.Dataset) -> None:
         rows.append([str(label), f"{int(one.total_params):,}", millions["conv_fc_flops"], millions["total_flops"],
                      millions["total_flops_torch"], agreement, millions["train_conv_fc_flops"],
                      millions["train_flops_torch"]])
-    common.print_table(["model", "parameters", "conv+fc MACs", "fvcore all ops", "torch MACs", "agreement",
-                        "train 3x MACs", "train torch MACs"], rows)
+    return LEGEND + "\n" + common.format_table(["model", "parameters", "conv+fc MACs", "fvcore all ops", "torch MACs",
+                                                "agreement", "train 3x MACs", "train torch MACs"], rows)
 
 
 @plotting.styled
@@ -121,7 +121,7 @@ def main(argv=None) -> None:
            for key in ("input_shape", "counted_operators", "skipped_operators")}))
     ds = ds.isel(epoch=0, drop=True)
     ds["flops_by_operator"] = ds.flops_by_operator.fillna(0).astype(np.int64)  # an operator a model lacks costs 0
-    print_table(ds)
+    print(table_text(ds))
     common.write_outputs(out, "flops", ds, figure(ds, plain))
 
 

@@ -47,7 +47,7 @@ from analyses.common import software
 from analyses.monitor import prescription
 from train import checkpoint as ckpt
 from train import rundir
-from train.data import SPLITS, dataset_folders, default_data_dir, load_split
+from train.data import SPLITS, dataset_folders, default_data_dir
 from train.errors import BAD_INPUT, ArgumentParser, DiskFull, UserError, first_line, interrupted_exit_code, positive_int
 from train.progress import Progress
 from train.trainer import choose_device
@@ -63,14 +63,6 @@ RUN_FILES = ("config.json", "metrics.csv", "steps.csv", "monitor.nc")  # and the
 # The sections
 
 
-def printed(function, *args) -> str:
-    """What `function(*args)` prints, as one block of text."""
-    buffer = io.StringIO()
-    with contextlib.redirect_stdout(buffer):
-        function(*args)
-    return buffer.getvalue().rstrip("\n")
-
-
 def verdicts(ds: xr.Dataset) -> list[str]:
     verdict = ds.attrs.get("verdict", [])  # netCDF hands a list of one string back as the string
     return [verdict] if isinstance(verdict, str) else [str(line) for line in verdict]
@@ -82,7 +74,7 @@ def last_epoch(runs) -> list[str]:
 
 def with_initial_models(runs) -> list[str]:
     """The last epoch, and each run's model untrained where `--init NAME` builds exactly that model."""
-    names = dict.fromkeys(run.init for run in runs if run.init is not None)
+    names = dict.fromkeys(name for name in map(initial_model, runs) if name is not None)
     return ["--epochs", "last", *(part for name in names for part in ("--init", name))]
 
 
@@ -101,10 +93,10 @@ class Section:
 SECTIONS = {section.name: section for section in (
     Section("curves", "Training curves", "How did training and validation loss and accuracy go, and how do the "
             "runs compare?", passes=(),
-            tables=lambda ds: [printed(common.print_table, curves.SUMMARY_HEADER, curves.summary_rows(ds))]),
+            tables=lambda ds: [common.format_table(curves.SUMMARY_HEADER, curves.summary_rows(ds))]),
     Section("evaluate", "Evaluation", "Loss, accuracy and the weakest class of each run's last checkpoint.",
             options=last_epoch,
-            tables=lambda ds: [printed(common.print_table, evaluate.TABLE_HEADER, evaluate.table_rows(ds))]),
+            tables=lambda ds: [common.format_table(evaluate.TABLE_HEADER, evaluate.table_rows(ds))]),
     Section("responses", "Layer responses (He et al. 2016, Fig. 7)", "How strongly does each 3x3 layer respond, "
             "in the network's order and sorted?", options=last_epoch),
     Section("gradients", "Gradient norms by depth", "How large is the loss gradient of each layer's weight, "
@@ -112,10 +104,10 @@ SECTIONS = {section.name: section for section in (
     Section("spikes", "Validation-loss spikes", "Is a validation-loss spike in the BN running statistics or in "
             "the weights?", notes=verdicts, monitor=True),
     Section("flops", "FLOPs and parameters", "What does a forward pass cost, layer by layer?", passes=("device",),
-            tables=lambda ds: [printed(flops.print_table, ds)]),
+            tables=lambda ds: [flops.table_text(ds)]),
     Section("attributions", "Attributions", "Where does each model look, and how faithful is each map?",
             passes=("data_dir", "device", "split", "batch_size"),
-            tables=lambda ds: [printed(attributions.print_table, ds)]),
+            tables=lambda ds: [attributions.table_text(ds)]),
 )}
 
 
@@ -141,43 +133,30 @@ def parser() -> ArgumentParser:
 # The runs, checked before anything runs
 
 
-@dataclass
-class Run:
-    text: str  # as given, for the commands shown
-    path: Path  # resolved, for the cache keys
-    label: str
-    dataset: str
-    epochs: int
-    config: dict
-    init: str | None  # the name `gradients --init` builds untrained as exactly this run's model, or None
+def initial_model(run: common.Run) -> str | None:
+    """The name `gradients --init` builds untrained as exactly this run's model, or None."""
+    kwargs = {key: value for key, value in run.model_kwargs.items() if key not in ("num_classes", "in_channels")}
+    return run.label if (run.label in models.available()
+                         and models.canonical(run.label) == (run.model_name, kwargs)) else None
 
 
-def read_run(text: str) -> Run:
-    path = Path(text)
-    history = rundir.read_metrics(path)
-    loaded = ckpt.load(rundir.run_checkpoints(path)[-1])
-    kwargs = {key: value for key, value in loaded.kwargs.items() if key not in ("num_classes", "in_channels")}
-    init = loaded.label if (loaded.label in models.available()
-                            and models.canonical(loaded.label) == (loaded.name, kwargs)) else None
-    return Run(text, path.resolve(), loaded.label, loaded.spec.name, len(history["epoch"]), loaded.config or {}, init)
-
-
-def check_data(runs: list[Run], args, sections: list[Section]) -> None:
-    """Every split a section will read, loaded once now: a dataset missing offline fails before any work."""
+def check_data(runs: list[common.Run], args, sections: list[Section]) -> None:
+    """Every split a section will read, loaded once now, as the diagnostics will load it: a dataset missing
+    offline fails before any work."""
     if not any("data_dir" in section.passes for section in sections):
         return
     data_dir = args.data_dir or default_data_dir()
-    for dataset, val_split, train_images in dict.fromkeys(
-            (run.dataset, run.config.get("val_split", 0), run.config.get("train_images")) for run in runs):
+    splits = ("val_split", "train_images", "image_size")  # what a run's splits are made of
+    for run in {(run.dataset, *map(run.config.get, splits)): run for run in runs}.values():
         for split in dict.fromkeys((args.split or "val", "train")):  # spikes recalibrates on training images
-            load_split(dataset, split, data_dir, val_split, train_images if split == "train" else None)
+            common.run_split(run.dataset, run.config, split, data_dir)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Commands and what makes a section reusable
 
 
-def arguments(section: Section, runs: list[Run], args, absolute: bool = False) -> list[str]:
+def arguments(section: Section, runs: list[common.Run], args, absolute: bool = False) -> list[str]:
     """The section's command line after `python -m diagnostics.NAME`, without --out."""
     argv = [str(run.path) if absolute else run.text for run in runs] + section.options(runs)
     for option in section.passes:
@@ -202,7 +181,7 @@ def tree_fingerprint(folder: Path) -> list:
     return [[str(path.relative_to(folder)), path.stat().st_size, path.stat().st_mtime_ns] for path in files]
 
 
-def data_identity(runs: list[Run], args) -> dict:
+def data_identity(runs: list[common.Run], args) -> dict:
     """What the images a section reads are made from: the data directory as resolved now (--data-dir, else
     RESNET_DIAG_DATA, else ./data) and the files of each run's dataset folders."""
     data_dir = Path(args.data_dir or default_data_dir()).resolve()
@@ -210,7 +189,7 @@ def data_identity(runs: list[Run], args) -> dict:
     return {"data_dir": str(data_dir), "files": {str(folder): tree_fingerprint(folder) for folder in folders}}
 
 
-def cache_key(section: Section, runs: list[Run], args, code_commit: str | None, data: dict | None) -> dict:
+def cache_key(section: Section, runs: list[common.Run], args, code_commit: str | None, data: dict | None) -> dict:
     """`data`: `data_identity`, part of the key of the sections that read images."""
     key = {"argv": arguments(section, runs, args, absolute=True), "software": software(), "git_commit": code_commit,
            "inputs": {str(run.path): fingerprint(run.path) for run in runs}}
@@ -365,7 +344,7 @@ def provenance(ds: xr.Dataset) -> list[tuple[str, str]]:
             ("software", str(ds.attrs.get("software", "?"))), ("created", str(ds.attrs.get("created", "?")))]
 
 
-def monitor_summary(run: Run) -> str:
+def monitor_summary(run: common.Run) -> str:
     """One line on a run's BN monitor (monitor.nc, measured every N training steps)."""
     where = f"{run.label}: BN monitor ({Path(run.text) / 'monitor.nc'})"
     try:
@@ -386,7 +365,7 @@ def monitor_summary(run: Run) -> str:
             + (f"; step by step in TensorBoard: tensorboard --logdir {tensorboard}" if tensorboard else ""))
 
 
-def findings(runs: list[Run]) -> list[tuple[str, list[str]]]:
+def findings(runs: list[common.Run]) -> list[tuple[str, list[str]]]:
     """What the report opens with: per run, what its BN statistics cost its validations, where, why and what to
     change (`analyses.monitor.prescription` of its monitor.nc, the lines its trainer printed at the end), and for
     each plain run beside its residual twin the two worst validations side by side."""
@@ -425,7 +404,7 @@ def png_size(png: bytes) -> tuple[int, int]:
     return struct.unpack(">II", png[16:24])  # the IHDR chunk: width, height
 
 
-def section_view(section: Section, outcome: Outcome, command: str, runs: list[Run]) -> SectionView:
+def section_view(section: Section, outcome: Outcome, command: str, runs: list[common.Run]) -> SectionView:
     view = SectionView(section.name, section.title, section.question, outcome.status, outcome.note, command)
     if outcome.ds is not None:
         ds, view.png = outcome.ds, outcome.png
@@ -568,7 +547,7 @@ def main(argv=None) -> None:
     first = {}
     for text in args.runs:  # each run once, as it was first named
         first.setdefault(Path(text).resolve(), text)
-    runs = [read_run(text) for text in first.values()]
+    runs = [common.read_run(text) for text in first.values()]
     choose_device(args.device)  # --device cuda without a GPU: one line before any work
     out = common.output_dir(args, [common.Source(runs[0].label, run_dir=Path(runs[0].text))])
     check_data(runs, args, sections)

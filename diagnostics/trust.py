@@ -21,7 +21,7 @@ from train.errors import ArgumentParser, UserError, bounded_float
 from train.progress import track
 
 from . import common, plotting
-from .curves import group_labels, group_options, read_run, run_labels
+from .curves import group_labels, group_options, run_labels
 
 
 def parser():
@@ -76,12 +76,12 @@ def tables(ds: xr.Dataset) -> str:
     rows = [[str(group), str(int((ds.group_of_run == group).sum()))]
             + [_cell(ds[f"{name}_by_group"].sel(group=group).values, digits, scale)
                for name, _, digits, scale in GROUP_COLUMNS] for group in ds.group.values]
-    lines += common.table_lines(["group", "runs", *(title for _, title, _, _ in GROUP_COLUMNS)], rows)
+    lines.append(common.format_table(["group", "runs", *(title for _, title, _, _ in GROUP_COLUMNS)], rows))
     if ds.sizes["pair"]:
         lines.append("plain minus residual [95% Welch interval]")
         rows = [[str(pair)] + [_cell(ds[f"{name}_contrast"].sel(pair=pair).values, digits, scale)
                                for name, _, digits, scale in GROUP_COLUMNS] for pair in ds.pair.values]
-        lines += common.table_lines(["pair", *(title for _, title, _, _ in GROUP_COLUMNS)], rows)
+        lines.append(common.format_table(["pair", *(title for _, title, _, _ in GROUP_COLUMNS)], rows))
     seeds = ", ".join(map(str, np.atleast_1d(ds.attrs["choose_on"])))
     for horizon, what in (("epoch", "any measurement since the previous validation"),
                           ("last", "the last measurement before the validation")):
@@ -94,8 +94,8 @@ def tables(ds: xr.Dataset) -> str:
                 + [f"{one[f'warning_lead_{part}'].sel(rule=rule).item():.0f}" for part in ("chosen", "held_out")]
                 + [f"{one[f'warning_events_{part}'].sel(rule=rule).item():.0f}" for part in ("chosen", "held_out")]
                 for rule in WARNING_RULES]
-        lines += common.table_lines(["rule", "threshold", "P chosen", "R chosen", "P held out", "R held out",
-                                     "lead chosen", "lead held out", "events chosen", "events held out"], rows)
+        lines.append(common.format_table(["rule", "threshold", "P chosen", "R chosen", "P held out", "R held out",
+                                          "lead chosen", "lead held out", "events chosen", "events held out"], rows))
     return "\n".join(lines)
 
 
@@ -163,7 +163,7 @@ def main(argv=None) -> None:
     choose_on = _seeds(args.choose_on)
     common.require_run_dirs(args.runs, "trust reads a run's metrics.csv, monitor.nc and config.json")
     paths = list(dict.fromkeys(Path(text) for text in args.runs))
-    runs = [read_run(path) for path in track(paths, len(paths), "trust", unit="run")]
+    runs = [common.read_run(str(path)) for path in track(paths, len(paths), "trust", unit="run")]
     monitors = [common.read_monitor(path) for path in paths]
     groups = group_labels(runs)
     ds = trust_study([run.history for run in runs], monitors, run_labels(runs), groups,

@@ -67,10 +67,10 @@ def test_summaries_and_group_statistics_by_hand():
         training_curves(runs, ["a", "b"], ["g", "g", "h"])
 
 
-def run_with_config(name: str, label: str, **config) -> command.Run:
+def run_with_config(name: str, label: str, **config) -> common.Run:
     base = {"model": "resnet20", "skip": True, "augment": "crop-flip", "seed": 0, "out": name, "data_dir": "data",
             "device_used": "cpu", "total_steps": 100}
-    return command.Run(Path(name), {}, {**base, **config}, label, 0, 0)
+    return common.Run(name, Path(name).resolve(), {}, {**base, **config}, label, {}, label, None)
 
 
 def test_seed_output_folder_and_machine_do_not_define_a_group():

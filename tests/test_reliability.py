@@ -213,7 +213,7 @@ def test_a_damaged_monitor_nc_is_one_line_before_training_or_rewritten(tmp_path,
     """A folder named monitor.nc cannot be replaced: refused before an epoch is trained again; a garbage or
     empty file is the trainer's own output, rewritten from the monitor's state in last.pt. The report's findings
     and its monitor line say a damaged monitor.nc cannot be read, not a traceback."""
-    from diagnostics import report
+    from diagnostics import common, report
     run = tmp_path / "run"
     assert train_main(["--model", "resnet20", "--out", str(run), *TINY_RUN, "--epochs", "1"]) == 0
     state = torch.load(run / "last.pt", weights_only=True)
@@ -224,8 +224,8 @@ def test_a_damaged_monitor_nc_is_one_line_before_training_or_rewritten(tmp_path,
         (run / "monitor.nc").mkdir()
     else:
         (run / "monitor.nc").write_bytes(b"" if damage == "empty" else b"\x89HDF not really")
-        found = dict(report.findings([report.read_run(str(run))]))["resnet20"]
-        assert "cannot be read" in found[0] and "cannot be read" in report.monitor_summary(report.read_run(str(run)))
+        found = dict(report.findings([common.read_run(str(run))]))["resnet20"]
+        assert "cannot be read" in found[0] and "cannot be read" in report.monitor_summary(common.read_run(str(run)))
     capsys.readouterr()
     code = train_main(["--resume", str(run)])
     err = capsys.readouterr().err

@@ -20,7 +20,7 @@ from markupsafe import escape
 
 import diagnostics.curves
 import diagnostics.flops
-from conftest import tiny_images, write_cifar_batch
+from conftest import tiny_images, write_cifar_batch, write_image_folder
 from diagnostics import common, report
 from train.__main__ import main as train_main
 from train.errors import UserError
@@ -79,7 +79,7 @@ class Elements(HTMLParser):
 def test_the_page_holds_every_sections_figure_definition_table_command_and_provenance(made, runs):
     assert made.stdout[-2:] == [str(made.out / "report.pdf"), str(made.out / "report.html")]
     assert [line.split(":")[0] for line in made.stdout[:len(SECTIONS)]] == SECTIONS
-    findings = report.findings([report.read_run(str(run)) for run in runs])  # printed before the paths
+    findings = report.findings([common.read_run(str(run)) for run in runs])  # printed before the paths
     printed = [[f"{label}: {lines[0]}", *(f"  {line.strip()}" for line in lines[1:])] for label, lines in findings]
     assert made.stdout[len(SECTIONS):-2] == [line for lines in printed for line in lines]
     elements = Elements(made.html).elements
@@ -114,8 +114,8 @@ def test_the_tables_are_the_ones_the_commands_print(made, runs):
 
 
 def test_gradients_compare_with_each_runs_model_untrained_and_the_monitor_is_summarised(runs):
-    checked = [report.read_run(str(run)) for run in runs]
-    assert [run.init for run in checked] == ["plain20", "resnet20"]
+    checked = [common.read_run(str(run)) for run in runs]
+    assert [report.initial_model(run) for run in checked] == ["plain20", "resnet20"]
     args = report.parser().parse_args([*map(str, runs), "--split", "test", "--n-images", "64"])
     assert report.arguments(report.SECTIONS["gradients"], checked, args) == [
         *map(str, runs), "--epochs", "last", "--init", "plain20", "--init", "resnet20", "--split", "test",
@@ -321,7 +321,7 @@ def test_the_report_opens_with_each_runs_findings(tiny_runs, tmp_path):
     """The first lines of the page: per run the prescription its trainer printed at the end (worst validation,
     where, why, what), then plain against residual; a run without a monitor says so."""
     from analyses.monitor import prescription
-    runs = [report.read_run(str(tiny_runs[name])) for name in ("plain20", "resnet20")]
+    runs = [common.read_run(str(tiny_runs[name])) for name in ("plain20", "resnet20")]
     found = dict(report.findings(runs))
     for name in ("plain20", "resnet20"):
         assert found[name] == prescription(xr.load_dataset(tiny_runs[name] / "monitor.nc")).lines()
@@ -330,7 +330,7 @@ def test_the_report_opens_with_each_runs_findings(tiny_runs, tmp_path):
     assert contrast.startswith("without the skip connection the worst validation lost")
     bare = tmp_path / "bare"
     shutil.copytree(tiny_runs["plain20"], bare, ignore=shutil.ignore_patterns("diagnostics", "monitor.nc"))
-    assert "no BN monitor in this run" in dict(report.findings([report.read_run(str(bare))]))["plain20"][0]
+    assert "no BN monitor in this run" in dict(report.findings([common.read_run(str(bare))]))["plain20"][0]
 
 
 def test_no_figure_of_the_report_has_an_empty_panel(runs, tmp_path, monkeypatch):
@@ -354,3 +354,19 @@ def test_no_figure_of_the_report_has_an_empty_panel(runs, tmp_path, monkeypatch)
              if axis.get_label() != "<colorbar>" and axis.get_visible() and not axis.has_data()
              and not any(text.get_text().strip() for text in axis.texts)]
     assert not empty, empty
+
+
+def test_a_folder_run_trained_with_image_size_on_images_of_mixed_sizes_is_reported(tmp_path):
+    """The report loads each run's splits as its diagnostics do, with the run's --image-size (issue 29: it stopped
+    with "give --image-size N", an option the report does not have)."""
+    pictures = write_image_folder(tmp_path / "pictures", {"train": 4, "val": 2})
+    larger = write_image_folder(tmp_path / "larger", {"train": 1, "val": 1}, size=20, seed=1)
+    for image in larger.rglob("*.png"):
+        shutil.move(image, pictures / image.relative_to(larger).parent / f"larger_{image.name}")
+    run = tmp_path / "run"
+    assert train_main(["--model", "resnet20", "--dataset", f"folder:{pictures}", "--image-size", "16", "--batch-size",
+                       "5", "--epochs", "1", "--precision", "fp32", "--monitor-every", "0", "--attribution-images",
+                       "0", "--out", str(run)]) == 0
+    result = run_report(run, "--sections", "evaluate", "--out", tmp_path / "out")
+    assert result.code == 0, result.stderr
+    assert result.stdout[0].startswith("evaluate: made now")
