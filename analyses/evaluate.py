@@ -39,13 +39,25 @@ def predict(model: nn.Module, batches: Iterable, dtype: torch.dtype | None = Non
     """Per-image cross-entropy (float64), predictions and labels, accumulated on the device, and the largest
     batch (with BN in train mode the statistics are that batch's). `dtype`: the autocast dtype (None: fp32)."""
     device = model_device(model)
+
+    def logits():
+        for x, y in batches:
+            with autocast(device.type, dtype):
+                yield model(x.to(device)), y
+
+    return scored(logits())
+
+
+def scored(batches: Iterable) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """`predict`'s result from `(logits, labels)` batches: also for logits a training loop's own validation pass
+    computed. One batch's logits at a time are kept."""
     losses, predictions, labels = [], [], []
-    for x, y in batches:
-        with autocast(device.type, dtype):
-            logits = model(x.to(device)).float()
-        losses.append(F.cross_entropy(logits, y.to(device), reduction="none").double())
+    for logits, y in batches:
+        logits = logits.float()
+        y = y.to(logits.device)
+        losses.append(F.cross_entropy(logits, y, reduction="none").double())
         predictions.append(logits.argmax(1))
-        labels.append(y.to(device))
+        labels.append(y)
     return torch.cat(losses), torch.cat(predictions), torch.cat(labels), max(map(len, labels), default=0)
 
 

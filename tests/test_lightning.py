@@ -314,3 +314,56 @@ def test_under_ddp_every_process_measures_and_rank_zero_alone_logs_prints_and_wr
     assert "val/bn_excess" in (tmp_path / "logs" / "version_0" / "metrics.csv").read_text().splitlines()[0]
     assert sorted(path.name for path in (tmp_path / "logs" / "version_0").iterdir()) == ["metrics.csv",
                                                                                          "monitor.nc"]
+
+
+class ThroughSubmodule(Classifier):
+    """A validation_step that calls the network, not the module: no forward of the module to take logits from."""
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", F.cross_entropy(self.model(x), y))
+
+
+class SaveDirOnly(pl.loggers.Logger):
+    """A logger whose log_dir is its save_dir alone, as W&B's and MLflow's: ModelCheckpoint still writes into
+    save_dir/name/version/checkpoints."""
+
+    def __init__(self, root: Path):
+        super().__init__()
+        self.root, self.received = root, []
+
+    name, version = "project", "run-1"
+    save_dir = log_dir = property(lambda self: str(self.root))
+
+    def log_metrics(self, metrics, step=None):
+        self.received.append((step, dict(metrics)))
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+
+@pytest.mark.parametrize("module, passes", [(Classifier, 1), (ThroughSubmodule, 2)])
+def test_the_running_pass_is_the_modules_own_validation_forward_where_it_has_one(tmp_path, monkeypatch, module,
+                                                                                   passes):
+    """Each validation predicts the attributed images once more (with recomputed statistics) where the module's
+    own forward gave their logits, twice where validation_step went around it; and the record goes beside the
+    checkpoints of a logger whose log_dir is its save_dir."""
+    import analyses.monitor
+    calls = []
+    monkeypatch.setattr(analyses.monitor, "predict", lambda *a, __f=analyses.monitor.predict, **k: (
+        calls.append(1), __f(*a, **k))[1])
+    pl.seed_everything(0, verbose=False)
+    logger = SaveDirOnly(tmp_path)
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=logger, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0,
+                         callbacks=[BNMonitorCallback(**OPTIONS), pl.callbacks.ModelCheckpoint()])
+    trainer.fit(module(), DataLoader(TRAIN, batch_size=BATCH), DataLoader(VAL, batch_size=BATCH))
+    assert len(calls) == passes
+    run = tmp_path / "project" / "run-1"
+    assert next((run / "checkpoints").glob("*.ckpt")) and (run / "monitor.nc").is_file()
+    ds = record(run / "monitor.nc")
+    by_hand = BNMonitor(trainer.lightning_module, *TRAIN[:BATCH], every=0)  # the same model, validated by hand
+    expected = by_hand.validate(*(list(DataLoader(data, batch_size=BATCH))[:2] for data in (VAL, TRAIN)))
+    np.testing.assert_allclose(ds.val_loss.values[-1], [expected.loss_running, expected.loss_recalibrated],
+                               rtol=1e-9)
+    assert any("val/bn_excess" in metrics for _, metrics in logger.received)

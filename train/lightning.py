@@ -9,16 +9,18 @@ momenta); at each validation, the first `attribution_images` validation images w
 with statistics recomputed over the first `recalibration_images` training images (how much of the validation loss
 is BN statistics). Both go to every logger of the trainer (`trainer.loggers`: TensorBoard, CSV, W&B, MLflow),
 directly, as Lightning's LearningRateMonitor logs, under the tags our trainer's TensorBoard uses
-(`probe/loss_running`, `bn_gap/LAYER`, `val/loss_recalibrated`, `val/bn_excess`). `monitor.nc` goes into the
-trainer's log directory after every training epoch and at the end of `fit`: what `python -m diagnostics.spikes`
-draws the step view from. At the end of `fit` it prints the prescription (which BN momentum would have kept the
+(`probe/loss_running`, `bn_gap/LAYER`, `val/loss_recalibrated`, `val/bn_excess`). `monitor.nc` goes beside
+ModelCheckpoint's `checkpoints/` after every training epoch and at the end of `fit`: what `python -m
+diagnostics.spikes` draws the step view from. The running-statistics pass of the attributed images is the module's
+own in `validation_step` where that calls the module once a batch (a forward hook, removed after each validation),
+else it is made again. At the end of `fit` it prints the prescription (which BN momentum would have kept the
 statistics truest), and during training the monitor's warnings, one line an epoch unless the probe loss doubles.
 
 What it needs of the user's code: training and validation batches `(images, labels, ...)` (or `unpack(batch) ->
 (images, labels)`), and a LightningModule whose forward maps those images to class logits.
 
 - The probe is the first `probe_images` training images as the loader yields them (augmented as trained), copied
-  from the first batches; the monitor starts once it has them (batches of 128 and the default 256: after step 2),
+  from the first batches; the monitor starts once it has them (the default 128 in batches of 64: after step 2),
   or at the end of the first epoch with all of its images where it has fewer.
   Its forwards run in eval mode, or with only BN in train mode at momentum 1; every buffer is put back and no
   random number is drawn: training goes exactly as without it.
@@ -43,6 +45,7 @@ except ImportError:  # pragma: no cover - the message is the point
 
 import models
 from analyses.common import AUTOCAST, preserved_state
+from analyses.evaluate import scored
 from analyses.monitor import WARNING_RULE, WARNING_THRESHOLD, BNMonitor, prescription, warm_up_steps
 
 from . import rundir
@@ -91,7 +94,7 @@ class BNMonitorCallback(pl.Callback):
     training images the statistics are recomputed over; `filename`: the record in the log directory (None: not
     written); `warn_rule`, `warn_threshold`: the early warning (analyses.monitor.WARNING_RULES)."""
 
-    def __init__(self, every: int | str = "auto", *, probe_images: int = 256, attribution_images: int = 2000,
+    def __init__(self, every: int | str = "auto", *, probe_images: int = 128, attribution_images: int = 2000,
                  recalibration_images: int = 2000, filename: str | None = "monitor.nc",
                  unpack: Callable = images_and_labels, warn_rule: str = WARNING_RULE,
                  warn_threshold: float = WARNING_THRESHOLD, print_warnings: bool = True):
@@ -114,6 +117,7 @@ class BNMonitorCallback(pl.Callback):
         self._training = _Images(0)
         self._validation = _Images(0)
         self._last_step = None
+        self._hook, self._outputs, self._logits = None, [], []
 
     # -----------------------------------------------------------------------------------------------------------
     # Training
@@ -191,22 +195,48 @@ class BNMonitorCallback(pl.Callback):
 
     def on_validation_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         # the record's validations are fit's: trainer.validate() after fit would repeat its last step's
-        fitting = trainer.state.fn == "fit"
+        fitting = trainer.state.fn == "fit" and not trainer.sanity_checking and self.monitor is not None
         self._validation = _Images(self.attribution_images if fitting else 0)
+        self._remove_hook()
+        self._outputs, self._logits = [], []
+        if fitting:  # the module's own logits of the attributed images: the running-statistics pass, not made twice
+            self._hook = pl_module.register_forward_hook(self._capture)
+
+    def _capture(self, module, inputs, output) -> None:
+        if torch.is_tensor(output) and not self._validation.full:
+            self._outputs.append(output.detach())
 
     def on_validation_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs, batch,
                                 batch_idx: int, dataloader_idx: int = 0) -> None:
-        if dataloader_idx == 0 and not trainer.sanity_checking and not self._validation.full:
-            self._validation.add(*self.unpack(batch))
+        forwards, self._outputs = self._outputs, []
+        if dataloader_idx == 0 and not self._validation.full:
+            images, labels = self.unpack(batch)
+            take = min(len(images), self._validation.limit - self._validation.count)
+            # one forward of this batch through the module, or the pass is made again (validation_step called a
+            # submodule, or more than once: test-time augmentation)
+            one = len(forwards) == 1 and forwards[0].ndim == 2 and len(forwards[0]) == len(images)
+            self._logits.append(forwards[0][:take] if one else None)
+            self._validation.add(images, labels)
 
     def on_validation_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        if (self.monitor is None or trainer.sanity_checking or not self._validation.count
-                or not self._training.batches):
+        self._remove_hook()
+        if self.monitor is None or not self._validation.count or not self._training.batches:
             return
-        attribution = self.monitor.validate(self._validation.batches, self._training.batches,
+        running = None
+        if self._logits and all(logits is not None for logits in self._logits):
+            running = scored(zip(self._logits, (y for _, y in self._validation.batches)))
+        attribution = self.monitor.validate(self._validation.batches, self._training.batches, running=running,
                                             step=trainer.global_step, epoch=trainer.current_epoch + 1)
-        self._validation = _Images(0)
+        self._validation, self._logits = _Images(0), []
         self._log(trainer, attribution.scalars(), trainer.global_step)
+
+    def _remove_hook(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception) -> None:
+        self._remove_hook()  # a failed validation leaves no hook on the user's module
 
     # -----------------------------------------------------------------------------------------------------------
     # Logs, the record, resume
@@ -217,9 +247,15 @@ class BNMonitorCallback(pl.Callback):
                 logger.log_metrics(scalars, step=step)
 
     def monitor_path(self, trainer: "pl.Trainer") -> Path | None:
+        """Beside ModelCheckpoint's `checkpoints/`: the first logger's save_dir/name/version (TensorBoard's and
+        CSV's log_dir; W&B's and MLflow's log_dir is their save_dir alone), or default_root_dir without one."""
         if self.filename is None:
             return None
-        return Path(trainer.log_dir or trainer.default_root_dir) / self.filename
+        if not trainer.loggers:
+            return Path(trainer.default_root_dir) / self.filename
+        logger = trainer.loggers[0]
+        version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
+        return Path(logger.save_dir or trainer.default_root_dir, str(logger.name), version, self.filename)
 
     def _write(self, trainer) -> None:
         path = self.monitor_path(trainer)
