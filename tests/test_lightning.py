@@ -367,3 +367,40 @@ def test_the_running_pass_is_the_modules_own_validation_forward_where_it_has_one
     np.testing.assert_allclose(ds.val_loss.values[-1], [expected.loss_running, expected.loss_recalibrated],
                                rtol=1e-9)
     assert any("val/bn_excess" in metrics for _, metrics in logger.received)
+
+
+def lightning_file(path: Path, state_dict: dict, epoch: int) -> Path:
+    """A checkpoint as ModelCheckpoint writes one, without a Trainer."""
+    torch.save({"epoch": epoch, "global_step": 3 * (epoch + 1), "pytorch-lightning_version": pl.__version__,
+                "state_dict": state_dict, "callbacks": {}, "optimizer_states": [], "lr_schedulers": []}, path)
+    return path
+
+
+def test_a_log_directory_is_read_epoch_by_epoch_whatever_its_checkpoints_are_named(tmp_path):
+    """Saved within epochs too (every_n_train_steps, val_check_interval): each epoch's last step, in epoch order
+    (step 12 after step 9); names without an epoch (`{epoch}` alone): in the order of their numbers."""
+    weights = {f"model.{key}": value for key, value in models.build("resnet20", num_classes=4).state_dict().items()}
+    within = tmp_path / "within" / "checkpoints"
+    within.mkdir(parents=True)
+    for epoch, step in ((0, 3), (0, 6), (1, 9), (1, 12), (1, 10)):
+        lightning_file(within / f"epoch={epoch}-step={step}.ckpt", weights, epoch)
+    lightning_file(within / "last.ckpt", weights, 1)
+    assert [path.name for path in rundir.run_checkpoints(within.parent)] == ["epoch=0-step=6.ckpt",
+                                                                              "epoch=1-step=12.ckpt"]
+    numbered = tmp_path / "numbered" / "checkpoints"
+    numbered.mkdir(parents=True)
+    for epoch in (0, 1, 2, 10):
+        lightning_file(numbered / f"{epoch}.ckpt", weights, epoch)
+    assert [path.name for path in rundir.run_checkpoints(numbered.parent)] == ["0.ckpt", "1.ckpt", "2.ckpt",
+                                                                                "10.ckpt"]
+
+
+def test_a_network_split_over_two_attributes_is_one_line_naming_them(tmp_path):
+    weights = models.build("resnet20", num_classes=4).state_dict()
+    split = {f"backbone.{key}" if not key.startswith("fc.") else f"head.{key}": value
+             for key, value in weights.items()}
+    path = lightning_file(tmp_path / "split.ckpt", split, 0)
+    with pytest.raises(ckpt.UserError, match="attributes backbone, head: give the one that holds the whole network"):
+        ckpt.load(path, model_name="resnet20", dataset="synthetic")
+    whole = lightning_file(tmp_path / "whole.ckpt", {f"backbone.{key}": value for key, value in weights.items()}, 0)
+    assert ckpt.load(whole, model_name="resnet20", dataset="synthetic").epoch == 1

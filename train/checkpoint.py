@@ -464,9 +464,16 @@ def load(path, model_name: str | None = None, dataset: str | None = None, mean=N
                 except models.ModelError as exc:
                     raise UserError(f"{path}: {exc}") from None
                 break
-            except UserError:
-                if k == len(prefixes) - 1:
-                    raise
+            except UserError as exc:
+                if k < len(prefixes) - 1:
+                    continue
+                if is_lightning(checkpoint) and state_prefix is None and "check --model" in str(exc):
+                    holders = sorted({key.split(".", 1)[0] for key in _tensors(checkpoint, path) if "." in key})
+                    raise UserError(f"{exc}; its weights are under the LightningModule's attributes "
+                                    f"{', '.join(holders)}: give the one that holds the whole network as "
+                                    "--state-prefix NAME (a network split over several, such as a backbone and a "
+                                    "head, cannot be read: keep it in one module)") from None
+                raise
         spec, extra = spec.with_statistics(mean, std), {}
         if is_lightning(checkpoint) and type(checkpoint.get("epoch")) is int and checkpoint["epoch"] >= 0:
             extra = {"epoch": checkpoint["epoch"] + 1}

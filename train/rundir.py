@@ -21,11 +21,12 @@ from .errors import UserError, first_line
 REQUIRED_METRICS = ["epoch", "step", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_seconds",
                     "images_per_second"]  # every metrics.csv has these; runs of version 0.1 have no more
 ATTRIBUTION = ["val_loss_recalibrated", "val_acc_recalibrated", "bn_excess", "bn_excess_se"]  # NaN where off
-METRICS = [*REQUIRED_METRICS, "bn_warnings", *ATTRIBUTION]  # what the trainer writes: bn_warnings counts the BN monitor's
+METRICS = [*REQUIRED_METRICS, "bn_warnings", *ATTRIBUTION]  # the trainer's: bn_warnings counts the BN monitor's
 STEPS = ["step", "epoch", "train_loss", "lr"]
 TIMING = ("epoch_seconds", "images_per_second")  # the only columns a resumed run may differ in
 EPOCH_FILE = re.compile(r"epoch_(\d+)\.pt$")
-LIGHTNING_EPOCH_FILE = re.compile(r"(?:^|[-_])epoch=(\d+)\b.*\.ckpt$")  # ModelCheckpoint's `epoch=1-step=8.ckpt`
+LIGHTNING_EPOCH_FILE = re.compile(r"(?:^|[-_])epoch=(\d+)\b.*\.ckpt$")  # ModelCheckpoint's epoch=1-step=8.ckpt
+LIGHTNING_STEP = re.compile(r"(?:^|[-_])step=(\d+)")
 # What `checkpoint.atomic_paths` and `temporary_folder` write before they rename: `.NAME.PID-RANDOM.tmp` (before
 # issue 27 without `PID-`).
 TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?:(?P<pid>\d+)-)?[^.-]+\.tmp$")
@@ -63,12 +64,16 @@ def has_checkpoints(run_dir) -> bool:
 
 def run_checkpoints(run_dir) -> list[Path]:
     """What tools read from a run: its epoch files in order, or `last.pt` where there are none; of a Lightning
-    log directory its `checkpoints/*.ckpt` by the epoch in their names, or the others (`last.ckpt`) where none
-    names one."""
+    log directory its `checkpoints/*.ckpt` by the epoch in their names, the last step's of each epoch, or all of
+    them in the order of the numbers in their names where none names an epoch (`last.ckpt`, `{epoch}` names)."""
     if is_lightning_dir(run_dir):
-        found = sorted(Path(run_dir, "checkpoints").glob("*.ckpt"))
-        by_epoch = sorted((named_epoch(p), str(p)) for p in found if named_epoch(p) is not None)
-        files = [Path(p) for _, p in by_epoch] or found
+        found = sorted(Path(run_dir, "checkpoints").glob("*.ckpt"), key=_natural)
+        last_of_epoch = {}  # a fit that also saved within epochs (every_n_train_steps, val_check_interval): the ends
+        for path in sorted(found, key=lambda p: (int(m[1]) if (m := LIGHTNING_STEP.search(p.name)) else -1,
+                                                 _natural(p))):
+            if named_epoch(path) is not None:
+                last_of_epoch[named_epoch(path)] = path
+        files = [last_of_epoch[epoch] for epoch in sorted(last_of_epoch)] or found
     else:
         files = epoch_files(run_dir) or [p for p in [Path(run_dir) / "last.pt"] if p.is_file()]
     broken = next((path for path in files if not path.is_file()), None)  # is_file: False for a looping link too
@@ -79,6 +84,11 @@ def run_checkpoints(run_dir) -> list[Path]:
         raise UserError(f"{run_dir} holds no checkpoints yet (no epoch_NNN.pt or last.pt); let the run finish "
                         "an epoch, or point at another run")
     return files
+
+
+def _natural(path: Path) -> list:
+    """`2.ckpt` before `10.ckpt`: the name's numbers compared as numbers."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", Path(path).name)]
 
 
 def remove_stale_temporaries(folder, names=None) -> list[Path]:
