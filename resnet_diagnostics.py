@@ -18,15 +18,24 @@ COMMANDS = {"train": "train", **{name: f"diagnostics.{name}" for name in (
     "curves", "evaluate", "flops", "responses", "gradients", "spikes", "trust", "attributions", "report")}}
 
 
+OPENMP_SPIN = "10000"  # GOMP_SPINCOUNT: libgomp spins 300,000 times by default (docs/performance.md)
+
+
 def start_command() -> None:
     """What every way in (train, diagnostics, benchmarks) does first under `python -m`: our modules first, Ctrl-C
-    while the imports run (torch's take seconds) one line and exit 130, and matplotlib's file-only backend, so
-    that an `MPLBACKEND` naming no backend cannot stop matplotlib's import (the commands draw to files only)."""
+    while the imports run (torch's take seconds) one line and exit 130, matplotlib's file-only backend, so that
+    an `MPLBACKEND` naming no backend cannot stop matplotlib's import (the commands draw to files only), and
+    OpenMP threads that wait briefly before they sleep: two of our processes on one machine (a run training, a
+    diagnostic reading yesterday's checkpoints) kept 11-33% of their solo speed with libgomp's long spin, each
+    spinning on the cores the other needs, and 51-70% with it shortened (benchmarks.side_by_side). Before torch
+    is imported, which is when libgomp reads it; a user's OMP_WAIT_POLICY or GOMP_SPINCOUNT is left alone."""
     if sys.argv[:1] != ["-m"]:
         return
     own_modules_first()
     sys.excepthook = _interrupted_while_starting(sys.excepthook)
     os.environ["MPLBACKEND"] = "Agg"
+    if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+        os.environ["GOMP_SPINCOUNT"] = OPENMP_SPIN
 
 
 def _interrupted_while_starting(previous):

@@ -13,9 +13,9 @@ interval, so a short --every E measures the cost per measurement sooner; two fig
 - measured: (fit with / fit without - 1) x (--steps / measurements made) / D, the measurements counted from the
   callback's record (it starts once its probe is complete: after the second batch of 128);
 - from the measurement time: one `BNMonitor.measure` of the callback's monitor timed alone / (D x a step).
-The attribution: one `BNMonitor.validate` called as the callback calls it at a validation (its own eval pass over
-the validation images, statistics recomputed over the training images, the same images evaluated with them) per
-epoch of --epoch-images images, as a share of that epoch's training steps.
+The attribution: one `BNMonitor.validate` called as the callback calls it at a validation (the running-statistics
+pass is the validation loop's own, whose logits the callback takes; statistics recomputed over the training images,
+the same images evaluated with them) per epoch of --epoch-images images, as a share of that epoch's training steps.
 
 --cpu-time times each run by this process's CPU seconds instead of wall-clock seconds: on a CPU core that other
 processes share, wall-clock seconds say who else ran (one fit's steps took 0.33 to 1.6 s on such a core), CPU
@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 import models
+from analyses.evaluate import predict
 from diagnostics.common import main_guard
 from train.config import MONITOR_LONGEST
 from train.errors import UserError, positive_int
@@ -131,6 +132,7 @@ def time_callback(name: str, train, attribution, args, device, progress) -> tupl
     """Median seconds of a fit without the callback, with it, of one measurement alone and of one attribution;
     and how many measurements the callback made in a fit (counted from its record)."""
     made = []  # the callbacks of the fits with one: the latest one's monitor is timed alone
+    own = predict(Classifier(name).to(device).eval(), attribution[0])  # untimed: its values do not change the cost
 
     def with_callback():
         made.append(BNMonitorCallback(args.every, probe_images=args.probe_images,
@@ -142,7 +144,9 @@ def time_callback(name: str, train, attribution, args, device, progress) -> tupl
         "without": lambda: fit(name, train, args, device, None),
         "with": with_callback,
         "measure": lambda: made[-1].monitor.measure(0),  # step 0: told apart from the fit's own in the record
-        "attribute": lambda: made[-1].monitor.validate(*attribution, step=0, epoch=1),  # as at a validation
+        # as at a validation: the running-statistics pass is the validation loop's own (the callback takes the
+        # module's logits from it), so only the recomputation and the pass with its statistics are the callback's
+        "attribute": lambda: made[-1].monitor.validate(*attribution, running=own, step=0, epoch=1),
     }
     cpu_seconds = {key: [] for key in runs}
     if args.cpu_time:

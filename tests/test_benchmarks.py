@@ -260,3 +260,16 @@ def test_lightning_cost_fits_a_real_trainer_with_and_without_the_callback(capsys
     assert "GPU available" not in out + err  # Lightning's banner, once per fit, is kept out of the report
     code, out, err = run(lightning_cost, ["--steps", "4", "--every", "5"], capsys)
     assert code == 2 and "give --steps at least 5" in err
+
+
+def test_side_by_side_times_each_kind_alone_and_paired_under_each_setting(capsys):
+    from benchmarks import side_by_side
+    code, out, err = run(side_by_side, ["--model", "resnet20", "--seconds", "0.2", "--settings", "ours", "split"],
+                         capsys)
+    assert code == 0, err
+    assert_machine_line(out.splitlines()[0])
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split()[:1] in (["ours"], ["split"])}
+    assert set(rows) == {"ours", "split"} and all(float(cell) > 0 for cell in rows["ours"][1:5])
+    lines = summaries(out)
+    assert len(lines) == 2 and all("share of its solo speed" in line and "(target >= 40.0%)" in line
+                                   for line in lines)
