@@ -71,6 +71,7 @@ bench: install fashion-mnist
 	$(BIN)/python -m benchmarks.depth_scaling
 	$(BIN)/python -m benchmarks.spikes_cost
 	$(BIN)/python -m benchmarks.lightning_cost
+	$(BIN)/python -m benchmarks.side_by_side
 
 bench-gpu:
 	$(GPU_PYTHON) -m benchmarks.gpu --data-dir $(DATA)
