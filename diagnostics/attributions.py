@@ -234,8 +234,7 @@ def main(argv=None) -> None:
     described = ", ".join(dict.fromkeys(f"{layer} ({shape})" for layer, shape in zip(layers, shapes)))
     ds = combine_models(datasets, [source.label for source in sources], attrs(
         definition(explainers, args.target, args.steps, described, first["baseline"]),
-        checkpoint=[d.attrs["checkpoint"] for d in datasets], dataset=first["dataset"], split=args.split,
-        n_images=first["n_images"], batch_size=args.batch_size, bn_mode="eval", target=args.target,
+        split=args.split, **common.merged_attrs(datasets), bn_mode="eval", target=args.target,
         n_steps=args.steps, gradcam_layer=layers, gradcam_layer_shape=shapes, baseline=first["baseline"],
         insertion_start=first["insertion_start"], random_seed=first["random_seed"]))
     print(table_text(ds))

@@ -296,13 +296,20 @@ class Results:
         """One dataset along `model` and `epoch`, with the attrs of docs/design.md §4 over all checkpoints (the
         largest batch any of them used, where their analysis records one)."""
         from analyses.common import attrs, combine
-        batch_sizes = [d.attrs["batch_size"] for d in self.datasets if d.attrs.get("batch_size", "") != ""]
-        if batch_sizes:
-            extra = {"batch_size": max(batch_sizes), **extra}
-        return combine(self.datasets, self.labels, self.epochs, attrs(
-            definition, checkpoint=[d.attrs["checkpoint"] for d in self.datasets],
-            dataset=sorted({d.attrs["dataset"] for d in self.datasets}), split=split,
-            n_images=max(d.attrs["n_images"] for d in self.datasets), **extra))
+        return combine(self.datasets, self.labels, self.epochs,
+                       attrs(definition, split=split, **merged_attrs(self.datasets) | extra))
+
+
+def merged_attrs(datasets: list) -> dict:
+    """The per-checkpoint attrs of docs/design.md §4 over several checkpoints' datasets: each one's checkpoint, the
+    datasets they read, the most images and the largest batch any of them records (left out where none does:
+    `analyses.common.attrs` writes it as unknown)."""
+    merged = {"checkpoint": [d.attrs["checkpoint"] for d in datasets],
+              "dataset": sorted({d.attrs["dataset"] for d in datasets})}
+    for key in ("n_images", "batch_size"):
+        if values := [d.attrs[key] for d in datasets if d.attrs.get(key, "") != ""]:
+            merged[key] = max(values)
+    return merged
 
 
 def untrained_spec(args, dataset: str) -> data.DatasetSpec:

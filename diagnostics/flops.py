@@ -108,15 +108,14 @@ def main(argv=None) -> None:
     if any(source.model_name is not None for source in sources):
         names_spec = common.untrained_spec(args, args.dataset or "cifar10")
         common.check_untrained(sources, names_spec)
-    datasets, paths, plain = [], [], {}
+    datasets, plain = [], {}
     for source in track(sources, len(sources), "flops", unit="model"):
         model, spec, path, plain[source.label] = counted_model(source, args, device, names_spec)
         shape = (1, spec.in_channels, spec.image_size, spec.image_size)
         datasets.append(flop_count(model, shape, checkpoint=path, dataset=spec.name))
-        paths.append(path or "")
     labels = [source.label for source in sources]
     ds = combine(datasets, labels, [0] * len(datasets), attrs(
-        DEFINITION, checkpoint=paths, dataset=sorted({d.attrs["dataset"] for d in datasets}), bn_mode="eval",
+        DEFINITION, **common.merged_attrs(datasets), bn_mode="eval",
         **{key: ", ".join(sorted({part for d in datasets for part in d.attrs[key].split(", ") if part}))
            for key in ("input_shape", "counted_operators", "skipped_operators")}))
     ds = ds.isel(epoch=0, drop=True)

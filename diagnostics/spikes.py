@@ -392,12 +392,8 @@ def main(argv=None) -> None:
 
 
 def _run_attrs(results, per_run: dict, args) -> dict:
-    parts = results.datasets
     labels = list(per_run)
-    return dict(checkpoint=[part.attrs["checkpoint"] for part in parts],
-                dataset=sorted({part.attrs["dataset"] for part in parts}), split=args.split,
-                n_images=max(part.attrs["n_images"] for part in parts),
-                batch_size=max(part.attrs["batch_size"] for part in parts),
+    return dict(split=args.split, **common.merged_attrs(results.datasets),
                 bn_momentum=[per_run[label]["bn_momentum"] for label in labels],
                 precise_bn=[per_run[label]["precise_bn"] for label in labels],
                 recal_augment=[per_run[label]["augment"] for label in labels])
