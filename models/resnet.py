@@ -123,7 +123,7 @@ class Bottleneck(nn.Module):
 class ResNet(nn.Module):
     """Stem, stages `stage1..`, each of blocks `block1..`, global average pooling, `fc`."""
 
-    def __init__(self, block, blocks_per_stage, widths, num_classes=10, in_channels=3, skip=True,
+    def __init__(self, block, blocks_per_stage, widths, *, num_classes=10, in_channels=3, skip=True,
                  shortcut="A", bn=True, zero_init_residual=False, projection_bias=False):
         super().__init__()
         if shortcut not in SHORTCUTS:
@@ -178,16 +178,17 @@ def cifar_resnet(depth: int = 20, num_classes: int = 10, in_channels: int = 3, s
     if depth < 8 or (depth - 2) % 6:
         raise ModelError(f"a CIFAR ResNet has depth 6n+2 (20, 32, 44, 56, 110, ...), not {depth}")
     n = (depth - 2) // 6
-    return ResNet(BasicBlock, (n, n, n), (16, 32, 64), num_classes, in_channels, skip, shortcut, bn,
-                  zero_init_residual, projection_bias)
+    return ResNet(BasicBlock, (n, n, n), (16, 32, 64), num_classes=num_classes, in_channels=in_channels,
+                  skip=skip, shortcut=shortcut, bn=bn, zero_init_residual=zero_init_residual,
+                  projection_bias=projection_bias)
 
 
 def _register_cifar(depth: int):
     @register(f"resnet{depth}")
     def builder(num_classes: int = 10, in_channels: int = 3, skip: bool = True, shortcut: str = "A",
                 bn: bool = True, zero_init_residual: bool = False, projection_bias: bool = False) -> ResNet:
-        return cifar_resnet(depth, num_classes, in_channels, skip, shortcut, bn, zero_init_residual,
-                            projection_bias)
+        return cifar_resnet(depth, num_classes=num_classes, in_channels=in_channels, skip=skip, shortcut=shortcut,
+                            bn=bn, zero_init_residual=zero_init_residual, projection_bias=projection_bias)
     builder.__doc__ = f"ResNet-{depth} for CIFAR (He et al. 2016, Sec. 4.2), option-A shortcuts by default."
 
 
@@ -195,8 +196,9 @@ def _register_imagenet_style(depth: int, block, blocks_per_stage):
     @register(f"resnet{depth}")
     def builder(num_classes: int = 10, in_channels: int = 3, skip: bool = True, shortcut: str = "B",
                 bn: bool = True, zero_init_residual: bool = False, projection_bias: bool = False) -> ResNet:
-        return ResNet(block, blocks_per_stage, (64, 128, 256, 512), num_classes, in_channels, skip, shortcut,
-                      bn, zero_init_residual, projection_bias)
+        return ResNet(block, blocks_per_stage, (64, 128, 256, 512), num_classes=num_classes,
+                      in_channels=in_channels, skip=skip, shortcut=shortcut, bn=bn,
+                      zero_init_residual=zero_init_residual, projection_bias=projection_bias)
     builder.__doc__ = f"ResNet-{depth} (Table 1) adapted to 32x32 inputs: 3x3 stem, no max-pool."
 
 

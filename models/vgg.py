@@ -23,7 +23,7 @@ HEADS = ("linear", "fc4096")
 class VGG(nn.Module):
     """Stages `stage1..stage5` of `conv{k}`, `bn{k}`, `relu{k}` and a `pool`; then the head."""
 
-    def __init__(self, config, num_classes=10, in_channels=3, bn=True, head="linear", dropout=0.5):
+    def __init__(self, config, *, num_classes=10, in_channels=3, bn=True, head="linear", dropout=0.5):
         super().__init__()
         if head not in HEADS:
             raise ModelError(f"head must be one of {', '.join(HEADS)}, not {head!r}")
@@ -68,7 +68,8 @@ def _register(depth: int):
     @register(f"vgg{depth}")
     def builder(num_classes: int = 10, in_channels: int = 3, bn: bool = True, head: str = "linear",
                 dropout: float = 0.5) -> VGG:
-        return VGG(CONFIGS[depth], num_classes, in_channels, bn, head, dropout)
+        return VGG(CONFIGS[depth], num_classes=num_classes, in_channels=in_channels, bn=bn, head=head,
+                   dropout=dropout)
     builder.__doc__ = f"VGG-{depth} with BN; `dropout` applies to the FC-4096 head only."
 
 
