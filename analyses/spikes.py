@@ -271,15 +271,15 @@ def repair_depths(n_layers: int, most: int = 64) -> np.ndarray:
 
 
 @torch.no_grad()
-def repair(model: nn.Module, val_batches: Iterable, recal_inputs: Iterable, *, dtype=None, singles: int = 3,
-           depths: np.ndarray | None = None) -> xr.Dataset:
+def repair(model: nn.Module, val_batches: Iterable, recal_inputs: Iterable, *, dtype=None,
+           singles: int = 3) -> xr.Dataset:
     """`repair_loss` (by `repaired`, the number of first BN layers recomputed) and `single_repair_loss` (by
     `depth`, NaN where not measured) for the layers whose repair lowers the curve most (`singles` of them)."""
     running = running_statistics(model)
     layers = list(running)
     device = model_device(model)
     val_batches = [(x.to(device), y.to(device)) for x, y in val_batches]
-    depths = repair_depths(len(layers)) if depths is None else np.asarray(depths)
+    depths = repair_depths(len(layers))
     with preserved_state(model):
         recalibrate_bn(model, [x.to(device) for x in inputs_of(recal_inputs)], dtype)
         population = running_statistics(model)
@@ -314,7 +314,7 @@ def _perturbed(stats: BNStatistics, kind: str, size: float, signs: torch.Tensor)
 
 @torch.no_grad()
 def amplification(model: nn.Module, val_batches: Iterable, recal_inputs: Iterable, *, size: float = 0.1,
-                  dtype=None, depths: np.ndarray | None = None) -> xr.Dataset:
+                  dtype=None) -> xr.Dataset:
     """For each source layer (`source_depth`) and perturbation kind: the normalisation error it causes at every
     BN layer's input (`amplification_error`, by `depth`), its gain at the last BN layer, and the loss change.
     All BN layers start from recomputed population statistics, so the unperturbed model is the reference."""
@@ -323,7 +323,7 @@ def amplification(model: nn.Module, val_batches: Iterable, recal_inputs: Iterabl
     device = model_device(model)
     val_batches = [(x.to(device), y.to(device)) for x, y in val_batches]
     layers = list(running_statistics(model))
-    sources = np.arange(1, len(layers) + 1) if depths is None else np.asarray(depths)
+    sources = np.arange(1, len(layers) + 1)
     error = np.full((len(PERTURBATIONS), len(sources), len(layers)), np.nan)
     loss_change = np.full((len(PERTURBATIONS), len(sources)), np.nan)
     with preserved_state(model):

@@ -53,8 +53,8 @@ def parser(module: str, doc: str, *, models_default: list[str] | None, repeats: 
     return p
 
 
-def add_data_options(p: ArgumentParser, batch_size: int = 128) -> None:
-    p.add_argument("--batch-size", type=positive_int, default=batch_size, help=f"default {batch_size}")
+def add_data_options(p: ArgumentParser) -> None:
+    p.add_argument("--batch-size", type=positive_int, default=128, help="default 128")
     p.add_argument("--dataset", choices=tuple(data.SPECS), default="fashion-mnist",
                    help="the images trained on (default fashion-mnist; synthetic needs no files)")
     p.add_argument("--data-dir", default=str(data.default_data_dir()))

@@ -56,7 +56,6 @@ from . import attributions, common, curves, evaluate, flops
 
 IMAGES = ("data_dir", "device", "split", "n_images", "batch_size")  # the options a section that reads images takes
 RUN_FILES = ("config.json", "metrics.csv", "steps.csv", "monitor.nc")  # and the checkpoints (*.pt)
-# The tables' headers as the commands print them (tests/test_report.py holds them to it).
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -107,14 +107,14 @@ def _loss_panel(axis, one, style: dict) -> None:
     axis.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
-def _mark_largest(axis, x, y, values, text_format="{:.2g}") -> None:
+def _mark_largest(axis, x, y, values) -> None:
     """Circle the largest cell and write its value right beside it, inside the axes."""
     if not np.isfinite(values).any():
         return
     d, e = np.unravel_index(np.nanargmax(values), values.shape)
     axis.plot(x[e], y[d], "o", markerfacecolor="none", markeredgecolor="red", markersize=6)
     right = e < len(x) / 2
-    label = axis.annotate(text_format.format(values[d, e]), (x[e], y[d]), xytext=(6 if right else -6, 0),
+    label = axis.annotate(f"{values[d, e]:.2g}", (x[e], y[d]), xytext=(6 if right else -6, 0),
                           textcoords="offset points", ha="left" if right else "right", va="center", fontsize=5,
                           color="red")
     label.set_path_effects([patheffects.withStroke(linewidth=1.5, foreground="white")])

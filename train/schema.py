@@ -82,14 +82,14 @@ def _name(value) -> bool:
     return isinstance(value, str) and 0 < len(value) <= MAX_NAME
 
 
-def check_state_dict(state_dict, path, field: str = "state_dict") -> None:
+def check_state_dict(state_dict, path) -> None:
     if not isinstance(state_dict, dict) or not state_dict:
-        raise damaged(path, f"has no {field} of tensors")
+        raise damaged(path, "has no state_dict of tensors")
     for key, value in state_dict.items():
         if not isinstance(key, str) or len(key) > 1000:
-            raise damaged(path, f"has a {field} key {str(key)[:40]!r} that is not a layer name")
+            raise damaged(path, f"has a state_dict key {str(key)[:40]!r} that is not a layer name")
         if not torch.is_tensor(value):
-            raise damaged(path, f"has {type(value).__name__} at {field}[{key[:80]!r}], not a tensor")
+            raise damaged(path, f"has {type(value).__name__} at state_dict[{key[:80]!r}], not a tensor")
 
 
 def check_model(spec, path) -> None:
