@@ -55,7 +55,7 @@ def normalisation_error(used: BNStatistics, true: BNStatistics) -> dict[str, tor
     return {"rms": (mean.square() + scale.square()).sqrt(), "mean": mean, "scale": scale}
 
 
-def layer_error(error: dict[str, torch.Tensor]) -> list[float]:
+def channel_rms(error: dict[str, torch.Tensor]) -> list[float]:
     """One value per component for a layer: the root mean square over its channels, in COMPONENTS order."""
     return [error[component].square().mean().sqrt().item() for component in COMPONENTS]
 
@@ -67,7 +67,7 @@ def statistics_error_table(used: dict[str, BNStatistics], true: dict[str, BNStat
     table = torch.full((len(layers), len(COMPONENTS)), float("nan"), dtype=torch.float64)
     for i, name in enumerate(layers):
         if name in used and name in true:
-            table[i] = torch.tensor(layer_error(normalisation_error(used[name], true[name])), dtype=torch.float64)
+            table[i] = torch.tensor(channel_rms(normalisation_error(used[name], true[name])), dtype=torch.float64)
     return table
 
 

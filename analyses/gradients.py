@@ -30,7 +30,7 @@ import xarray as xr
 from .common import attrs, layer_coords, model_device, preserved_state, variable
 from .evaluate import set_bn_mode
 
-BN_MODES = ("train", "eval")
+GRADIENT_BN_MODES = ("train", "eval")
 
 
 def definition(bn_mode: str) -> str:
@@ -74,8 +74,8 @@ def gradient_norms(model: nn.Module, batches: Iterable, n_batches: int | None = 
     statistics (`train`, as in training) or its running ones (`eval`). The model comes back as it came: BN
     buffers, momenta, module modes, `requires_grad` and `.grad` of every parameter.
     """
-    if bn_mode not in BN_MODES:
-        raise ValueError(f"bn_mode must be one of {', '.join(BN_MODES)}, not {bn_mode!r}")
+    if bn_mode not in GRADIENT_BN_MODES:
+        raise ValueError(f"bn_mode must be one of {', '.join(GRADIENT_BN_MODES)}, not {bn_mode!r}")
     layers = weight_layers(model)
     if not layers:
         raise ValueError("the model has no nn.Conv2d or nn.Linear weight")

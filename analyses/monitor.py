@@ -79,7 +79,7 @@ from .common import (ChannelMoments, attrs, autocast, dtype_name, forward_hooks,
 from .evaluate import predict
 from .gradients import kind_of, weight_layers
 
-BN_STATISTICS = ("running", "batch")  # the `bn` dim of the probe's loss and accuracy
+PROBE_STATISTICS = ("running", "batch")  # the `bn` dim of the probe's loss and accuracy
 RECORDED = ("probe_loss", "probe_acc", "bn_gap", "eval_mismatch", "grad_norm", "weight_norm", "train_loss", "lr",
             "warning", "input_shift", "input_shift2", "interval", "input_speed", "batch_noise", "angular_speed",
             "angular_equilibrium", "shadow_gap", "predicted_gap", "warning_score")
@@ -734,7 +734,7 @@ class BNMonitor:
         record = {name: values[-1] for name, values in self.records.items()}
         scalars = {tag: float(record[name]) for name, tag in (("train_loss", "step/loss"), ("lr", "step/lr"))
                    if np.isfinite(record[name])}  # the caller's, where it passed them
-        for k, bn in enumerate(BN_STATISTICS):
+        for k, bn in enumerate(PROBE_STATISTICS):
             scalars[f"probe/loss_{bn}"] = float(record["probe_loss"][k])
             scalars[f"probe/accuracy_{bn}"] = float(record["probe_acc"][k])
         scalars["probe/warning"] = float(record["warning"])
@@ -840,7 +840,7 @@ class BNMonitor:
         grad_norm, weight_norm = stacked("grad_norm"), stacked("weight_norm")
         weight_coords = layer_coords(self.weight_names)
         coords = {**layer_coords(self.bn_names), "step": ("step", np.asarray(r["step"], dtype=np.int64)),
-                  "epoch": ("step", np.asarray(r["epoch"], dtype=np.int64)), "bn": ("bn", list(BN_STATISTICS)),
+                  "epoch": ("step", np.asarray(r["epoch"], dtype=np.int64)), "bn": ("bn", list(PROBE_STATISTICS)),
                   "component": ("component", list(COMPONENTS)),
                   "weight_depth": ("weight_depth", weight_coords["depth"][1]),
                   "weight_layer": ("weight_depth", weight_coords["layer"][1]),

@@ -363,7 +363,7 @@ def _split_images(loaded: ckpt.Loaded, args, split: str):
     return _IMAGES[key]
 
 
-def response_layers(loaded: ckpt.Loaded, patterns: list[str] | None, example: torch.Tensor) -> list[str]:
+def chosen_layers(loaded: ckpt.Loaded, patterns: list[str] | None, example: torch.Tensor) -> list[str]:
     """What `diagnostics.responses` measures: the modules whose names match `patterns` (fnmatch's * and ?), in
     forward order, or else `models.response_layers`. Each must run exactly once in a forward pass of `example`
     (a module shared by several layers, as torchvision's `relu` of a block, mixes their activations); a model
@@ -430,7 +430,7 @@ def read_monitor(run_dir: Path):
         raise UserError(f"{path} cannot be read ({first_line(exc)}); delete it or copy the run again") from None
 
 
-def recalibration_inputs(loaded: ckpt.Loaded, args, device, n_images: int) -> list:
+def run_recal_inputs(loaded: ckpt.Loaded, args, device, n_images: int) -> list:
     """What BN recalibration reads, exactly as the trainer's --precise-bn (`train.data.recalibration_inputs`):
     the first `n_images` of the run's training images, augmented once as the run trained, in even batches of at
     most the per-device training batch; recalibrate under `run_dtype(loaded)`."""

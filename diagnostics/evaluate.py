@@ -128,7 +128,7 @@ def main(argv=None) -> None:
     results = common.Results()
     for source, loaded in common.checkpoints(sources, args, device):
         batches = common.image_batches(loaded, args, device)
-        recalibration = common.recalibration_inputs(loaded, args, device, args.precise_bn) if args.precise_bn else None
+        recalibration = common.run_recal_inputs(loaded, args, device, args.precise_bn) if args.precise_bn else None
         results.add(source.label, loaded, evaluate(
             loaded.model, batches, bn_mode=bn_mode, recalibration=recalibration, dtype=common.run_dtype(loaded),
             num_classes=loaded.spec.num_classes,

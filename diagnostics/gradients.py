@@ -10,7 +10,7 @@ from matplotlib.colors import LogNorm
 from matplotlib.ticker import MaxNLocator
 
 import models
-from analyses.gradients import BN_MODES, definition, gradient_norms
+from analyses.gradients import GRADIENT_BN_MODES, definition, gradient_norms
 from train import checkpoint as ckpt
 from train.errors import UserError, non_negative_int, positive_int
 from train.progress import track
@@ -32,7 +32,7 @@ def parser():
     p.add_argument("--seed", type=non_negative_int, default=0, help="the seed the --init models are built with "
                    "(0 to 2^31 - 1, as the trainer's)")
     p.add_argument("--batches", type=positive_int, default=10, help="mini-batches to average over")
-    p.add_argument("--bn", choices=BN_MODES, default="train",
+    p.add_argument("--bn", choices=GRADIENT_BN_MODES, default="train",
                    help="BN with each batch's statistics as in training (train) or the running ones (eval)")
     p.add_argument("--quantity", choices=tuple(QUANTITIES), default="scaled",
                    help="plot ||dL/dW|| * ||W||, unchanged by the weight's scale (scaled), or ||dL/dW|| (raw); "

@@ -109,7 +109,7 @@ def main(argv=None) -> None:
     results = common.Results()
     for source, loaded in common.checkpoints(sources, args, device):
         batches = common.image_batches(loaded, args, device)
-        layers = common.response_layers(loaded, args.layers, next(iter(batches))[0])
+        layers = common.chosen_layers(loaded, args.layers, next(iter(batches))[0])
         results.add(source.label, loaded, layer_responses(loaded.model, batches, layers, checkpoint=loaded.path,
                                                           dataset=loaded.spec.name, split=args.split))
     definition = DEFINITION if not args.layers else (

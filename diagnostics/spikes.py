@@ -352,7 +352,7 @@ def main(argv=None) -> None:
     results, logged, per_run, monitors, recal_of = common.Results(), [], {}, {}, {}
     for source, loaded in common.checkpoints(sources, args, device):
         if source.label not in recal_of:  # a new run: its own recalibration images, no previous epoch
-            recal_of[source.label] = common.recalibration_inputs(loaded, args, device, args.recal_images)
+            recal_of[source.label] = common.run_recal_inputs(loaded, args, device, args.recal_images)
             previous = None
             config = loaded.config or {}
             per_run[source.label] = {key: config.get(key, default) for key, default in

@@ -216,7 +216,7 @@ def test_the_diagnostics_recalibrate_as_precise_bn_did_in_bf16(tmp_path):
 
     def recalibrated(dtype, layout=torch.contiguous_format) -> dict:
         loaded.model.to(memory_format=layout)
-        inputs = [x.contiguous(memory_format=layout) for x in common.recalibration_inputs(loaded, args, "cpu", 64)]
+        inputs = [x.contiguous(memory_format=layout) for x in common.run_recal_inputs(loaded, args, "cpu", 64)]
         recalibrate_bn(loaded.model, inputs, dtype)
         return {name: (s.mean.clone(), s.var.clone()) for name, s in running_statistics(loaded.model).items()}
 
