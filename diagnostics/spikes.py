@@ -369,17 +369,17 @@ def main(argv=None) -> None:
         previous = running_statistics(loaded.model)
         logged.append(logged_val_loss(loaded))
         per_run[source.label]["epoch_ends"] = (loaded.history or {}).get("step", [])
-    rule = dict(window=args.window, factor=args.factor, min_increase=args.min_increase, gap_factor=args.gap_factor,
-                monitors=monitors, **_run_attrs(results, per_run, args))
-    ds = spike_diagnosis(results.datasets, results.labels, results.epochs, history_val_loss=logged, **rule)
+    settings = dict(window=args.window, factor=args.factor, min_increase=args.min_increase, gap_factor=args.gap_factor,
+                    monitors=monitors, **_run_attrs(results, per_run, args))
+    ds = spike_diagnosis(results.datasets, results.labels, results.epochs, history_val_loss=logged, **settings)
     if args.repair is not None or args.amplification is not None:
         extra = _where_and_how(ds, results, args, device, repair_epochs, amplification_epochs, recal_of)
         if extra:
             parts = [part.merge(extra[key], compat="no_conflicts") if key in extra else part
                      for part, key in zip(results.datasets, zip(results.labels, results.epochs))]
             if args.amplification is not None:
-                rule |= {"amplification_size": args.amplification_size, "amplification_images": args.extra_images}
-            ds = spike_diagnosis(parts, results.labels, results.epochs, history_val_loss=logged, **rule)
+                settings |= {"amplification_size": args.amplification_size, "amplification_images": args.extra_images}
+            ds = spike_diagnosis(parts, results.labels, results.epochs, history_val_loss=logged, **settings)
     ds = _with_monitor(ds, monitors, {label: run["epoch_ends"] for label, run in per_run.items()})
     for line in ds.attrs["verdict"]:
         print(line)
