@@ -264,12 +264,11 @@ def test_lightning_cost_fits_a_real_trainer_with_and_without_the_callback(capsys
 
 def test_side_by_side_times_each_kind_alone_and_paired_under_each_setting(capsys):
     from benchmarks import side_by_side
-    code, out, err = run(side_by_side, ["--model", "resnet20", "--seconds", "0.2", "--settings", "ours", "split"],
-                         capsys)
-    assert code == 0, err
+    code, out, err = run(side_by_side, ["--model", "resnet20", "--seconds", "0.2", "--settings", "ours"], capsys)
+    assert code == 0, err  # three processes of torch's imports: one setting is enough to check the table's shape
     assert_machine_line(out.splitlines()[0])
-    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split()[:1] in (["ours"], ["split"])}
-    assert set(rows) == {"ours", "split"} and all(float(cell) > 0 for cell in rows["ours"][1:5])
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split()[:1] == ["ours"]}
+    assert set(rows) == {"ours"} and all(float(cell) > 0 for cell in rows["ours"][1:5])
     lines = summaries(out)
     assert len(lines) == 2 and all("share of its solo speed" in line and "(target >= 40.0%)" in line
                                    for line in lines)
