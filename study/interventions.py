@@ -9,7 +9,9 @@
   relative difference: the shadows are what a run at that momentum would have had;
 - the statistics error (RMS over validations and layers) of the run's running statistics, and as a ratio of the
   baseline's at momentum 0.1 (the prediction's "0.25-0.5x");
-- events (the spike diagnosis's gap: running loss 1.25x and 0.1 nats over the recomputed) and the largest excess.
+- events (the spike diagnosis's gap: running loss 1.25x and 0.1 nats over the recomputed) and the largest excess,
+  both of the attribution (with --precise-bn: of the statistics before they are replaced);
+- the largest validation loss metrics.csv logged (with --precise-bn: with the recomputed statistics).
 """
 import csv
 import sys
@@ -53,16 +55,20 @@ def row(run: Path, base: Path) -> list[str]:
         theirs = own_error(base_ds, momentum)
         shadow = f"{np.nanmax(np.abs(mine - theirs) / np.abs(theirs)):.1e}"
     rms = lambda e: float(np.sqrt(np.nanmean(e ** 2)))
-    count, largest = events(rundir.read_metrics(run))
-    base_count, base_largest = events(rundir.read_metrics(base))
-    return [run.name, f"{np.max(np.abs(a[:n] - b[:n])):.1e}", shadow, f"{rms(mine):.3f}",
-            f"{rms(mine) / rms(own_error(base_ds, base_momentum)):.2f}", f"{count} ({base_count})",
-            f"{largest:.2f} ({base_largest:.2f})"]
+    metrics, base_metrics = rundir.read_metrics(run), rundir.read_metrics(base)
+    count, largest = events(metrics)
+    base_count, base_largest = events(base_metrics)
+    recomputed = bool(config.get("precise_bn"))  # its running statistics are replaced before each validation
+    error = "-" if recomputed else f"{rms(mine):.3f}"
+    ratio = "-" if recomputed else f"{rms(mine) / rms(own_error(base_ds, base_momentum)):.2f}"
+    return [run.name, f"{np.max(np.abs(a[:n] - b[:n])):.1e}", shadow, error, ratio, f"{count} ({base_count})",
+            f"{largest:.2f} ({base_largest:.2f})",
+            f"{max(metrics['val_loss']):.2f} ({max(base_metrics['val_loss']):.2f})"]
 
 
 def main(root: Path) -> None:
     header = ["run", "max |loss diff|", "shadow check", "stats error", "x baseline's", "events (base)",
-              "max excess (base)"]
+              "max excess (base)", "max logged val_loss (base)"]
     rows = []
     for run in sorted(root.iterdir()):
         model, _, rest = run.name.partition("-")
