@@ -9,7 +9,8 @@
   relative difference: the shadows are what a run at that momentum would have had;
 - the statistics error (RMS over validations and layers) of the run's running statistics, and as a ratio of the
   baseline's at momentum 0.1 (the prediction's "0.25-0.5x");
-- events (the spike diagnosis's gap: running loss 1.25x and 0.1 nats over the recomputed) and the largest excess,
+- events (the spike diagnosis's gap, `analyses.spikes.gap_mask`: running loss 1.25x and 0.1 nats over the
+  recomputed) and the largest excess,
   both of the attribution (with --precise-bn: of the statistics before they are replaced);
 - the largest validation loss metrics.csv logged (with --precise-bn: with the recomputed statistics).
 """
@@ -21,9 +22,9 @@ import numpy as np
 import xarray as xr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from analyses.spikes import gap_mask  # noqa: E402
 from train import rundir  # noqa: E402
 
-FACTOR, MARGIN = 1.25, 0.1
 
 
 def losses(run: Path) -> np.ndarray:
@@ -37,10 +38,11 @@ def own_error(ds: xr.Dataset, momentum: float) -> np.ndarray:
 
 
 def events(metrics: dict) -> tuple[int, float]:
+    """The attributed validations that are events (`analyses.spikes.gap_mask`, as diagnostics.trust counts them)
+    and the largest excess."""
     excess = np.array(metrics["bn_excess"])
     recomputed = np.array(metrics["val_loss_recalibrated"])
-    running = recomputed + excess
-    return int(((running > FACTOR * recomputed) & (excess > MARGIN)).sum()), float(np.nanmax(excess))
+    return int(gap_mask(recomputed + excess, recomputed).sum()), float(np.nanmax(excess))
 
 
 def row(run: Path, base: Path) -> list[str]:

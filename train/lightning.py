@@ -112,12 +112,7 @@ class BNMonitorCallback(pl.Callback):
         self._saved: dict | None = None  # a checkpoint's state, until the monitor exists to take it
         self._every = 0  # this fit's `every`: "auto" resolved anew for each fit, a resumed record's own kept
         self._lr = None  # the learning rate of the optimiser step, read before the step (a scheduler moves it after)
-        self._reset()
-
-    def _reset(self) -> None:
-        self._training = _Images(0)
-        self._validation = _Images(0)
-        self._last_step = None
+        self._training, self._validation, self._last_step = _Images(0), _Images(0), None
         self._hook, self._outputs, self._logits = None, [], []
 
     # -----------------------------------------------------------------------------------------------------------
