@@ -17,13 +17,12 @@ from typing import Callable, Iterable
 import torch
 
 import models
-from analyses.common import autocast
 from analyses.monitor import BNMonitor
 from diagnostics.common import format_table
 from train import data
-from train.config import Config
 from train.errors import MAX_INT, ArgumentParser, non_negative_int, positive_int
 from train.progress import Progress
+from train.step import TrainStep
 from train.trainer import choose_device, cpu_flags, cpu_info, native_bf16, train_epoch
 
 BF16_FLAGS = ("avx512f", "avx512_bf16", "amx_bf16")  # avx512f alone: bf16 is emulated (slower than fp32)
@@ -151,11 +150,10 @@ def trainer_epoch(step_model, batches: data.TrainBatches, optimizer, amp_dtype: 
                   monitor: BNMonitor | None = None) -> None:
     """One epoch of the trainer's own `train.trainer.train_epoch` over all of `batches` (the steps timed), with
     the BN monitor where one is given, at a constant learning rate."""
-    config = Config(model="", dataset="", out="", total_steps=MAX_INT)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     scaler = torch.amp.GradScaler(batches.device.type, enabled=False)
-    train_epoch(step_model, optimizer, scheduler, scaler, torch.nn.CrossEntropyLoss(), batches, 1, 0, config,
-                autocast(batches.device.type, amp_dtype), Progress(None, "", enabled=False), monitor)
+    train_step = TrainStep(step_model, step_model, optimizer, scheduler, scaler, torch.nn.CrossEntropyLoss(), amp_dtype)
+    train_epoch(train_step, batches, 1, 0, MAX_INT, Progress(None, "", enabled=False), monitor)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Cost of the BN monitor in training: the trainer's own `train_epoch` with and without `BNMonitor`, and the
 attribution of each validation (target: both together at most 3% of training time at the trainer's defaults,
-`--monitor-every auto` (100 on runs of 5,000 steps and more) `--monitor-images 128 --attribution-images 2000`, on
-full Fashion-MNIST epochs).
+`--monitor-every auto` (100 on runs of 5,000 steps and more) `--monitor-images 128 --attribution-images 2000
+--recalibration-images 512`, on full Fashion-MNIST epochs).
 
 Same model, batches and optimiser with and without the monitor, in interleaved rounds; the monitor is made as
 the trainer makes it (its probe: the first --probe-images training images, augmented once; the training's
@@ -10,8 +10,8 @@ measures the same cost per measurement sooner. Two figures for the target at the
 - measured: (epoch with the monitor / epoch without - 1) at --every E, times E / D (D: the trainer's default
   interval, 100);
 - from the measurement time: one `BNMonitor.measure` timed alone / (D x the time of a training step).
-The attribution: one `BNMonitor.validate` (statistics recomputed over --attribution-images training images, the
-same number of validation images evaluated with them; the running-statistics pass is the validation's own) per
+The attribution: one `BNMonitor.validate` (statistics recomputed over --recalibration-images training images,
+--attribution-images validation images evaluated with them; the running-statistics pass is the validation's own) per
 epoch of --epoch-images images, as a share of that epoch's training steps.
 
 Run: `python -m benchmarks.monitor_cost [--models resnet56 plain56] [--steps 40] [--every 10] [--bf16]`.
@@ -44,6 +44,8 @@ def parser():
                    help=f"the monitor's probe (default {TRAINER.monitor_images}, as the trainer's)")
     p.add_argument("--attribution-images", type=positive_int, default=TRAINER.attribution_images,
                    help=f"the attribution's images (default {TRAINER.attribution_images}, as the trainer's)")
+    p.add_argument("--recalibration-images", type=positive_int, default=TRAINER.recalibration_images,
+                   help=f"the attribution's recalibration (default {TRAINER.recalibration_images}, as the trainer's)")
     p.add_argument("--epoch-images", type=positive_int, default=60_000,
                    help="the training epoch the attribution's cost is a share of (default 60000: Fashion-MNIST)")
     p.add_argument("--bf16", action="store_true", help="also time bf16 where the device has no native bf16")
@@ -79,10 +81,12 @@ def measure(args, device: torch.device) -> common.Report:
     with_bf16, _, bf16_reason = common.bf16_plan(device, args.bf16)
     precisions = {"fp32": None} | ({"bf16": torch.bfloat16} if with_bf16 else {})
     images, spec = common.benchmark_images(args.dataset, max(args.steps * args.batch_size, args.probe_images,
-                                                              args.attribution_images), args.data_dir)
+                                                              args.attribution_images, args.recalibration_images),
+                                               args.data_dir)
     attributed = images[:args.attribution_images]
     attribution = (EvalBatches(attributed, spec, TRAINER.eval_batch_size, device, channels_last=True),
-                   recalibration_inputs(attributed, spec, "crop-flip", args.batch_size, device, channels_last=True))
+                   recalibration_inputs(images[:args.recalibration_images], spec, "crop-flip", args.batch_size, device,
+                                        channels_last=True))
     epoch_steps = -(-args.epoch_images // args.batch_size)
     batches = common.trainer_batches(images[:args.steps * args.batch_size], spec, args.batch_size, device)
     probe = images[:args.probe_images]
@@ -96,7 +100,8 @@ def measure(args, device: torch.device) -> common.Report:
         ["model", "precision", "s/step", "without", "with", "measured/epoch", "cost", "s/measurement",
          f"at {default}: measured", "from s/measurement", "s/attribution", "attribution/epoch", "together"],
         notes=[common.bf16_note(with_bf16, bf16_reason),
-               f"attribution: {args.attribution_images} images recomputed and evaluated once per epoch of "
+               f"attribution: statistics recomputed over {args.recalibration_images} training images, "
+               f"{args.attribution_images} validation images evaluated with them, once per epoch of "
                f"{args.epoch_images:,} images ({epoch_steps} steps)"])
     with common.progress(len(args.models) * len(precisions) * (args.repeats + 1) * 4, "monitor_cost") as progress:
         for name in args.models:

@@ -13,7 +13,8 @@ export OMP_NUM_THREADS=${THREADS:-${OMP_NUM_THREADS:-2}}
 # 0.1, SGD 0.9, wd 5e-4, batch 128, cosine, crop-flip, 10 epochs; BN monitor every 10 steps; the attribution
 # on the first 2,000 validation images with statistics recomputed over the first 2,000 training images.
 RECIPE="--dataset fashion-mnist --data-dir ${DATA:-data} --train-images 20000 --val-split 5000 --precision fp32 --epochs 10 --lr 0.2
-        --bn-momentum 0.1 --augment crop-flip --schedule cosine --batch-size 128 --monitor-every 10"
+        --bn-momentum 0.1 --augment crop-flip --schedule cosine --batch-size 128 --monitor-every 10
+        --recalibration-images 2000 --compile off"
 
 train() {  # NAME MODEL SEED [OPTIONS ...]
   local name=$1 model=$2 seed=$3; shift 3

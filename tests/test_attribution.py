@@ -1,6 +1,7 @@
 """Trust every validation (issue 24): the validation attributed to BN statistics, the statistics followed from
 step to step, the lag model against a constructed moving average, and the prescription."""
 import copy
+import json
 import math
 
 import numpy as np
@@ -187,6 +188,24 @@ def test_the_trainer_attributes_each_validation_and_selects_as_asked(tmp_path, c
     assert best["epoch"] == 1 + int(np.argmax(metrics["val_acc_recalibrated"]))
     assert best["history"]["bn_excess"] == metrics["bn_excess"][:best["epoch"]]
     assert any(line.startswith("BN statistics: the worst validation, epoch") for line in out.splitlines())
+
+
+def test_the_attribution_recomputes_over_the_first_recalibration_images(tmp_path):
+    run = train_tiny(tmp_path / "run", "resnet20", "--attribution-images", "48", "--recalibration-images", "64")
+    loaded = ckpt.load(run / "epoch_002.pt")
+    train_images = data.load_split("synthetic", "train")
+    val = data.EvalBatches(data.load_split("synthetic", "test")[:48], loaded.spec, 48, "cpu")
+    (x, labels), = val
+    recalibrated = {}
+    for n in (64, 128):  # the trainer's 64, and what another number would have read
+        model = copy.deepcopy(loaded.model)
+        recalibrate_bn(model, data.recalibration_inputs(train_images[:n], loaded.spec, "crop-flip", 64, "cpu"))
+        with torch.no_grad():
+            recalibrated[n] = F.cross_entropy(model.eval()(x), labels).item()
+    measured = rundir.read_metrics(run)["val_loss_recalibrated"][-1]
+    assert measured == pytest.approx(recalibrated[64], rel=1e-5)
+    assert abs(recalibrated[128] - recalibrated[64]) > 1e-3 * recalibrated[64]
+    assert json.loads((run / "config.json").read_text())["recalibration_images"] == 64
 
 
 def test_after_a_recalibration_every_shadow_starts_from_the_replaced_statistics():

@@ -46,6 +46,8 @@ def test_run_directory_contents(tiny_runs):
     assert config["total_steps"] == 8 and config["precision_used"] == "fp32" and config["per_device_batch"] == 64
     last = torch.load(run / "last.pt", weights_only=True)
     assert config["precision_reason"] == "--precision fp32" and config["monitor_every"] == 2
+    assert (config["compile"], config["compile_used"]) == ("auto", "off")  # 8 steps: not worth a compile
+    assert config["compile_reason"] == "auto: 8 steps, too few to repay compiling"
     assert {"optimizer", "scheduler", "scaler", "rng", "monitor"} <= set(last) and last["history"]["val_acc"][1] == float(
         rows[1]["val_acc"])
 

@@ -14,6 +14,7 @@ import resnet_diagnostics
 
 from .data import AUGMENTATIONS, SPECS, check_image_size, dataset_name, default_data_dir
 from .errors import BAD_INPUT, MAX_INT, ArgumentParser, UserError, finite_float, non_negative_int, positive_int
+from .step import COMPILE_MODES
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SCHEDULES = ("constant", "cosine", "multistep")
@@ -66,7 +67,7 @@ class Config:
     precision: str = "auto"
     device: str = "auto"
     channels_last: bool = True
-    compile: bool = False
+    compile: str = "auto"  # torch.compile: auto (where the run repays the warm-up), on, off (train.step)
     deterministic: bool = False
     keep: str = "all"
     eval_batch_size: int = 512
@@ -75,8 +76,10 @@ class Config:
     monitor_every: int | str = "auto"  # steps between BN monitor measurements (analyses.monitor); 0 = off; auto:
     # resolved when the run starts (monitor_interval) and stored as the number chosen
     monitor_images: int = 128  # the monitor's probe: the first N training images, augmented once
-    attribution_images: int = 2000  # each validation also with BN statistics recomputed over N training images,
-    # on the first N validation images (analyses.monitor.attribute); 0 = off
+    attribution_images: int = 2000  # each validation also on its first N images with BN statistics recomputed
+    # (analyses.monitor.attribute); 0 = off
+    recalibration_images: int = 512  # ... recomputed over the first N training images (within 0.01 nats of 2,000's:
+    # study/recalibration_size.py)
     select: str = "running"  # best.pt: the best validation accuracy with running or with recomputed statistics
     tensorboard: str | None = None  # a folder for TensorBoard event files (optional extra); None = off
     # Resolved when the run starts, so that every checkpoint says what the run actually did:
@@ -84,6 +87,8 @@ class Config:
     per_device_batch: int = 128
     precision_used: str = ""
     precision_reason: str = ""
+    compile_used: str = ""  # on or off, and why (--compile auto: the run's length against the warm-up)
+    compile_reason: str = ""
     monitor_reason: str = ""  # why monitor_every is what it is (auto: the run's length)
     device_used: str = ""
     steps_per_epoch: int = 0
@@ -194,7 +199,9 @@ def parser() -> argparse.ArgumentParser:
                    "AMX (amx_bf16), fp32 otherwise")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"))
     g.add_argument("--no-channels-last", dest="channels_last", action="store_false", default=None)
-    g.add_argument("--compile", action="store_true", default=None)
+    g.add_argument("--compile", choices=COMPILE_MODES, nargs="?", const="on",
+                   help="torch.compile the training step: auto (default) where the run's eager steps add up to at "
+                        "least ten times the compile's warm-up, on (alone: --compile), off")
     g.add_argument("--deterministic", action="store_true", default=None)
     g.add_argument("--sync-bn", action="store_true", default=None, help="synchronise BN across GPUs")
     g.add_argument("--eval-batch-size", type=positive_int)
@@ -208,8 +215,10 @@ def parser() -> argparse.ArgumentParser:
                    "images, augmented once (default 128)")
     g.add_argument("--attribution-images", type=non_negative_int, metavar="N",
                    help="at each validation, also validate the first N validation images with BN statistics "
-                        "recomputed over the first N training images: how much of the validation loss is BN "
-                        "statistics (default 2000; 0 = off)")
+                        "recomputed over training images: how much of the validation loss is BN statistics (default "
+                        "2000; 0 = off)")
+    g.add_argument("--recalibration-images", type=positive_int, metavar="N", help="the attribution recomputes BN "
+                   "statistics over the first N training images (default 512; --precise-bn's images where given)")
     g.add_argument("--select", choices=SELECTIONS,
                    help="best.pt holds the epoch of the best validation accuracy with BN's running statistics "
                         "(running, the default) or with recomputed ones (recalibrated, on the attributed images)")
@@ -260,7 +269,7 @@ def validate(config: Config) -> None:
     positive = {"--batch-size": config.batch_size, "--eval-batch-size": config.eval_batch_size,
                 "--epochs": config.epochs if config.iterations is None else 1,
                 "--iterations": config.iterations if config.epochs is None else 1,
-                "--monitor-images": config.monitor_images}
+                "--monitor-images": config.monitor_images, "--recalibration-images": config.recalibration_images}
     for option, value in positive.items():
         if value is None or not 1 <= value <= MAX_INT:
             raise UserError(f"{option} must be a positive integer up to {MAX_INT}, not {value}")
@@ -281,6 +290,8 @@ def validate(config: Config) -> None:
         raise UserError("--lr 0 would not train; give a positive learning rate such as 0.1")
     if not 0 <= config.label_smoothing < 1:
         raise UserError(f"--label-smoothing must be in [0, 1), not {config.label_smoothing}")
+    if config.compile not in COMPILE_MODES:
+        raise UserError(f"--compile must be one of {', '.join(COMPILE_MODES)}, not {config.compile!r}")
     if config.select not in SELECTIONS:
         raise UserError(f"--select must be one of {', '.join(SELECTIONS)}, not {config.select!r}")
     if config.select == "recalibrated" and not config.attribution_images:
@@ -309,6 +320,7 @@ def config_from_dict(values, path) -> Config:
         raise UserError(f"{path} holds no training options (its config is a {type(values).__name__}); it is "
                         "damaged: restore it from a copy")
     hints = typing.get_type_hints(Config)
+    values = older_options(values)
     known = {}
     for f in fields(Config):
         if f.name not in values:
@@ -327,6 +339,18 @@ def config_from_dict(values, path) -> Config:
     except BAD_INPUT as exc:
         raise UserError(f"{path} holds an option out of range ({exc}); it is damaged: restore it from a copy") from None
     return config
+
+
+def older_options(values: dict) -> dict:
+    """A run of an older version, in today's options: `compile` was true or false; the attribution recomputed
+    its statistics over as many training images as it validated."""
+    values = dict(values)
+    if isinstance(values.get("compile"), bool):
+        values["compile"] = "on" if values["compile"] else "off"
+    if "recalibration_images" not in values and isinstance(values.get("attribution_images"), int) \
+            and values["attribution_images"] > 0:
+        values["recalibration_images"] = values["attribution_images"]
+    return values
 
 
 def _has_type(value, hint) -> bool:

@@ -1,14 +1,15 @@
 """The training loop: data on the device, autocast, SGD, a schedule in iterations, a run directory.
 
-Reads top to bottom: setup (processes, device, precision), the run (data, model, optimiser, the BN monitor,
-what a resumed run restores), then one epoch at a time: train, optionally recompute BN statistics, validate,
-write metrics and checkpoints. `start` and `resume` are the two ways in.
+Reads top to bottom: setup (processes, device, precision, torch's flags), the run's parts (data, model and step,
+the BN monitor, what a resumed run restores), one epoch (train, validate and attribute, the files), then `run`
+itself: the epoch loop. `start` and `resume` are the two ways in.
 """
 import math
 import os
 import sys
 import time
-from dataclasses import asdict
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from itertools import repeat
 from pathlib import Path
 
@@ -18,17 +19,18 @@ import torch.nn as nn
 
 import models
 from analyses.bn import recalibrate_bn, running_statistics
-from analyses.common import AUTOCAST, autocast
+from analyses.common import AUTOCAST
 from analyses.evaluate import predict
 from analyses.monitor import Attribution, BNMonitor, prescription, warm_up_steps
 
 from . import checkpoint as ckpt
 from . import rundir, schema
 from .config import Config, config_from_dict, lr_factor, validate
-from .data import (SPECS, DatasetSpec, EvalBatches, TrainBatches, augmented_once, check_augmentation, folder_classes,
-                   folder_spec, get_spec, image_shape, is_folder, load_split, recalibration_inputs)
-from .errors import DiskFull, TrainingDiverged, UserError
+from .data import (SPECS, DatasetSpec, EvalBatches, Images, TrainBatches, augmented_once, check_augmentation,
+                   folder_classes, folder_spec, get_spec, image_shape, is_folder, load_split, recalibration_inputs)
+from .errors import DiskFull, TrainingDiverged, UserError, first_line
 from .progress import Progress
+from .step import TrainStep, choose_compile, eager_step_seconds
 
 EPOCH_SCALARS = {  # metrics.csv column -> TensorBoard tag, written at the epoch's last step with the row's value
     "train_loss": "train/loss", "train_acc": "train/accuracy", "val_loss": "val/loss", "val_acc": "val/accuracy",
@@ -133,8 +135,196 @@ def summary_writer_class():
     return SummaryWriter
 
 
+@contextmanager
+def torch_flags(deterministic: bool):
+    """Deterministic algorithms and cuDNN's autotuner off where the run asks for determinism, the autotuner on
+    otherwise; restored when the run ends, so that an in-process caller (a test, a benchmark, a notebook) keeps its
+    own."""
+    saved = (torch.backends.cudnn.benchmark, torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled(), os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = not deterministic
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = saved[0]
+        torch.use_deterministic_algorithms(saved[1], warn_only=saved[2])
+        if saved[3] is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 # ---------------------------------------------------------------------------------------------------------------
-# Train and evaluate
+# The run's parts
+
+
+@dataclass
+class RunData:
+    """What a run reads once: its images, the spec it normalises with, and the batches made of them."""
+    train: Images
+    spec: DatasetSpec
+    batches: TrainBatches
+    val_batches: EvalBatches
+    precise_inputs: list | None  # --precise-bn's recalibration batches
+    attribution_inputs: list | None  # the attribution's (--precise-bn's where given: the diagnostics' recalibration)
+    attribution_batches: EvalBatches | None  # the first --attribution-images validation images
+
+
+def load_data(config: Config, device: torch.device, rank: int, world_size: int, resume: dict | None) -> RunData:
+    """The run's images and batches; the run's length follows from them (`Config.resolve_length`)."""
+    train_data = load_split(config.dataset, "train", config.data_dir, config.val_split, config.train_images,
+                            image_size=config.image_size)
+    val_data = load_split(config.dataset, "val", config.data_dir, config.val_split, image_size=config.image_size)
+    spec = run_spec(config, train_data, resume)
+    batches = TrainBatches(train_data, spec, config.batch_size, config.augment, device, config.seed, rank,
+                           world_size, config.channels_last, config.workers)
+    config.resolve_length(len(batches))
+    recalibration = lambda n: recalibration_inputs(train_data[:n], spec, config.augment, config.per_device_batch,
+                                                   device, config.channels_last)
+    precise = recalibration(config.precise_bn) if config.precise_bn else None
+    attribution_inputs = attribution_batches = None
+    if config.attribution_images:
+        attribution_inputs = precise or recalibration(config.recalibration_images)
+        attribution_batches = EvalBatches(val_data[:config.attribution_images], spec, config.eval_batch_size,
+                                          device, config.channels_last)
+    return RunData(train_data, spec, batches, EvalBatches(val_data, spec, config.eval_batch_size, device,
+                                                          config.channels_last),
+                   precise, attribution_inputs, attribution_batches)
+
+
+def run_spec(config: Config, train_data, resume: dict | None) -> DatasetSpec:
+    """What the run normalises with and stores: the dataset's spec, an image folder's measured over the training
+    images; a resumed run keeps the spec it started with (its folder's classes unchanged)."""
+    if resume is not None:
+        spec = DatasetSpec.from_dict(resume["dataset"])
+        if is_folder(config.dataset) and folder_classes(config.dataset) != spec.classes:
+            raise UserError(f"the class folders of {config.dataset} are not the ones the run started with "
+                            f"({', '.join(spec.classes)}); restore them to resume")
+        return spec
+    if is_folder(config.dataset):
+        return folder_spec(config.dataset, train_data, config.mean, config.std)
+    return get_spec(config.dataset).with_statistics(config.mean, config.std)
+
+
+def build_model(config: Config, spec: DatasetSpec, device: torch.device) -> tuple[dict, nn.Module]:
+    """The registry's model (its name and arguments, as checkpoints store them) with the run's BN momentum, on
+    `device`. Seeds torch's random stream: the weights, then training, follow from --seed."""
+    torch.manual_seed(config.seed)
+    name, kwargs = models.canonical(config.model, **config.model_kwargs(spec.num_classes, spec.in_channels))
+    model = models.build(name, **kwargs)
+    for _, bn in models.bn_layers(model):
+        bn.momentum = config.bn_momentum
+    if config.sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model.to(device, memory_format=torch.channels_last if config.channels_last else torch.contiguous_format)
+    return {"name": name, "kwargs": kwargs}, model
+
+
+def build_step(config: Config, model: nn.Module, spec: DatasetSpec, amp_dtype: torch.dtype | None,
+               world_size: int, write) -> TrainStep:
+    """SGD with the run's schedule, wrapped in DDP over several processes, compiled where `--compile` says (the
+    choice and its reason go into the config; a resumed run keeps its own)."""
+    device = next(model.parameters()).device
+    step_model = model
+    if world_size > 1:
+        step_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                         else None)
+    if not config.compile_used:
+        shape = (config.per_device_batch, spec.in_channels, spec.image_size, spec.image_size)
+        compiled, config.compile_reason = choose_compile(
+            config.compile, config.total_steps, device,
+            lambda: same_everywhere(eager_step_seconds(model, shape, spec.num_classes, amp_dtype, config.channels_last)))
+        config.compile_used = "on" if compiled else "off"
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                                weight_decay=config.weight_decay, fused=device.type == "cuda")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(config, step))
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    return TrainStep(model, step_model, optimizer, scheduler, scaler,
+                     nn.CrossEntropyLoss(label_smoothing=config.label_smoothing), amp_dtype,
+                     compiled=config.compile_used == "on", write=write)
+
+
+def same_everywhere(value):
+    """The first process's `value` in every process (one choice for all of them), `value` alone otherwise."""
+    if not dist.is_initialized():
+        return value
+    values = [value]
+    dist.broadcast_object_list(values, src=0)
+    return values[0]
+
+
+def build_monitor(config: Config, data: RunData, model: nn.Module, train_step: TrainStep, writer,
+                  write) -> BNMonitor | None:
+    """The BN monitor (in every process: SyncBatchNorm gathers across them) on its probe, the first
+    --monitor-images training images augmented once; none without BN or where neither it nor the attribution runs."""
+    if not (config.monitor_every or config.attribution_images) or not models.bn_layers(model):
+        return None
+    probe = data.train[:config.monitor_images]
+    return BNMonitor(model, augmented_once(probe, data.spec, config.augment, data.batches.device), probe.labels,
+                     every=config.monitor_every, autocast=train_step.dtype, optimizer=train_step.optimizer,
+                     warn_after=min(warm_up_steps(model), config.steps_per_epoch // 2),
+                     probe=f"the first {len(probe)} training images, augmented once ({config.augment}, seed 0)",
+                     writer=writer, on_warning=WarningLines(write) if write is not None else None)
+
+
+def restore(state: dict, train_step: TrainStep, monitor: BNMonitor | None, path: Path) -> None:
+    """Put a run's last.pt back into the objects of the run, each part checked against the object it goes into
+    first (`schema.check_resumable` checked its form); what torch itself still refuses is one line too."""
+    schema.check_against(state, train_step.optimizer, train_step.scheduler, train_step.scaler, path)
+    ckpt.check_finite(state["state_dict"], path)
+    try:
+        train_step.model.load_state_dict(state["state_dict"])
+        train_step.optimizer.load_state_dict(state["optimizer"])
+        train_step.scheduler.load_state_dict(state["scheduler"])
+        train_step.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if torch.cuda.is_available() and state["rng"].get("cuda") and next(
+                train_step.model.parameters()).device.type == "cuda":
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        if monitor is not None and state.get("monitor") is not None:
+            monitor.load_state_dict(state["monitor"])
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:  # a field of
+        raise UserError(f"{path} cannot be resumed ({first_line(exc)}); it is damaged: "  # another type or shape
+                        "restore it from a copy") from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One epoch
+
+
+def train_epoch(train_step: TrainStep, batches, epoch: int, step: int, total_steps: int, progress,
+                monitor: BNMonitor | None = None):
+    """One epoch (or up to `total_steps`). Losses stay on the device until the epoch ends: no sync per step
+    (the monitor syncs once per measurement). Returns (step, losses, lrs, train accuracy, BN warnings)."""
+    train_step.model.train()
+    device = batches.device
+    losses = torch.full((len(batches),), float("nan"), device=device)
+    lrs, correct, seen, warnings = [], torch.zeros((), dtype=torch.int64, device=device), 0, 0
+    for i, (x, y) in enumerate(batches.epoch(epoch)):
+        if step >= total_steps:
+            break
+        lrs.append(train_step.optimizer.param_groups[0]["lr"])
+        loss, logits = train_step(x, y)
+        losses[i] = loss.detach()
+        correct += (logits.argmax(1) == y).sum()
+        seen += len(y)
+        step += 1
+        if monitor is not None and monitor.step(step, epoch=epoch, loss=losses[i], lr=lrs[-1]) is not None:
+            warnings += 1
+        progress.update(1)
+    losses = losses[:len(lrs)]
+    if dist.is_initialized():
+        dist.all_reduce(losses)
+        losses /= dist.get_world_size()
+        dist.all_reduce(correct)
+        seen *= dist.get_world_size()
+    return step, losses.tolist(), lrs, correct.item() / max(1, seen), warnings
 
 
 def evaluate(model: nn.Module, batches, dtype: torch.dtype | None) -> tuple:
@@ -143,6 +333,33 @@ def evaluate(model: nn.Module, batches, dtype: torch.dtype | None) -> tuple:
     model.eval()
     with torch.no_grad():
         return predict(model, batches, dtype)
+
+
+def validate_epoch(model: nn.Module, data: RunData, monitor: BNMonitor | None, dtype: torch.dtype | None,
+                   step: int, epoch: int, is_main: bool) -> tuple[tuple | None, Attribution | None]:
+    """(the validation's per-image losses, predictions and labels on the first process, the attribution): after
+    --precise-bn's recalibration where asked (the EMA statistics' pass over the attributed images taken first), the
+    attributed images' passes shared with the validation's wherever they are the same images and statistics."""
+    attributing = data.attribution_batches is not None and monitor is not None
+    n_attributed = data.attribution_batches.n_images if attributing else 0
+    first = lambda passed: tuple(values[:n_attributed] for values in passed[:3])
+    attributed = recalibrated = None  # the attributed images' passes with EMA and recomputed statistics
+    if data.precise_inputs is not None:  # on every process: SyncBatchNorm gathers across them
+        if attributing:  # what the EMA statistics give
+            attributed = evaluate(model, data.attribution_batches, dtype)
+        recalibrate_bn(model, data.precise_inputs, dtype)
+        if monitor is not None:
+            monitor.statistics_replaced()
+    validated = evaluate(model, data.val_batches, dtype) if is_main else None
+    if attributing and data.precise_inputs is not None:  # recomputed over the attribution's own images already
+        passed = validated if validated is not None else evaluate(model, data.attribution_batches, dtype)
+        recalibrated = (first(passed), running_statistics(model))  # every process: none recomputes again
+    elif attributing and validated is not None:
+        attributed = first(validated)
+    if not attributing:
+        return validated, None
+    return validated, monitor.validate(data.attribution_batches, data.attribution_inputs, step=step, epoch=epoch,
+                                       running=attributed, recalibrated=recalibrated, dtype=dtype)
 
 
 def selected_accuracy(config: Config, val_acc: float, recalibrated: float) -> float:
@@ -162,44 +379,35 @@ def validation_text(loss: float, n_images: int, attribution: Attribution | None)
     return f"val_loss {loss:.4f} ({attribution.text()})"
 
 
-def train_epoch(step_model, optimizer, scheduler, scaler, criterion, batches, epoch, step, config, amp,
-                progress, monitor: BNMonitor | None = None):
-    """One epoch (or up to `total_steps`). Losses stay on the device until the epoch ends: no sync per step
-    (the monitor syncs once per measurement). Returns (step, losses, lrs, train accuracy, BN warnings)."""
-    step_model.train()
-    device = batches.device
-    losses = torch.full((len(batches),), float("nan"), device=device)
-    lrs, correct, seen, warnings = [], torch.zeros((), dtype=torch.int64, device=device), 0, 0
-    for i, (x, y) in enumerate(batches.epoch(epoch)):
-        if step >= config.total_steps:
-            break
-        lrs.append(optimizer.param_groups[0]["lr"])
-        with amp:  # the run's autocast
-            logits = step_model(x)
-            loss = criterion(logits, y)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        losses[i] = loss.detach()
-        correct += (logits.argmax(1) == y).sum()
-        seen += len(y)
-        step += 1
-        if monitor is not None and monitor.step(step, epoch=epoch, loss=losses[i], lr=lrs[-1]) is not None:
-            warnings += 1
-        progress.update(1)
-    losses = losses[:len(lrs)]
-    if dist.is_initialized():
-        dist.all_reduce(losses)
-        losses /= dist.get_world_size()
-        dist.all_reduce(correct)
-        seen *= dist.get_world_size()
-    return step, losses.tolist(), lrs, correct.item() / max(1, seen), warnings
+def check_losses(losses: list[float], epoch: int, first_step: int, run_dir: Path) -> None:
+    bad = next((i for i, loss in enumerate(losses) if not math.isfinite(loss)), None)
+    if bad is not None:
+        kept = f"{run_dir / 'last.pt'} (epoch {epoch - 1})" if epoch > 1 else "none (first epoch)"
+        raise TrainingDiverged(f"the training loss became {losses[bad]} at step {first_step + bad + 1} "
+                               f"(epoch {epoch}); last good checkpoint: {kept}; lower --lr or add --warmup")
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Files
+def check_weights(model: nn.Module, epoch: int, run_dir: Path) -> None:
+    for key, value in model.state_dict().items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise TrainingDiverged(f"{key} became non-finite in epoch {epoch}; last good checkpoint: "
+                                   f"{run_dir / 'last.pt'} (epoch {epoch - 1}); lower --lr or add --warmup")
+
+
+def checkpoint_state(config: Config, model_spec: dict, spec: DatasetSpec, train_step: TrainStep, epoch: int,
+                     step: int, history: dict, provenance: dict, step_rows: list,
+                     monitor: BNMonitor | None) -> tuple[dict, dict]:
+    """(what every checkpoint holds, what last.pt adds to resume from it)."""
+    state = {"format": ckpt.FORMAT, "model": model_spec, "state_dict": train_step.model.state_dict(),
+             "dataset": spec.to_dict(), "config": asdict(config), "epoch": epoch, "step": step, "history": history,
+             "provenance": provenance}
+    cuda = next(train_step.model.parameters()).device.type == "cuda"
+    full = {"optimizer": train_step.optimizer.state_dict(), "scheduler": train_step.scheduler.state_dict(),
+            "scaler": train_step.scaler.state_dict(), "step_history": step_rows,
+            "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if cuda else []}}
+    if monitor is not None:
+        full["monitor"] = monitor.state_dict()
+    return state, full
 
 
 def save_epoch_files(run_dir: Path, state: dict, full: dict, config: Config, epoch: int, is_best: bool,
@@ -235,182 +443,87 @@ def run(config: Config, resume: dict | None = None, lock=None) -> Path:
     config.world_size, config.per_device_batch = world_size, config.batch_size // world_size
     config.device_used = device.type
     amp_dtype = resolve_precision(config, device)
-    if config.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-    torch.backends.cudnn.benchmark = not config.deterministic
-
-    train_data = load_split(config.dataset, "train", config.data_dir, config.val_split, config.train_images,
-                            image_size=config.image_size)
-    val_data = load_split(config.dataset, "val", config.data_dir, config.val_split, image_size=config.image_size)
-    spec = run_spec(config, train_data, resume)
-    batches = TrainBatches(train_data, spec, config.batch_size, config.augment, device, config.seed, rank,
-                           world_size, config.channels_last, config.workers)
-    config.resolve_length(len(batches))
-    val_batches = EvalBatches(val_data, spec, config.eval_batch_size, device, config.channels_last)
-    recal_inputs = attribution_inputs = attribution_batches = None
-    if config.precise_bn:
-        recal_inputs = recalibration_inputs(train_data[:config.precise_bn], spec, config.augment,
-                                            config.per_device_batch, device, config.channels_last)
-    if config.attribution_images:  # the same recalibration as the diagnostics' (and --precise-bn's, if given)
-        attribution_inputs = recal_inputs or recalibration_inputs(
-            train_data[:config.attribution_images], spec, config.augment, config.per_device_batch, device,
-            config.channels_last)
-        attribution_batches = EvalBatches(val_data[:config.attribution_images], spec, config.eval_batch_size,
-                                          device, config.channels_last)
-
-    torch.manual_seed(config.seed)
-    model_kwargs = config.model_kwargs(spec.num_classes, spec.in_channels)
-    name, model_kwargs = models.canonical(config.model, **model_kwargs)
-    model = models.build(name, **model_kwargs)
-    for _, bn in models.bn_layers(model):
-        bn.momentum = config.bn_momentum
-    if config.sync_bn:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model.to(device, memory_format=torch.channels_last if config.channels_last else torch.contiguous_format)
-    step_model = model
-    if world_size > 1:
-        step_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
-                                                         else None)
-    if config.compile:
-        step_model = torch.compile(step_model)
-
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                                weight_decay=config.weight_decay, fused=device.type == "cuda")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(config, step))
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    amp = autocast(device.type, amp_dtype)
-    monitor = None
-    if (config.monitor_every or config.attribution_images) and models.bn_layers(model):  # every process:
-        probe = train_data[:config.monitor_images]  # SyncBatchNorm gathers across them
-        monitor = BNMonitor(model, augmented_once(probe, spec, config.augment, device), probe.labels,
-                            every=config.monitor_every, autocast=amp_dtype, optimizer=optimizer,
-                            warn_after=min(warm_up_steps(model), config.steps_per_epoch // 2),
-                            probe=f"the first {len(probe)} training images, augmented once ({config.augment}, "
-                                  "seed 0)",
-                            on_warning=WarningLines(lambda line: progress.write(line)) if is_main else None)
-
     run_dir = Path(config.out)
-    history = {column: [] for column in rundir.METRICS}
-    step_rows, start_epoch, step = [], 1, 0
-    if resume is not None:
-        restore(resume, model, optimizer, scheduler, scaler, monitor, device, run_dir / "last.pt")
-        history = {column: list(resume["history"].get(column, [math.nan if column in rundir.ATTRIBUTION else 0]
-                                                      * resume["epoch"])) for column in rundir.METRICS}
-        step_rows = [list(row) for row in resume["step_history"]]
-        start_epoch, step = resume["epoch"] + 1, resume["step"]
-    progress = Progress(config.total_steps, "train", unit="step", initial=step, enabled=is_main)
-    writer = None
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        lock = lock or rundir.lock(run_dir)
-        rundir.remove_stale_temporaries(run_dir)
-        rundir.check_outputs(run_dir)
-        rundir.write_config(run_dir, asdict(config))
-        if summary_writer is not None:  # under the lock: a refused second trainer must not purge this run's events
-            # Events past the step last.pt holds are from an interrupted epoch, which this run trains again.
-            writer = summary_writer(config.tensorboard, purge_step=step + 1)
-            if monitor is not None:
-                monitor.writer = writer
-    best_acc = max(map(selected_accuracy, repeat(config), history["val_acc"], history["val_acc_recalibrated"]),
-                   default=-1.0)
-    model_spec = {"name": name, "kwargs": model_kwargs}
-    provenance = ckpt.provenance()
-    if is_main and resume is None:
-        progress.write(f"training {models.label(name, model_kwargs)} on {config.dataset} "
-                       f"({len(train_data):,} images, {config.steps_per_epoch} steps/epoch, {config.total_epochs} "
-                       f"epochs) on {device.type} in {config.precision_used} ({config.precision_reason})"
-                       + (f", BN monitor every {config.monitor_every:,} step{'s' * (config.monitor_every != 1)} "
-                          f"({config.monitor_reason})"
-                          if monitor is not None and config.monitor_every else "") + f" -> {run_dir}")
+    step = resume["step"] if resume is not None else 0
+    progress = writer = None
     try:
-        for epoch in range(start_epoch, config.total_epochs + 1):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            started = time.perf_counter()
-            first_step = step
-            step, losses, lrs, train_acc, warnings = train_epoch(step_model, optimizer, scheduler, scaler, criterion,
-                                                                 batches, epoch, step, config, amp, progress,
-                                                                 monitor)
-            bad = next((i for i, loss in enumerate(losses) if not math.isfinite(loss)), None)
-            if bad is not None:
-                kept = f"{run_dir / 'last.pt'} (epoch {epoch - 1})" if epoch > 1 else "none (first epoch)"
-                raise TrainingDiverged(f"the training loss became {losses[bad]} at step {first_step + bad + 1} "
-                                       f"(epoch {epoch}); last good checkpoint: {kept}; lower --lr or add --warmup")
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            train_seconds = time.perf_counter() - started
-            step_rows += [[first_step + i + 1, epoch, loss, lr] for i, (loss, lr) in enumerate(zip(losses, lrs))]
-            check_weights(model, epoch, run_dir)  # on every process: the weights are the same everywhere
-            attributed = recalibrated = None  # the attributed images' passes with EMA and recomputed statistics
-            attributing = attribution_batches is not None and monitor is not None
-            if recal_inputs is not None:  # on every process too: SyncBatchNorm gathers across them
-                if attributing:  # what the EMA statistics give
-                    attributed = evaluate(model, attribution_batches, amp_dtype)
-                recalibrate_bn(model, recal_inputs, amp_dtype)
-                if monitor is not None:
-                    monitor.statistics_replaced()
-            validated = evaluate(model, val_batches, amp_dtype) if is_main else None
-            first = lambda passed: tuple(values[:config.attribution_images] for values in passed[:3])
-            if attributing and recal_inputs is not None:  # recomputed over the attribution's own images already
-                passed = validated if validated is not None else evaluate(model, attribution_batches, amp_dtype)
-                recalibrated = (first(passed), running_statistics(model))  # every process: none recomputes again
-            elif attributing and validated is not None:
-                attributed = first(validated)
-            attribution = None
-            if attributing:  # every process: SyncBatchNorm again
-                attribution = monitor.validate(attribution_batches, attribution_inputs, step=step, epoch=epoch,
-                                               running=attributed, recalibrated=recalibrated, dtype=amp_dtype)
-            if is_main:
-                val_loss = validated[0].mean().item()
-                val_acc = (validated[1] == validated[2]).double().mean().item()
-                row = {"epoch": epoch, "step": step, "train_loss": sum(losses) / len(losses), "train_acc": train_acc,
-                       "val_loss": val_loss, "val_acc": val_acc, "lr": lrs[-1],
-                       "epoch_seconds": time.perf_counter() - started,
-                       "images_per_second": (step - first_step) * config.batch_size / train_seconds,
-                       "bn_warnings": warnings,
-                       **dict(zip(rundir.ATTRIBUTION, (attribution.loss_recalibrated, attribution.acc_recalibrated,
-                                                       attribution.excess, attribution.excess_se)
-                                  if attribution is not None else [math.nan] * 4))}
-                selected = selected_accuracy(config, val_acc, row["val_acc_recalibrated"])
-                for column in rundir.METRICS:
-                    history[column].append(row[column])
-                if writer is not None:
-                    for column, tag in EPOCH_SCALARS.items():
-                        if math.isfinite(row[column]):
-                            writer.add_scalar(tag, row[column], step)
-                    writer.flush()  # before last.pt: whatever last.pt holds, its events hold too
-                state = {
-                    "format": ckpt.FORMAT, "model": model_spec, "state_dict": model.state_dict(),
-                    "dataset": spec.to_dict(), "config": asdict(config), "epoch": epoch, "step": step,
-                    "history": history, "provenance": provenance,
-                }
-                full = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "scaler": scaler.state_dict(), "step_history": step_rows,
-                        "rng": {"torch": torch.get_rng_state(),
-                                "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []}}
-                if monitor is not None:
-                    full["monitor"] = monitor.state_dict()
-                try:
-                    save_epoch_files(run_dir, state, full, config, epoch, is_best=selected > best_acc,
-                                     metrics=history, steps=step_rows, monitor=monitor)
-                except DiskFull as exc:
-                    raise DiskFull(f"{exc}; epoch {epoch} will be trained again by python -m train --resume "
-                                   f"{run_dir}") from None
-                best_acc = max(best_acc, selected)
-                progress.write(f"epoch {epoch}/{config.total_epochs}  step {step}  train_loss {row['train_loss']:.4f}  "
-                               f"train_acc {train_acc:.2%}  {validation_text(val_loss, len(validated[0]), attribution)}"
-                               f"  val_acc {val_acc:.2%}  "
-                               f"lr {lrs[-1]:.4g}  {row['epoch_seconds']:.1f}s  {row['images_per_second']:,.0f} img/s"
-                               + (f"  BN warnings {warnings}" if warnings else ""))
-            if world_size > 1:
-                dist.barrier()
-        if is_main and monitor is not None:  # the run's end: what the BN statistics cost it, why, what to change
-            for line in prescription(monitor.dataset()).lines():
-                progress.write(line)
+        with torch_flags(config.deterministic):
+            data = load_data(config, device, rank, world_size, resume)
+            progress = Progress(config.total_steps, "train", unit="step", initial=step, enabled=is_main)
+            write = progress.write if is_main else None
+            model_spec, model = build_model(config, data.spec, device)
+            train_step = build_step(config, model, data.spec, amp_dtype, world_size, write or (lambda line: None))
+            if is_main:  # config.json says what the run does: written once every choice is made
+                run_dir.mkdir(parents=True, exist_ok=True)
+                lock = lock or rundir.lock(run_dir)
+                rundir.remove_stale_temporaries(run_dir)
+                rundir.check_outputs(run_dir)
+                rundir.write_config(run_dir, asdict(config))
+                if summary_writer is not None:  # under the lock: a refused second trainer must not purge this
+                    # run's events. Events past the step last.pt holds are from an interrupted epoch, trained again.
+                    writer = summary_writer(config.tensorboard, purge_step=step + 1)
+            monitor = build_monitor(config, data, model, train_step, writer, write)
+            history = {column: [] for column in rundir.METRICS}
+            step_rows, start_epoch = [], 1
+            if resume is not None:
+                restore(resume, train_step, monitor, run_dir / "last.pt")
+                history = {column: list(resume["history"].get(column, [math.nan if column in rundir.ATTRIBUTION
+                                                                       else 0] * resume["epoch"]))
+                           for column in rundir.METRICS}
+                step_rows, start_epoch = [list(row) for row in resume["step_history"]], resume["epoch"] + 1
+            best_acc = max(map(selected_accuracy, repeat(config), history["val_acc"],
+                               history["val_acc_recalibrated"]), default=-1.0)
+            provenance = ckpt.provenance()
+            if is_main and resume is None:
+                progress.write(header_line(config, model_spec, len(data.train), device, monitor is not None, run_dir))
+            for epoch in range(start_epoch, config.total_epochs + 1):
+                synchronize(device)
+                started, first_step = time.perf_counter(), step
+                step, losses, lrs, train_acc, warnings = train_epoch(train_step, data.batches, epoch, step,
+                                                                     config.total_steps, progress, monitor)
+                check_losses(losses, epoch, first_step, run_dir)
+                synchronize(device)
+                train_seconds = time.perf_counter() - started
+                step_rows += [[first_step + i + 1, epoch, loss, lr] for i, (loss, lr) in enumerate(zip(losses, lrs))]
+                check_weights(model, epoch, run_dir)  # on every process: the weights are the same everywhere
+                validated, attribution = validate_epoch(model, data, monitor, amp_dtype, step, epoch, is_main)
+                if is_main:
+                    val_loss = validated[0].mean().item()
+                    val_acc = (validated[1] == validated[2]).double().mean().item()
+                    row = {"epoch": epoch, "step": step, "train_loss": sum(losses) / len(losses),
+                           "train_acc": train_acc, "val_loss": val_loss, "val_acc": val_acc, "lr": lrs[-1],
+                           "epoch_seconds": time.perf_counter() - started,
+                           "images_per_second": (step - first_step) * config.batch_size / train_seconds,
+                           "bn_warnings": warnings,
+                           **dict(zip(rundir.ATTRIBUTION, (attribution.loss_recalibrated, attribution.acc_recalibrated,
+                                                           attribution.excess, attribution.excess_se)
+                                      if attribution is not None else [math.nan] * 4))}
+                    for column in rundir.METRICS:
+                        history[column].append(row[column])
+                    if writer is not None:
+                        for column, tag in EPOCH_SCALARS.items():
+                            if math.isfinite(row[column]):
+                                writer.add_scalar(tag, row[column], step)
+                        writer.flush()  # before last.pt: whatever last.pt holds, its events hold too
+                    selected = selected_accuracy(config, val_acc, row["val_acc_recalibrated"])
+                    state, full = checkpoint_state(config, model_spec, data.spec, train_step, epoch, step, history,
+                                                   provenance, step_rows, monitor)
+                    try:
+                        save_epoch_files(run_dir, state, full, config, epoch, is_best=selected > best_acc,
+                                         metrics=history, steps=step_rows, monitor=monitor)
+                    except DiskFull as exc:
+                        raise DiskFull(f"{exc}; epoch {epoch} will be trained again by python -m train --resume "
+                                       f"{run_dir}") from None
+                    best_acc = max(best_acc, selected)
+                    progress.write(epoch_line(config, row, len(validated[0]), attribution))
+                if world_size > 1:
+                    dist.barrier()
+            if is_main and monitor is not None:  # the run's end: what the BN statistics cost it, why, what to change
+                for line in prescription(monitor.dataset()).lines():
+                    progress.write(line)
     finally:
-        progress.close()
+        if progress is not None:
+            progress.close()
         if writer is not None:
             writer.close()
         if lock is not None:
@@ -420,45 +533,23 @@ def run(config: Config, resume: dict | None = None, lock=None) -> Path:
     return run_dir
 
 
-def run_spec(config: Config, train_data, resume: dict | None) -> DatasetSpec:
-    """What the run normalises with and stores: the dataset's spec, an image folder's measured over the training
-    images; a resumed run keeps the spec it started with (its folder's classes unchanged)."""
-    if resume is not None:
-        spec = DatasetSpec.from_dict(resume["dataset"])
-        if is_folder(config.dataset) and folder_classes(config.dataset) != spec.classes:
-            raise UserError(f"the class folders of {config.dataset} are not the ones the run started with "
-                            f"({', '.join(spec.classes)}); restore them to resume")
-        return spec
-    if is_folder(config.dataset):
-        return folder_spec(config.dataset, train_data, config.mean, config.std)
-    return get_spec(config.dataset).with_statistics(config.mean, config.std)
+def header_line(config: Config, model_spec: dict, n_images: int, device: torch.device, monitoring: bool,
+                run_dir: Path) -> str:
+    """What a new run trains, on what, and each choice the run made with its reason."""
+    monitor = (f", BN monitor every {config.monitor_every:,} step{'s' * (config.monitor_every != 1)} "
+               f"({config.monitor_reason})" if monitoring and config.monitor_every else "")
+    return (f"training {models.label(model_spec['name'], model_spec['kwargs'])} on {config.dataset} ({n_images:,} "
+            f"images, {config.steps_per_epoch} steps/epoch, {config.total_epochs} epochs) on {device.type} in "
+            f"{config.precision_used} ({config.precision_reason}), compile {config.compile_used} "
+            f"({config.compile_reason}){monitor} -> {run_dir}")
 
 
-def restore(state: dict, model, optimizer, scheduler, scaler, monitor, device, path: Path) -> None:
-    """Put a run's last.pt back into the objects of the run, each part checked against the object it goes into
-    first (`schema.check_resumable` checked its form); what torch itself still refuses is one line too."""
-    schema.check_against(state, optimizer, scheduler, scaler, path)
-    ckpt.check_finite(state["state_dict"], path)
-    try:
-        model.load_state_dict(state["state_dict"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if device.type == "cuda" and state["rng"].get("cuda"):
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        if monitor is not None and state.get("monitor") is not None:
-            monitor.load_state_dict(state["monitor"])
-    except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:  # a field of
-        detail = str(exc).splitlines()[0][:150] if str(exc) else type(exc).__name__  # another type or shape
-        raise UserError(f"{path} cannot be resumed ({detail}); it is damaged: restore it from a copy") from None
-
-
-def check_weights(model: nn.Module, epoch: int, run_dir: Path) -> None:
-    for key, value in model.state_dict().items():
-        if value.is_floating_point() and not torch.isfinite(value).all():
-            raise TrainingDiverged(f"{key} became non-finite in epoch {epoch}; last good checkpoint: "
-                                   f"{run_dir / 'last.pt'} (epoch {epoch - 1}); lower --lr or add --warmup")
+def epoch_line(config: Config, row: dict, n_validated: int, attribution: Attribution | None) -> str:
+    return (f"epoch {row['epoch']}/{config.total_epochs}  step {row['step']}  train_loss {row['train_loss']:.4f}  "
+            f"train_acc {row['train_acc']:.2%}  {validation_text(row['val_loss'], n_validated, attribution)}  "
+            f"val_acc {row['val_acc']:.2%}  lr {row['lr']:.4g}  {row['epoch_seconds']:.1f}s  "
+            f"{row['images_per_second']:,.0f} img/s" + (f"  BN warnings {row['bn_warnings']}" if row['bn_warnings']
+                                                         else ""))
 
 
 # ---------------------------------------------------------------------------------------------------------------
