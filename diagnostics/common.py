@@ -6,6 +6,8 @@ bad input into one line `error: ...` and exit code 2 (docs/design.md §5).
 """
 import argparse
 import fnmatch
+import os
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -338,21 +340,51 @@ def epoch_of(loaded: ckpt.Loaded) -> int:
     return loaded.epoch if loaded.epoch is not None else -1
 
 
-_IMAGES = {}
+IMAGE_CACHE_SPLITS = 4  # a command reads one or two splits of each run (--split, and train to recalibrate)
+_IMAGES: OrderedDict = OrderedDict()  # the splits read last, the most recent at the end
+
+
+def tree_fingerprint(folder: Path) -> list:
+    """(path inside, size, modification time) of every file under `folder`: a file edited, replaced, added or
+    removed changes it."""
+    files = sorted(path for path in folder.rglob("*") if path.is_file()) if folder.is_dir() else []
+    return [[str(path.relative_to(folder)), path.stat().st_size, path.stat().st_mtime_ns] for path in files]
+
+
+def folder_times(root: Path) -> tuple:
+    """(path, modification time) of `root` and of every folder under it (a linked class folder by its target's
+    time): a file added, removed or renamed in any of them changes it, and no image is stat-ed."""
+    times = [(str(root), root.stat().st_mtime_ns)]
+    for parent, folders, _ in os.walk(root):
+        times += [(path, os.stat(path).st_mtime_ns) for path in (os.path.join(parent, name) for name in folders)]
+    return tuple(sorted(times))
+
+
+def dataset_identity(dataset: str, data_dir) -> tuple:
+    """What a dataset's images are read from, as it stands now, so that a dataset rewritten in place is read
+    again: each file of a named dataset's folders (a handful); of an image folder only its folders' times, since
+    a stat of each of many thousands of images at every checkpoint would cost more than the reading it saves (an
+    image rewritten under its own name is not seen)."""
+    if is_folder(dataset):
+        return folder_times(Path(dataset[len(data.FOLDER):]))
+    data_dir = Path(data_dir if data_dir is not None else default_data_dir()).resolve()
+    return tuple((str(folder), tuple(map(tuple, tree_fingerprint(folder))))
+                 for folder in data.dataset_folders(dataset, data_dir))
 
 
 def _split_images(loaded: ckpt.Loaded, args, split: str):
     """A split as the checkpoint's run defined it (its held-out images, its first --train-images, its image
-    size), read once. An image folder is found from the checkpoint's dataset name (an absolute path), or
-    --dataset folder:PATH, and must still hold the images the model was trained on: the same classes, channels
-    and size."""
+    size), read once while its files stay as they are; the last IMAGE_CACHE_SPLITS splits are kept. An image
+    folder is found from the checkpoint's dataset name (an absolute path), or --dataset folder:PATH, and must
+    still hold the images the model was trained on: the same classes, channels and size."""
     config, spec = loaded.config or {}, loaded.spec
     image_size = config.get("image_size") or getattr(args, "image_size", None)
-    key = (spec.name, split, config.get("val_split", 0), config.get("train_images"), args.data_dir, image_size)
     if is_folder(spec.name) and folder_classes(spec.name) != spec.classes:
         raise UserError(f"{spec.name} has the classes {', '.join(folder_classes(spec.name))}, not the "
                         f"{', '.join(spec.classes)} {loaded.path} was trained on; point --dataset folder:PATH at "
                         "its images")
+    key = (spec.name, split, config.get("val_split", 0), config.get("train_images"), image_size,
+           dataset_identity(spec.name, args.data_dir))
     if key not in _IMAGES:
         images = run_split(spec.name, config, split, args.data_dir, image_size)
         if tuple(images.images.shape[1:]) != (spec.in_channels, spec.image_size, spec.image_size):
@@ -360,6 +392,9 @@ def _split_images(loaded: ckpt.Loaded, args, split: str):
                             f"(channels x height x width), but {loaded.path} was trained on {spec.in_channels}x"
                             f"{spec.image_size}x{spec.image_size}")
         _IMAGES[key] = images
+        if len(_IMAGES) > IMAGE_CACHE_SPLITS:
+            _IMAGES.popitem(last=False)
+    _IMAGES.move_to_end(key)
     return _IMAGES[key]
 
 

@@ -173,19 +173,12 @@ def fingerprint(run_dir: Path) -> list:
     return [[path.name, path.stat().st_size, path.stat().st_mtime_ns] for path in files]
 
 
-def tree_fingerprint(folder: Path) -> list:
-    """(path inside, size, modification time) of every file under `folder`: a file edited, replaced, added or
-    removed changes it."""
-    files = sorted(path for path in folder.rglob("*") if path.is_file()) if folder.is_dir() else []
-    return [[str(path.relative_to(folder)), path.stat().st_size, path.stat().st_mtime_ns] for path in files]
-
-
 def data_identity(runs: list[common.Run], args) -> dict:
     """What the images a section reads are made from: the data directory as resolved now (--data-dir, else
     RESNET_DIAG_DATA, else ./data) and the files of each run's dataset folders."""
     data_dir = Path(args.data_dir or default_data_dir()).resolve()
     folders = dict.fromkeys(folder.resolve() for run in runs for folder in dataset_folders(run.dataset, data_dir))
-    return {"data_dir": str(data_dir), "files": {str(folder): tree_fingerprint(folder) for folder in folders}}
+    return {"data_dir": str(data_dir), "files": {str(folder): common.tree_fingerprint(folder) for folder in folders}}
 
 
 def cache_key(section: Section, runs: list[common.Run], args, code_commit: str | None, data: dict | None) -> dict:

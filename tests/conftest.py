@@ -1,9 +1,12 @@
-"""Shared fixtures: tiny datasets written in the real on-disk formats, and tiny trained runs."""
+"""Shared fixtures and helpers: tiny datasets written in the real on-disk formats, tiny trained runs, commands
+run in this process, the files runs write read back, and the hooks an analysis must leave behind (none)."""
+import csv
 import gzip
+import io
 import os
 import pickle
 import struct
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.modules.module as module_globals
 
+from diagnostics.common import main_guard
 from train.__main__ import main as train_main
 
 TINY_RUN = ["--dataset", "synthetic", "--train-images", "256", "--batch-size", "64", "--epochs", "2",
@@ -76,6 +80,24 @@ def tiny_runs(tmp_path_factory) -> dict[str, Path]:
     """A residual and a plain ResNet-20 trained for 2 epochs of 256 synthetic images (shared, read-only)."""
     root = tmp_path_factory.mktemp("runs")
     return {name: train_tiny(root / name, name) for name in ("resnet20", "plain20")}
+
+
+def run_command(command, argv) -> tuple[int, str, str]:
+    """A command's `main` in this process as `python -m` runs it, bad input one line and exit 2 (argparse's own
+    exit too): (exit code, stdout, stderr). Captured here, not with capsys, so that a module's fixture may run one."""
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        try:
+            code = main_guard(lambda: command.main([str(arg) for arg in argv]))
+        except SystemExit as exc:  # argparse
+            code = exc.code
+    return code, out.getvalue(), err.getvalue()
+
+
+def read_csv(path: Path) -> list[dict]:
+    """A CSV file a run wrote (metrics.csv, steps.csv), one dict per row, the values as written (strings)."""
+    with open(path, newline="") as file:
+        return list(csv.DictReader(file))
 
 
 # Every dict of hooks a module keeps (forward, pre-forward, backward, state-dict ...), read off a bare Module so

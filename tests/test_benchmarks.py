@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from benchmarks import analysis_overhead, common, depth_scaling, monitor_cost, spikes_cost, train_throughput
-from diagnostics.common import main_guard
+from conftest import run_command
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_DATA = ["--dataset", "synthetic", "--repeats", "1"]
@@ -21,23 +21,7 @@ NUMBER = r"-?[\d,]+(\.\d+)?"
 SUMMARY = re.compile(rf"^summary: .+: ({NUMBER}(x|%| img/s| min)|not measured \(.+\))")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two threads on two cores that other work shares spin in each other's way (5x slower steps here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def run(module, argv, capsys) -> tuple[int, str, str]:
-    """A benchmark's command in this process: (exit code, stdout, stderr)."""
-    try:
-        code = main_guard(lambda: module.main(argv))
-    except SystemExit as exc:  # argparse
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
+pytestmark = pytest.mark.usefixtures("one_thread")  # two threads on cores other work shares: 5x slower steps
 
 
 def summaries(out: str) -> list[str]:
@@ -113,9 +97,9 @@ def test_interleaved_takes_the_median_after_a_warm_up_round(monkeypatch):
 # Each benchmark, smallest
 
 
-def test_train_throughput_smallest(capsys):
-    code, out, err = run(train_throughput, ["--models", "resnet20", "--steps", "1", "--batch-size", "4",
-                                            "--workers", "1", "--bf16", *TINY_DATA], capsys)
+def test_train_throughput_smallest():
+    code, out, err = run_command(train_throughput, ["--models", "resnet20", "--steps", "1", "--batch-size", "4",
+                                                    "--workers", "1", "--bf16", *TINY_DATA])
     assert code == 0, err
     lines = out.splitlines()
     assert_machine_line(lines[0])
@@ -125,9 +109,9 @@ def test_train_throughput_smallest(capsys):
     assert any("resnet20 ours bf16 / typical fp32 loop" in line and "not measured" not in line for line in found)
 
 
-def test_monitor_cost_measures_inside_the_trainers_epoch(capsys):
-    code, out, err = run(monitor_cost, ["--models", "resnet20", "--steps", "2", "--every", "1", "--batch-size",
-                                        "4", "--probe-images", "3", "--attribution-images", "5", *TINY_DATA], capsys)
+def test_monitor_cost_measures_inside_the_trainers_epoch():
+    code, out, err = run_command(monitor_cost, ["--models", "resnet20", "--steps", "2", "--every", "1", "--batch-size",
+                                                "4", "--probe-images", "3", "--attribution-images", "5", *TINY_DATA])
     assert code == 0, err
     assert_machine_line(out.splitlines()[0])
     row = next(line.split() for line in out.splitlines() if line.startswith("resnet20"))
@@ -138,18 +122,18 @@ def test_monitor_cost_measures_inside_the_trainers_epoch(capsys):
     assert "BN monitor at every 100 steps and the attribution" in line and "(target <= 3.0%)" in line
 
 
-def test_analysis_overhead_with_a_batch_larger_than_the_images(capsys):
-    code, out, err = run(analysis_overhead, ["--models", "resnet20", "--images", "2", "--batch-size", "128",
-                                             "--memory-batches", "1", "--repeats", "1"], capsys)
+def test_analysis_overhead_with_a_batch_larger_than_the_images():
+    code, out, err = run_command(analysis_overhead, ["--models", "resnet20", "--images", "2", "--batch-size", "128",
+                                                     "--memory-batches", "1", "--repeats", "1"])
     assert code == 0, err
     assert "seconds for 2 images in batches of 2" in out
     assert len(summaries(out)) == 2  # no memory probe at --memory-batches 1
 
 
-def test_analysis_overhead_memory_probe_at_sizes_that_do_not_divide(capsys):
+def test_analysis_overhead_memory_probe_at_sizes_that_do_not_divide():
     """The memory probe used to take a quarter of --images in batches of 128: no batch at --images 256."""
-    code, out, err = run(analysis_overhead, ["--models", "resnet20", "--images", "5", "--batch-size", "3",
-                                             "--memory-batches", "2", "--repeats", "1"], capsys)
+    code, out, err = run_command(analysis_overhead, ["--models", "resnet20", "--images", "5", "--batch-size", "3",
+                                                     "--memory-batches", "2", "--repeats", "1"])
     assert code == 0, err
     assert_machine_line(out.splitlines()[0])
     assert "peak resident memory of gradients on resnet20: " in out and "after 1 batch of 3" in out
@@ -159,9 +143,9 @@ def test_analysis_overhead_memory_probe_at_sizes_that_do_not_divide(capsys):
         "peak resident memory of gradients, 2 batches / 1 batch"]
 
 
-def test_depth_scaling_smallest(capsys):
-    code, out, err = run(depth_scaling, ["--models", "resnet20", "plain20", "--images", "3", "--batch-size", "2",
-                                         "--repeats", "1"], capsys)
+def test_depth_scaling_smallest():
+    code, out, err = run_command(depth_scaling, ["--models", "resnet20", "plain20", "--images", "3", "--batch-size",
+                                                 "2", "--repeats", "1"])
     assert code == 0, err
     assert_machine_line(out.splitlines()[0])
     assert re.search(r"^resnet20 +19 ", out, re.M) and re.search(r"^plain20 +19 ", out, re.M), out
@@ -169,10 +153,10 @@ def test_depth_scaling_smallest(capsys):
     assert "spread of the time per response layer" in line
 
 
-def test_spikes_cost_smallest(capsys):
+def test_spikes_cost_smallest():
     argv = ["--train-images", "16", "--epochs", "2", "--n-images", "8", "--recal-images", "8", *TINY_DATA]
     try:
-        code, out, err = run(spikes_cost, argv, capsys)
+        code, out, err = run_command(spikes_cost, argv)
     except Exception as exc:
         where = traceback.extract_tb(exc.__traceback__)[-1].filename
         if where.endswith(("diagnostics/spikes.py", "analyses/spikes.py")):
@@ -199,8 +183,8 @@ def test_spikes_cost_smallest(capsys):
     (depth_scaling, ["--repeats", "0"], "--repeats"),
     (spikes_cost, ["--run", "/nonexistent/run"], "not a run directory"),
 ])
-def test_bad_options_are_one_line(capsys, module, argv, phrase):
-    code, out, err = run(module, argv, capsys)
+def test_bad_options_are_one_line(module, argv, phrase):
+    code, out, err = run_command(module, argv)
     assert code == 2
     assert err.startswith("error: ") and err.count("\n") == 1 and phrase in err, err
 
@@ -212,9 +196,9 @@ def test_each_command_names_itself():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a machine with a GPU the check runs for real")
-def test_gpu_check_without_a_gpu_says_to_shrink(capsys):
+def test_gpu_check_without_a_gpu_says_to_shrink():
     from benchmarks import gpu
-    code, out, err = run(gpu, [], capsys)
+    code, out, err = run_command(gpu, [])
     assert code == 2 and "--shrink" in err and err.count("\n") == 1
 
 
@@ -245,9 +229,9 @@ def test_lightning_cost_fits_a_real_trainer_with_and_without_the_callback(capsys
     pytest.importorskip("pytorch_lightning")
     from benchmarks import lightning_cost
     assert lightning_cost.parser().prog == "python -m benchmarks.lightning_cost"
-    code, out, err = run(lightning_cost, ["--models", "resnet20", "--steps", "2", "--every", "1", "--batch-size", "4",
-                                          "--probe-images", "3", "--attribution-images", "5",
-                                          "--recalibration-images", "5", "--repeats", "1", *clock], capsys)
+    code, out, err = run_command(lightning_cost, ["--models", "resnet20", "--steps", "2", "--every", "1",
+                                                  "--batch-size", "4", "--probe-images", "3", "--attribution-images",
+                                                  "5", "--recalibration-images", "5", "--repeats", "1", *clock])
     assert code == 0, err
     assert_machine_line(out.splitlines()[0])
     assert out.splitlines()[1].startswith("CPU seconds, " if clock else "seconds, ")
@@ -257,14 +241,15 @@ def test_lightning_cost_fits_a_real_trainer_with_and_without_the_callback(capsys
     assert together == pytest.approx(monitor + attribution, abs=0.11)
     (line,) = summaries(out)
     assert "BNMonitorCallback at every 100 steps and the attribution" in line and "(target <= 3.0%)" in line
-    assert "GPU available" not in out + err  # Lightning's banner, once per fit, is kept out of the report
-    code, out, err = run(lightning_cost, ["--steps", "4", "--every", "5"], capsys)
+    logged = "".join(capsys.readouterr())  # Lightning's logger writes to the stream it found when imported
+    assert "GPU available" not in out + err + logged  # its banner, once per fit, is kept out of the report
+    code, out, err = run_command(lightning_cost, ["--steps", "4", "--every", "5"])
     assert code == 2 and "give --steps at least 5" in err
 
 
-def test_side_by_side_times_each_kind_alone_and_paired_under_each_setting(capsys):
+def test_side_by_side_times_each_kind_alone_and_paired_under_each_setting():
     from benchmarks import side_by_side
-    code, out, err = run(side_by_side, ["--model", "resnet20", "--seconds", "0.2", "--settings", "ours"], capsys)
+    code, out, err = run_command(side_by_side, ["--model", "resnet20", "--seconds", "0.2", "--settings", "ours"])
     assert code == 0, err  # three processes of torch's imports: one setting is enough to check the table's shape
     assert_machine_line(out.splitlines()[0])
     rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split()[:1] == ["ours"]}

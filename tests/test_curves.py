@@ -1,6 +1,5 @@
 """Training curves: hand-computed summaries and group statistics, what defines a group, bad run directories,
 and the command on runs that differ only in seed."""
-import csv
 import json
 import statistics
 import subprocess
@@ -20,7 +19,7 @@ from train.errors import UserError
 from train import rundir
 from train.rundir import METRICS
 
-from conftest import train_tiny
+from conftest import read_csv, train_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--train-images", "64", "--batch-size", "32", "--val-split", "64"]  # 2 steps an epoch, 64 to validate
@@ -127,9 +126,9 @@ def seed_runs(tmp_path_factory) -> list[Path]:
     return [train_tiny(root / f"s{seed}", "resnet20", *SMALL, "--seed", str(seed)) for seed in (1, 2)]
 
 
-def read_csv(run_dir: Path) -> dict[str, list[float]]:
-    with open(run_dir / "metrics.csv", newline="") as file:
-        rows = list(csv.DictReader(file))
+def metric_columns(run_dir: Path) -> dict[str, list[float]]:
+    """A run's metrics.csv by column, as numbers: what the curves are computed from."""
+    rows = read_csv(run_dir / "metrics.csv")
     return {column: [float(row[column]) for row in rows] for column in rows[0]}
 
 
@@ -147,7 +146,7 @@ def test_command_groups_runs_that_differ_only_in_seed(tiny_runs, seed_runs, tmp_
     assert ds.run_group.sel(run="s1") == ds.run_group.sel(run="s2") != ds.run_group.sel(run="resnet20")
     assert ds.attrs["checkpoint"] == [str(run) for run in runs] and ds.attrs["early"] == 2
     # The seed group's numbers from the two metrics.csv files, by hand (std over runs: ddof 1).
-    seeds = [read_csv(run) for run in seed_runs]
+    seeds = [metric_columns(run) for run in seed_runs]
     best = [max(m["val_acc"]) for m in seeds]
     last = [m["val_acc"][-1] for m in seeds]
     early_std = [statistics.pstdev(m["val_acc"][:2]) for m in seeds]
@@ -159,7 +158,7 @@ def test_command_groups_runs_that_differ_only_in_seed(tiny_runs, seed_runs, tmp_
     assert group.early_val_acc_std_group_mean.item() == pytest.approx(statistics.mean(early_std))
     assert group.seconds_per_epoch_group_std.item() == pytest.approx(statistics.stdev(seconds))
     assert group.train_loss_group_mean.values == pytest.approx(np.mean([m["train_loss"] for m in seeds], axis=0))
-    assert ds.val_acc.sel(run="plain20").values.tolist() == read_csv(tiny_runs["plain20"])["val_acc"]
+    assert ds.val_acc.sel(run="plain20").values.tolist() == metric_columns(tiny_runs["plain20"])["val_acc"]
     # The table: one row per group, the seed group's best accuracy as mean ± std in percent.
     seed_row = next(line for line in lines if line.startswith(str(group.group.item())))
     assert f"{100 * statistics.mean(best):.2f} ± {100 * statistics.stdev(best):.2f}" in seed_row

@@ -1,4 +1,5 @@
-"""The shared command layer: labels that tell inputs apart, and the epochs a run contributes."""
+"""The shared command layer: labels that tell inputs apart, the epochs a run contributes, and the images read once
+while their files stay as they are."""
 import os
 import shutil
 import subprocess
@@ -10,7 +11,9 @@ import pytest
 import torch
 
 from analyses.common import combine
+from conftest import tiny_images, write_cifar_batch, write_image_folder
 from diagnostics import common, responses
+from train import data
 from train.errors import UserError
 
 
@@ -101,3 +104,60 @@ def test_a_file_the_trainer_replaced_while_it_was_read_is_skipped(tiny_runs, tmp
     torch.save({**newer, "epoch": 3, "history": {**history, "epoch": [1, 2, 3]}}, run / "epoch_003.pt")  # a newer one
     read = [common.epoch_of(loaded) for _, loaded in common.checkpoints(sources, args, "cpu")]
     assert read == [2, 3]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The images a command reads, kept between commands of one process
+
+
+def checkpoint_of(spec: data.DatasetSpec, **config) -> SimpleNamespace:
+    """What the image readers take of a checkpoint: its run's config and its dataset."""
+    return SimpleNamespace(config=config, spec=spec, path="run/epoch_001.pt")
+
+
+def images_read(checkpoint, data_dir, split: str = "test") -> torch.Tensor:
+    """The images a command evaluates the checkpoint on, read as every command reads them."""
+    args = SimpleNamespace(split=split, n_images=None, batch_size=64, data_dir=data_dir, image_size=None)
+    return common.image_batches(checkpoint, args, "cpu").images
+
+
+def test_a_dataset_file_rewritten_in_place_is_read_again(cifar10_dir):
+    """A notebook that rewrites a dataset's file between two diagnostics gets the new images, not the first
+    read's: the same size, the modification time alone tells them apart."""
+    test_batch = cifar10_dir / "cifar-10-batches-py" / "test_batch"
+    os.utime(test_batch, ns=(0, 0))  # written long ago
+    checkpoint = checkpoint_of(data.SPECS["cifar10"])
+    images = tiny_images(30, 0)
+    assert torch.equal(images_read(checkpoint, cifar10_dir), torch.from_numpy(images))
+    size = test_batch.stat().st_size
+    write_cifar_batch(test_batch, images[::-1], [j % 10 for j in range(30)])  # the same bytes in another order
+    assert test_batch.stat().st_size == size
+    assert torch.equal(images_read(checkpoint, cifar10_dir), torch.from_numpy(images[::-1].copy()))
+
+
+def test_an_image_added_to_a_folder_is_read(tmp_path):
+    """An image folder is known by its folders' modification times, which a file added there changes."""
+    root = write_image_folder(tmp_path / "pictures", {"train": 2})
+    name = data.dataset_name(f"folder:{root}")
+    checkpoint = checkpoint_of(data.get_spec(name))
+    os.utime(root / "train" / "dog", ns=(0, 0))  # written long ago
+    assert len(images_read(checkpoint, None, "train")) == 6
+    shutil.copy(root / "train" / "dog" / "000.png", root / "train" / "dog" / "002.png")
+    assert len(images_read(checkpoint, None, "train")) == 7
+
+
+def test_the_images_kept_are_the_splits_read_last(cifar10_dir, monkeypatch):
+    """Each run's held-out split is a split of its own; beyond IMAGE_CACHE_SPLITS the one used longest ago is
+    dropped, and read again when asked for: a long notebook does not keep every split it ever read."""
+    reads, run_split = [], common.run_split
+
+    def counted(dataset, config, *rest):
+        reads.append(config["val_split"])
+        return run_split(dataset, config, *rest)
+
+    monkeypatch.setattr(common, "run_split", counted)
+    last = common.IMAGE_CACHE_SPLITS + 1
+    for val_split in [*range(1, last + 1), last, 1]:
+        checkpoint = checkpoint_of(data.SPECS["cifar10"], val_split=val_split)
+        assert len(images_read(checkpoint, cifar10_dir, "val")) == val_split
+    assert reads == [*range(1, last + 1), 1] and len(common._IMAGES) == common.IMAGE_CACHE_SPLITS

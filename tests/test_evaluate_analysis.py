@@ -5,6 +5,7 @@ import torch.nn as nn
 
 import models
 from analyses.evaluate import evaluate
+from conftest import assert_no_hooks
 
 
 def bn_net() -> nn.Module:
@@ -45,6 +46,7 @@ def test_bn_modes_have_known_answers_and_leave_the_model_untouched():
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert model.bn.momentum == 0.1 and model.training
+    assert_no_hooks(model)
 
 
 def test_per_class_counts_and_names():
@@ -54,3 +56,4 @@ def test_per_class_counts_and_names():
     assert ds.class_count.values.tolist() == [3, 4, 2, 0] and ds.class_name.values.tolist() == list("abcd")
     assert torch.isnan(torch.tensor(ds.class_accuracy.values[3]))
     assert ds.attrs["n_images"] == 9 and ds.loss.attrs["units"] == "nats"
+    assert_no_hooks(model)

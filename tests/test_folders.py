@@ -11,8 +11,8 @@ import xarray as xr
 from PIL import Image
 
 import models
-from conftest import FOLDER_CLASSES, write_image_folder
-from diagnostics import attributions, common, evaluate, gradients, responses, spikes
+from conftest import FOLDER_CLASSES, run_command, write_image_folder
+from diagnostics import attributions, evaluate, gradients, responses, spikes
 from train import checkpoint as ckpt
 from train import data
 from train.__main__ import main as train_main
@@ -27,13 +27,6 @@ def folder(path) -> str:
 
 def read(path, split="train", **options) -> data.Images:
     return data.load_split(folder(path), split, **options)
-
-
-def run_command(command, argv: list[str], capsys) -> tuple[int, str, str]:
-    """A diagnostics command in this process, as `python -m` runs it (bad input -> one line, exit 2)."""
-    code = common.main_guard(lambda: command.main(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -165,7 +158,7 @@ def test_trainer_refusals_are_one_line(tmp_path, capsys, argv, phrase):
     assert len(lines) == 1 and phrase in lines[0] and not out.exists()
 
 
-def test_a_torchvision_state_dict_and_a_folder_through_the_diagnostics(tmp_path, image_folder, capsys):
+def test_a_torchvision_state_dict_and_a_folder_through_the_diagnostics(tmp_path, image_folder):
     torch.manual_seed(0)
     path = tmp_path / "resnet18.pt"
     torch.save(torchvision.models.resnet18(num_classes=3).state_dict(), path)
@@ -175,7 +168,7 @@ def test_a_torchvision_state_dict_and_a_folder_through_the_diagnostics(tmp_path,
                            (attributions, ["--n-images", "3", "--steps", "2"])):
         name = command.__name__.rsplit(".", 1)[1]
         out = tmp_path / name
-        code, stdout, stderr = run_command(command, common_argv + extra + ["--out", str(out)], capsys)
+        code, stdout, stderr = run_command(command, common_argv + extra + ["--out", str(out)])
         assert code == 0, stderr
         assert stdout.splitlines()[-3:] == [str(out / f"{name}.{ext}") for ext in ("nc", "png", "pdf")]
         ds = xr.open_dataset(out / f"{name}.nc")
@@ -184,46 +177,46 @@ def test_a_torchvision_state_dict_and_a_folder_through_the_diagnostics(tmp_path,
     scores = xr.open_dataset(tmp_path / "evaluate" / "evaluate.nc")
     assert scores.class_name.values.tolist() == list(FOLDER_CLASSES) and int(scores.class_count.sum()) == 12
     # without --model the file does not say what it is: refused in one line
-    code, _, stderr = run_command(responses, [str(path), "--out", str(tmp_path / "x")], capsys)
+    code, _, stderr = run_command(responses, [str(path), "--out", str(tmp_path / "x")])
     assert code == 2 and "--model NAME" in stderr
 
 
-def test_responses_refuse_a_model_without_bn_and_take_layers_instead(tmp_path, image_folder, capsys):
+def test_responses_refuse_a_model_without_bn_and_take_layers_instead(tmp_path, image_folder):
     path = tmp_path / "squeezenet.pt"
     torch.save(torchvision.models.squeezenet1_1(num_classes=3).state_dict(), path)
     argv = [str(path), "--model", "torchvision:squeezenet1_1", "--dataset", f"folder:{image_folder}",
             "--image-size", "32", "--out", str(tmp_path / "out")]
-    code, _, stderr = run_command(responses, argv, capsys)
+    code, _, stderr = run_command(responses, argv)
     assert code == 2 and "no 3x3 convolution followed directly by BatchNorm" in stderr and "--layers" in stderr
-    code, _, stderr = run_command(responses, argv + ["--layers", "features.*.expand3x3"], capsys)
+    code, _, stderr = run_command(responses, argv + ["--layers", "features.*.expand3x3"])
     assert code == 0, stderr
     ds = xr.open_dataset(tmp_path / "out" / "responses.nc")
     assert ds.layer.values[0].tolist()[:2] == ["features.3.expand3x3", "features.4.expand3x3"]
     assert "matches features.*.expand3x3" in ds.attrs["definition"]
 
 
-def test_layers_that_run_twice_or_match_nothing_are_refused(folder_run, tmp_path, capsys):
+def test_layers_that_run_twice_or_match_nothing_are_refused(folder_run, tmp_path):
     argv = [str(folder_run), "--epochs", "last", "--out", str(tmp_path / "out")]
-    code, _, stderr = run_command(responses, argv + ["--layers", "layer1.0.relu"], capsys)
+    code, _, stderr = run_command(responses, argv + ["--layers", "layer1.0.relu"])
     assert code == 2 and "layer1.0.relu of torchvision:resnet18 runs 2 times" in stderr  # shared by bn1 and the sum
-    code, _, stderr = run_command(responses, argv + ["--layers", "stage*"], capsys)
+    code, _, stderr = run_command(responses, argv + ["--layers", "stage*"])
     assert code == 2 and "no module of torchvision:resnet18 matches --layers stage*" in stderr
 
 
-def test_a_run_on_a_moved_folder_is_found_with_dataset(folder_run, image_folder, tmp_path, capsys):
+def test_a_run_on_a_moved_folder_is_found_with_dataset(folder_run, image_folder, tmp_path):
     moved = shutil.copytree(image_folder, tmp_path / "moved")
     argv = [str(folder_run), "--epochs", "last", "--n-images", "4", "--out", str(tmp_path / "out")]
-    code, _, stderr = run_command(responses, argv + ["--dataset", f"folder:{moved}"], capsys)
+    code, _, stderr = run_command(responses, argv + ["--dataset", f"folder:{moved}"])
     assert code == 0, stderr
     assert xr.open_dataset(tmp_path / "out" / "responses.nc").attrs["dataset"] == f"folder:{moved}"
     (moved / "train" / "dog").rename(moved / "train" / "wolf")
-    code, _, stderr = run_command(responses, argv + ["--dataset", f"folder:{moved}"], capsys)
+    code, _, stderr = run_command(responses, argv + ["--dataset", f"folder:{moved}"])
     assert code == 2 and "not the cat, dog, fox" in stderr
 
 
-def test_spikes_on_a_run_trained_on_a_folder(folder_run, tmp_path, capsys):
+def test_spikes_on_a_run_trained_on_a_folder(folder_run, tmp_path):
     code, stdout, stderr = run_command(spikes, [str(folder_run), "--recal-images", "24", "--out",
-                                                str(tmp_path / "out")], capsys)
+                                                str(tmp_path / "out")])
     assert code == 0, stderr
     ds = xr.open_dataset(tmp_path / "out" / "spikes.nc")
     assert ds.model.values.tolist() == ["torchvision:resnet18"] and ds.epoch.values.tolist() == [1, 2]

@@ -2,7 +2,6 @@
 tiny model on synthetic images: what it logs reaches a CSVLogger, its monitor.nc is what the any-loop API records
 for the same steps, training is exactly what it is without it, a resumed fit continues the record, gradient
 accumulation is followed, and the diagnostics read the Lightning checkpoints and the record beside them."""
-import csv
 import os
 import subprocess
 import sys
@@ -19,6 +18,7 @@ pl = pytest.importorskip("pytorch_lightning")
 
 import models  # noqa: E402
 from analyses.monitor import BNMonitor  # noqa: E402
+from conftest import read_csv  # noqa: E402
 from train import checkpoint as ckpt  # noqa: E402
 from train import rundir  # noqa: E402
 from train.lightning import BNMonitorCallback  # noqa: E402
@@ -124,7 +124,7 @@ def watched(tmp_path_factory):
 
 def test_the_loggers_receive_every_measurement_and_each_validation_attribution(watched):
     log_dir, module, _, _ = watched
-    rows = list(csv.DictReader(open(log_dir / "metrics.csv")))
+    rows = read_csv(log_dir / "metrics.csv")
     columns = set(rows[0])
     layers = [name for name, _ in models.bn_layers(module)]
     assert {"probe/loss_running", "probe/loss_batch", "val/loss_recalibrated", "val/bn_excess",

@@ -20,7 +20,7 @@ from markupsafe import escape
 
 import diagnostics.curves
 import diagnostics.flops
-from conftest import tiny_images, write_cifar_batch, write_image_folder
+from conftest import run_command, tiny_images, write_cifar_batch, write_image_folder
 from diagnostics import common, report
 from train.__main__ import main as train_main
 from train.errors import UserError
@@ -31,13 +31,8 @@ BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stab
 
 def run_report(*argv) -> SimpleNamespace:
     """The command in this process: exit code, stdout and stderr lines."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = common.main_guard(lambda: report.main([str(arg) for arg in argv]))
-        except SystemExit as exc:
-            code = exc.code
-    return SimpleNamespace(code=code, stdout=out.getvalue().splitlines(), stderr=err.getvalue().splitlines())
+    code, out, err = run_command(report, argv)
+    return SimpleNamespace(code=code, stdout=out.splitlines(), stderr=err.splitlines())
 
 
 def printed(main, argv) -> list[str]:

@@ -31,14 +31,7 @@ CULPRIT = "stage2.block2.bn1"
 RECAL_IMAGES = 64
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny convolutions gain nothing from two threads and lose several-fold when other jobs share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------------------------------------

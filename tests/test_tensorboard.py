@@ -1,6 +1,5 @@
 """TensorBoard: `python -m train --tensorboard DIR` and the BN monitor's writer, read back with TensorBoard's own
 event reader; without the package, one line saying how to install it."""
-import csv
 import sys
 from collections import Counter
 
@@ -11,7 +10,7 @@ import xarray as xr
 
 import models
 from analyses.monitor import BNMonitor
-from conftest import TINY_RUN
+from conftest import TINY_RUN, read_csv
 from train import trainer
 from train.__main__ import main as train_main
 from train.errors import TrainingDiverged
@@ -19,11 +18,6 @@ from train.errors import TrainingDiverged
 EPOCH_TAGS = {"train_loss": "train/loss", "train_acc": "train/accuracy", "val_loss": "val/loss",
               "val_acc": "val/accuracy", "lr": "train/lr", "epoch_seconds": "time/epoch_seconds",
               "images_per_second": "time/images_per_second", "bn_warnings": "probe/warnings"}
-
-
-def read_csv(path) -> list[dict]:
-    with open(path) as file:
-        return list(csv.DictReader(file))
 
 
 def events(folder):

@@ -1,5 +1,4 @@
 """The trainer as users run it: run directory, schedules, resume after SIGKILL, divergence, DDP on CPU."""
-import csv
 import json
 import os
 import signal
@@ -14,7 +13,7 @@ import xarray as xr
 
 import models
 from analyses.common import ChannelMoments, forward_hooks, preserved_state
-from conftest import TINY_RUN, train_tiny
+from conftest import TINY_RUN, read_csv, train_tiny
 from train import checkpoint as ckpt
 from train import config as cfg
 from train import data
@@ -22,11 +21,6 @@ from train.__main__ import main as train_main
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMING = {"epoch_seconds", "images_per_second"}
-
-
-def read_csv(path: Path) -> list[dict]:
-    with open(path) as file:
-        return list(csv.DictReader(file))
 
 
 def test_run_directory_contents(tiny_runs):
