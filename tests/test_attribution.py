@@ -16,7 +16,8 @@ from analyses.monitor import (BNMonitor, StatisticsTracker, agreement, attribute
                               predicted_error, prescription)
 from conftest import assert_no_hooks, train_tiny
 from train import checkpoint as ckpt
-from train import data, rundir
+from train import datasets, rundir
+from train.batches import EvalBatches, recalibration_inputs
 
 
 def hand_loop(model, steps: int, monitor=None, batch: int = 16, seed: int = 1):
@@ -111,10 +112,10 @@ def test_the_best_momentum_balances_lag_and_noise():
 def test_a_corrupted_layer_is_attributed_exactly_and_nothing_is_changed(tiny_runs):
     loaded = ckpt.load(tiny_runs["resnet20"] / "epoch_002.pt")
     model = loaded.model
-    train_images = data.load_split("synthetic", "train")[:128]
-    recalibration = data.recalibration_inputs(train_images, loaded.spec, "none", 64, "cpu")
-    val = data.load_split("synthetic", "test")[:96]
-    batches = data.EvalBatches(val, loaded.spec, 32, "cpu")
+    train_images = datasets.load_split("synthetic", "train")[:128]
+    recalibration = recalibration_inputs(train_images, loaded.spec, "none", 64, "cpu")
+    val = datasets.load_split("synthetic", "test")[:96]
+    batches = EvalBatches(val, loaded.spec, 32, "cpu")
     x = torch.cat([b for b, _ in batches])
     layer = dict(model.named_modules())["stage2.block1.bn1"]
     with torch.no_grad():
