@@ -19,7 +19,8 @@ import torch
 import models
 from analyses.monitor import BNMonitor
 from diagnostics.common import format_table
-from train import data
+from train import datasets
+from train.batches import TrainBatches
 from train.errors import MAX_INT, ArgumentParser, non_negative_int, positive_int
 from train.progress import Progress
 from train.step import TrainStep
@@ -54,9 +55,9 @@ def parser(module: str, doc: str, *, models_default: list[str] | None, repeats: 
 
 def add_data_options(p: ArgumentParser) -> None:
     p.add_argument("--batch-size", type=positive_int, default=128, help="default 128")
-    p.add_argument("--dataset", choices=tuple(data.SPECS), default="fashion-mnist",
+    p.add_argument("--dataset", choices=tuple(datasets.SPECS), default="fashion-mnist",
                    help="the images trained on (default fashion-mnist; synthetic needs no files)")
-    p.add_argument("--data-dir", default=str(data.default_data_dir()))
+    p.add_argument("--data-dir", default=str(datasets.default_data_dir()))
 
 
 def add_workers_option(p: ArgumentParser) -> None:
@@ -111,14 +112,14 @@ def bf16_note(measured: bool, why: str) -> str:
 # Images and batches
 
 
-def benchmark_images(name: str, n: int, data_dir) -> tuple[data.Images, data.DatasetSpec]:
+def benchmark_images(name: str, n: int, data_dir) -> tuple[datasets.Images, datasets.DatasetSpec]:
     """The first `n` training images of a dataset, repeated where it has fewer (synthetic has 1,024): what is
     timed is the work per image, not which images."""
-    images = data.load_split(name, "train", data_dir)
+    images = datasets.load_split(name, "train", data_dir)
     if len(images) < n:
         copies = -(-n // len(images))
-        images = data.Images(images.images.repeat(copies, 1, 1, 1), images.labels.repeat(copies))
-    return images[:n], data.get_spec(name)
+        images = datasets.Images(images.images.repeat(copies, 1, 1, 1), images.labels.repeat(copies))
+    return images[:n], datasets.get_spec(name)
 
 
 def fixed_batches(n_images: int, batch_size: int, device) -> list:
@@ -141,12 +142,12 @@ def sgd(model: torch.nn.Module, fused: bool) -> torch.optim.SGD:
     return torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4, fused=fused)
 
 
-def trainer_batches(images: data.Images, spec: data.DatasetSpec, batch_size: int, device) -> data.TrainBatches:
+def trainer_batches(images: datasets.Images, spec: datasets.DatasetSpec, batch_size: int, device) -> TrainBatches:
     """The trainer's batches: uint8 images on the device, crop and flip there, channels_last."""
-    return data.TrainBatches(images, spec, batch_size, "crop-flip", device, seed=0, channels_last=True)
+    return TrainBatches(images, spec, batch_size, "crop-flip", device, seed=0, channels_last=True)
 
 
-def trainer_epoch(step_model, batches: data.TrainBatches, optimizer, amp_dtype: torch.dtype | None,
+def trainer_epoch(step_model, batches: TrainBatches, optimizer, amp_dtype: torch.dtype | None,
                   monitor: BNMonitor | None = None) -> None:
     """One epoch of the trainer's own `train.trainer.train_epoch` over all of `batches` (the steps timed), with
     the BN monitor where one is given, at a constant learning rate."""

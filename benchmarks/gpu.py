@@ -66,9 +66,9 @@ def check_packages() -> None:
 
 
 def dataset_available(name: str, data_dir) -> bool:
-    from train import data
+    from train import datasets
     try:
-        data.load_split(name, "train", data_dir, download=False)
+        datasets.load_split(name, "train", data_dir, download=False)
     except UserError:
         return False
     return True
@@ -121,7 +121,7 @@ def main(argv=None) -> None:
     check_packages()
     import torch
 
-    from train import data
+    from train import datasets
     from train.trainer import choose_device
 
     from . import analysis_overhead, common, monitor_cost, train_throughput
@@ -129,13 +129,13 @@ def main(argv=None) -> None:
         raise UserError("no GPU is visible; run this on a machine with one, or give --shrink for a quick "
                                "check of the script on a CPU")
     device = choose_device("auto")
-    data_dir = args.data_dir or str(data.default_data_dir())
+    data_dir = args.data_dir or str(datasets.default_data_dir())
     if args.shrink:
         dataset, why = "synthetic", "shrunk: tiny sizes on the synthetic dataset; these figures measure nothing"
     elif dataset_available("fashion-mnist", data_dir):
         dataset, why = "fashion-mnist", "found on disk"
     else:
-        dataset, why = "synthetic", (f"Fashion-MNIST is not in {data_dir} or {data.DEBIAN_FASHION_MNIST}, so the "
+        dataset, why = "synthetic", (f"Fashion-MNIST is not in {data_dir} or {datasets.DEBIAN_FASHION_MNIST}, so the "
                                      "synthetic dataset (1,024 images, repeated) stands in")
     sizes = SHRUNK if args.shrink else FULL
     shared = ["--dataset", dataset, "--data-dir", data_dir, "--device", device.type]

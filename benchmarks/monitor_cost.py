@@ -24,8 +24,8 @@ import models
 from analyses.evaluate import predict
 from analyses.monitor import BNMonitor
 from diagnostics.common import main_guard
+from train.batches import EvalBatches, augmented_once, recalibration_inputs
 from train.config import MONITOR_LONGEST, Config
-from train.data import EvalBatches, augmented_once, recalibration_inputs
 from train.errors import UserError, positive_int
 
 from . import common

@@ -19,7 +19,7 @@ import torch
 from analyses.evaluate import evaluate
 from diagnostics import common as diagnostics_common
 from diagnostics.spikes import main as spikes_main
-from train import data, rundir
+from train import datasets, rundir
 from train.__main__ import main as train_main
 from train.errors import UserError, positive_int
 from train.trainer import choose_device
@@ -31,8 +31,8 @@ def parser():
     p = common.parser("benchmarks.spikes_cost", __doc__, models_default=None, repeats=1)
     p.add_argument("--run", type=Path, help="a run directory to diagnose (default: train a small one)")
     p.add_argument("--model", type=common.model_name, default="resnet20", help="the model of the run trained")
-    p.add_argument("--dataset", choices=tuple(data.SPECS), default="fashion-mnist", help="the run's dataset")
-    p.add_argument("--data-dir", default=str(data.default_data_dir()))
+    p.add_argument("--dataset", choices=tuple(datasets.SPECS), default="fashion-mnist", help="the run's dataset")
+    p.add_argument("--data-dir", default=str(datasets.default_data_dir()))
     p.add_argument("--train-images", type=positive_int, default=2048, help="the run's training images")
     p.add_argument("--epochs", type=positive_int, default=4, help="the run's epochs, each with a checkpoint")
     p.add_argument("--n-images", type=positive_int, help="validation images (default: all of the run's split)")

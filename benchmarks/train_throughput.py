@@ -22,7 +22,7 @@ from PIL import Image
 
 import models
 from diagnostics.common import main_guard
-from train import data
+from train import datasets
 from train.errors import positive_int
 
 from . import common
@@ -32,7 +32,7 @@ class PILImages(torch.utils.data.Dataset):
     """Each image as a PIL image through the transforms, as `torchvision.datasets.CIFAR10` and `FashionMNIST`
     do in `__getitem__`."""
 
-    def __init__(self, images: data.Images, spec: data.DatasetSpec):
+    def __init__(self, images: datasets.Images, spec: datasets.DatasetSpec):
         pixels = np.ascontiguousarray(images.images.permute(0, 2, 3, 1).numpy())  # HWC, as CIFAR10 keeps them
         self.pixels = pixels[..., 0] if pixels.shape[-1] == 1 else pixels  # mode L, as FashionMNIST's
         self.labels = images.labels.tolist()

@@ -18,9 +18,9 @@ import resnet_diagnostics
 from analyses.common import AUTOCAST, forward_hooks, preserved_state
 from train import checkpoint as ckpt
 from train import rundir
-from train import data
-from train.data import (SPECS, SPLITS, EvalBatches, dataset_name, default_data_dir, folder_classes, is_folder,
-                        load_split)
+from train.batches import EvalBatches, recalibration_inputs
+from train.datasets import (FOLDER, SPECS, SPLITS, DatasetSpec, Images, check_image_size, dataset_folders,
+                            dataset_name, default_data_dir, folder_classes, get_spec, is_folder, load_split)
 from train.errors import (ArgumentParser, UserError, finite_float, first_line, positive_float, positive_int,
                           run_command)
 from train.progress import Progress, interval_seconds
@@ -100,7 +100,7 @@ class Run:
     model_name: str
     model_kwargs: dict
     label: str
-    spec: data.DatasetSpec
+    spec: DatasetSpec
 
     @property
     def dataset(self) -> str:
@@ -118,7 +118,7 @@ def read_run(text: str) -> Run:
     return Run(text, path.resolve(), history, config, loaded.name, loaded.kwargs, loaded.label, loaded.spec)
 
 
-def run_split(dataset: str, config: dict, split: str, data_dir, image_size: int | None = None) -> data.Images:
+def run_split(dataset: str, config: dict, split: str, data_dir, image_size: int | None = None) -> Images:
     """A split as a run defined it: its held-out images (`val_split`), its first `train_images` (the training
     split), its images resized to its `image_size` (else `image_size`: a foreign checkpoint's --image-size)."""
     return load_split(dataset, split, data_dir, config.get("val_split", 0),
@@ -314,13 +314,13 @@ def merged_attrs(datasets: list) -> dict:
     return merged
 
 
-def untrained_spec(args, dataset: str) -> data.DatasetSpec:
+def untrained_spec(args, dataset: str) -> DatasetSpec:
     """The dataset bare model names are built for: `dataset`, an image folder's resized to --image-size."""
-    data.check_image_size(dataset, args.image_size)
-    return data.get_spec(dataset, args.image_size)
+    check_image_size(dataset, args.image_size)
+    return get_spec(dataset, args.image_size)
 
 
-def check_untrained(sources: list[Source], spec: data.DatasetSpec) -> None:
+def check_untrained(sources: list[Source], spec: DatasetSpec) -> None:
     """Every bare model name takes `spec`'s images: a model that cannot (a ViT on CIFAR) is one line before any
     work, not a traceback in it."""
     for source in sources:
@@ -366,10 +366,10 @@ def dataset_identity(dataset: str, data_dir) -> tuple:
     a stat of each of many thousands of images at every checkpoint would cost more than the reading it saves (an
     image rewritten under its own name is not seen)."""
     if is_folder(dataset):
-        return folder_times(Path(dataset[len(data.FOLDER):]))
+        return folder_times(Path(dataset[len(FOLDER):]))
     data_dir = Path(data_dir if data_dir is not None else default_data_dir()).resolve()
     return tuple((str(folder), tuple(map(tuple, tree_fingerprint(folder))))
-                 for folder in data.dataset_folders(dataset, data_dir))
+                 for folder in dataset_folders(dataset, data_dir))
 
 
 def _split_images(loaded: ckpt.Loaded, args, split: str):
@@ -466,13 +466,13 @@ def read_monitor(run_dir: Path):
 
 
 def run_recal_inputs(loaded: ckpt.Loaded, args, device, n_images: int) -> list:
-    """What BN recalibration reads, exactly as the trainer's --precise-bn (`train.data.recalibration_inputs`):
+    """What BN recalibration reads, exactly as the trainer's --precise-bn (`train.batches.recalibration_inputs`):
     the first `n_images` of the run's training images, augmented once as the run trained, in even batches of at
     most the per-device training batch; recalibrate under `run_dtype(loaded)`."""
     config = loaded.config or {}
     images = _split_images(loaded, args, "train")[:n_images]
     batch_size = config.get("per_device_batch") or batch_size_of(loaded, args)
-    return data.recalibration_inputs(images, loaded.spec, config.get("augment", "none"), batch_size, device)
+    return recalibration_inputs(images, loaded.spec, config.get("augment", "none"), batch_size, device)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -47,7 +47,7 @@ from analyses.common import software
 from analyses.monitor import prescription
 from train import checkpoint as ckpt
 from train import rundir
-from train.data import SPLITS, dataset_folders, default_data_dir
+from train.datasets import SPLITS, dataset_folders, default_data_dir
 from train.errors import BAD_INPUT, ArgumentParser, DiskFull, UserError, first_line, interrupted_exit_code, positive_int
 from train.progress import Progress
 from train.trainer import choose_device

@@ -15,7 +15,7 @@ import torch
 
 from .registry import ModelError, _builder, canonical, is_external, label
 
-MAX_SIDE = 4096  # train.data.MAX_IMAGE_SIZE: no image is larger
+MAX_SIDE = 4096  # train.datasets.MAX_IMAGE_SIZE: no image is larger
 SIDES = tuple(2**k for k in range(13))  # 1 .. MAX_SIDE: where the search for the smallest side starts
 
 

@@ -12,7 +12,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from analyses.evaluate import predict  # noqa: E402
 from analyses.monitor import attribute, recalibrated_predictions  # noqa: E402
 from train import checkpoint as ckpt  # noqa: E402
-from train import data  # noqa: E402
+from train import datasets  # noqa: E402
+from train.batches import EvalBatches, recalibration_inputs  # noqa: E402
 
 SIZES = (128, 256, 512, 1024, 2000)
 DEFAULT = ["plain20-s0:1", "plain20-s0:4", "resnet20-s1:2", "plain20-s3:4"]  # the largest spikes and an early epoch
@@ -24,13 +25,13 @@ def main(checkpoints: list[str], root: Path = Path("runs/study")) -> None:
         run, epoch = text.split(":")
         loaded = ckpt.load(root / run / f"epoch_{int(epoch):03d}.pt")
         config = loaded.config
-        train, val = (data.load_split(config["dataset"], split, config["data_dir"], config["val_split"])
+        train, val = (datasets.load_split(config["dataset"], split, config["data_dir"], config["val_split"])
                       for split in ("train", "val"))
-        batches = data.EvalBatches(val[:2000], loaded.spec, 256, "cpu")
+        batches = EvalBatches(val[:2000], loaded.spec, 256, "cpu")
         running = predict(loaded.model.eval(), batches)
         cells = []
         for n in SIZES:
-            inputs = data.recalibration_inputs(train[:n], loaded.spec, config["augment"], config["batch_size"], "cpu")
+            inputs = recalibration_inputs(train[:n], loaded.spec, config["augment"], config["batch_size"], "cpu")
             result = attribute(running, recalibrated_predictions(loaded.model, batches, inputs)[0])
             cells.append(f"{n}: {result.loss_recalibrated:.4f} ({result.excess:+.3f})")
         print(f"{run} epoch {epoch}  " + " | ".join(cells), flush=True)

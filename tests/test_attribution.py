@@ -17,7 +17,8 @@ from analyses.monitor import (BNMonitor, StatisticsTracker, agreement, attribute
                               predicted_error, prescription)
 from conftest import assert_no_hooks, train_tiny
 from train import checkpoint as ckpt
-from train import data, rundir
+from train import datasets, rundir
+from train.batches import EvalBatches, recalibration_inputs
 
 
 def hand_loop(model, steps: int, monitor=None, batch: int = 16, seed: int = 1):
@@ -112,10 +113,10 @@ def test_the_best_momentum_balances_lag_and_noise():
 def test_a_corrupted_layer_is_attributed_exactly_and_nothing_is_changed(tiny_runs):
     loaded = ckpt.load(tiny_runs["resnet20"] / "epoch_002.pt")
     model = loaded.model
-    train_images = data.load_split("synthetic", "train")[:128]
-    recalibration = data.recalibration_inputs(train_images, loaded.spec, "none", 64, "cpu")
-    val = data.load_split("synthetic", "test")[:96]
-    batches = data.EvalBatches(val, loaded.spec, 32, "cpu")
+    train_images = datasets.load_split("synthetic", "train")[:128]
+    recalibration = recalibration_inputs(train_images, loaded.spec, "none", 64, "cpu")
+    val = datasets.load_split("synthetic", "test")[:96]
+    batches = EvalBatches(val, loaded.spec, 32, "cpu")
     x = torch.cat([b for b, _ in batches])
     layer = dict(model.named_modules())["stage2.block1.bn1"]
     with torch.no_grad():
@@ -193,13 +194,13 @@ def test_the_trainer_attributes_each_validation_and_selects_as_asked(tmp_path, c
 def test_the_attribution_recomputes_over_the_first_recalibration_images(tmp_path):
     run = train_tiny(tmp_path / "run", "resnet20", "--attribution-images", "48", "--recalibration-images", "64")
     loaded = ckpt.load(run / "epoch_002.pt")
-    train_images = data.load_split("synthetic", "train")
-    val = data.EvalBatches(data.load_split("synthetic", "test")[:48], loaded.spec, 48, "cpu")
+    train_images = datasets.load_split("synthetic", "train")
+    val = EvalBatches(datasets.load_split("synthetic", "test")[:48], loaded.spec, 48, "cpu")
     (x, labels), = val
     recalibrated = {}
     for n in (64, 128):  # the trainer's 64, and what another number would have read
         model = copy.deepcopy(loaded.model)
-        recalibrate_bn(model, data.recalibration_inputs(train_images[:n], loaded.spec, "crop-flip", 64, "cpu"))
+        recalibrate_bn(model, recalibration_inputs(train_images[:n], loaded.spec, "crop-flip", 64, "cpu"))
         with torch.no_grad():
             recalibrated[n] = F.cross_entropy(model.eval()(x), labels).item()
     measured = rundir.read_metrics(run)["val_loss_recalibrated"][-1]

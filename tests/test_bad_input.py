@@ -249,9 +249,9 @@ def test_a_bad_progress_interval_is_one_line(value, module, arguments, files, tm
 
 
 def test_an_empty_data_variable_is_unset(monkeypatch):
-    from train import data
+    from train import datasets
     monkeypatch.setenv("RESNET_DIAG_DATA", "")
-    assert data.default_data_dir() == Path("./data")  # was Path(""): the working directory
+    assert datasets.default_data_dir() == Path("./data")  # was Path(""): the working directory
 
 
 @pytest.mark.parametrize("package", ["train", "diagnostics"])

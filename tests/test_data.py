@@ -8,31 +8,32 @@ import pytest
 import torch
 
 from conftest import tiny_images, write_cifar_batch, write_idx
-from train import data
+from train import datasets
+from train.batches import EvalBatches, TrainBatches, augment
 from train.errors import UserError
 
 
 def test_cifar10_files_in_the_real_format(cifar10_dir):
-    train = data.load_images("cifar10", "train", cifar10_dir, download=False)
+    train = datasets.load_images("cifar10", "train", cifar10_dir, download=False)
     assert train.images.shape == (100, 3, 32, 32) and train.images.dtype == torch.uint8
     assert torch.equal(train.images[:20], torch.from_numpy(tiny_images(20, 1)))  # batch 1 first, pixel-exact
     assert train.labels[:12].tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
-    assert len(data.load_images("cifar10", "test", cifar10_dir, download=False)) == 30
+    assert len(datasets.load_images("cifar10", "test", cifar10_dir, download=False)) == 30
 
 
 def test_mini_cifar10_keeps_airplane_automobile_bird(cifar10_dir):
-    mini = data.load_images("mini-cifar10", "train", cifar10_dir, download=False)
+    mini = datasets.load_images("mini-cifar10", "train", cifar10_dir, download=False)
     assert len(mini) == 30 and set(mini.labels.tolist()) == {0, 1, 2}
-    assert data.get_spec("mini-cifar10").classes == ("airplane", "automobile", "bird")
+    assert datasets.get_spec("mini-cifar10").classes == ("airplane", "automobile", "bird")
 
 
 def test_cifar100_uses_fine_labels(tmp_path):
     folder = tmp_path / "cifar-100-python"
     write_cifar_batch(folder / "train", tiny_images(10, 0), [99 - i for i in range(10)], b"fine_labels")
     write_cifar_batch(folder / "test", tiny_images(5, 1), list(range(5)), b"fine_labels")
-    train = data.load_images("cifar100", "train", tmp_path, download=False)
+    train = datasets.load_images("cifar100", "train", tmp_path, download=False)
     assert train.labels.tolist() == list(range(99, 89, -1))
-    assert len(data.get_spec("cifar100").classes) == 100
+    assert len(datasets.get_spec("cifar100").classes) == 100
 
 
 def test_a_cifar_file_that_would_run_code_is_refused(cifar10_dir, tmp_path):
@@ -45,12 +46,12 @@ def test_a_cifar_file_that_would_run_code_is_refused(cifar10_dir, tmp_path):
     with open(cifar10_dir / "cifar-10-batches-py" / "data_batch_3", "wb") as file:
         pickle.dump({b"data": Exploit(), b"labels": []}, file, protocol=2)
     with pytest.raises(UserError, match="data_batch_3 is not a CIFAR batch file"):
-        data.load_images("cifar10", "train", cifar10_dir, download=False)
+        datasets.load_images("cifar10", "train", cifar10_dir, download=False)
     assert not marker.exists()
 
 
 def test_fashion_mnist_gz_idx_padded_to_32(fashion_dir):
-    train = data.load_images("fashion-mnist", "train", fashion_dir, download=False)
+    train = datasets.load_images("fashion-mnist", "train", fashion_dir, download=False)
     assert train.images.shape == (40, 1, 32, 32)
     assert train.images[:, :, :2].sum() == 0 and train.images[:, :, :, -2:].sum() == 0  # 2-pixel zero border
     assert train.labels.tolist()[:11] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0]
@@ -60,19 +61,19 @@ def test_fashion_mnist_unpacked_in_torchvisions_folder(tmp_path):
     raw = tmp_path / "FashionMNIST" / "raw"
     write_idx(raw / "t10k-images-idx3-ubyte", np.full((3, 28, 28), 7))
     write_idx(raw / "t10k-labels-idx1-ubyte", np.array([1, 2, 3]))
-    test = data.load_images("fashion-mnist", "test", tmp_path, download=False)
+    test = datasets.load_images("fashion-mnist", "test", tmp_path, download=False)
     assert test.images[:, :, 2:30, 2:30].eq(7).all() and test.labels.tolist() == [1, 2, 3]
 
 
 def test_missing_dataset_offline_says_where_and_how(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", tmp_path / "nowhere")
+    monkeypatch.setattr(datasets, "DEBIAN_FASHION_MNIST", tmp_path / "nowhere")
     with pytest.raises(UserError) as error:
-        data.load_images("fashion-mnist", "train", tmp_path, download=False)
+        datasets.load_images("fashion-mnist", "train", tmp_path, download=False)
     message = str(error.value)
     assert str(tmp_path / "fashion-mnist") in message and "apt-get install dataset-fashion-mnist" in message
     assert "\n" not in message
     with pytest.raises(UserError, match="cifar-10-batches-py.*--data-dir"):
-        data.load_images("cifar10", "test", tmp_path, download=False)
+        datasets.load_images("cifar10", "test", tmp_path, download=False)
 
 
 def test_download_failure_is_one_line(tmp_path, monkeypatch):
@@ -83,29 +84,29 @@ def test_download_failure_is_one_line(tmp_path, monkeypatch):
 
     monkeypatch.setattr(tvd, "CIFAR10", offline)
     with pytest.raises(UserError, match="could not be downloaded"):
-        data.load_images("cifar10", "train", tmp_path, download=True)
+        datasets.load_images("cifar10", "train", tmp_path, download=True)
 
 
 def test_splits_and_train_images():
-    train = data.load_split("synthetic", "train", val_split=200, train_images=100)
-    val = data.load_split("synthetic", "val", val_split=200)
-    full = data.load_images("synthetic", "train")
+    train = datasets.load_split("synthetic", "train", val_split=200, train_images=100)
+    val = datasets.load_split("synthetic", "val", val_split=200)
+    full = datasets.load_images("synthetic", "train")
     assert torch.equal(train.images, full.images[:100]) and torch.equal(val.images, full.images[-200:])
-    assert torch.equal(data.load_split("synthetic", "val").images, data.load_images("synthetic", "test").images)
+    assert torch.equal(datasets.load_split("synthetic", "val").images, datasets.load_images("synthetic", "test").images)
     with pytest.raises(UserError, match="--train-images"):
-        data.load_split("synthetic", "train", train_images=5000)
+        datasets.load_split("synthetic", "train", train_images=5000)
 
 
 def test_synthetic_is_deterministic_and_balanced():
-    a, b = data.load_images("synthetic", "train"), data.load_images("synthetic", "train")
+    a, b = datasets.load_images("synthetic", "train"), datasets.load_images("synthetic", "train")
     assert torch.equal(a.images, b.images) and a.labels.bincount().tolist() == [256] * 4
 
 
 def test_crop_flip_is_a_translation_with_zero_padding_and_a_flip():
-    spec = data.get_spec("synthetic")
+    spec = datasets.get_spec("synthetic")
     images = torch.randint(1, 256, (64, 3, 32, 32), dtype=torch.uint8)  # no zeros: padding is recognisable
     generator = torch.Generator().manual_seed(0)
-    x = data.augment(images, spec, "crop-flip", generator)
+    x = augment(images, spec, "crop-flip", generator)
     pixels = (x * torch.tensor(spec.std).view(1, 3, 1, 1) + torch.tensor(spec.mean).view(1, 3, 1, 1)) * 255
     pixels = pixels.round().to(torch.uint8)
     padded = torch.nn.functional.pad(images, (4, 4, 4, 4))
@@ -116,30 +117,30 @@ def test_crop_flip_is_a_translation_with_zero_padding_and_a_flip():
 
 
 def test_cutout_zeroes_a_clipped_16x16_square_of_the_normalised_image():
-    spec = data.get_spec("synthetic")
+    spec = datasets.get_spec("synthetic")
     images = torch.full((200, 3, 32, 32), 255, dtype=torch.uint8)
-    x = data.augment(images, spec, "cutout", torch.Generator().manual_seed(1))
+    x = augment(images, spec, "cutout", torch.Generator().manual_seed(1))
     zeros = (x == 0).all(1).sum((1, 2))
     assert zeros.max() == 256 and zeros.min() >= 64  # a corner centre clips the square to 8x8
     assert (x != 0).any()
 
 
-def indexed_images(n: int) -> data.Images:
+def indexed_images(n: int) -> datasets.Images:
     """Blank images whose first two pixels of channel 0 spell their index (low byte, high byte)."""
     images = torch.zeros(n, 3, 32, 32, dtype=torch.uint8)
     images[:, 0, 0, 0], images[:, 0, 0, 1] = torch.arange(n) % 256, torch.arange(n) // 256
-    return data.Images(images, torch.arange(n) % 4)
+    return datasets.Images(images, torch.arange(n) % 4)
 
 
-def image_indices(x: torch.Tensor, spec: data.DatasetSpec) -> list[int]:
+def image_indices(x: torch.Tensor, spec: datasets.DatasetSpec) -> list[int]:
     """The indices `indexed_images` wrote, read back from normalised (un-augmented) batches."""
     pixels = (x[:, 0, 0, :2] * spec.std[0] * 255 + spec.mean[0] * 255).round().long()
     return (pixels[:, 0] + 256 * pixels[:, 1]).tolist()
 
 
 def test_train_batches_are_deterministic_per_epoch():
-    images = data.load_images("synthetic", "train")
-    make = lambda: data.TrainBatches(images, data.get_spec("synthetic"), 128, "crop-flip", "cpu", seed=3)
+    images = datasets.load_images("synthetic", "train")
+    make = lambda: TrainBatches(images, datasets.get_spec("synthetic"), 128, "crop-flip", "cpu", seed=3)
     first, again = list(make().epoch(1)), list(make().epoch(1))
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, again))
     assert not torch.equal(first[0][0], next(make().epoch(2))[0])
@@ -149,9 +150,9 @@ def test_train_batches_are_deterministic_per_epoch():
 def test_two_processes_share_each_step_of_one_process_between_them():
     # DDP averages the two ranks' gradients, which equals one process's gradient on the global batch only if
     # each step's images are the same: rank 0 and rank 1 take disjoint halves of the single process's step.
-    images, spec = indexed_images(1000), data.get_spec("synthetic")
-    make = lambda rank=0, world=1: data.TrainBatches(images, spec, 128, "none", "cpu", seed=3, rank=rank,
-                                                      world_size=world)
+    images, spec = indexed_images(1000), datasets.get_spec("synthetic")
+    make = lambda rank=0, world=1: TrainBatches(images, spec, 128, "none", "cpu", seed=3, rank=rank,
+                                                world_size=world)
     single = [image_indices(x, spec) for x, _ in make().epoch(2)]
     ranks = [[image_indices(x, spec) for x, _ in make(rank, 2).epoch(2)] for rank in (0, 1)]
     assert len(single) == len(ranks[0]) == len(ranks[1]) == 1000 // 128
@@ -164,9 +165,9 @@ def test_two_processes_share_each_step_of_one_process_between_them():
 
 
 def test_autoaugment_runs_the_policy_in_workers():
-    images = data.load_images("synthetic", "train")[:128]
-    make = lambda augmentation: data.TrainBatches(images, data.get_spec("synthetic"), 64, augmentation, "cpu",
-                                                   seed=0, workers=1)
+    images = datasets.load_images("synthetic", "train")[:128]
+    make = lambda augmentation: TrainBatches(images, datasets.get_spec("synthetic"), 64, augmentation, "cpu",
+                                             seed=0, workers=1)
     state = torch.get_rng_state()
     policy = list(make("autoaugment").epoch(1))
     # AutoAugment draws from torch's global generator: here it stayed untouched, so the policy ran elsewhere.
@@ -182,8 +183,8 @@ def test_autoaugment_runs_the_policy_in_workers():
 
 
 def test_eval_batches_cover_the_split_in_order():
-    images = data.load_images("synthetic", "test")
-    batches = data.EvalBatches(images, data.get_spec("synthetic"), 100, "cpu")
+    images = datasets.load_images("synthetic", "test")
+    batches = EvalBatches(images, datasets.get_spec("synthetic"), 100, "cpu")
     labels = torch.cat([y for _, y in batches])
     assert len(batches) == 3 and torch.equal(labels, images.labels)
 
@@ -196,7 +197,7 @@ def test_a_damaged_or_inflating_idx_file_is_one_line(tmp_path, content, phrase):
     path = tmp_path / "train-images-idx3-ubyte.gz"
     path.write_bytes(content)
     with pytest.raises(UserError, match=phrase):
-        data._read_idx(path, 3)
+        datasets._read_idx(path, 3)
 
 
 def test_an_unreadable_data_folder_is_passed_over_or_one_line(fashion_dir, tmp_path, monkeypatch):
@@ -211,7 +212,7 @@ def test_an_unreadable_data_folder_is_passed_over_or_one_line(fashion_dir, tmp_p
         return is_file(path)
     monkeypatch.setattr(Path, "is_file", refusing)
     (locked / "fashion-mnist").mkdir(parents=True)
-    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", fashion_dir / "fashion-mnist")
-    assert len(data.load_images("fashion-mnist", "train", locked, download=False)) == 40
+    monkeypatch.setattr(datasets, "DEBIAN_FASHION_MNIST", fashion_dir / "fashion-mnist")
+    assert len(datasets.load_images("fashion-mnist", "train", locked, download=False)) == 40
     with pytest.raises(UserError, match=r"cannot read .*locked.* \(permission denied\)"):
-        data.load_images("cifar10", "train", locked, download=False)
+        datasets.load_images("cifar10", "train", locked, download=False)

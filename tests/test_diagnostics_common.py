@@ -13,7 +13,7 @@ import torch
 from analyses.common import combine
 from conftest import tiny_images, write_cifar_batch, write_image_folder
 from diagnostics import common, responses
-from train import data
+from train import datasets
 from train.errors import UserError
 
 
@@ -110,7 +110,7 @@ def test_a_file_the_trainer_replaced_while_it_was_read_is_skipped(tiny_runs, tmp
 # The images a command reads, kept between commands of one process
 
 
-def checkpoint_of(spec: data.DatasetSpec, **config) -> SimpleNamespace:
+def checkpoint_of(spec: datasets.DatasetSpec, **config) -> SimpleNamespace:
     """What the image readers take of a checkpoint: its run's config and its dataset."""
     return SimpleNamespace(config=config, spec=spec, path="run/epoch_001.pt")
 
@@ -126,7 +126,7 @@ def test_a_dataset_file_rewritten_in_place_is_read_again(cifar10_dir):
     read's: the same size, the modification time alone tells them apart."""
     test_batch = cifar10_dir / "cifar-10-batches-py" / "test_batch"
     os.utime(test_batch, ns=(0, 0))  # written long ago
-    checkpoint = checkpoint_of(data.SPECS["cifar10"])
+    checkpoint = checkpoint_of(datasets.SPECS["cifar10"])
     images = tiny_images(30, 0)
     assert torch.equal(images_read(checkpoint, cifar10_dir), torch.from_numpy(images))
     size = test_batch.stat().st_size
@@ -138,8 +138,8 @@ def test_a_dataset_file_rewritten_in_place_is_read_again(cifar10_dir):
 def test_an_image_added_to_a_folder_is_read(tmp_path):
     """An image folder is known by its folders' modification times, which a file added there changes."""
     root = write_image_folder(tmp_path / "pictures", {"train": 2})
-    name = data.dataset_name(f"folder:{root}")
-    checkpoint = checkpoint_of(data.get_spec(name))
+    name = datasets.dataset_name(f"folder:{root}")
+    checkpoint = checkpoint_of(datasets.get_spec(name))
     os.utime(root / "train" / "dog", ns=(0, 0))  # written long ago
     assert len(images_read(checkpoint, None, "train")) == 6
     shutil.copy(root / "train" / "dog" / "000.png", root / "train" / "dog" / "002.png")
@@ -158,6 +158,6 @@ def test_the_images_kept_are_the_splits_read_last(cifar10_dir, monkeypatch):
     monkeypatch.setattr(common, "run_split", counted)
     last = common.IMAGE_CACHE_SPLITS + 1
     for val_split in [*range(1, last + 1), last, 1]:
-        checkpoint = checkpoint_of(data.SPECS["cifar10"], val_split=val_split)
+        checkpoint = checkpoint_of(datasets.SPECS["cifar10"], val_split=val_split)
         assert len(images_read(checkpoint, cifar10_dir, "val")) == val_split
     assert reads == [*range(1, last + 1), 1] and len(common._IMAGES) == common.IMAGE_CACHE_SPLITS

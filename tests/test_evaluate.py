@@ -12,7 +12,7 @@ import torch
 import xarray as xr
 
 from diagnostics import evaluate as command
-from train.data import load_split
+from train.datasets import load_split
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["stripes-horizontal", "stripes-vertical", "checkerboard", "rings"]

@@ -14,19 +14,20 @@ import models
 from conftest import FOLDER_CLASSES, run_command, write_image_folder
 from diagnostics import attributions, evaluate, gradients, responses, spikes
 from train import checkpoint as ckpt
-from train import data
+from train import datasets
 from train.__main__ import main as train_main
+from train.batches import augment
 from train.errors import UserError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def folder(path) -> str:
-    return data.dataset_name(f"folder:{path}")
+    return datasets.dataset_name(f"folder:{path}")
 
 
-def read(path, split="train", **options) -> data.Images:
-    return data.load_split(folder(path), split, **options)
+def read(path, split="train", **options) -> datasets.Images:
+    return datasets.load_split(folder(path), split, **options)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -36,7 +37,7 @@ def read(path, split="train", **options) -> data.Images:
 def test_classes_labels_and_pixels_as_imagefolder_reads_them(image_folder):
     ours = read(image_folder)
     theirs = torchvision.datasets.ImageFolder(image_folder / "train")
-    assert data.folder_classes(folder(image_folder)) == tuple(theirs.classes) == FOLDER_CLASSES
+    assert datasets.folder_classes(folder(image_folder)) == tuple(theirs.classes) == FOLDER_CLASSES
     assert ours.images.shape == (36, 3, 16, 16) and ours.images.dtype == torch.uint8
     expected = {(tuple(np.asarray(image).transpose(2, 0, 1).ravel()), label) for image, label in theirs}
     assert {(tuple(image.ravel().tolist()), int(label)) for image, label in zip(ours.images, ours.labels)} == expected
@@ -47,12 +48,12 @@ def test_classes_labels_and_pixels_as_imagefolder_reads_them(image_folder):
 
 def test_statistics_are_measured_over_the_training_images(image_folder):
     train = read(image_folder)
-    spec = data.folder_spec(folder(image_folder), train)
+    spec = datasets.folder_spec(folder(image_folder), train)
     pixels = train.images.double() / 255
     assert spec.mean == pytest.approx(pixels.mean((0, 2, 3)).tolist(), abs=1e-12)
     assert spec.std == pytest.approx(pixels.std((0, 2, 3), correction=0).tolist(), abs=1e-12)
     assert (spec.num_classes, spec.in_channels, spec.image_size, spec.classes) == (3, 3, 16, FOLDER_CLASSES)
-    assert data.folder_spec(spec.name, train, mean=[0.5] * 3, std=[0.25] * 3).std == (0.25,) * 3
+    assert datasets.folder_spec(spec.name, train, mean=[0.5] * 3, std=[0.25] * 3).std == (0.25,) * 3
 
 
 def test_one_split_with_held_out_images(tmp_path):
@@ -121,8 +122,8 @@ def test_folder_layout_errors_name_the_folder(tmp_path):
 
 def test_crop_padding_scales_with_the_image_side():
     images = torch.randint(1, 256, (32, 3, 16, 16), dtype=torch.uint8)
-    spec = data.DatasetSpec("folder:/x", 3, 3, 16, (0.0,) * 3, (1 / 255,) * 3, FOLDER_CLASSES)  # x = pixel value
-    out = data.augment(images, spec, "crop-flip", torch.Generator().manual_seed(0)).round().to(torch.uint8)
+    spec = datasets.DatasetSpec("folder:/x", 3, 3, 16, (0.0,) * 3, (1 / 255,) * 3, FOLDER_CLASSES)  # x = pixel value
+    out = augment(images, spec, "crop-flip", torch.Generator().manual_seed(0)).round().to(torch.uint8)
     padded = torch.nn.functional.pad(images, (2, 2, 2, 2))  # 16 / 8 = 2 pixels, as 4 at CIFAR's 32
     for i in range(len(images)):
         candidates = [padded[i, :, dy:dy + 16, dx:dx + 16] for dy in range(5) for dx in range(5)]
@@ -137,7 +138,7 @@ def test_crop_padding_scales_with_the_image_side():
 def test_a_run_on_a_folder_stores_what_rebuilds_and_normalises_it(folder_run, image_folder):
     state = torch.load(folder_run / "epoch_002.pt", weights_only=True)
     assert state["model"] == {"name": "torchvision:resnet18", "kwargs": {"num_classes": 3, "in_channels": 3}}
-    spec = data.folder_spec(folder(image_folder), read(image_folder))
+    spec = datasets.folder_spec(folder(image_folder), read(image_folder))
     assert state["dataset"] == spec.to_dict() and state["dataset"]["name"] == f"folder:{image_folder.absolute()}"
     model = models.build(state["model"]["name"], **state["model"]["kwargs"])
     model.load_state_dict(state["state_dict"])  # their module names: layer1.0.bn1, fc
@@ -248,7 +249,7 @@ def test_a_large_jpeg_is_decoded_reduced_to_the_size_asked(tmp_path):
 
 def test_a_split_that_would_not_fit_in_memory_is_refused_naming_its_size(tmp_path, monkeypatch):
     root = write_image_folder(tmp_path / "many", {"train": 2})
-    monkeypatch.setattr(data, "available_memory", lambda: 2 * 6 * 3 * 1000 * 1000 - 2)  # 6 images at 1000 px
+    monkeypatch.setattr(datasets, "available_memory", lambda: 2 * 6 * 3 * 1000 * 1000 - 2)  # 6 images at 1000 px
     with pytest.raises(UserError, match=r"would need 17 MiB as 6 images of 3x1000x1000, more than half"):
         read(root, image_size=1000)
     assert read(root, image_size=999).images.shape == (6, 3, 999, 999)

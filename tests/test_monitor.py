@@ -14,8 +14,8 @@ from analyses.common import ChannelMoments, forward_hooks, preserved_state
 from analyses.monitor import BNMonitor, BNWarning, warm_up_steps
 from conftest import assert_no_hooks, train_tiny
 from train import checkpoint as ckpt
-from train import data
-from train import rundir
+from train import datasets, rundir
+from train.batches import augmented_once
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -108,8 +108,8 @@ def test_the_monitor_in_a_hand_written_loop():
 def test_a_gap_in_the_running_statistics_raises_the_warning(tiny_runs):
     loaded = ckpt.load(tiny_runs["resnet20"] / "epoch_002.pt")
     model = loaded.model
-    images = data.load_split("synthetic", "test")[:64]
-    probe_x, probe_y = data.augmented_once(images, loaded.spec, "none", "cpu"), images.labels
+    images = datasets.load_split("synthetic", "test")[:64]
+    probe_x, probe_y = augmented_once(images, loaded.spec, "none", "cpu"), images.labels
     fired = []
     recalibrate_bn(model, [probe_x])  # running statistics exact for these weights: eval and batch modes agree
     monitor = BNMonitor(model, probe_x, probe_y, every=1, on_warning=fired.append)
@@ -139,8 +139,8 @@ def test_the_trainer_writes_monitor_nc_that_the_checkpoints_confirm(tiny_runs):
     assert ds.attrs["every"] == 2 and ds.attrs["n_images"] == 64 and "augmented once" in ds.attrs["probe"]
     # At the last step of epoch 1 the weights and running statistics are those of epoch_001.pt: recompute.
     loaded = ckpt.load(run / "epoch_001.pt")
-    images = data.load_split("synthetic", "train", train_images=256)[:64]
-    probe = data.augmented_once(images, loaded.spec, "crop-flip", "cpu")
+    images = datasets.load_split("synthetic", "train", train_images=256)[:64]
+    probe = augmented_once(images, loaded.spec, "crop-flip", "cpu")
     model = loaded.model
     with torch.no_grad():
         running = F.cross_entropy(model(probe), images.labels).item()

@@ -23,8 +23,9 @@ from diagnostics.spikes import figure as spikes_figure
 from diagnostics.spikes import main as spikes_command
 from test_evaluate_analysis import bn_net
 from train import checkpoint as ckpt
-from train import data, rundir
-from train.data import EvalBatches, load_split
+from train import rundir
+from train.batches import EvalBatches, recalibration_inputs
+from train.datasets import load_split
 
 ROOT = Path(__file__).resolve().parents[1]
 CULPRIT = "stage2.block2.bn1"
@@ -220,8 +221,8 @@ def scramble_classifier(state: dict, scale: float = 10) -> None:
 
 def inputs_of_run(loaded) -> tuple[EvalBatches, list]:
     val = EvalBatches(load_split("synthetic", "val", val_split=32), loaded.spec, 8, "cpu")  # 4 batches
-    recal = data.recalibration_inputs(load_split("synthetic", "train", val_split=32)[:RECAL_IMAGES], loaded.spec,
-                                      "crop-flip", 32, "cpu")  # as the trainer's --precise-bn
+    recal = recalibration_inputs(load_split("synthetic", "train", val_split=32)[:RECAL_IMAGES], loaded.spec,
+                                 "crop-flip", 32, "cpu")  # as the trainer's --precise-bn
     return val, recal
 
 

@@ -8,7 +8,7 @@ import pytest
 
 import terminal
 from conftest import TINY_RUN
-from train import data
+from train import datasets
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,7 +57,7 @@ def test_make_demo_finishes_in_a_terminal(tmp_path):
     """`make demo` itself, on fewer images and epochs and with three of the report's sections (its variables
     overridden as a user may; every diagnostic's bar is the test above's, the whole report is tests/test_report.py's)."""
     if not any((folder / "train-images-idx3-ubyte.gz").exists() or (folder / "train-images-idx3-ubyte").exists()
-               for folder in data.fashion_mnist_folders(tmp_path / "data")):
+               for folder in datasets.fashion_mnist_folders(tmp_path / "data")):
         pytest.skip("Fashion-MNIST is not installed (make test installs it with apt-get where it can)")
     demo, data_dir = tmp_path / "demo", tmp_path / "data"
     small = f"--dataset fashion-mnist --data-dir {data_dir} --train-images 256 --val-split 128 --epochs 2"

@@ -16,8 +16,9 @@ from analyses.common import ChannelMoments, forward_hooks, preserved_state
 from conftest import TINY_RUN, read_csv, train_tiny
 from train import checkpoint as ckpt
 from train import config as cfg
-from train import data
+from train import datasets
 from train.__main__ import main as train_main
+from train.batches import recalibration_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMING = {"epoch_seconds", "images_per_second"}
@@ -79,12 +80,12 @@ def test_precise_bn_recomputes_running_statistics(tmp_path):
     state = torch.load(run / "epoch_001.pt", weights_only=True)
     assert state["config"]["precise_bn"] == 128 and state["config"]["bn_momentum"] == 0.01
     # The saved running statistics are the population statistics of each BN layer's input over those 128
-    # images as training augments them (data.recalibration_inputs: once, seed 0), every BN upstream normalising
-    # with its batch's statistics.
+    # images as training augments them (train.batches.recalibration_inputs: once, seed 0), every BN upstream
+    # normalising with its batch's statistics.
     loaded = ckpt.load(run / "epoch_001.pt")
     model = loaded.model
-    images = data.load_split("synthetic", "train", train_images=128)
-    batches = data.recalibration_inputs(images, loaded.spec, "crop-flip", 64, "cpu")
+    images = datasets.load_split("synthetic", "train", train_images=128)
+    batches = recalibration_inputs(images, loaded.spec, "crop-flip", 64, "cpu")
     expected = {name: ChannelMoments() for name in ("stem.bn", "stage2.block3.bn2")}
     hooks = {name: (lambda module, inputs, output, m=m: m.update(inputs[0])) for name, m in expected.items()}
     saved = {name: (module.running_mean.clone(), module.running_var.clone()) for name, module in

@@ -29,7 +29,7 @@ import models
 
 from . import schema
 from .config import config_from_dict
-from .data import DatasetSpec, check_image_size, dataset_name, get_spec, is_folder
+from .datasets import DatasetSpec, check_image_size, dataset_name, get_spec, is_folder
 from .errors import DiskFull, UserError, first_line
 
 FORMAT = "resnet-diagnostics/1"

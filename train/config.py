@@ -12,7 +12,8 @@ from pathlib import Path
 import models
 import resnet_diagnostics
 
-from .data import AUGMENTATIONS, SPECS, check_image_size, dataset_name, default_data_dir
+from .batches import AUGMENTATIONS
+from .datasets import SPECS, check_image_size, dataset_name, default_data_dir
 from .errors import BAD_INPUT, MAX_INT, ArgumentParser, UserError, finite_float, non_negative_int, positive_int
 from .step import COMPILE_MODES
 

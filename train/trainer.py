@@ -25,9 +25,10 @@ from analyses.monitor import Attribution, BNMonitor, prescription, warm_up_steps
 
 from . import checkpoint as ckpt
 from . import rundir, schema
+from .batches import EvalBatches, TrainBatches, augmented_once, check_augmentation, recalibration_inputs
 from .config import Config, config_from_dict, lr_factor, validate
-from .data import (SPECS, DatasetSpec, EvalBatches, Images, TrainBatches, augmented_once, check_augmentation,
-                   folder_classes, folder_spec, get_spec, image_shape, is_folder, load_split, recalibration_inputs)
+from .datasets import (SPECS, DatasetSpec, Images, folder_classes, folder_spec, get_spec, image_shape, is_folder,
+                       load_split)
 from .errors import DiskFull, TrainingDiverged, UserError, first_line
 from .progress import Progress
 from .step import TrainStep, choose_compile, eager_step_seconds
