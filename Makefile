@@ -72,6 +72,7 @@ bench: install fashion-mnist
 	$(BIN)/python -m benchmarks.spikes_cost
 	$(BIN)/python -m benchmarks.lightning_cost
 	$(BIN)/python -m benchmarks.side_by_side
+	$(BIN)/python -m benchmarks.compile_choice
 
 bench-gpu:
 	$(GPU_PYTHON) -m benchmarks.gpu --data-dir $(DATA)

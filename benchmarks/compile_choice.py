@@ -103,11 +103,11 @@ def measure(args, device: torch.device) -> common.Report:
                                 f"{m['agreement']:.1e}"])
             report.targets += [
                 common.Target(f"{name}: auto's choice right at {' and '.join(f'{n:,}' for n in LENGTHS)} steps",
-                              sum(right), len(LENGTHS), unit="", fmt=".0f"),
-                common.Target(f"{name}: measured warm-up against auto's assumed", m["warm_up"],
-                              COMPILE_WARM_UP[device.type], at_most=True, unit=" s", fmt=".0f"),
-                common.Target(f"{name}: first {CHECKED_STEPS} losses compiled vs eager, relative", m["agreement"],
-                              tolerance, at_most=True, unit="", fmt=".1e")]
+                              sum(right) / len(right), 1.0, unit="%"),
+                common.Target(f"{name}: measured warm-up over the {COMPILE_WARM_UP[device.type]:.0f} s auto assumes",
+                              m["warm_up"] / COMPILE_WARM_UP[device.type], 1.0, at_most=True),
+                common.Target(f"{name}: first {CHECKED_STEPS} losses compiled vs eager, largest relative difference",
+                              m["agreement"], tolerance, at_most=True, unit="%")]
     return report
 
 

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import analysis_overhead, common, depth_scaling, monitor_cost, spikes_cost, train_throughput
+from benchmarks import (analysis_overhead, common, compile_choice, depth_scaling, monitor_cost, spikes_cost,
+                        train_throughput)
 from conftest import run_command
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,6 +121,17 @@ def test_monitor_cost_measures_inside_the_trainers_epoch():
     assert together == pytest.approx(monitor + attribution, abs=0.11)
     (line,) = [line for line in summaries(out) if "fp32" in line]
     assert "BN monitor at every 100 steps and the attribution" in line and "(target <= 3.0%)" in line
+
+
+def test_compile_choice_times_eager_and_compiled_steps_and_judges_auto():
+    # aot_eager: the trainer's TrainStep under torch.compile without inductor's C++ build (minutes on 2 cores)
+    code, out, err = run_command(compile_choice, ["--models", "resnet20", "--steps", "2", "--batch-size", "4",
+                                                  "--backend", "aot_eager", "--repeats", "1"])
+    assert code == 0, err
+    assert_machine_line(out.splitlines()[0])
+    lines = summaries(out)
+    assert len(lines) == 3 and "auto's choice right at 184 and 64,000 steps" in lines[0]
+    assert lines[2].endswith(": met")  # aot_eager computes what eager does
 
 
 def test_analysis_overhead_with_a_batch_larger_than_the_images():
