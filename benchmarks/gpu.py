@@ -3,10 +3,14 @@ ending in one summary table.
 
 1. training throughput, ours against the typical DataLoader loop, resnet56 and plain56, fp32 and bf16, with
    and without torch.compile (`benchmarks.train_throughput`);
-2. the BN monitor's cost at the trainer's default interval (`benchmarks.monitor_cost`);
-3. the analyses' overhead (`benchmarks.analysis_overhead`);
-4. a short he2016 run (`python -m train --preset he2016 --iterations N`, in this process) to time the recipe,
-   extrapolated to its 64,000 iterations.
+2. the BN monitor's cost at the trainer's default interval, with the attribution of each validation
+   (`benchmarks.monitor_cost`);
+3. what `--compile auto` chooses against what compiling gives: warm-up, compiled and eager steps
+   (`benchmarks.compile_choice`);
+4. the analyses' overhead (`benchmarks.analysis_overhead`);
+5. a short he2016 run (`python -m train --preset he2016 --iterations N --compile on`, in this process: compiled,
+   as auto compiles the full recipe on a GPU) to time the recipe, extrapolated to its 64,000 iterations (the
+   first epoch, with the compile's warm-up, left out).
 
 It installs nothing and needs no network: the project's dependencies must be there. Fashion-MNIST is used where
 it is on disk, the synthetic dataset otherwise (the table says which). `--shrink` runs the same parts with tiny
@@ -32,14 +36,17 @@ NEEDED = ("torch", "torchvision", "numpy", "xarray", "netCDF4", "fvcore", "tqdm"
 FULL = {  # the options of each part on a GPU
     "throughput": ["--models", "resnet56", "plain56", "--steps", "50", "--repeats", "2", "--compile"],
     "monitor": ["--models", "resnet56", "plain56", "--steps", "200", "--every", "100", "--repeats", "2"],
+    "compile": ["--models", "resnet56", "--steps", "50", "--repeats", "2"],
     "overhead": ["--models", "resnet56", "plain56", "--images", "2048", "--batch-size", "256", "--repeats", "2"],
-    "he2016": ["--model", "resnet56", "--iterations", "1000"],
+    "he2016": ["--model", "resnet56", "--iterations", "1000", "--compile", "on"],
 }
 SHRUNK = {  # the same parts, tiny: the code paths, not the figures (the eager backend traces without compiling)
     "throughput": ["--models", "resnet20", "--steps", "2", "--batch-size", "8", "--repeats", "1", "--workers",
                    "0", "--compile", "--compile-backend", "eager"],
     "monitor": ["--models", "resnet20", "--steps", "2", "--every", "1", "--batch-size", "8", "--probe-images", "8",
                 "--repeats", "1"],
+    "compile": ["--models", "resnet20", "--steps", "2", "--batch-size", "4", "--repeats", "1", "--backend",
+                "aot_eager"],
     "overhead": ["--models", "resnet20", "--images", "16", "--batch-size", "8", "--memory-batches", "1",
                  "--repeats", "1"],
     "he2016": ["--model", "resnet20", "--iterations", "4", "--train-images", "32", "--batch-size", "8",
@@ -124,7 +131,7 @@ def main(argv=None) -> None:
     from train import datasets
     from train.trainer import choose_device
 
-    from . import analysis_overhead, common, monitor_cost, train_throughput
+    from . import analysis_overhead, common, compile_choice, monitor_cost, train_throughput
     if not torch.cuda.is_available() and not args.shrink:
         raise UserError("no GPU is visible; run this on a machine with one, or give --shrink for a quick "
                                "check of the script on a CPU")
@@ -145,6 +152,8 @@ def main(argv=None) -> None:
         "throughput": lambda: train_throughput.measure(
             train_throughput.parser().parse_args(sizes["throughput"] + shared), device),
         "monitor": lambda: monitor_cost.measure(monitor_cost.parser().parse_args(sizes["monitor"] + shared), device),
+        "compile": lambda: compile_choice.measure(
+            compile_choice.parser().parse_args(sizes["compile"] + ["--device", device.type]), device),
         "overhead": lambda: analysis_overhead.measure(
             analysis_overhead.parser().parse_args(sizes["overhead"] + ["--device", device.type]), device),
         "he2016": lambda: recipe(sizes["he2016"], dataset, data_dir, device),

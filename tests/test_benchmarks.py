@@ -203,7 +203,8 @@ def test_bad_options_are_one_line(module, argv, phrase):
 
 def test_each_command_names_itself():
     from benchmarks import gpu
-    for module in (analysis_overhead, depth_scaling, gpu, monitor_cost, spikes_cost, train_throughput):
+    for module in (analysis_overhead, compile_choice, depth_scaling, gpu, monitor_cost, spikes_cost,
+                   train_throughput):
         assert module.parser().prog == f"python -m {module.__name__}"
 
 
@@ -221,12 +222,12 @@ def test_gpu_check_runs_shrunk_on_a_cpu():
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert_machine_line(out.splitlines()[0].replace("torch threads 1", f"torch threads {torch.get_num_threads()}"))
-    for part in ("throughput", "monitor", "overhead", "he2016"):
+    for part in ("throughput", "monitor", "compile", "overhead", "he2016"):
         assert f"\n## {part}\n" in out
     table = out.split("\n## summary\n")[1].splitlines()
     assert table[0].split() == ["part", "target", "figure", "goal", "verdict"]
     parts = {row.split()[0] for row in table[1:]}
-    assert parts == {"throughput", "monitor", "overhead", "he2016", "all"}
+    assert parts == {"throughput", "monitor", "compile", "overhead", "he2016", "all"}
     assert "ours fp32 compiled" in out  # torch.compile's path, traced by the eager backend
     assert re.search(r"^all +the GPU check's wall time +[\d.]+ min +<= 5\.0 min +(met|MISSED)$", out, re.M), out
     assert re.search(r"^train_throughput: \d+/\d+ runs", result.stderr, re.M), result.stderr  # progress off a tty
