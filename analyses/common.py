@@ -80,6 +80,12 @@ def inputs_of(batches: Iterable) -> Iterable[torch.Tensor]:
         yield batch[0] if isinstance(batch, (tuple, list)) else batch
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a GPU's; a CPU's is done): before and after anything timed."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 

@@ -17,6 +17,7 @@ from typing import Callable, Iterable
 import torch
 
 import models
+from analyses.common import synchronize
 from analyses.monitor import BNMonitor
 from diagnostics.common import format_table
 from train import datasets
@@ -159,11 +160,6 @@ def trainer_epoch(step_model, batches: TrainBatches, optimizer, amp_dtype: torch
 
 # ---------------------------------------------------------------------------------------------------------------
 # Timing
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def timed(function: Callable[[], object], device: torch.device) -> float:

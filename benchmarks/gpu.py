@@ -109,7 +109,8 @@ def recipe(options: list[str], dataset: str, data_dir: str, device):
     minutes = (full * seconds_per_step + math.ceil(full / per_epoch) * overhead) / 60
     report = common.Report(
         f"python -m train --preset he2016 {' '.join(options)} --dataset {dataset}: {config['total_steps']} "
-        f"iterations of batch {batch} in {wall:.1f} s, {config['precision_used']} ({config['precision_reason']})",
+        f"iterations of batch {batch} in {wall:.1f} s, {config['precision_used']} ({config['precision_reason']}), "
+        f"compile {config['compile_used']} ({config['compile_reason']})",
         ["epoch", "steps", "epoch s", "train img/s"],
         [[str(e), str(n), f"{s:.1f}", f"{r:,.0f}"] for e, n, s, r in zip(history["epoch"], steps,
                                                                        history["epoch_seconds"],

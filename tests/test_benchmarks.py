@@ -130,7 +130,7 @@ def test_compile_choice_times_eager_and_compiled_steps_and_judges_auto():
     assert code == 0, err
     assert_machine_line(out.splitlines()[0])
     lines = summaries(out)
-    assert len(lines) == 3 and "auto's choice right at 184 and 64,000 steps" in lines[0]
+    assert len(lines) == 3 and "a run as auto chooses against the better choice, at 184 and 64,000 steps" in lines[0]
     assert lines[2].endswith(": met")  # aot_eager computes what eager does
 
 

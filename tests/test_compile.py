@@ -11,6 +11,7 @@ from conftest import TINY_RUN
 from train import config as cfg
 from train import step as train_step
 from train import trainer
+from train.errors import UserError
 from train.__main__ import main as train_main
 
 CPU = torch.device("cpu")
@@ -32,6 +33,8 @@ def test_the_choice_known_answers():
     warm_up = train_step.PAYBACK * train_step.COMPILE_WARM_UP["cpu"]  # the boundary: exactly ten warm-ups
     assert train_step.choose_compile("auto", 2_000, CPU, lambda: warm_up / 2_000)[0]
     assert not train_step.choose_compile("auto", 2_000, CPU, lambda: warm_up / 2_000 * 0.99)[0]
+    compiled, why = train_step.choose_compile("auto", 64_000, CPU, never_timed, deterministic=True)
+    assert not compiled and why.startswith("auto: --deterministic")
 
 
 def test_the_option_and_older_runs():
@@ -82,6 +85,43 @@ def failing_compile(where: str):
     return compile
 
 
+def tiny_step(seed: int, **options) -> train_step.TrainStep:
+    """A small net with BN and dropout (whose masks draw from torch's random stream) in a TrainStep."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.5), nn.Flatten(),
+                          nn.Linear(4 * 6 * 6, 3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    return train_step.TrainStep(model, model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0),
+                                torch.amp.GradScaler("cpu", enabled=False), nn.CrossEntropyLoss(), None, **options)
+
+
+def test_the_fallback_puts_back_the_buffers_and_the_random_stream(monkeypatch):
+    x, y = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    eager = tiny_step(0, compiled=False)
+    torch.manual_seed(5)
+    expected = [eager(x, y)[0].item() for _ in range(3)]
+    monkeypatch.setattr(torch, "compile", failing_compile("backward"))
+    lines = []
+    failed = tiny_step(0, compiled=True, write=lines.append)
+    torch.manual_seed(5)
+    assert [failed(x, y)[0].item() for _ in range(3)] == expected  # the failed forward's dropout masks drawn again
+    assert all(torch.equal(a, b) for a, b in zip(failed.model.state_dict().values(),
+                                                 eager.model.state_dict().values()))
+    assert failed.failure.startswith("RuntimeError: backward kernel failed to build") and len(lines) == 1
+
+
+def test_a_compilers_own_error_is_named_and_ddp_stops_in_one_line(monkeypatch):
+    inner = RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nsee the docs")
+    wrapped = torch._dynamo.exc.BackendCompilerFailed(lambda gm, inputs: gm, inner, None)
+    assert train_step.compile_failure(wrapped) == "RuntimeError: InvalidCxxCompiler: No working C++ compiler found"
+    monkeypatch.setattr(torch, "compile", failing_compile("forward"))
+    step = tiny_step(0, compiled=True, fall_back=False)  # DDP: the processes' collectives would not match again
+    x, y = torch.randn(2, 3, 8, 8), torch.tensor([0, 1])
+    with pytest.raises(UserError, match=r"^torch.compile failed \(RuntimeError: InvalidCxxCompiler: no working C\+\+ "
+                                        r"compiler found\); train with --compile off$"):
+        step(x, y)
+
+
 def final_state(run_dir) -> dict:
     return torch.load(run_dir / "last.pt", weights_only=True)["state_dict"]
 
@@ -92,7 +132,7 @@ def test_a_model_that_fails_to_compile_trains_as_the_eager_run(tmp_path, monkeyp
     # --deterministic's global flags end with the run: an in-process caller keeps its own
     assert not torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.benchmark == autotuner
     expected = final_state(tmp_path / "eager")
-    for where in ("forward", "backward"):
+    for where in ("forward", "backward"):  # a failure in backward comes after a forward that ran
         capsys.readouterr()
         with monkeypatch.context() as patch:
             patch.setattr(torch, "compile", failing_compile(where))
@@ -102,6 +142,8 @@ def test_a_model_that_fails_to_compile_trains_as_the_eager_run(tmp_path, monkeyp
         assert len(failed) == 1 and failed[0].startswith("compile: torch.compile failed (RuntimeError: ")
         assert failed[0].endswith("; training eagerly") and "second line" not in failed[0]
         assert "Traceback" not in err
+        config = json.loads((tmp_path / where / "config.json").read_text())
+        assert (config["compile_used"], config["compile_reason"]) == ("off", "--compile on, then it failed")
         got = final_state(tmp_path / where)
         assert all(torch.equal(got[k], expected[k]) for k in expected), where  # the first step taken again exactly
 

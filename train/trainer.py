@@ -19,7 +19,7 @@ import torch.nn as nn
 
 import models
 from analyses.bn import recalibrate_bn, running_statistics
-from analyses.common import AUTOCAST
+from analyses.common import AUTOCAST, model_device, synchronize
 from analyses.evaluate import predict
 from analyses.monitor import Attribution, BNMonitor, prescription, warm_up_steps
 
@@ -156,11 +156,6 @@ def torch_flags(deterministic: bool):
             os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # The run's parts
 
@@ -231,16 +226,16 @@ def build_step(config: Config, model: nn.Module, spec: DatasetSpec, amp_dtype: t
                world_size: int, write) -> TrainStep:
     """SGD with the run's schedule, wrapped in DDP over several processes, compiled where `--compile` says (the
     choice and its reason go into the config; a resumed run keeps its own)."""
-    device = next(model.parameters()).device
+    device = model_device(model)
     step_model = model
     if world_size > 1:
         step_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                                          else None)
     if not config.compile_used:
         shape = (config.per_device_batch, spec.in_channels, spec.image_size, spec.image_size)
-        compiled, config.compile_reason = choose_compile(
-            config.compile, config.total_steps, device,
-            lambda: same_everywhere(eager_step_seconds(model, shape, spec.num_classes, amp_dtype, config.channels_last)))
+        timed = lambda: eager_step_seconds(model, shape, spec.num_classes, amp_dtype, config.channels_last)
+        compiled, config.compile_reason = choose_compile(config.compile, config.total_steps, device,
+                                                         lambda: same_everywhere(timed()), config.deterministic)
         config.compile_used = "on" if compiled else "off"
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay, fused=device.type == "cuda")
@@ -248,7 +243,7 @@ def build_step(config: Config, model: nn.Module, spec: DatasetSpec, amp_dtype: t
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     return TrainStep(model, step_model, optimizer, scheduler, scaler,
                      nn.CrossEntropyLoss(label_smoothing=config.label_smoothing), amp_dtype,
-                     compiled=config.compile_used == "on", write=write)
+                     compiled=config.compile_used == "on", write=write, fall_back=world_size == 1)
 
 
 def same_everywhere(value):
@@ -260,39 +255,49 @@ def same_everywhere(value):
     return values[0]
 
 
-def build_monitor(config: Config, data: RunData, model: nn.Module, train_step: TrainStep, writer,
-                  write) -> BNMonitor | None:
+def build_monitor(config: Config, data: RunData, model: nn.Module, train_step: TrainStep, writer, write,
+                  resume: dict | None, path: Path) -> BNMonitor | None:
     """The BN monitor (in every process: SyncBatchNorm gathers across them) on its probe, the first
-    --monitor-images training images augmented once; none without BN or where neither it nor the attribution runs."""
+    --monitor-images training images augmented once, its record restored from a resumed run's last.pt (`path`);
+    none without BN or where neither it nor the attribution runs."""
     if not (config.monitor_every or config.attribution_images) or not models.bn_layers(model):
         return None
     probe = data.train[:config.monitor_images]
-    return BNMonitor(model, augmented_once(probe, data.spec, config.augment, data.batches.device), probe.labels,
+    monitor = BNMonitor(model, augmented_once(probe, data.spec, config.augment, data.batches.device), probe.labels,
                      every=config.monitor_every, autocast=train_step.dtype, optimizer=train_step.optimizer,
                      warn_after=min(warm_up_steps(model), config.steps_per_epoch // 2),
                      probe=f"the first {len(probe)} training images, augmented once ({config.augment}, seed 0)",
                      writer=writer, on_warning=WarningLines(write) if write is not None else None)
+    if resume is not None and resume.get("monitor") is not None:
+        with damaged(path):
+            monitor.load_state_dict(resume["monitor"])
+    return monitor
 
 
-def restore(state: dict, train_step: TrainStep, monitor: BNMonitor | None, path: Path) -> None:
-    """Put a run's last.pt back into the objects of the run, each part checked against the object it goes into
-    first (`schema.check_resumable` checked its form); what torch itself still refuses is one line too."""
+def restore(state: dict, train_step: TrainStep, path: Path) -> None:
+    """Put a run's last.pt back into the objects of the run (the monitor's record: `build_monitor`), each part
+    checked against the object it goes into first (`schema.check_resumable` checked its form); what torch itself
+    still refuses is one line too."""
     schema.check_against(state, train_step.optimizer, train_step.scheduler, train_step.scaler, path)
     ckpt.check_finite(state["state_dict"], path)
-    try:
+    with damaged(path):
         train_step.model.load_state_dict(state["state_dict"])
         train_step.optimizer.load_state_dict(state["optimizer"])
         train_step.scheduler.load_state_dict(state["scheduler"])
         train_step.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"]["torch"])
-        if torch.cuda.is_available() and state["rng"].get("cuda") and next(
-                train_step.model.parameters()).device.type == "cuda":
+        if state["rng"].get("cuda") and model_device(train_step.model).type == "cuda":
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        if monitor is not None and state.get("monitor") is not None:
-            monitor.load_state_dict(state["monitor"])
-    except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:  # a field of
-        raise UserError(f"{path} cannot be resumed ({first_line(exc)}); it is damaged: "  # another type or shape
-                        "restore it from a copy") from None
+
+
+@contextmanager
+def damaged(path: Path):
+    """What torch refuses to load from last.pt (a field of another type or shape) as one line."""
+    try:
+        yield
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+        raise UserError(f"{path} cannot be resumed ({first_line(exc)}); it is damaged: restore it from a copy"
+                        ) from None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -303,7 +308,7 @@ def train_epoch(train_step: TrainStep, batches, epoch: int, step: int, total_ste
                 monitor: BNMonitor | None = None):
     """One epoch (or up to `total_steps`). Losses stay on the device until the epoch ends: no sync per step
     (the monitor syncs once per measurement). Returns (step, losses, lrs, train accuracy, BN warnings)."""
-    train_step.model.train()
+    train_step.eager.train()  # the model, or its DDP wrapper and the model
     device = batches.device
     losses = torch.full((len(batches),), float("nan"), device=device)
     lrs, correct, seen, warnings = [], torch.zeros((), dtype=torch.int64, device=device), 0, 0
@@ -402,7 +407,7 @@ def checkpoint_state(config: Config, model_spec: dict, spec: DatasetSpec, train_
     state = {"format": ckpt.FORMAT, "model": model_spec, "state_dict": train_step.model.state_dict(),
              "dataset": spec.to_dict(), "config": asdict(config), "epoch": epoch, "step": step, "history": history,
              "provenance": provenance}
-    cuda = next(train_step.model.parameters()).device.type == "cuda"
+    cuda = model_device(train_step.model).type == "cuda"
     full = {"optimizer": train_step.optimizer.state_dict(), "scheduler": train_step.scheduler.state_dict(),
             "scaler": train_step.scaler.state_dict(), "step_history": step_rows,
             "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if cuda else []}}
@@ -454,6 +459,14 @@ def run(config: Config, resume: dict | None = None, lock=None) -> Path:
             write = progress.write if is_main else None
             model_spec, model = build_model(config, data.spec, device)
             train_step = build_step(config, model, data.spec, amp_dtype, world_size, write or (lambda line: None))
+            history = {column: [] for column in rundir.METRICS}
+            step_rows, start_epoch = [], 1
+            if resume is not None:  # checked whole before anything is written
+                restore(resume, train_step, run_dir / "last.pt")
+                history = {column: list(resume["history"].get(column, [math.nan if column in rundir.ATTRIBUTION
+                                                                       else 0] * resume["epoch"]))
+                           for column in rundir.METRICS}
+                step_rows, start_epoch = [list(row) for row in resume["step_history"]], resume["epoch"] + 1
             if is_main:  # config.json says what the run does: written once every choice is made
                 run_dir.mkdir(parents=True, exist_ok=True)
                 lock = lock or rundir.lock(run_dir)
@@ -463,15 +476,7 @@ def run(config: Config, resume: dict | None = None, lock=None) -> Path:
                 if summary_writer is not None:  # under the lock: a refused second trainer must not purge this
                     # run's events. Events past the step last.pt holds are from an interrupted epoch, trained again.
                     writer = summary_writer(config.tensorboard, purge_step=step + 1)
-            monitor = build_monitor(config, data, model, train_step, writer, write)
-            history = {column: [] for column in rundir.METRICS}
-            step_rows, start_epoch = [], 1
-            if resume is not None:
-                restore(resume, train_step, monitor, run_dir / "last.pt")
-                history = {column: list(resume["history"].get(column, [math.nan if column in rundir.ATTRIBUTION
-                                                                       else 0] * resume["epoch"]))
-                           for column in rundir.METRICS}
-                step_rows, start_epoch = [list(row) for row in resume["step_history"]], resume["epoch"] + 1
+            monitor = build_monitor(config, data, model, train_step, writer, write, resume, run_dir / "last.pt")
             best_acc = max(map(selected_accuracy, repeat(config), history["val_acc"],
                                history["val_acc_recalibrated"]), default=-1.0)
             provenance = ckpt.provenance()
@@ -483,6 +488,9 @@ def run(config: Config, resume: dict | None = None, lock=None) -> Path:
                 step, losses, lrs, train_acc, warnings = train_epoch(train_step, data.batches, epoch, step,
                                                                      config.total_steps, progress, monitor)
                 check_losses(losses, epoch, first_step, run_dir)
+                if train_step.failure and config.compile_used == "on":  # what config.json and checkpoints say
+                    config.compile_used, config.compile_reason = "off", f"{config.compile_reason}, then it failed"
+                    rundir.write_config(run_dir, asdict(config))  # one process: a failure falls back only there
                 synchronize(device)
                 train_seconds = time.perf_counter() - started
                 step_rows += [[first_step + i + 1, epoch, loss, lr] for i, (loss, lr) in enumerate(zip(losses, lrs))]
@@ -625,7 +633,7 @@ def resume(run_dir) -> Path:
         if not last.is_file():
             config = config_from_dict(rundir.read_config(run_dir), run_dir / "config.json")
             config.out = str(run_dir)
-            for derived in ("precision_used", "precision_reason"):
+            for derived in ("precision_used", "precision_reason", "compile_used", "compile_reason"):
                 setattr(config, derived, "")
             check_images(config)  # a config.json of an older version, or edited: checked as a new run's
             print(f"{run_dir} stopped before its first epoch ended (no last.pt); training it again from step 0")
