@@ -118,11 +118,6 @@ def gap_mask(running, recalibrated, *, gap_factor: float = 1.25, min_increase: f
         return (running > gap_factor * recalibrated) & (running - recalibrated > min_increase)
 
 
-def find_spikes(val_loss, *, window: int = 3, factor: float = 3.0, min_increase: float = 0.1) -> np.ndarray:
-    """Indices of the spikes of a validation-loss series (one value per checkpoint, in order)."""
-    return np.flatnonzero(spike_mask(val_loss, window=window, factor=factor, min_increase=min_increase))
-
-
 def excess_and_share(running: float, recalibrated: float, trend: float) -> tuple[float, float, float]:
     """(reference, excess, share): the loss these weights should score (the lower of their recalibrated loss and
     the trend of the previous recalibrated losses), the running loss's excess over it, and the share of that

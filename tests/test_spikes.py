@@ -15,8 +15,8 @@ import torch.nn as nn
 import xarray as xr
 
 from analyses.bn import BNStatistics, running_statistics
-from analyses.spikes import (amplification, cause_of, diagnose_checkpoint, excess_and_share, find_spikes, gap_mask,
-                             jackknife_share, repair, spike_diagnosis)
+from analyses.spikes import (amplification, cause_of, diagnose_checkpoint, excess_and_share, gap_mask,
+                             jackknife_share, repair, spike_diagnosis, spike_mask)
 from conftest import assert_no_hooks, train_tiny
 from diagnostics.common import main_guard
 from diagnostics.spikes import figure as spikes_figure
@@ -37,6 +37,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 # ---------------------------------------------------------------------------------------------------------------
 # The arithmetic
+
+
+def find_spikes(val_loss, **rule) -> np.ndarray:
+    """Indices of the spikes of a validation-loss series (one value per checkpoint, in order)."""
+    return np.flatnonzero(spike_mask(val_loss, **rule))
 
 
 def test_find_spikes_on_a_hand_made_series():

@@ -16,12 +16,11 @@ from analyses.common import ChannelMoments, forward_hooks, preserved_state
 from conftest import TINY_RUN, read_csv, train_tiny
 from train import checkpoint as ckpt
 from train import config as cfg
-from train import datasets
+from train import datasets, rundir
 from train.__main__ import main as train_main
 from train.batches import recalibration_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
-TIMING = {"epoch_seconds", "images_per_second"}
 
 
 def test_run_directory_contents(tiny_runs):
@@ -135,7 +134,7 @@ def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path):
     final = torch.load(out / "last.pt", weights_only=True)["state_dict"]
     expected = torch.load(tmp_path / "reference" / "last.pt", weights_only=True)["state_dict"]
     assert all(torch.equal(final[k], expected[k]) for k in expected)
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in rundir.TIMING} for r in rows]
     assert strip(read_csv(out / "metrics.csv")) == strip(read_csv(tmp_path / "reference" / "metrics.csv"))
     assert read_csv(out / "steps.csv") == read_csv(tmp_path / "reference" / "steps.csv")
     # The BN monitor continues exactly: every measurement of the resumed run is the uninterrupted run's.
