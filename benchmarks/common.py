@@ -17,7 +17,7 @@ from typing import Callable, Iterable
 import torch
 
 import models
-from analyses.common import synchronize
+from analyses.common import model_device, synchronize
 from analyses.monitor import BNMonitor
 from diagnostics.common import format_table
 from train import datasets
@@ -148,14 +148,22 @@ def trainer_batches(images: datasets.Images, spec: datasets.DatasetSpec, batch_s
     return TrainBatches(images, spec, batch_size, "crop-flip", device, seed=0, channels_last=True)
 
 
+def trainer_step(model: torch.nn.Module, optimizer, amp_dtype: torch.dtype | None, compiled: bool = False,
+                 backend: str | None = None) -> TrainStep:
+    """The trainer's own `train.step.TrainStep` at a constant learning rate (fp16's scaler off), compiled with
+    `backend` where asked; its lines (the compile's warm-up, a fallback) are not printed: `failure` says."""
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    scaler = torch.amp.GradScaler(model_device(model).type, enabled=False)
+    return TrainStep(model, model, optimizer, scheduler, scaler, torch.nn.CrossEntropyLoss(), amp_dtype,
+                     compiled=compiled, write=lambda line: None, backend=backend)
+
+
 def trainer_epoch(step_model, batches: TrainBatches, optimizer, amp_dtype: torch.dtype | None,
                   monitor: BNMonitor | None = None) -> None:
     """One epoch of the trainer's own `train.trainer.train_epoch` over all of `batches` (the steps timed), with
     the BN monitor where one is given, at a constant learning rate."""
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    scaler = torch.amp.GradScaler(batches.device.type, enabled=False)
-    train_step = TrainStep(step_model, step_model, optimizer, scheduler, scaler, torch.nn.CrossEntropyLoss(), amp_dtype)
-    train_epoch(train_step, batches, 1, 0, MAX_INT, Progress(None, "", enabled=False), monitor)
+    train_epoch(trainer_step(step_model, optimizer, amp_dtype), batches, 1, 0, MAX_INT,
+                Progress(None, "", enabled=False), monitor)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -230,6 +238,21 @@ class Target:
         goal = f" (target {self.goal_text})" if self.goal is not None else ""
         return (f"summary: {self.name}: {self.figure_text}{goal}: {self.verdict}" +
                 (f"; {self.reason}" if self.reason else ""))
+
+
+MONITOR_BUDGET = 0.03  # the BN monitor and the attribution together, as a share of training (issues 24, 28)
+
+
+def monitor_budget(label: str, at_default: float | None, from_measure: float, attributing: float,
+                   missing: str = "") -> Target:
+    """The target both the trainer's monitor and the Lightning callback are held to: the monitor at its default
+    interval plus the attribution of each validation, at most MONITOR_BUDGET of training; `at_default` None: no
+    measurement was made (`missing` says why)."""
+    if at_default is None:
+        return Target(label, None, MONITOR_BUDGET, at_most=True, unit="%", reason=missing)
+    return Target(label, at_default + attributing, MONITOR_BUDGET, at_most=True, unit="%",
+                  reason=f"monitor {at_default:.1%} (from the measurement time {from_measure:.1%}) + attribution "
+                         f"{attributing:.1%}")
 
 
 @dataclass

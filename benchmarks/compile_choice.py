@@ -18,10 +18,10 @@ import torch
 from torch._inductor.utils import fresh_cache
 
 import models
-from analyses.common import model_device, synchronize
+from analyses.common import synchronize
 from diagnostics.common import main_guard
 from train.errors import UserError, positive_int
-from train.step import COMPILE_WARM_UP, PAYBACK, TrainStep, choose_compile, eager_step_seconds
+from train.step import COMPILE_WARM_UP, PAYBACK, choose_compile, eager_step_seconds
 from train.trainer import native_bf16
 
 from . import common
@@ -38,14 +38,6 @@ def parser():
     return p
 
 
-def train_step(model: torch.nn.Module, dtype, compiled: bool, backend: str) -> TrainStep:
-    optimizer = common.sgd(model, fused=model_device(model).type == "cuda")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    scaler = torch.amp.GradScaler(model_device(model).type, enabled=False)
-    return TrainStep(model, model, optimizer, scheduler, scaler, torch.nn.CrossEntropyLoss(), dtype,
-                     compiled=compiled, write=lambda line: None, backend=backend)
-
-
 def measure_model(name: str, dtype, batches, args, device, progress) -> dict:
     torch.manual_seed(0)
     initial = models.build(name).state_dict()
@@ -55,7 +47,9 @@ def measure_model(name: str, dtype, batches, args, device, progress) -> dict:
         built[kind].load_state_dict(initial)
     shape = tuple(batches[0][0].shape)
     auto_seconds = eager_step_seconds(built["eager"], shape, 10, dtype, channels_last=True)
-    steps = {kind: train_step(model, dtype, kind == "compiled", args.backend) for kind, model in built.items()}
+    steps = {kind: common.trainer_step(model, common.sgd(model, fused=device.type == "cuda"), dtype,
+                                       compiled=kind == "compiled", backend=args.backend)
+             for kind, model in built.items()}
     losses = {kind: [] for kind in steps}
     torch._dynamo.reset()
     with fresh_cache():  # inductor's caches, on disk and in memory, emptied: a user's first run

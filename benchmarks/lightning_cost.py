@@ -201,12 +201,9 @@ def measure(args, device: torch.device) -> common.Report:
             report.rows.append([name, "fp32", f"{step:.3f}", f"{t['without']:.2f}", f"{t['with']:.2f}", f"{n}",
                                 f"{cost:.1%}", f"{t['measure']:.3f}", percent(at_default), f"{from_measure:.1%}",
                                 f"{t['attribute']:.2f}", f"{attributing:.1%}", percent(together)])
-            report.targets.append(common.Target(
-                f"{name} fp32 BNMonitorCallback at every {default} steps and the attribution, measured", together,
-                0.03, at_most=True, unit="%",
-                reason=(f"monitor {percent(at_default)} (from the measurement time {from_measure:.1%}) + "
-                        f"attribution {attributing:.1%}") if n else
-                f"no measurement in a fit of {args.steps} steps: give more --steps"))
+            report.targets.append(common.monitor_budget(
+                f"{name} fp32 BNMonitorCallback at every {default} steps and the attribution, measured", at_default,
+                from_measure, attributing, missing=f"no measurement in a fit of {args.steps} steps: give more --steps"))
     return report
 
 

@@ -116,11 +116,9 @@ def measure(args, device: torch.device) -> common.Report:
                                     f"{per_epoch:g}", f"{cost:.1%}", f"{t['measure']:.3f}", f"{at_default:.1%}",
                                     f"{from_measure:.1%}", f"{t['attribute']:.2f}", f"{attributing:.1%}",
                                     f"{at_default + attributing:.1%}"])
-                report.targets.append(common.Target(
+                report.targets.append(common.monitor_budget(
                     f"{name} {precision} BN monitor at every {default} steps and the attribution, measured",
-                    at_default + attributing, 0.03, at_most=True, unit="%",
-                    reason=f"monitor {at_default:.1%} (from the measurement time {from_measure:.1%}) + attribution "
-                           f"{attributing:.1%}"))
+                    at_default, from_measure, attributing))
     return report
 
 
