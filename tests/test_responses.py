@@ -252,6 +252,23 @@ def test_streamed_moments_of_a_large_plane_and_an_untypical_first_batch():
     assert abs(sums.total.item() / large.double().square().sum().item() - 1) < 1e-9
 
 
+def test_streamed_moments_either_side_of_the_raw_sums_switch():
+    """Channels whose mean^2 + var is 1.5 to 1e4 times their var, in one batch and in batches that cross
+    RAW_MOMENTS_RATIO one at a time: float64 two-pass answers to 1e-6 either way."""
+    generator = torch.Generator().manual_seed(2)
+    ratios = torch.tensor([1.5, 4.0, 15.0, 17.0, 64.0, 1e4], dtype=torch.float64)
+    data = (torch.randn(64, len(ratios), 16, 16, generator=generator, dtype=torch.float64) * 2
+            + 2 * (ratios - 1).sqrt().view(1, -1, 1, 1)).float()
+    expected = data.double().transpose(0, 1).reshape(len(ratios), -1)
+    for channels in ([slice(None)], [slice(c, c + 1) for c in range(len(ratios))]):
+        for channel in channels:
+            moments = ChannelMoments()
+            for part in data[:, channel].split(16):
+                moments.update(part)
+            torch.testing.assert_close(moments.variance, expected[channel].var(1, correction=0), rtol=1e-6, atol=0)
+            torch.testing.assert_close(moments.mean, expected[channel].mean(1), rtol=1e-7, atol=0)
+
+
 def test_hooks_are_removed_when_the_batches_fail():
     model = models.build("resnet20")
 
