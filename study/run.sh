@@ -2,7 +2,8 @@
 # The runs of docs/spikes.md (issue 26), one at a time (two of our processes on 2 cores slow each other), each
 # resumed where it stopped: `bash study/run.sh [GROUP ...]` from the repository root, runs in runs/study/.
 # Groups: pairs20 (plain20/resnet20, seeds 0-4), interventions (the prescribed BN momentum 0.8, --precise-bn 2000,
-# momentum 0.02 and 0.4, lr 0.05; plain20/resnet20, seeds 0-1), depth56 (plain56/resnet56, seeds 0-2).
+# momentum 0.02 and 0.4, lr 0.05; plain20/resnet20, seeds 0-1), depth56 (plain56/resnet56, seeds 0-2), resnet18
+# (the seed report's ResNet-18 with and without --no-skip in its recipe, shortened; seeds 0-1).
 # THREADS=1 taskset -c 0 bash study/run.sh   leaves the other core free (what the first session did).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,6 +28,14 @@ train() {  # NAME MODEL SEED [OPTIONS ...]
 
 pairs20() { for seed in 0 1 2 3 4; do train plain20-s$seed plain20 $seed; train resnet20-s$seed resnet20 $seed; done; }
 depth56() { for seed in 0 1 2; do train plain56-s$seed plain56 $seed; train resnet56-s$seed resnet56 $seed; done; }
+# The seed report's with-skip ResNet-18 spiked at epochs 5-7 of 20 (CIFAR-10, SGD 0.9, lr 0.1, wd 5e-4, batch 128,
+# cosine, crop-flip): that recipe on the first 10,000 training images for 10 epochs (a CPU's budget, 790 steps).
+resnet18() {
+  for seed in 0 1; do
+    train resnet18-noskip-s$seed resnet18 $seed --no-skip --lr 0.1 --train-images 10000
+    train resnet18-s$seed resnet18 $seed --lr 0.1 --train-images 10000
+  done
+}
 interventions() {  # each intervention on both models and both seeds before the next: a stopped study compares whole rows
   local -A options=([m0.8]="--bn-momentum 0.8" [precise]="--precise-bn 2000" [m0.02]="--bn-momentum 0.02"
                     [m0.4]="--bn-momentum 0.4" [lr0.05]="--lr 0.05")

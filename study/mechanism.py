@@ -1,0 +1,101 @@
+"""The mechanism tables of docs/spikes.md: how fast each net's weights turn and what a stale statistic costs it,
+per run of a plain/residual pair, with the mean and 95% t-interval over seeds and plain minus residual (Welch):
+`python study/mechanism.py [runs/study]`.
+
+- weight speed (the run's monitor.nc, `angular_speed`): each 3x3 conv's angle per step, its median over the
+  measurements of epochs 1-6 (where every event of the pairs was), as a multiple of SGD's equilibrium angle
+  (`angular_equilibrium`) at the same measurements; then the median over the convs of each stage;
+- amplification (runs/study/amplification/RUN/spikes.nc, from `python -m diagnostics.spikes --amplification`):
+  the gain at the last BN layer's input of a 10% scale error and of a 0.1-std mean shift planted in one layer's
+  statistics, median over the source layers; the stem's scale gain; the loss change of a scale error, median and
+  largest over the source layers;
+- the run's largest validation excess (metrics.csv `bn_excess`), and within each net the Spearman correlation
+  of the runs' median scale gain with it.
+"""
+import sys
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from analyses.trust import t_interval, welch_interval  # noqa: E402
+from train import rundir  # noqa: E402
+
+EVENT_EPOCHS = 6
+
+
+def weight_speed(run: Path) -> dict[str, float]:
+    """Median angle per step over epochs 1-6 in units of the equilibrium angle: per stage, and over all convs."""
+    ds = xr.load_dataset(run / "monitor.nc")
+    ds = ds.isel(step=np.flatnonzero(ds.epoch.values <= EVENT_EPOCHS))
+    relative = (ds.angular_speed / ds.angular_equilibrium).median("step")
+    convs = ds.weight_kind.values == "conv3x3"
+    stages = np.array([int(name[5]) if name.startswith("stage") else 0 for name in ds.weight_layer.values])
+    speeds = {f"stage {s}": float(np.median(relative.values[convs & (stages == s)]))
+              for s in sorted(set(stages[convs])) if s > 0}
+    speeds["all convs"] = float(np.median(relative.values[convs]))
+    return speeds
+
+
+def amplification(run: Path, root: Path) -> dict[str, float]:
+    path = root / "amplification" / run.name / "spikes.nc"
+    if not path.is_file():
+        return {}
+    ds = xr.load_dataset(path)
+    gain = ds.amplification_gain.squeeze(drop=True)
+    loss = ds.amplification_loss.squeeze(drop=True)
+    return {"scale gain": float(gain.sel(perturbation="scale").median()),
+            "mean gain": float(gain.sel(perturbation="mean").median()),
+            "stem scale gain": float(gain.sel(perturbation="scale").isel(source_depth=0)),
+            "scale loss, median": float(loss.sel(perturbation="scale").median()),
+            "scale loss, largest": float(loss.sel(perturbation="scale").max())}
+
+
+def measures(run: Path, root: Path) -> dict[str, float]:
+    largest = float(np.nanmax(np.array(rundir.read_metrics(run)["bn_excess"], dtype=float)))
+    return {**weight_speed(run), **amplification(run, root), "largest excess": largest}
+
+
+def spearman(a, b) -> float:
+    ranks = [np.argsort(np.argsort(np.asarray(x))) for x in (a, b)]
+    return float(np.corrcoef(*ranks)[0, 1])
+
+
+def cell(values) -> str:
+    mean, low, high = t_interval(values)
+    return f"{mean:.2f} ({low:.2f} to {high:.2f})" if np.isfinite(low) else f"{mean:.2f}"
+
+
+def main(root: Path) -> None:
+    runs = {}
+    for run in sorted(root.iterdir()):
+        net, _, seed = run.name.partition("-")
+        finished = (run / "metrics.csv").is_file() and (run / "monitor.nc").is_file()
+        if seed.startswith("s") and seed[1:].isdigit() and finished:
+            runs.setdefault(net, []).append(measures(run, root))
+    for plain in [net for net in runs if net.startswith("plain")]:
+        residual = "resnet" + plain[len("plain"):]
+        if residual not in runs:
+            continue
+        pair = {plain: runs[plain], residual: runs[residual]}
+        names = [name for name in pair[plain][0] if all(name in r for rows in pair.values() for r in rows)]
+        print(f"{plain} ({len(pair[plain])} seeds) against {residual} ({len(pair[residual])} seeds): mean (95% interval)")
+        header = ["", plain, residual, "plain - residual"]
+        rows = []
+        for name in names:
+            a, b = ([r[name] for r in pair[net]] for net in (plain, residual))
+            difference, low, high = welch_interval(a, b)
+            rows.append([name, cell(a), cell(b), f"{difference:+.2f} ({low:+.2f} to {high:+.2f})"])
+        if "scale gain" in names:
+            rows.append(["Spearman(scale gain, largest excess)",
+                         *(f"{spearman([r['scale gain'] for r in pair[net]], [r['largest excess'] for r in pair[net]]):+.2f}"
+                           for net in (plain, residual)), ""])
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+        for r in [header, *rows]:
+            print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+        print()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1] if len(sys.argv) > 1 else "runs/study"))
