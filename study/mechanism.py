@@ -7,10 +7,12 @@ per run of a plain/residual pair, with the mean and 95% t-interval over seeds an
   (`angular_equilibrium`) at the same measurements; then the median over the convs of each stage;
 - amplification (runs/study/amplification/RUN/spikes.nc, from `python -m diagnostics.spikes --amplification`):
   the gain at the last BN layer's input of a 10% scale error and of a 0.1-std mean shift planted in one layer's
-  statistics, median over the source layers; the stem's scale gain; the loss change of a scale error, median and
-  largest over the source layers;
-- the run's largest validation excess (metrics.csv `bn_excess`), and within each net the Spearman correlation
-  of the runs' median scale gain with it.
+  statistics, median over the source layers; the stem's scale gain; the loss change of a scale error in the stem
+  and the largest in any other layer; the validation excess at the same epoch, and pooled over both nets' runs the
+  Spearman correlation of that excess with the stem's loss change;
+- the stem's statistics error at the validations (monitor.nc `shadow_error` at the run's own BN momentum, the
+  first BN layer): its largest, against the median of the other layers' errors;
+- the run's largest validation excess (metrics.csv `bn_excess`).
 """
 import sys
 from pathlib import Path
@@ -45,16 +47,21 @@ def amplification(run: Path, root: Path) -> dict[str, float]:
     ds = xr.load_dataset(path)
     gain = ds.amplification_gain.squeeze(drop=True)
     loss = ds.amplification_loss.squeeze(drop=True)
+    epoch = int(ds.epoch.values.ravel()[0])
     return {"scale gain": float(gain.sel(perturbation="scale").median()),
             "mean gain": float(gain.sel(perturbation="mean").median()),
             "stem scale gain": float(gain.sel(perturbation="scale").isel(source_depth=0)),
-            "scale loss, median": float(loss.sel(perturbation="scale").median()),
-            "scale loss, largest": float(loss.sel(perturbation="scale").max())}
+            "stem scale loss": float(loss.sel(perturbation="scale").isel(source_depth=0)),
+            "other layers' scale loss, largest": float(loss.sel(perturbation="scale").isel(source_depth=slice(1, None)).max()),
+            "excess at that epoch": float(rundir.read_metrics(run)["bn_excess"][epoch - 1])}
 
 
 def measures(run: Path, root: Path) -> dict[str, float]:
-    largest = float(np.nanmax(np.array(rundir.read_metrics(run)["bn_excess"], dtype=float)))
-    return {**weight_speed(run), **amplification(run, root), "largest excess": largest}
+    ds = xr.load_dataset(run / "monitor.nc")
+    own = ds.shadow_error.sel(momentum=float(rundir.read_config(run)["bn_momentum"]), method="nearest").values
+    return {**weight_speed(run), **amplification(run, root), "stem error, largest": float(own[:, 0].max()),
+            "other layers' error, median": float(np.median(own[:, 1:])),
+            "largest excess": float(np.nanmax(ds.bn_excess.values))}
 
 
 def spearman(a, b) -> float:
@@ -87,13 +94,13 @@ def main(root: Path) -> None:
             a, b = ([r[name] for r in pair[net]] for net in (plain, residual))
             difference, low, high = welch_interval(a, b)
             rows.append([name, cell(a), cell(b), f"{difference:+.2f} ({low:+.2f} to {high:+.2f})"])
-        if "scale gain" in names:
-            rows.append(["Spearman(scale gain, largest excess)",
-                         *(f"{spearman([r['scale gain'] for r in pair[net]], [r['largest excess'] for r in pair[net]]):+.2f}"
-                           for net in (plain, residual)), ""])
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
         for r in [header, *rows]:
             print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+        if "stem scale loss" in names:
+            both = [r for net in pair for r in pair[net]]
+            print(f"Spearman(excess, stem scale loss) over the {len(both)} runs of both nets, at the amplification's "
+                  f"epoch: {spearman([r['excess at that epoch'] for r in both], [r['stem scale loss'] for r in both]):+.2f}")
         print()
 
 
