@@ -80,12 +80,7 @@ from .evaluate import predict
 from .gradients import kind_of, weight_layers
 
 PROBE_STATISTICS = ("running", "batch")  # the `bn` dim of the probe's loss and accuracy
-RECORDED = ("probe_loss", "probe_acc", "bn_gap", "eval_mismatch", "grad_norm", "weight_norm", "train_loss", "lr",
-            "warning", "input_shift", "input_shift2", "interval", "input_speed", "batch_noise", "angular_speed",
-            "angular_equilibrium", "shadow_gap", "predicted_gap", "warning_score")
 VALIDATION_BN = ("running", "recalibrated")  # the `val_bn` dim of a validation's loss and accuracy
-VALIDATED = ("val_step", "val_epoch", "val_loss", "val_acc", "bn_excess", "bn_excess_se", "val_images",
-             "shadow_error", "predicted_error")
 SHADOW_MOMENTA = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.6, 0.8)  # with the run's own: the `momentum` dim
 WARNING_RULES = {  # the early warning's candidate scores of a measurement (`warning_scores`), and what they measure
     "probe_excess": "probe loss with running minus with batch statistics (nats)",
@@ -99,6 +94,52 @@ WARNING_RULES = {  # the early warning's candidate scores of a measurement (`war
 # seeds 0-1); announced a whole epoch ahead no rule reached 0.6 precision held out (docs/spikes.md).
 WARNING_RULE, WARNING_THRESHOLD = "probe_excess", 0.15
 BASELINE = 10  # measurements in the departure rule's baseline
+VARIABLES = {  # every variable a measurement (along `step`) or a validation records: dims, long_name, units
+    "probe_loss": (("step", "bn"), "probe cross-entropy", "nats"),
+    "probe_acc": (("step", "bn"), "probe top-1 accuracy", "1"),
+    "bn_gap": (("step", "depth", "component"), "normalisation error of the running statistics against the probe's "
+               "batch statistics at the layer's input", UNITS),
+    "eval_mismatch": (("step", "depth", "component"), "normalisation error of the running statistics against the "
+                      "layer's input in eval mode", UNITS),
+    "grad_norm": (("step", "weight_depth"), "L2 norm of the training step's gradient", "nats per weight unit"),
+    "weight_norm": (("step", "weight_depth"), "L2 norm of the weight", "1"),
+    "train_loss": (("step",), "training batch loss of the step", "nats"),
+    "lr": (("step",), "learning rate of the step", "1"),
+    "warning": (("step",), "early warning fired", "1"),
+    "warning_score": (("step", "rule"), "each warning rule's score of the measurement (WARNING_RULES)", "1"),
+    "input_shift": (("step", "depth"), "normalisation error between the probe's batch statistics at this and the "
+                    "previous measurement", UNITS),
+    "input_shift2": (("step", "depth"), "normalisation error between the probe's batch statistics at this and the "
+                     "measurement before the previous one", UNITS),
+    "interval": (("step",), "steps since the previous measurement", "optimiser steps"),
+    "input_speed": (("step", "depth"), "normalisation error between the probe's batch statistics at this and the "
+                    "previous measurement, per step", f"{UNITS} per optimiser step"),
+    "batch_noise": (("step", "depth"), "one training batch's statistics around the population's: rms over the steps "
+                    "since the previous measurement and the channels of the normalisation error between consecutive "
+                    "batches, / sqrt(2)", UNITS),
+    "angular_speed": (("step", "weight_depth"), "angle the weight turned in the measured step",
+                      "radians per optimiser step"),
+    "angular_equilibrium": (("step",), "sqrt(2 lr weight_decay / (1 + momentum)): the equilibrium angular update of "
+                            "scale-invariant weights under SGD (Wan et al. 2021)", "radians per optimiser step"),
+    "shadow_gap": (("step", "momentum", "depth"), "normalisation error (rms) against the probe's batch statistics of "
+                   "running statistics kept at this BN momentum from the same training batches", UNITS),
+    "predicted_gap": (("step", "momentum", "depth"), "lag model from this measurement alone: sqrt((v (1 - m) / m)^2 + "
+                      "((1 - m)^2 q + m^2 batch_noise^2) / (m (2 - m))), v and q from input_shift and input_shift2",
+                      UNITS),
+    "val_loss": (("validation", "val_bn"), "validation cross-entropy with running and with recomputed BN statistics, "
+                 "on the same images", "nats"),
+    "val_acc": (("validation", "val_bn"), "validation top-1 accuracy", "1"),
+    "bn_excess": (("validation",), "validation loss with running minus with recomputed statistics", "nats"),
+    "bn_excess_se": (("validation",), "standard error of bn_excess over the images (paired differences)", "nats"),
+    "val_images": (("validation",), "validation images attributed", "1"),
+    "shadow_error": (("validation", "momentum", "depth"), "normalisation error (rms) against the recomputed "
+                     "statistics of running statistics kept at this BN momentum (the run's own momentum: its running "
+                     "statistics)", UNITS),
+    "predicted_error": (("validation", "momentum", "depth"), "lag model's prediction of shadow_error from the "
+                        "measurements since the previous validation (lag_inputs)", UNITS),
+}
+RECORDED = tuple(name for name, (dims, *_) in VARIABLES.items() if dims[0] == "step")
+VALIDATED = ("val_step", "val_epoch", *(name for name, (dims, *_) in VARIABLES.items() if dims[0] == "validation"))
 
 
 def warning_scores(probe_loss, bn_gap, predicted_gap, armed) -> dict[str, np.ndarray]:
@@ -764,15 +805,10 @@ class BNMonitor:
 
     def _shapes(self) -> dict[str, tuple]:
         """The shape of one entry of every record (the first dim of each variable is the measurement's)."""
-        n_bn, n_w, n_m = len(self.bn_names), len(self.weight_names), len(self.momenta)
-        return {"step": (), "epoch": (), "probe_loss": (2,), "probe_acc": (2,), "bn_gap": (n_bn, 3),
-                "eval_mismatch": (n_bn, 3), "grad_norm": (n_w,), "weight_norm": (n_w,), "train_loss": (), "lr": (),
-                "warning": (), "input_shift": (n_bn,), "input_shift2": (n_bn,), "interval": (),
-                "input_speed": (n_bn,), "batch_noise": (n_bn,), "angular_speed": (n_w,),
-                "angular_equilibrium": (), "shadow_gap": (n_m, n_bn), "predicted_gap": (n_m, n_bn),
-                "warning_score": (len(WARNING_RULES),),
-                "val_step": (), "val_epoch": (), "val_loss": (2,), "val_acc": (2,), "bn_excess": (),
-                "bn_excess_se": (), "val_images": (), "shadow_error": (n_m, n_bn), "predicted_error": (n_m, n_bn)}
+        sizes = {"bn": 2, "val_bn": 2, "component": len(COMPONENTS), "depth": len(self.bn_names),
+                 "weight_depth": len(self.weight_names), "momentum": len(self.momenta), "rule": len(WARNING_RULES)}
+        return {name: tuple(sizes[dim] for dim in VARIABLES[name][0][1:]) if name in VARIABLES else ()
+                for name in (*self.records, *self.validations)}
 
     def _stacked(self, records: dict, name: str) -> np.ndarray:
         shape = self._shapes()[name]
@@ -851,74 +887,13 @@ class BNMonitor:
                   "val_epoch": ("validation", np.asarray(v["val_epoch"], dtype=np.int64)),
                   "val_bn": ("val_bn", list(VALIDATION_BN)), "rule": ("rule", list(WARNING_RULES))}
         rule = warning_rule(self.warn_rule, self.warn_threshold, self.warn_after)
-        per_step = f"{UNITS} per optimiser step"
+        data = {name: variable(dims, stacked(name), long_name, units)
+                for name, (dims, long_name, units) in VARIABLES.items()}
+        data["warning"] = data["warning"].astype(bool)
+        data["scaled_grad_norm"] = variable(("step", "weight_depth"), grad_norm * weight_norm,
+                                            "gradient norm x weight norm (scale invariant under BN)", "nats")
         return xr.Dataset(
-            {
-                "probe_loss": variable(("step", "bn"), stacked("probe_loss"), "probe cross-entropy", "nats"),
-                "probe_acc": variable(("step", "bn"), stacked("probe_acc"), "probe top-1 accuracy", "1"),
-                "bn_gap": variable(("step", "depth", "component"), stacked("bn_gap"),
-                                   "normalisation error of the running statistics against the probe's batch "
-                                   "statistics at the layer's input", UNITS),
-                "eval_mismatch": variable(("step", "depth", "component"), stacked("eval_mismatch"),
-                                          "normalisation error of the running statistics against the layer's "
-                                          "input in eval mode", UNITS),
-                "grad_norm": variable(("step", "weight_depth"), grad_norm, "L2 norm of the training step's gradient",
-                                      "nats per weight unit"),
-                "weight_norm": variable(("step", "weight_depth"), weight_norm, "L2 norm of the weight", "1"),
-                "scaled_grad_norm": variable(("step", "weight_depth"), grad_norm * weight_norm,
-                                             "gradient norm x weight norm (scale invariant under BN)", "nats"),
-                "train_loss": variable("step", stacked("train_loss"), "training batch loss of the step", "nats"),
-                "lr": variable("step", stacked("lr"), "learning rate of the step", "1"),
-                "warning": variable("step", np.asarray(r["warning"], dtype=bool), "early warning fired", "1"),
-                "warning_score": variable(("step", "rule"), stacked("warning_score"),
-                                          "each warning rule's score of the measurement (WARNING_RULES)", "1"),
-                "input_shift": variable(("step", "depth"), stacked("input_shift"),
-                                        "normalisation error between the probe's batch statistics at this and the "
-                                        "previous measurement", UNITS),
-                "input_shift2": variable(("step", "depth"), stacked("input_shift2"),
-                                         "normalisation error between the probe's batch statistics at this and the "
-                                         "measurement before the previous one", UNITS),
-                "interval": variable("step", stacked("interval"), "steps since the previous measurement",
-                                     "optimiser steps"),
-                "input_speed": variable(("step", "depth"), stacked("input_speed"),
-                                        "normalisation error between the probe's batch statistics at this and the "
-                                        "previous measurement, per step", per_step),
-                "batch_noise": variable(("step", "depth"), stacked("batch_noise"),
-                                        "one training batch's statistics around the population's: rms over the "
-                                        "steps since the previous measurement and the channels of the "
-                                        "normalisation error between consecutive batches, / sqrt(2)", UNITS),
-                "angular_speed": variable(("step", "weight_depth"), stacked("angular_speed"),
-                                          "angle the weight turned in the measured step",
-                                          "radians per optimiser step"),
-                "angular_equilibrium": variable("step", stacked("angular_equilibrium"),
-                                                "sqrt(2 lr weight_decay / (1 + momentum)): the equilibrium angular "
-                                                "update of scale-invariant weights under SGD (Wan et al. 2021)",
-                                                "radians per optimiser step"),
-                "shadow_gap": variable(("step", "momentum", "depth"), stacked("shadow_gap"),
-                                       "normalisation error (rms) against the probe's batch statistics of running "
-                                       "statistics kept at this BN momentum from the same training batches", UNITS),
-                "predicted_gap": variable(("step", "momentum", "depth"), stacked("predicted_gap"),
-                                          "lag model from this measurement alone: sqrt((v (1 - m) / m)^2 + "
-                                          "((1 - m)^2 q + m^2 "
-                                          "batch_noise^2) / (m (2 - m))), v and q from input_shift and input_shift2",
-                                          UNITS),
-                "val_loss": variable(("validation", "val_bn"), stacked("val_loss"),
-                                     "validation cross-entropy with running and with recomputed BN statistics, on "
-                                     "the same images", "nats"),
-                "val_acc": variable(("validation", "val_bn"), stacked("val_acc"), "validation top-1 accuracy", "1"),
-                "bn_excess": variable("validation", stacked("bn_excess"),
-                                      "validation loss with running minus with recomputed statistics", "nats"),
-                "bn_excess_se": variable("validation", stacked("bn_excess_se"),
-                                         "standard error of bn_excess over the images (paired differences)", "nats"),
-                "val_images": variable("validation", stacked("val_images"), "validation images attributed", "1"),
-                "shadow_error": variable(("validation", "momentum", "depth"), stacked("shadow_error"),
-                                         "normalisation error (rms) against the recomputed statistics of running "
-                                         "statistics kept at this BN momentum (the run's own momentum: its running "
-                                         "statistics)", UNITS),
-                "predicted_error": variable(("validation", "momentum", "depth"), stacked("predicted_error"),
-                                            "lag model's prediction of shadow_error from the measurements since the "
-                                            "previous validation (lag_inputs)", UNITS),
-            },
+            data,
             coords=coords,
             attrs=attrs(definition(self.every, len(self.labels), self.probe, rule), checkpoint=checkpoint,
                         dataset=dataset, split="train", n_images=len(self.labels), batch_size=len(self.labels),
