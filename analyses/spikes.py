@@ -30,10 +30,9 @@ from .bn import (COMPONENTS, UNITS, BNStatistics, normalisation_error, recalibra
                  set_statistics, statistics_error_table)
 from .common import (ChannelMoments, attrs, combine, dtype_name, forward_hooks, inputs_of, layer_coords,
                      model_device, preserved_state, variable)
-from .evaluate import predict, set_bn_mode
+from .evaluate import BN_MODES, predict, set_bn_mode  # BN_MODES: BN_STATISTICS as evaluate names them
 
 BN_STATISTICS = ("running", "recalibrated", "batch")  # the `bn` dim
-EVALUATE_MODES = ("eval", "recalibrated", "train")  # the same, as analyses.evaluate names them
 PERTURBATIONS = ("mean", "scale")  # the `perturbation` dim of the amplification test
 CAUSES = ("BN statistics", "mixed", "weights")
 BN_SHARE, WEIGHTS_SHARE = 0.8, 0.2  # a share of the excess removed by recalibration above / below: that cause
@@ -177,11 +176,6 @@ def evaluation_pass(model: nn.Module, batches: Iterable, bn_mode: str, dtype=Non
 # One checkpoint
 
 
-def _component_table(used: dict[str, BNStatistics], true: dict[str, BNStatistics], layers: list[str]) -> np.ndarray:
-    """(layer, component) normalisation errors of `used` against `true`; NaN where either lacks the layer."""
-    return statistics_error_table(used, true, layers).numpy()
-
-
 def _max_over_channels(used: dict[str, BNStatistics], true: dict[str, BNStatistics], layers: list[str]) -> np.ndarray:
     table = np.full((len(layers), len(COMPONENTS)), np.nan)
     for i, name in enumerate(layers):
@@ -216,10 +210,10 @@ def diagnose_checkpoint(model: nn.Module, val_batches: Iterable, recal_inputs: I
         population = running_statistics(model)
         passes["recalibrated"] = evaluation_pass(model, val_batches, "eval", dtype, measure_inputs=True)
     layers = list(running)
-    mismatch = _component_table(running, passes["running"].inputs, layers)
-    floor = _component_table(population, passes["recalibrated"].inputs, layers)
+    mismatch = statistics_error_table(running, passes["running"].inputs, layers).numpy()
+    floor = statistics_error_table(population, passes["recalibrated"].inputs, layers).numpy()
     previous = previous or {}
-    consecutive = _component_table(previous, running, layers)
+    consecutive = statistics_error_table(previous, running, layers).numpy()
     return xr.Dataset(
         {
             "val_loss": variable("bn", [passes[bn].loss for bn in BN_STATISTICS], "validation cross-entropy", "nats"),
@@ -228,7 +222,7 @@ def diagnose_checkpoint(model: nn.Module, val_batches: Iterable, recal_inputs: I
             "val_batch_loss": variable(("bn", "val_batch"), [passes[bn].batch_loss for bn in BN_STATISTICS],
                                        "validation cross-entropy of each batch", "nats"),
             "val_batch_images": variable("val_batch", passes["running"].batch_images, "images in the batch", "1"),
-            "drift": variable(("depth", "component"), _component_table(running, population, layers),
+            "drift": variable(("depth", "component"), statistics_error_table(running, population, layers).numpy(),
                               "normalisation error of the running statistics against the population's", UNITS),
             "drift_max": variable(("depth", "component"), _max_over_channels(running, population, layers),
                                   "normalisation error of the running statistics against the population's, "
@@ -242,7 +236,7 @@ def diagnose_checkpoint(model: nn.Module, val_batches: Iterable, recal_inputs: I
             "mismatch_excess": variable(("depth", "component"), mismatch - floor,
                                         "eval-mode mismatch minus its floor", UNITS),
         },
-        coords={**layer_coords(layers), "bn": ("bn", list(BN_STATISTICS)), "bn_mode": ("bn", list(EVALUATE_MODES)),
+        coords={**layer_coords(layers), "bn": ("bn", list(BN_STATISTICS)), "bn_mode": ("bn", list(BN_MODES)),
                 "component": ("component", list(COMPONENTS)),
                 "val_batch": ("val_batch", np.arange(len(val_batches)))},
         attrs=attrs(DEFINITION.format(recal_images=recal_images, rule="no rule applied to one checkpoint"),
