@@ -48,6 +48,17 @@ RUN_METRICS = {  # name: (long name, units)
     "best_momentum_measured": ("the shadow momentum closest to the recomputed statistics over the run", "1"),
     "best_momentum_predicted": ("the lag model's best momentum from the run's median speed and noise", "1"),
 }
+WARNING_RESULTS = {  # per horizon and rule, `warning_NAME`: (long name, units)
+    "threshold": ("the rule's threshold, chosen on the choose_on seeds", "1"),
+    "precision_chosen": ("precision on the choose_on seeds", "1"),
+    "recall_chosen": ("recall on the choose_on seeds", "1"),
+    "lead_chosen": ("median lead of announced events on the choose_on seeds", "optimiser steps"),
+    "precision_held_out": ("precision on the other seeds", "1"),
+    "recall_held_out": ("recall on the other seeds", "1"),
+    "lead_held_out": ("median lead of announced events on the other seeds", "optimiser steps"),
+    "events_chosen": ("events on the choose_on seeds", "1"),
+    "events_held_out": ("events on the other seeds", "1"),
+}
 HORIZONS = ("epoch", "last")  # a warning announces: any measurement since the last validation, or the last one
 
 
@@ -159,17 +170,15 @@ def trust_study(histories: list[dict], monitors: list[xr.Dataset | None], labels
             found = prescription(monitor)
             own = found.momentum
             errors = monitor.shadow_error.sel(momentum=own).values if own in monitor.momentum.values else [np.nan]
-            conv = np.array([str(kind).startswith("conv") for kind in monitor.weight_kind.values], dtype=bool)
             rho, r2, _ = found.fit
             values.update(running_error=float(np.sqrt(np.nanmean(np.square(errors)))) if np.isfinite(errors).any()
                           else np.nan, drift=found.drift, diffusion=math.sqrt(found.diffusion), batch_noise=found.noise,
-                          angular_speed=_median(monitor.angular_speed.values[:, conv]),
-                          angular_equilibrium=_median(monitor.angular_equilibrium.values), lag_spearman=rho,
-                          lag_r2=r2, best_momentum_measured=found.measured_best,
-                          best_momentum_predicted=found.predicted_best)
-            if monitor.sizes.get("validation", 0):  # both accuracies on the same (attributed) images
-                values.update(final_acc_running=float(monitor.val_acc.values[-1, 0]),
-                              final_acc_recalibrated=float(monitor.val_acc.values[-1, 1]))
+                          angular_speed=found.angular_speed, angular_equilibrium=found.angular_equilibrium,
+                          lag_spearman=rho, lag_r2=r2, best_momentum_measured=found.measured_best,
+                          best_momentum_predicted=found.predicted_best,
+                          # both accuracies on the same (attributed) images
+                          final_acc_running=float(monitor.val_acc.values[-1, 0]),
+                          final_acc_recalibrated=float(monitor.val_acc.values[-1, 1]))
         for name, value in values.items():
             per_run[name][i] = value
     group_names = list(dict.fromkeys(groups))
@@ -216,11 +225,6 @@ def trust_study(histories: list[dict], monitors: list[xr.Dataset | None], labels
         rules=[f"{k}: {v}" for k, v in WARNING_RULES.items()]))
 
 
-def _median(values) -> float:
-    values = np.asarray(values, dtype=np.float64)
-    return float(np.nanmedian(values)) if np.isfinite(values).any() else math.nan
-
-
 def _warning_scores(histories, monitors, events, seeds, choose_on) -> dict:
     """Per horizon (`epoch`: any measurement since the previous validation; `last`: the last measurement before
     the validation, within the monitor's interval) and rule: the threshold chosen on the `choose_on` seeds, and
@@ -239,9 +243,7 @@ def _horizon_scores(histories, monitors, events, seeds, choose_on, last: bool) -
         runs.append((monitor.step.values, rule_scores(monitor), int(monitor.attrs.get("warn_after", 0)),
                      np.asarray(history["step"])[finite], flags[finite], seed in choose_on,
                      int(monitor.attrs.get("every", 1)) if last else None))
-    results = {key: np.full(len(WARNING_RULES), np.nan) for key in (
-        "threshold", "precision_chosen", "recall_chosen", "lead_chosen", "precision_held_out", "recall_held_out",
-        "lead_held_out", "events_chosen", "events_held_out")}
+    results = {key: np.full(len(WARNING_RULES), np.nan) for key in WARNING_RESULTS}
 
     def pooled(rule, threshold, chosen):
         fired, flags, leads = [], [], []
@@ -272,13 +274,4 @@ def _horizon_scores(histories, monitors, events, seeds, choose_on, last: bool) -
                 precision, recall, lead, n_events = pooled(rule, best, chosen)
                 results[f"precision_{suffix}"][k], results[f"recall_{suffix}"][k] = precision, recall
                 results[f"lead_{suffix}"][k], results[f"events_{suffix}"][k] = lead, n_events
-    meaning = {"threshold": ("the rule's threshold, chosen on the choose_on seeds", "1"),
-               "precision_chosen": ("precision on the choose_on seeds", "1"),
-               "recall_chosen": ("recall on the choose_on seeds", "1"),
-               "lead_chosen": ("median lead of announced events on the choose_on seeds", "optimiser steps"),
-               "precision_held_out": ("precision on the other seeds", "1"),
-               "recall_held_out": ("recall on the other seeds", "1"),
-               "lead_held_out": ("median lead of announced events on the other seeds", "optimiser steps"),
-               "events_chosen": ("events on the choose_on seeds", "1"),
-               "events_held_out": ("events on the other seeds", "1")}
-    return {f"warning_{key}": variable("rule", values, *meaning[key]) for key, values in results.items()}
+    return {f"warning_{key}": variable("rule", values, *WARNING_RESULTS[key]) for key, values in results.items()}
