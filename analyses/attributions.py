@@ -94,17 +94,15 @@ def choose_gradcam_layer(model: nn.Module, image_shape, layer: str | None = None
 MAX_STEPS = 1024  # Gauss-Legendre's nodes come from an n x n eigenproblem: 8 MB at 1024, 8 TB at a million
 
 
-def integrated_gradients(model, x, targets, baseline, n_steps: int, batch_size: int) -> torch.Tensor:
-    ig = IntegratedGradients(model)
-    return ig.attribute(x, baselines=baseline, target=targets, n_steps=n_steps,
-                        internal_batch_size=batch_size).sum(1)
-
-
-def saliency(model, x, targets) -> torch.Tensor:
-    return Saliency(model).attribute(x, target=targets, abs=True).amax(1)
-
-
-def grad_cam(model, x, targets, layer: str) -> torch.Tensor:
+def _pixel_map(explainer: str, model, x, targets, baseline, n_steps: int, layer: str, batch_size: int):
+    """One explainer's (N, H, W) map: IG summed over channels, saliency's max over channels, Grad-CAM at `layer`
+    bilinearly upsampled to the input."""
+    x = x.detach().requires_grad_()  # Captum would do it, with a warning
+    if explainer == "ig":
+        return IntegratedGradients(model).attribute(x, baselines=baseline, target=targets, n_steps=n_steps,
+                                                    internal_batch_size=batch_size).sum(1)
+    if explainer == "saliency":
+        return Saliency(model).attribute(x, target=targets, abs=True).amax(1)
     cam = LayerGradCam(model, model.get_submodule(layer)).attribute(x, target=targets, relu_attributions=True)
     return LayerAttribution.interpolate(cam, tuple(x.shape[2:]), interpolate_mode="bilinear")[:, 0]
 
@@ -199,15 +197,6 @@ def definition(explainers, target: str, n_steps: int, layer: str, baseline: str)
 def _in_batches(function, n: int, batch_size: int) -> torch.Tensor:
     """function(slice) for consecutive slices of at most `batch_size` of n images, concatenated."""
     return torch.cat([function(slice(start, start + batch_size)) for start in range(0, n, batch_size)])
-
-
-def _pixel_map(explainer: str, model, x, targets, baseline, n_steps: int, layer: str, batch_size: int):
-    x = x.detach().requires_grad_()  # Captum would do it, with a warning
-    if explainer == "ig":
-        return integrated_gradients(model, x, targets, baseline, n_steps, batch_size)
-    if explainer == "saliency":
-        return saliency(model, x, targets)
-    return grad_cam(model, x, targets, layer)
 
 
 def _explain(model, x, labels, explainers, target: str, baseline, n_steps: int, layer: str, fractions,
