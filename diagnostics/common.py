@@ -145,14 +145,20 @@ def _select_epochs(files: list[Path], selection: str, run_dir: Path) -> list[Pat
         return files
     if selection == "last":
         return files[-1:]
-    try:
-        wanted = {int(part) for part in selection.split(",")}
-    except ValueError:
-        raise UserError(f"--epochs must be all, last or a list such as 5,10,20, not {selection!r}") from None
+    wanted = integer_list(selection, "--epochs", "all, last or a list such as 5,10,20")
     chosen = [path for path in files if rundir.named_epoch(path) in wanted]
     if not chosen:
         raise UserError(f"{run_dir} has none of the epochs {selection}; it has {len(files)} epoch files")
     return chosen
+
+
+def integer_list(text: str, option: str, what: str) -> list[int]:
+    """The integers of a comma-separated list (5,10,20) given to `option`; one line saying what it must be where
+    it is not one."""
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise UserError(f"{option} must be {what}, not {text!r}") from None
 
 
 def collect_sources(args, *, model_names: bool = False) -> list[Source]:

@@ -57,13 +57,6 @@ def logged_val_loss(loaded: ckpt.Loaded) -> float:
     return float(logged.get(loaded.epoch, np.nan))
 
 
-def _epoch_list(text: str, option: str) -> set[int]:
-    try:
-        return {int(part) for part in text.split(",")}
-    except ValueError:
-        raise UserError(f"{option} takes a list of epochs such as 5,10, not {text!r}") from None
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # The figures
 
@@ -345,9 +338,11 @@ def _with_monitor(ds: xr.Dataset, monitors: dict[str, xr.Dataset], epoch_ends: d
 def main(argv=None) -> None:
     args = parser().parse_args(argv)
     common.require_run_dirs(args.inputs, "the spike diagnosis needs a run's epoch checkpoints", lightning=True)
-    repair_epochs = None if args.repair in (None, "flagged") else _epoch_list(args.repair, "--repair")
+    epochs = "a list of epochs such as 5,10"
+    repair_epochs = (None if args.repair in (None, "flagged")
+                     else set(common.integer_list(args.repair, "--repair", epochs)))
     amplification_epochs = (None if args.amplification in (None, "last")
-                            else _epoch_list(args.amplification, "--amplification"))
+                            else set(common.integer_list(args.amplification, "--amplification", epochs)))
     device, sources, out = common.prepare(args)
     results, logged, per_run, monitors, recal_of = common.Results(), [], {}, {}, {}
     for source, loaded in common.checkpoints(sources, args, device):
@@ -355,8 +350,9 @@ def main(argv=None) -> None:
             recal_of[source.label] = common.run_recal_inputs(loaded, args, device, args.recal_images)
             previous = None
             config = loaded.config or {}
-            per_run[source.label] = {key: config.get(key, default) for key, default in
-                                     (("bn_momentum", np.nan), ("precise_bn", np.nan), ("augment", "none"))}
+            per_run[source.label] = {"bn_momentum": config.get("bn_momentum", np.nan),
+                                     "precise_bn": config.get("precise_bn", np.nan),
+                                     "recal_augment": config.get("augment", "none")}
             if source.run_dir is not None and (monitor := common.read_monitor(source.run_dir)) is not None:
                 monitors[source.label] = monitor
         if not models.bn_layers(loaded.model):
@@ -370,7 +366,9 @@ def main(argv=None) -> None:
         logged.append(logged_val_loss(loaded))
         per_run[source.label]["epoch_ends"] = (loaded.history or {}).get("step", [])
     settings = dict(window=args.window, factor=args.factor, min_increase=args.min_increase, gap_factor=args.gap_factor,
-                    monitors=monitors, **_run_attrs(results, per_run, args))
+                    monitors=monitors, split=args.split, **common.merged_attrs(results.datasets),
+                    **{name: [run[name] for run in per_run.values()] for name in ("bn_momentum", "precise_bn",
+                                                                                  "recal_augment")})
     ds = spike_diagnosis(results.datasets, results.labels, results.epochs, history_val_loss=logged, **settings)
     if args.repair is not None or args.amplification is not None:
         extra = _where_and_how(ds, results, args, device, repair_epochs, amplification_epochs, recal_of)
@@ -389,14 +387,6 @@ def main(argv=None) -> None:
     if "amplification_gain" in ds:
         figures["amplification"] = amplification_figure(ds, results.plain)
     common.write_outputs(out, "spikes", ds, figures)
-
-
-def _run_attrs(results, per_run: dict, args) -> dict:
-    labels = list(per_run)
-    return dict(split=args.split, **common.merged_attrs(results.datasets),
-                bn_momentum=[per_run[label]["bn_momentum"] for label in labels],
-                precise_bn=[per_run[label]["precise_bn"] for label in labels],
-                recal_augment=[per_run[label]["augment"] for label in labels])
 
 
 def _where_and_how(ds, results, args, device, repair_epochs, amplification_epochs, recal_of) -> dict:

@@ -17,7 +17,7 @@ import models
 import resnet_diagnostics
 from analyses.monitor import WARNING_RULES
 from analyses.trust import trust_study
-from train.errors import ArgumentParser, UserError, bounded_float
+from train.errors import ArgumentParser, bounded_float
 from train.progress import track
 
 from . import common, plotting
@@ -36,13 +36,6 @@ def parser():
                    help="seeds whose runs choose each warning rule's threshold; the others score it (default 0,1)")
     p.add_argument("--out", help="where trust.nc and trust.png go (default: diagnostics/ in the first run)")
     return p
-
-
-def _seeds(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(part) for part in text.split(","))
-    except ValueError:
-        raise UserError(f"--choose-on takes seeds such as 0,1, not {text!r}") from None
 
 
 def skip_pairs(runs, groups: list[str]) -> list[tuple[str, str]]:
@@ -160,7 +153,7 @@ def figure(ds: xr.Dataset):
 
 def main(argv=None) -> None:
     args = parser().parse_args(argv)
-    choose_on = _seeds(args.choose_on)
+    choose_on = tuple(common.integer_list(args.choose_on, "--choose-on", "a list of seeds such as 0,1"))
     common.require_run_dirs(args.runs, "trust reads a run's metrics.csv, monitor.nc and config.json")
     paths = list(dict.fromkeys(Path(text) for text in args.runs))
     runs = [common.read_run(str(path)) for path in track(paths, len(paths), "trust", unit="run")]
