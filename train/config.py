@@ -97,19 +97,12 @@ class Config:
     total_epochs: int = 0
 
     def model_kwargs(self, num_classes: int, in_channels: int) -> dict:
-        kwargs = {"num_classes": num_classes, "in_channels": in_channels}
-        if not self.bn:
-            kwargs["bn"] = False
-        if not self.skip:
-            kwargs["skip"] = False
-        for name in ("shortcut", "head", "dropout"):
-            if getattr(self, name) is not None:
-                kwargs[name] = getattr(self, name)
-        if self.zero_init_residual:
-            kwargs["zero_init_residual"] = True
-        if self.projection_bias:
-            kwargs["projection_bias"] = True
-        return kwargs
+        """The builder's arguments: the dataset's, and each model option that differs from the builders' default."""
+        return {"num_classes": num_classes, "in_channels": in_channels,
+                **{name: False for name in ("bn", "skip") if not getattr(self, name)},
+                **{name: getattr(self, name) for name in ("shortcut", "head", "dropout")
+                   if getattr(self, name) is not None},
+                **{name: True for name in ("zero_init_residual", "projection_bias") if getattr(self, name)}}
 
     def resolve_length(self, steps_per_epoch: int) -> None:
         """Schedules are in iterations; `--epochs N` means N whole epochs of `steps_per_epoch`. `--monitor-every
