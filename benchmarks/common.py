@@ -6,6 +6,8 @@ CPU model, torch threads, the kernels torch dispatches to (`torch.backends.cpu.g
 CPU flags that decide bf16 (avx512f, avx512_bf16, amx_bf16) and the GPU.
 """
 import argparse
+import contextlib
+import io
 import os
 import platform
 import statistics
@@ -22,7 +24,7 @@ from analyses.monitor import BNMonitor
 from diagnostics.common import format_table
 from train import datasets
 from train.batches import TrainBatches
-from train.errors import MAX_INT, ArgumentParser, non_negative_int, positive_int
+from train.errors import MAX_INT, ArgumentParser, positive_int
 from train.progress import Progress
 from train.step import TrainStep
 from train.trainer import choose_device, cpu_flags, cpu_info, native_bf16, train_epoch
@@ -61,11 +63,6 @@ def add_data_options(p: ArgumentParser) -> None:
     p.add_argument("--data-dir", default=str(datasets.default_data_dir()))
 
 
-def add_workers_option(p: ArgumentParser) -> None:
-    p.add_argument("--workers", type=non_negative_int, default=min(4, torch.get_num_threads()),
-                   help="DataLoader workers of the typical loop (default: min(4, torch threads))")
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # The machine
 
@@ -82,9 +79,8 @@ def flags_text() -> str:
 
 
 def gpu_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"none used ({torch.cuda.device_count()} visible)" if torch.cuda.is_available() else "none"
+    return (torch.cuda.get_device_name(device) if device.type == "cuda" else
+            f"none used ({torch.cuda.device_count()} visible)" if torch.cuda.is_available() else "none")
 
 
 def machine_line(device: torch.device) -> str:
@@ -280,6 +276,15 @@ def main(parser: Callable[[], ArgumentParser], measure: Callable[..., Report], a
     device = choose_device(args.device)
     print(machine_line(device), flush=True)
     print_report(measure(args, device))
+
+
+def quietly(command: Callable[[list[str]], int], argv: list[str]) -> None:
+    """A command line's `main(argv)` run in this process, its printed lines discarded; a failure ends the benchmark
+    with the command's exit code (the command has said why, in one line)."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        code = command(argv)
+    if code:
+        raise SystemExit(code)
 
 
 def progress(total: int, desc: str) -> Progress:

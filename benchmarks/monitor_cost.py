@@ -62,9 +62,8 @@ def time_monitor(name: str, amp_dtype, batches, probe, probe_images, attribution
     optimizer = common.sgd(model, fused=batches.device.type == "cuda")
     monitor = BNMonitor(model, probe_images, probe.labels, every=args.every, autocast=amp_dtype,
                         probe=f"the first {len(probe)} training images, augmented once", optimizer=optimizer)
-    with torch.no_grad():
-        model.eval()
-        running = predict(model, attribution[0], amp_dtype)  # the validation's own pass, not timed
+    model.eval()
+    running = predict(model, attribution[0], amp_dtype)  # the validation's own pass (no_grad), not timed
     seconds = common.interleaved({
         "without": lambda: common.trainer_epoch(model, batches, optimizer, amp_dtype),
         "with": lambda: common.trainer_epoch(model, batches, optimizer, amp_dtype, monitor),

@@ -8,8 +8,6 @@ given to both). One baseline pass first reads the images; then rounds of both, i
 Run: `python -m benchmarks.spikes_cost [--run RUN_DIR]` (default: trains a 4-epoch resnet20 on 2,048
 Fashion-MNIST images into a temporary folder first; --model, --dataset, --train-images, --epochs say otherwise).
 """
-import contextlib
-import io
 import sys
 import tempfile
 from pathlib import Path
@@ -43,13 +41,10 @@ def parser():
 
 def train_run(args, out: Path) -> Path:
     """A small run of --model on --dataset, one checkpoint an epoch; its lines go nowhere, its errors through."""
-    batch = min(128, args.train_images)
-    with contextlib.redirect_stdout(io.StringIO()):
-        code = train_main(["--model", args.model, "--dataset", args.dataset, "--data-dir", args.data_dir,
-                           "--train-images", str(args.train_images), "--batch-size", str(batch),
-                           "--epochs", str(args.epochs), "--device", args.device, "--out", str(out)])
-    if code:
-        raise SystemExit(code)  # the trainer has said why, in one line
+    common.quietly(train_main, ["--model", args.model, "--dataset", args.dataset, "--data-dir", args.data_dir,
+                                "--train-images", str(args.train_images), "--batch-size",
+                                str(min(128, args.train_images)), "--epochs", str(args.epochs), "--device",
+                                args.device, "--out", str(out)])
     return out
 
 
@@ -73,13 +68,6 @@ def validation_images(run: Path, shared: list[str]) -> int:
     return diagnostics_common.image_batches(loaded, args, "cpu").n_images
 
 
-def diagnosis(run: Path, shared: list[str], recal_images: int, out: Path) -> None:
-    with contextlib.redirect_stdout(io.StringIO()):
-        code = spikes_main([str(run), *shared, "--recal-images", str(recal_images), "--out", str(out)])
-    if code:
-        raise SystemExit(code)
-
-
 def measure(args, device: torch.device) -> common.Report:
     with tempfile.TemporaryDirectory() as folder:
         if args.run is not None and not rundir.is_run_dir(args.run):
@@ -93,7 +81,9 @@ def measure(args, device: torch.device) -> common.Report:
         shared = ["--data-dir", args.data_dir, "--device", device.type, "--batch-size", str(batch_size)]
         shared += ["--n-images", str(args.n_images)] if args.n_images else []
         runs = {"baseline": lambda: plain_validation(run, shared),
-                "diagnosis": lambda: diagnosis(run, shared, args.recal_images, Path(folder) / "out")}
+                "diagnosis": lambda: common.quietly(spikes_main, [str(run), *shared, "--recal-images",
+                                                                  str(args.recal_images), "--out",
+                                                                  str(Path(folder) / "out")])}
         with common.progress(1 + 2 * args.repeats, "spikes_cost") as progress:
             seconds = common.interleaved(runs, args.repeats, device, progress, warm_up=["baseline"])
         n_val = validation_images(run, shared)

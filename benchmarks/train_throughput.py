@@ -23,7 +23,7 @@ from PIL import Image
 import models
 from diagnostics.common import main_guard
 from train import datasets
-from train.errors import positive_int
+from train.errors import non_negative_int, positive_int
 
 from . import common
 
@@ -86,7 +86,8 @@ def parser():
     p = common.parser("benchmarks.train_throughput", __doc__,
                       models_default=["resnet20", "plain20", "resnet56", "plain56", "resnet110", "plain110"])
     common.add_data_options(p)
-    common.add_workers_option(p)
+    p.add_argument("--workers", type=non_negative_int, default=min(4, torch.get_num_threads()),
+                   help="DataLoader workers of the typical loop (default: min(4, torch threads))")
     p.add_argument("--steps", type=positive_int, default=8, help="timed training steps per round (default 8)")
     p.add_argument("--bf16", action="store_true", help="also time bf16 where the device has no native bf16")
     p.add_argument("--compile", action="store_true", help="also time ours under torch.compile")
