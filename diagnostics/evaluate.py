@@ -48,9 +48,8 @@ def table_rows(ds) -> list[list[str]]:
 def figure(ds, plain: dict[str, bool]):
     """One run with several epochs: accuracy (overall and per class) and loss vs epoch. Otherwise: per-class
     accuracy of each model at its last epoch."""
-    if ds.sizes["model"] == 1 and ds.sizes["epoch"] > 1:
-        return _epochs_figure(ds, str(ds.model.values[0]), plain)
-    return _classes_figure(ds, plain)
+    one_run = ds.sizes["model"] == 1 and ds.sizes["epoch"] > 1
+    return _epochs_figure(ds, str(ds.model.values[0]), plain) if one_run else _classes_figure(ds, plain)
 
 
 def _epochs_figure(ds, label: str, plain: dict[str, bool]):
@@ -76,10 +75,6 @@ def _epochs_figure(ds, label: str, plain: dict[str, bool]):
     return fig
 
 
-def _last_epoch(ds, label: str):
-    return ds.sel(model=label).dropna("epoch", subset=["accuracy"]).isel(epoch=-1)
-
-
 def _classes_figure(ds, plain: dict[str, bool]):
     fig, axes = plotting.figure(1, 1, height=2.4)
     axis = axes[0, 0]
@@ -88,7 +83,7 @@ def _classes_figure(ds, plain: dict[str, bool]):
     positions = np.arange(n_classes)
     width = 0.8 / len(labels)
     for index, label in enumerate(labels):
-        last = _last_epoch(ds, label)
+        last = ds.sel(model=label).dropna("epoch", subset=["accuracy"]).isel(epoch=-1)  # its last checkpoint
         style = plotting.model_style(label, index, plain.get(label))
         name = f"{label} ep. {last.epoch.item()}: {100 * last.accuracy.item():.1f}%"
         values = 100 * last.class_accuracy.values

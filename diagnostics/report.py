@@ -63,8 +63,7 @@ RUN_FILES = ("config.json", "metrics.csv", "steps.csv", "monitor.nc")  # and the
 
 
 def verdicts(ds: xr.Dataset) -> list[str]:
-    verdict = ds.attrs.get("verdict", [])  # netCDF hands a list of one string back as the string
-    return [verdict] if isinstance(verdict, str) else [str(line) for line in verdict]
+    return as_list(ds.attrs.get("verdict", []))  # netCDF hands a list of one string back as the string
 
 
 def last_epoch(runs) -> list[str]:
