@@ -478,7 +478,7 @@ class StatisticsTracker:
         self.momentum = per_channel(module.momentum for module in self.layers)
         self.eps = per_channel(module.eps for module in self.layers)
         self.shadow_momentum = torch.tensor(self.momenta, device=device)[:, None]
-        self.resync(shadows=True)
+        self.resync()
         self.previous = None
         self.noise_sum, self.noise_count = torch.zeros_like(self.last_mean, dtype=torch.float64), 0
 
@@ -486,14 +486,13 @@ class StatisticsTracker:
         return (torch.cat([module.running_mean.detach().float() for module in self.layers]),
                 torch.cat([module.running_var.detach().float() for module in self.layers]))
 
-    def resync(self, shadows: bool = False) -> None:
-        """Take the running buffers as they are now as the last step's (after something replaced them); with
-        `shadows`, every shadow too."""
+    def resync(self) -> None:
+        """Take the running buffers as they are now as the last step's, and as every shadow (after something
+        replaced them)."""
         if self.usable:
             self.last_mean, self.last_var = self._buffers()
-            if shadows:
-                self.shadow_mean = self.last_mean.expand(len(self.momenta), -1).clone()
-                self.shadow_var = self.last_var.expand(len(self.momenta), -1).clone()
+            self.shadow_mean = self.last_mean.expand(len(self.momenta), -1).clone()
+            self.shadow_var = self.last_var.expand(len(self.momenta), -1).clone()
 
     @torch.no_grad()
     def update(self) -> None:
@@ -544,7 +543,7 @@ class StatisticsTracker:
         older version starts the shadows afresh from the running statistics."""
         if not self.usable:
             return
-        self.resync(shadows=True)
+        self.resync()
         if not state or list(state.get("momenta", [])) != list(self.momenta):
             return
         channels, device = len(self.last_mean), self.last_mean.device
@@ -717,7 +716,7 @@ class BNMonitor:
     def statistics_replaced(self) -> None:
         """Call after something replaced the running statistics between steps (`--precise-bn`): every shadow
         starts again from them, as a run at its momentum would have been recalibrated too."""
-        self.tracker.resync(shadows=True)
+        self.tracker.resync()
 
     # -----------------------------------------------------------------------------------------------------------
     # Validations
