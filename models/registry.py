@@ -66,11 +66,12 @@ def _resolve(name: str, kwargs: dict) -> tuple[str, dict]:
 def available() -> list[str]:
     """Every name `build` accepts, the `plainNN` aliases included."""
     aliases = [f"plain{name[len('resnet'):]}" for name in _BUILDERS if re.fullmatch(r"resnet\d+", name)]
-    return sorted(list(_BUILDERS) + aliases, key=_natural_key)
+    return sorted(list(_BUILDERS) + aliases, key=natural_key)
 
 
-def _natural_key(name: str):
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+def natural_key(text: str) -> list:
+    """`resnet20` before `resnet110`, `2.ckpt` before `10.ckpt`: the numbers in a name compared as numbers."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", text)]
 
 
 def canonical(name: str, **kwargs) -> tuple[str, dict]:
@@ -106,9 +107,8 @@ def label(name: str, kwargs: dict | None = None) -> str:
     name, kwargs = _resolve(name, dict(kwargs or {}))
     if name == "cifar_resnet":
         name = f"resnet{kwargs.get('depth', 20)}"
-    if name.startswith("resnet") and kwargs.get("skip", True) is False:
-        return "plain" + name[len("resnet"):]
-    return name
+    plain = name.startswith("resnet") and kwargs.get("skip", True) is False
+    return "plain" + name[len("resnet"):] if plain else name
 
 
 def bn_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -15,6 +15,8 @@ import shutil
 import stat
 from pathlib import Path
 
+import models
+
 from .checkpoint import atomic_path
 from .errors import UserError, first_line
 
@@ -67,10 +69,10 @@ def run_checkpoints(run_dir) -> list[Path]:
     log directory its `checkpoints/*.ckpt` by the epoch in their names, the last step's of each epoch, or all of
     them in the order of the numbers in their names where none names an epoch (`last.ckpt`, `{epoch}` names)."""
     if is_lightning_dir(run_dir):
-        found = sorted(Path(run_dir, "checkpoints").glob("*.ckpt"), key=_natural)
+        found = sorted(Path(run_dir, "checkpoints").glob("*.ckpt"), key=lambda p: models.natural_key(p.name))
         last_of_epoch = {}  # a fit that also saved within epochs (every_n_train_steps, val_check_interval): the ends
         for path in sorted(found, key=lambda p: (int(m[1]) if (m := LIGHTNING_STEP.search(p.name)) else -1,
-                                                 _natural(p))):
+                                                 models.natural_key(p.name))):
             if named_epoch(path) is not None:
                 last_of_epoch[named_epoch(path)] = path
         files = [last_of_epoch[epoch] for epoch in sorted(last_of_epoch)] or found
@@ -84,11 +86,6 @@ def run_checkpoints(run_dir) -> list[Path]:
         raise UserError(f"{run_dir} holds no checkpoints yet (no epoch_NNN.pt or last.pt); let the run finish "
                         "an epoch, or point at another run")
     return files
-
-
-def _natural(path: Path) -> list:
-    """`2.ckpt` before `10.ckpt`: the name's numbers compared as numbers."""
-    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", Path(path).name)]
 
 
 def remove_stale_temporaries(folder, names=None) -> list[Path]:
