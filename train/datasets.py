@@ -323,14 +323,6 @@ def _synthetic(split: str) -> Images:
     return Images((pixels.clamp(0, 1) * 255).round().to(torch.uint8), labels)
 
 
-def load_images(name: str, split: str, data_dir: Path | str | None = None, download: bool = True,
-                image_size: int | None = None) -> Images:
-    """The whole `train` or `test` split of a dataset (an image folder's also `val`) as uint8 tensors on the CPU.
-    `image_size`: an image folder's images resized to this side (other datasets have their own)."""
-    with _readable():
-        return _load_images(name, split, data_dir, download, image_size)
-
-
 @contextmanager
 def _readable():
     try:
@@ -340,18 +332,11 @@ def _readable():
                         "permission (chmod -R u+rX) or point --data-dir or --dataset elsewhere") from None
 
 
-def image_shape(name: str, image_size: int | None = None) -> tuple[int, int]:
-    """(channels, side) of the images a model trained on the dataset takes: an image folder's from its training
-    images' headers alone (no pixel decoded), so that a model is checked against them before any work."""
-    if not is_folder(name):
-        return SPECS[name].in_channels, SPECS[name].image_size
-    with _readable():
-        train = _image_files(_split_folder(_folder_root(name), "train"), folder_classes(name), "train")
-        mode, side, _ = _folder_format(train, image_size)
-    return len(mode), side
-
-
-def _load_images(name: str, split: str, data_dir, download: bool, image_size: int | None) -> Images:
+@_readable()
+def load_images(name: str, split: str, data_dir: Path | str | None = None, download: bool = True,
+                image_size: int | None = None) -> Images:
+    """The whole `train` or `test` split of a dataset (an image folder's also `val`) as uint8 tensors on the CPU.
+    `image_size`: an image folder's images resized to this side (other datasets have their own)."""
     if is_folder(name):
         return _read_folder(name, split, image_size)
     name = dataset_name(name)
@@ -364,6 +349,17 @@ def _load_images(name: str, split: str, data_dir, download: bool, image_size: in
     if name == "mini-cifar10":
         images = images[torch.isin(images.labels, torch.tensor(MINI_CIFAR10_LABELS))]
     return images
+
+
+def image_shape(name: str, image_size: int | None = None) -> tuple[int, int]:
+    """(channels, side) of the images a model trained on the dataset takes: an image folder's from its training
+    images' headers alone (no pixel decoded), so that a model is checked against them before any work."""
+    if not is_folder(name):
+        return SPECS[name].in_channels, SPECS[name].image_size
+    with _readable():
+        train = _image_files(_split_folder(_folder_root(name), "train"), folder_classes(name), "train")
+        mode, side, _ = _folder_format(train, image_size)
+    return len(mode), side
 
 
 def load_split(name: str, split: str, data_dir=None, val_split: int = 0, train_images: int | None = None,
