@@ -531,12 +531,9 @@ def run(config: Config, resume: dict | None = None, lock=None) -> Path:
                 for line in prescription(monitor.dataset()).lines():
                     progress.write(line)
     finally:
-        if progress is not None:
-            progress.close()
-        if writer is not None:
-            writer.close()
-        if lock is not None:
-            lock.close()
+        for opened in (progress, writer, lock):
+            if opened is not None:
+                opened.close()
         if dist.is_initialized():
             dist.destroy_process_group()
     return run_dir
