@@ -497,7 +497,7 @@ def output_dir(args, sources: list[Source]) -> Path:
     return out
 
 
-def write_outputs(out: Path, name: str, dataset, figure=None) -> list[Path]:
+def write_outputs(out: Path, name: str, dataset, figure) -> None:
     """`<name>.nc` and, for each figure, `<name>.png` and `<name>.pdf` (`figure` is one figure, or a dict of
     them by suffix: "" for the main one, "repair" for `<name>_repair.png`...): all written to temporary files
     first and then moved into place together, so an error leaves none of them half-written and two commands
@@ -505,7 +505,7 @@ def write_outputs(out: Path, name: str, dataset, figure=None) -> list[Path]:
     import matplotlib.pyplot as plt
 
     from .plotting import save
-    figures = figure if isinstance(figure, dict) else ({"": figure} if figure is not None else {})
+    figures = figure if isinstance(figure, dict) else {"": figure}
     created = [folder for folder in (out, *out.parents) if not folder.exists()]
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{name}.nc"]
@@ -528,7 +528,6 @@ def write_outputs(out: Path, name: str, dataset, figure=None) -> list[Path]:
             plt.close(fig)
     for path in paths:
         print(path)
-    return paths
 
 
 def format_table(header: list[str], rows: list[list[str]]) -> str:

@@ -88,10 +88,9 @@ def run_checkpoints(run_dir) -> list[Path]:
     return files
 
 
-def remove_stale_temporaries(folder, names=None) -> list[Path]:
+def remove_stale_temporaries(folder, names=None) -> None:
     """Delete the temporary files and folders a killed writer left in `folder` (those for `names` only, where
     given). A live writer's are left alone: two commands may write into one folder at once."""
-    removed = []
     for path in Path(folder).iterdir():
         match = TEMPORARY.match(path.name)
         if (match and (names is None or match["name"] in names) and _writer_gone(match["pid"])
@@ -100,8 +99,6 @@ def remove_stale_temporaries(folder, names=None) -> list[Path]:
                 shutil.rmtree(path, ignore_errors=True)  # another command may be removing it too
             else:
                 path.unlink(missing_ok=True)
-            removed.append(path)
-    return removed
 
 
 def _writer_gone(pid: str | None) -> bool:
