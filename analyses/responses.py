@@ -86,14 +86,6 @@ class SumOfSquares:
         return math.sqrt(float(self.total) / self.count)
 
 
-def channel_hook(moments: ChannelMoments, at_input: bool):
-    return lambda module, inputs, output: moments.update(inputs[0] if at_input else output)
-
-
-def output_hook(sums: "SumOfSquares"):
-    return lambda module, inputs, output: sums.add(output)
-
-
 def option_a_hook(sums: SumOfSquares):
     """A block's forward hook: add the squares of A(x), the input on the output's grid (its zero channels add
     nothing but count)."""
@@ -158,7 +150,8 @@ def layer_responses(model: nn.Module, batches: Iterable, layers: list[str] | Non
     branches = [names[block.last_bn()] for _, block in blocks]
     moments = {name: ChannelMoments() for name in dict.fromkeys(layers + branches)}
     # (an unknown layer name is not measured at its input; forward_hooks refuses it)
-    hooks = {name: channel_hook(moment, measures_input(modules.get(name))) for name, moment in moments.items()}
+    hooks = {name: (lambda module, inputs, output, m=moment, at_input=measures_input(modules.get(name)):
+                    m.update(inputs[0] if at_input else output)) for name, moment in moments.items()}
     inputs, shortcuts = [], []  # per block, the SumOfSquares of A(x) and of S(x)
     for name, block in blocks:
         inputs.append(SumOfSquares())
@@ -166,7 +159,7 @@ def layer_responses(model: nn.Module, batches: Iterable, layers: list[str] | Non
         kind = shortcut_kind(block)
         if kind == "projection":
             shortcuts.append(SumOfSquares())
-            hooks[f"{name}.shortcut"] = output_hook(shortcuts[-1])
+            hooks[f"{name}.shortcut"] = lambda module, inputs, output, sums=shortcuts[-1]: sums.add(output)
         else:  # a plain block has none; an identity or option-A shortcut is A(x) itself
             shortcuts.append(None if kind == "none" else inputs[-1])
     device = model_device(model)
