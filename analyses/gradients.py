@@ -111,22 +111,20 @@ def gradient_norms(model: nn.Module, batches: Iterable, n_batches: int | None = 
               "kind": ("depth", np.array([kind_of(module) for _, module in layers], dtype=object)),
               "n_weights": ("depth", np.array([w.numel() for w in weights])),
               "batch_images": ("batch", np.array(sizes))}
+    data = {
+        "grad_norm": variable(("depth", "batch"), grad_norm, "L2 norm of the mini-batch loss gradient", "nats"),
+        "scaled_grad_norm": variable(("depth", "batch"), scaled,
+                                     "L2 norm of the mini-batch loss gradient times the weight's norm", "nats"),
+        "weight_norm": variable("depth", weight_norm, "L2 norm of the weight", "1"),
+        "loss": variable("batch", loss, "mean cross-entropy of the mini-batch", "nats"),
+    }
+    for name, values, long_name in (("grad_norm", grad_norm, "L2 norm of the loss gradient"),
+                                    ("scaled_grad_norm", scaled, "||dL/dW|| * ||W||")):
+        data[f"{name}_mean"] = variable("depth", values.mean(axis=1), f"{long_name}, mean over mini-batches", "nats")
+        data[f"{name}_std"] = variable("depth", values.std(axis=1), f"{long_name}, population std over mini-batches",
+                                       "nats")
     return xr.Dataset(
-        {
-            "grad_norm": variable(("depth", "batch"), grad_norm, "L2 norm of the mini-batch loss gradient", "nats"),
-            "grad_norm_mean": variable("depth", grad_norm.mean(axis=1),
-                                       "L2 norm of the loss gradient, mean over mini-batches", "nats"),
-            "grad_norm_std": variable("depth", grad_norm.std(axis=1),
-                                      "L2 norm of the loss gradient, population std over mini-batches", "nats"),
-            "scaled_grad_norm": variable(("depth", "batch"), scaled,
-                                         "L2 norm of the mini-batch loss gradient times the weight's norm", "nats"),
-            "scaled_grad_norm_mean": variable("depth", scaled.mean(axis=1), "||dL/dW|| * ||W||, mean over "
-                                              "mini-batches", "nats"),
-            "scaled_grad_norm_std": variable("depth", scaled.std(axis=1), "||dL/dW|| * ||W||, population std "
-                                             "over mini-batches", "nats"),
-            "weight_norm": variable("depth", weight_norm, "L2 norm of the weight", "1"),
-            "loss": variable("batch", loss, "mean cross-entropy of the mini-batch", "nats"),
-        },
+        data,
         coords=coords,
         attrs=attrs(definition(bn_mode), checkpoint=checkpoint, dataset=dataset, split=split,
                     n_images=int(sum(sizes)), batch_size=max(sizes), n_batches=len(sizes), bn_mode=bn_mode),
