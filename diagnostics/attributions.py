@@ -117,9 +117,7 @@ def _curves(axis, ds, label: str, curve: str) -> None:
     for explainer in ds.explainer.values:
         mean = ds[f"{curve}_probability"].sel(model=label, explainer=explainer).mean("sample")
         axis.plot(100 * ds.fraction, mean, label=TITLES[str(explainer)], **CURVE_STYLES[str(explainer)])
-    axis.set_ylim(0, 1)
-    axis.set_xlim(0, 100)
-    axis.set_xticks([0, 25, 50, 75, 100])
+    axis.set(ylim=(0, 1), xlim=(0, 100), xticks=[0, 25, 50, 75, 100])
     axis.grid(True)
     better = "lower" if curve == "deletion" else "higher"
     axis.set_title(f"{curve} (area: {better} is better)", loc="left", fontsize=6, pad=2)
@@ -184,8 +182,7 @@ def figure(ds):
                 axis.set_title(f"pred: {names[predicted]}", loc="left", fontsize=6,
                                color=RIGHT if predicted == truth else WRONG)
     for axis in pictures:
-        axis.set_xticks([])
-        axis.set_yticks([])
+        axis.set(xticks=[], yticks=[])
     note = fig.add_subplot(grid[0, 0])
     note.axis("off")
     explained = "true" if ds.attrs["target"] == "label" else "predicted"

@@ -135,11 +135,9 @@ def figure(ds):
         handles.append(Line2D([], [], color=colour, **VAL_STYLE, label=f"{group}" + (f" (n={n})" if n > 1 else "")))
     handles += [Line2D([], [], color="grey", **TRAIN_STYLE, label="training"),
                 Line2D([], [], color="grey", **VAL_STYLE, label="validation")]
-    loss_axis.set_yscale("log")
+    loss_axis.set(yscale="log", ylabel="loss (nats)")
     plotting.plain_log_labels(loss_axis.yaxis)
-    loss_axis.set_ylabel("loss (nats)")
-    accuracy_axis.set_ylabel("accuracy (%)")
-    accuracy_axis.set_xlabel("epoch")
+    accuracy_axis.set(ylabel="accuracy (%)", xlabel="epoch")
     accuracy_axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     for axis in (loss_axis, accuracy_axis):
         axis.grid(True)

@@ -80,8 +80,7 @@ def figure(ds: xr.Dataset, plain: dict[str, bool]):
             bar.set_hatch("////" if style["linestyle"] == "--" else None)
         axis.bar_label(bars, [f"{v:.3g}" if v < 1000 else f"{v:,.0f}" for v in values], padding=1.5, fontsize=5)
         axis.set_yticks(rows, labels if axis is params_axis else [])
-        axis.set_xlabel(xlabel)
-        axis.set_xlim(0, values.max() * 1.3)
+        axis.set(xlabel=xlabel, xlim=(0, values.max() * 1.3))
         axis.grid(True, axis="x")
     for label, style in zip(labels, styles):
         one = ds.sel(model=label)
@@ -90,11 +89,9 @@ def figure(ds: xr.Dataset, plain: dict[str, bool]):
         on_top = 2 + 1 / len(values)  # shorter (shallower) lines over the longer ones they coincide with
         layers_axis.plot(np.arange(1, len(values) + 1), values, zorder=on_top, **style)
         layers_axis.plot(len(values), values[-1], "o", markersize=2.5, color=style["color"], zorder=on_top)
-    layers_axis.set_xlabel("conv or fc layer (forward order)")
-    layers_axis.set_ylabel("conv + fc multiply-adds,\ncumulative (millions)")
-    layers_axis.set_xlim(left=0)
+    layers_axis.set(xlabel="conv or fc layer (forward order)", ylabel="conv + fc multiply-adds,\ncumulative (millions)",
+                    xlim=(0, None), ylim=(0, None))
     layers_axis.xaxis.set_major_locator(MaxNLocator(integer=True))
-    layers_axis.set_ylim(bottom=0)
     layers_axis.grid(True)
     layers_axis.legend(ncol=2 if len(labels) > 3 else 1)
     fig.tight_layout()

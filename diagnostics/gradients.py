@@ -107,9 +107,8 @@ def figure(ds, plain: dict[str, bool], quantity: str = "scaled"):
         if shared:
             epoch = epochs.pop()
             axis.set_title("at initialisation (untrained)" if epoch == 0 else f"trained (epoch {epoch})", pad=2)
-        axis.set_yscale("log")
+        axis.set(yscale="log", xlabel="layer depth (forward order; last = fc)")
         plotting.plain_log_labels(axis.yaxis)
-        axis.set_xlabel("layer depth (forward order; last = fc)")
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.grid(True, which="major")
         axis.legend(ncol=2, loc="lower left", bbox_to_anchor=(0, 1.02 if not shared else 1.08), borderaxespad=0)
@@ -134,9 +133,7 @@ def heat_map(norms, label_text: str):
                            norm=LogNorm(vmin=np.nanmin(values[values > 0]), vmax=np.nanmax(values)))
     colour_bar = fig.colorbar(mesh, ax=axis, label=f"{label_text} (mean over batches)")
     plotting.plain_log_labels(colour_bar.ax.yaxis)
-    axis.set_title(str(norms.model.item()))
-    axis.set_xlabel("epoch")
-    axis.set_ylabel("layer depth (forward order)")
+    axis.set(title=str(norms.model.item()), xlabel="epoch", ylabel="layer depth (forward order)")
     for axis_ in (axis.xaxis, axis.yaxis):
         axis_.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()

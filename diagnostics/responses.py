@@ -49,10 +49,8 @@ def figure(ds, plain: dict[str, bool]):
     for part, style in parts:
         by_index(top, part.response_std.values, style)
         by_index(bottom, np.sort(finite(part.response_std.values))[::-1], style)
-    top.set_xlabel("layer index (original)")
-    bottom.set_xlabel("layer index (sorted by magnitude)")
-    for axis in (top, bottom):
-        axis.set_ylabel("std of response")
+    top.set(xlabel="layer index (original)", ylabel="std of response")
+    bottom.set(xlabel="layer index (sorted by magnitude)", ylabel="std of response")
     handles, _ = top.get_legend_handles_labels()
     if full:
         staleness, blocks = axes[:, 1]
@@ -76,28 +74,25 @@ def draw_staleness(axis, parts) -> None:
     for part, style in parts:
         by_index(axis, part.bn_std_ratio.values, style)
     axis.axhline(1, color="black", linewidth=0.6)
-    axis.set_yscale("log")
+    axis.set(yscale="log", xlabel="layer index (original)",
+             ylabel=r"$\sigma_\mathrm{images} / \sigma_\mathrm{running}$ of BN input" + "\n(mean over channels)")
     plotting.plain_log_labels(axis.yaxis)
-    axis.set_xlabel("layer index (original)")
-    axis.set_ylabel(r"$\sigma_\mathrm{images} / \sigma_\mathrm{running}$ of BN input" + "\n(mean over channels)")
 
 
 def draw_branches(axis, parts) -> None:
     """||F(x)|| / ||x|| per block, plain and residual alike (x through the option-A shortcut)."""
-    drawn = False
-    for part, style in parts:
-        if "block_depth" in part.dims and finite(part.branch_ratio.values).size:
-            by_index(axis, part.branch_ratio.values, style)
-            drawn = True
+    drawn = [(part, style) for part, style in parts
+             if "block_depth" in part.dims and finite(part.branch_ratio.values).size]
+    for part, style in drawn:
+        by_index(axis, part.branch_ratio.values, style)
     if not drawn:
         axis.text(0.5, 0.5, "no residual blocks", transform=axis.transAxes, ha="center", va="center")
         return
     axis.axhline(1, color="black", linewidth=0.6)
-    axis.set_yscale("log")
+    axis.set(yscale="log", xlabel="block index (forward order)",
+             ylabel=r"$\|F(x)\| \,/\, \|x\|$ per block" + "\n(branch output / block input)")
     axis.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))  # ratios span less than a decade or many
     plotting.plain_log_labels(axis.yaxis)
-    axis.set_xlabel("block index (forward order)")
-    axis.set_ylabel(r"$\|F(x)\| \,/\, \|x\|$ per block" + "\n(branch output / block input)")
 
 
 def main(argv=None) -> None:

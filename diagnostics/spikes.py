@@ -162,12 +162,9 @@ def figure(ds, plain: dict[str, bool]):
         if with_monitor:
             _monitor_panels(axes[3, column], axes[4, column], one, depth, norm, style)
     axes[0, 0].legend(loc="best", fontsize=5)
-    axes[0, 0].set_ylabel("validation loss (nats)")
-    for row in range(1, 3):
-        axes[row, 0].set_ylabel("BN layer (depth)")
-    if with_monitor:
-        axes[3, 0].set_ylabel("probe loss (nats)")
-        axes[4, 0].set_ylabel("BN layer (depth)")
+    for row, ylabel in enumerate(("validation loss (nats)", "BN layer (depth)", "BN layer (depth)", "probe loss (nats)",
+                                  "BN layer (depth)")[:rows]):
+        axes[row, 0].set_ylabel(ylabel)
     fig.tight_layout()
     colour_bar = fig.colorbar(mesh, ax=list(axes[1:, :].ravel()), fraction=0.05 if len(labels) == 1 else 0.025,
                               pad=0.02, label="normalisation error (RMS, normalised units)")
@@ -182,8 +179,7 @@ def _monitor_panels(loss_axis, map_axis, one, depth, norm, style) -> None:
         for axis in (loss_axis, map_axis):
             axis.text(0.5, 0.5, "no BN monitor in this run", ha="center", va="center", transform=axis.transAxes,
                       fontsize=6)
-            axis.set_xticks([])
-            axis.set_yticks([])
+            axis.set(xticks=[], yticks=[])
         return
     steps = steps[present]
     probe = one.monitor_probe_loss.isel(monitor_step=np.flatnonzero(present))
@@ -245,8 +241,7 @@ def repair_figure(ds, plain: dict[str, bool]):
             if len(measured):
                 axis.plot(single.depth.values[measured], single.values[measured], "s", color=colour,
                           markerfacecolor="none", markersize=3, label=f"epoch {epoch}: that layer alone")
-        axis.set_title(label)
-        axis.set_xlabel("k: BN layers recomputed, in forward order")
+        axis.set(title=label, xlabel="k: BN layers recomputed, in forward order")
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         if not np.isfinite(one.repair_loss.values).any():
             axis.text(0.5, 0.5, "no epoch repaired (none flagged)", ha="center", va="center",
