@@ -374,7 +374,6 @@ class Prescription:
             out.append("  what: " + self.what())
         return out
 
-
     def confirmed(self) -> bool:
         """A momentum to change to: the shadows' best differs from the run's, and the lag model, fitted to these
         measurements (finite agreement), puts its own best within a factor 2 of it."""

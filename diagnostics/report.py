@@ -182,11 +182,9 @@ def data_identity(runs: list[common.Run], args) -> dict:
 
 def cache_key(section: Section, runs: list[common.Run], args, code_commit: str | None, data: dict | None) -> dict:
     """`data`: `data_identity`, part of the key of the sections that read images."""
-    key = {"argv": arguments(section, runs, args, absolute=True), "software": software(), "git_commit": code_commit,
-           "inputs": {str(run.path): fingerprint(run.path) for run in runs}}
-    if "data_dir" in section.passes:
-        key["data"] = data
-    return key
+    return {"argv": arguments(section, runs, args, absolute=True), "software": software(), "git_commit": code_commit,
+            "inputs": {str(run.path): fingerprint(run.path) for run in runs},
+            **({"data": data} if "data_dir" in section.passes else {})}
 
 
 def record_path(out: Path, name: str) -> Path:

@@ -284,10 +284,9 @@ def validate(config: Config) -> None:
         raise UserError("--lr 0 would not train; give a positive learning rate such as 0.1")
     if not 0 <= config.label_smoothing < 1:
         raise UserError(f"--label-smoothing must be in [0, 1), not {config.label_smoothing}")
-    if config.compile not in COMPILE_MODES:
-        raise UserError(f"--compile must be one of {', '.join(COMPILE_MODES)}, not {config.compile!r}")
-    if config.select not in SELECTIONS:
-        raise UserError(f"--select must be one of {', '.join(SELECTIONS)}, not {config.select!r}")
+    for name, value, choices in (("--compile", config.compile, COMPILE_MODES), ("--select", config.select, SELECTIONS)):
+        if value not in choices:
+            raise UserError(f"{name} must be one of {', '.join(choices)}, not {value!r}")
     if config.select == "recalibrated" and not config.attribution_images:
         raise UserError("--select recalibrated needs the attribution: drop --attribution-images 0")
     if not 0 < config.bn_momentum <= 1:
