@@ -31,6 +31,31 @@ def float32(values) -> list:
     return [np.float32(value) for value in values]
 
 
+def test_a_monitor_record_of_another_model_is_refused_before_config_json_or_events_are_written(tmp_path,
+                                                                                               monkeypatch):
+    """A well-formed last.pt whose monitor record names other BN layers: one line, exit 2, config.json untouched
+    (the same bytes, the same time) and no new events file (opening the writer would purge the run's events)."""
+    pytest.importorskip("tensorboard")
+    run, folder = tmp_path / "run", tmp_path / "tb" / "run"
+    check_weights = trainer.check_weights
+
+    def stopped_in_epoch_2(model, epoch, run_dir):
+        if epoch == 2:
+            raise TrainingDiverged("stopped for the test")
+        check_weights(model, epoch, run_dir)
+
+    monkeypatch.setattr(trainer, "check_weights", stopped_in_epoch_2)
+    assert train_main(["--model", "resnet20", "--out", str(run), *TINY_RUN, "--epochs", "3",
+                       "--tensorboard", str(folder)]) == 3
+    last = torch.load(run / "last.pt", weights_only=True)
+    last["monitor"]["bn_layers"] = [f"other.{name}" for name in last["monitor"]["bn_layers"]]
+    torch.save(last, run / "last.pt")
+    config = run / "config.json"
+    before = (config.read_bytes(), config.stat().st_mtime_ns, sorted(p.name for p in folder.iterdir()))
+    assert train_main(["--resume", str(run)]) == 2
+    assert (config.read_bytes(), config.stat().st_mtime_ns, sorted(p.name for p in folder.iterdir())) == before
+
+
 def test_events_equal_metrics_csv_and_monitor_nc_after_an_interrupted_epoch(tmp_path, monkeypatch):
     pytest.importorskip("tensorboard")
     run, folder = tmp_path / "run", tmp_path / "tb" / "run"

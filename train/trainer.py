@@ -255,7 +255,7 @@ def same_everywhere(value):
     return values[0]
 
 
-def build_monitor(config: Config, data: RunData, model: nn.Module, train_step: TrainStep, writer, write,
+def build_monitor(config: Config, data: RunData, model: nn.Module, train_step: TrainStep, write,
                   resume: dict | None, path: Path) -> BNMonitor | None:
     """The BN monitor (in every process: SyncBatchNorm gathers across them) on its probe, the first
     --monitor-images training images augmented once, its record restored from a resumed run's last.pt (`path`);
@@ -267,7 +267,7 @@ def build_monitor(config: Config, data: RunData, model: nn.Module, train_step: T
                      every=config.monitor_every, autocast=train_step.dtype, optimizer=train_step.optimizer,
                      warn_after=min(warm_up_steps(model), config.steps_per_epoch // 2),
                      probe=f"the first {len(probe)} training images, augmented once ({config.augment}, seed 0)",
-                     writer=writer, on_warning=WarningLines(write) if write is not None else None)
+                     on_warning=WarningLines(write) if write is not None else None)
     if resume is not None and resume.get("monitor") is not None:
         with damaged(path):
             monitor.load_state_dict(resume["monitor"])
@@ -467,7 +467,9 @@ def run(config: Config, resume: dict | None = None, lock=None) -> Path:
                                                                        else 0] * resume["epoch"]))
                            for column in rundir.METRICS}
                 step_rows, start_epoch = [list(row) for row in resume["step_history"]], resume["epoch"] + 1
-            if is_main:  # config.json says what the run does: written once every choice is made
+            monitor = build_monitor(config, data, model, train_step, write, resume, run_dir / "last.pt")
+            if is_main:  # config.json says what the run does: written once every choice is made and all of
+                # last.pt, the monitor's record included, is accepted
                 run_dir.mkdir(parents=True, exist_ok=True)
                 lock = lock or rundir.lock(run_dir)
                 rundir.remove_stale_temporaries(run_dir)
@@ -476,7 +478,8 @@ def run(config: Config, resume: dict | None = None, lock=None) -> Path:
                 if summary_writer is not None:  # under the lock: a refused second trainer must not purge this
                     # run's events. Events past the step last.pt holds are from an interrupted epoch, trained again.
                     writer = summary_writer(config.tensorboard, purge_step=step + 1)
-            monitor = build_monitor(config, data, model, train_step, writer, write, resume, run_dir / "last.pt")
+                    if monitor is not None:  # built before: a record refused must leave no events file behind
+                        monitor.writer = writer
             best_acc = max(map(selected_accuracy, repeat(config), history["val_acc"],
                                history["val_acc_recalibrated"]), default=-1.0)
             provenance = ckpt.provenance()
