@@ -136,8 +136,9 @@ def preserved_state(model: nn.Module, bn_statistics: bool = True):
                     getattr(module, key).copy_(value)
 
 
-NORM_CHUNK = 1024  # values per float32 reduction: accurate to ~1e-8 at this length, not on a million values
-RAW_MOMENTS_RATIO = 16  # sums of raw float32 values keep the variance to ~4e-7 while mean^2 + var <= 16 var
+NORM_CHUNK = 1024  # values per float32 reduction: ~1e-7 at this length (2e-6 for a constant chunk's
+# vector_norm), 2e-5 on a million values
+RAW_MOMENTS_RATIO = 16  # ChannelMoments reads raw sums while every channel's mean^2 + var <= 16 var
 
 
 def chunked(rows: torch.Tensor, reduce) -> torch.Tensor:
@@ -166,15 +167,17 @@ class ChannelMoments:
     """Per-channel count, mean and variance of a stream of batches (N, C, ...), statistics over every dim but C.
 
     Each batch is read as planes, one per (image, channel), in its float32 layout, by reductions along contiguous
-    memory over chunks of at most NORM_CHUNK values, their results added in float64: first the values' sums and
-    sums of squares, which keep the variance to ~4e-7 relative where mean^2 + var <= RAW_MOMENTS_RATIO var (every
-    channel of the trained networks measured: 1.5 typical, 4 at most); a batch with any channel past that (its
-    squares would cancel) is read again, less its own per-channel mean, so that nothing cancels. Two reads of
-    each activation and no copy in the common case (BatchNorm's own statistics kernel also writes a normalised
-    copy: 3-4x slower on a CPU), five reads and a shifted copy in the other. The batch's moments are merged into the stream's in float64
-    with exact counts (Chan et al.); nothing but the count and two float64 vectors is kept. The result does not
-    depend on the batch size beyond 1e-6 relative. Limits: float32's, as in the activations themselves (a
-    channel whose squares pass 3e38 on a chunk is inf)."""
+    memory over chunks of at most NORM_CHUNK values, their results added in float64. On a CPU, first the values'
+    sums and sums of squares: two reads and no copy (BatchNorm's own statistics kernel also writes a normalised
+    copy: 3-4x slower). They keep the variance to ~1e-6 relative for smooth activations and ~3e-5 for channels of
+    few distinct values (float32's roundings then add up in one direction), while mean^2 + var <= RAW_MOMENTS_RATIO
+    var (the trained networks' BN inputs: 1.5 typical, 4 at most). A batch with any channel past that, or with a
+    square past float32's range, is read again as deviations from its own per-channel mean, so that nothing cancels
+    (five reads and a copy; ~1e-6 for smooth activations, ~3e-6 for few-valued ones); on a GPU always so, which
+    needs no wait for the device. The batch's moments are merged into the stream's in float64 with exact counts
+    (Chan et al.); nothing but the count and two float64 vectors is kept. Limits: float32's, as in the activations
+    themselves (a channel whose squared deviations pass 3e38 on a chunk is inf).
+    """
 
     def __init__(self):
         self.count, self.mean, self.squares = 0, None, None  # squares: the sum of squared deviations (M2)
@@ -186,10 +189,13 @@ class ChannelMoments:
         x = (x if x.dtype == torch.float64 else x.float()).contiguous()
         planes = x.view(x.shape[0], x.shape[1], -1)
         n = planes.shape[0] * planes.shape[2]
-        sums, raw_squares = row_sums(planes).sum(0), squared_norms(planes).sum(0)
-        batch_mean = sums / n
-        batch_squares = raw_squares - n * batch_mean.square()
-        if not bool((raw_squares <= RAW_MOMENTS_RATIO * batch_squares).all()):
+        batch_mean = row_sums(planes).sum(0) / n
+        exact = planes.device.type != "cpu"  # a GPU's memory is fast, and the check below would wait for it
+        if not exact:
+            raw_squares = squared_norms(planes).sum(0)
+            batch_squares = raw_squares - n * batch_mean.square()
+            exact = not bool((RAW_MOMENTS_RATIO * batch_squares - raw_squares >= 0).all())  # inf - inf: NaN
+        if exact:
             shift = batch_mean.to(x.dtype)
             deviations = planes - shift.view(1, -1, 1)
             offset = row_sums(deviations).sum(0) / n  # the batch mean less the shift, free of the shift's size

@@ -269,6 +269,25 @@ def test_streamed_moments_either_side_of_the_raw_sums_switch():
             torch.testing.assert_close(moments.mean, expected[channel].mean(1), rtol=1e-7, atol=0)
 
 
+def test_streamed_moments_of_huge_and_of_few_valued_activations():
+    """Values whose squares pass float32's range (a diverging run's, mean 1e18, std 1e16) keep a finite, exact
+    variance (read as deviations); channels of few distinct values (two values; mostly zeros), where float32's
+    roundings add up in one direction, within the documented 3e-5 either side of the switch."""
+    generator = torch.Generator().manual_seed(3)
+    huge = (torch.randn(4, 2, 32, 32, generator=generator, dtype=torch.float64) * 1e16 + 1e18).float()
+    two_valued = (torch.rand(64, 3, 32, 32, generator=generator) < 0.3).double() * 2
+    mostly_zero = torch.where(torch.rand(64, 3, 32, 32, generator=generator) < 0.9, 0.0,
+                              torch.randn(64, 3, 32, 32, generator=generator, dtype=torch.float64) * 5)
+    for data, rtol in ((huge, 1e-6), ((two_valued + torch.tensor([0.0, 1.0, 2.0]).view(1, 3, 1, 1)).float(), 3e-5),
+                       ((mostly_zero + torch.tensor([0.0, 2.0, 6.0]).view(1, 3, 1, 1)).float(), 3e-5)):
+        expected = data.double().transpose(0, 1).reshape(data.shape[1], -1)
+        for batch in (64, 7):
+            moments = ChannelMoments()
+            for part in data.split(batch):
+                moments.update(part)
+            torch.testing.assert_close(moments.variance, expected.var(1, correction=0), rtol=rtol, atol=0)
+
+
 def test_hooks_are_removed_when_the_batches_fail():
     model = models.build("resnet20")
 
