@@ -12,7 +12,7 @@ per run of a plain/residual pair, with the mean and 95% t-interval over seeds an
   Spearman correlation of that excess with the stem's loss change;
 - the stem's statistics error at the validations (monitor.nc `shadow_error` at the run's own BN momentum, the
   first BN layer): its largest, against the median of the other layers' errors;
-- the run's largest validation excess (metrics.csv `bn_excess`).
+- the run's largest validation excess (monitor.nc `bn_excess`, as metrics.csv has it).
 """
 import sys
 from pathlib import Path
@@ -22,15 +22,13 @@ import xarray as xr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from analyses.trust import t_interval, welch_interval  # noqa: E402
-from train import rundir  # noqa: E402
 
 EVENT_EPOCHS = 6
 
 
-def weight_speed(run: Path) -> dict[str, float]:
+def weight_speed(monitor: xr.Dataset) -> dict[str, float]:
     """Median angle per step over epochs 1-6 in units of the equilibrium angle: per stage, and over all convs."""
-    ds = xr.load_dataset(run / "monitor.nc")
-    ds = ds.isel(step=np.flatnonzero(ds.epoch.values <= EVENT_EPOCHS))
+    ds = monitor.isel(step=np.flatnonzero(monitor.epoch.values <= EVENT_EPOCHS))
     relative = (ds.angular_speed / ds.angular_equilibrium).median("step")
     convs = ds.weight_kind.values == "conv3x3"
     stages = np.array([int(name[5]) if name.startswith("stage") else 0 for name in ds.weight_layer.values])
@@ -40,7 +38,7 @@ def weight_speed(run: Path) -> dict[str, float]:
     return speeds
 
 
-def amplification(run: Path, root: Path) -> dict[str, float]:
+def amplification(run: Path, root: Path, monitor: xr.Dataset) -> dict[str, float]:
     path = root / "amplification" / run.name / "spikes.nc"
     if not path.is_file():
         return {}
@@ -53,13 +51,13 @@ def amplification(run: Path, root: Path) -> dict[str, float]:
             "stem scale gain": float(gain.sel(perturbation="scale").isel(source_depth=0)),
             "stem scale loss": float(loss.sel(perturbation="scale").isel(source_depth=0)),
             "other layers' scale loss, largest": float(loss.sel(perturbation="scale").isel(source_depth=slice(1, None)).max()),
-            "excess at that epoch": float(rundir.read_metrics(run)["bn_excess"][epoch - 1])}
+            "excess at that epoch": float(monitor.bn_excess.where(monitor.val_epoch == epoch, drop=True)[0])}
 
 
 def measures(run: Path, root: Path) -> dict[str, float]:
     ds = xr.load_dataset(run / "monitor.nc")
-    own = ds.shadow_error.sel(momentum=float(rundir.read_config(run)["bn_momentum"]), method="nearest").values
-    return {**weight_speed(run), **amplification(run, root), "stem error, largest": float(own[:, 0].max()),
+    own = ds.shadow_error.sel(momentum=float(ds.attrs["bn_momentum"]), method="nearest").values
+    return {**weight_speed(ds), **amplification(run, root, ds), "stem error, largest": float(own[:, 0].max()),
             "other layers' error, median": float(np.median(own[:, 1:])),
             "largest excess": float(np.nanmax(ds.bn_excess.values))}
 
