@@ -52,8 +52,9 @@ def bare_backward(model, batches) -> None:
 
 
 def peak_memory_mib(device: torch.device) -> float:
-    return (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # KiB on Linux
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def memory_probe(model_name: str, analysis: str, batch_size: int, n_batches: int, device: str) -> None:

@@ -79,8 +79,9 @@ def flags_text() -> str:
 
 
 def gpu_name(device: torch.device) -> str:
-    return (torch.cuda.get_device_name(device) if device.type == "cuda" else
-            f"none used ({torch.cuda.device_count()} visible)" if torch.cuda.is_available() else "none")
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"none used ({torch.cuda.device_count()} visible)" if torch.cuda.is_available() else "none"
 
 
 def machine_line(device: torch.device) -> str:
