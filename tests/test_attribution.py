@@ -288,3 +288,17 @@ def test_under_precise_bn_the_statistics_are_recomputed_once_per_validation(tmp_
     assert len(calls) == 2  # one per epoch
     np.testing.assert_allclose(metrics["val_loss_recalibrated"], metrics["val_loss"], rtol=1e-12)
     assert np.isfinite(metrics["bn_excess"]).all()
+
+
+def test_under_precise_bn_the_shadows_are_measured_before_the_statistics_are_replaced(tmp_path):
+    """Known answer: until its first validation a --precise-bn run trains exactly as one without, so its first
+    validation measures every shadow's error as that run's does (the same images recomputed); then its shadows
+    restart from the recomputed statistics, and the second validation's errors differ."""
+    common = ("--attribution-images", "128", "--recalibration-images", "128", "--val-split", "64")
+    precise = train_tiny(tmp_path / "precise", "plain20", "--precise-bn", "128", *common)
+    ema = train_tiny(tmp_path / "ema", "plain20", *common)
+    with xr.open_dataset(precise / "monitor.nc") as a, xr.open_dataset(ema / "monitor.nc") as b:
+        first, second = a.shadow_error.values, b.shadow_error.values
+    assert first[0].min() > 1e-3
+    np.testing.assert_allclose(first[0], second[0], rtol=1e-4)
+    assert not np.allclose(first[1], second[1], rtol=1e-2)

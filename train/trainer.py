@@ -344,8 +344,9 @@ def evaluate(model: nn.Module, batches, dtype: torch.dtype | None) -> tuple:
 def validate_epoch(model: nn.Module, data: RunData, monitor: BNMonitor | None, dtype: torch.dtype | None,
                    step: int, epoch: int, is_main: bool) -> tuple[tuple | None, Attribution | None]:
     """(the validation's per-image losses, predictions and labels on the first process, the attribution): after
-    --precise-bn's recalibration where asked (the EMA statistics' pass over the attributed images taken first), the
-    attributed images' passes shared with the validation's wherever they are the same images and statistics."""
+    --precise-bn's recalibration where asked (the EMA statistics' pass over the attributed images taken first, the
+    shadows restarted from the recomputed statistics after the attribution measured them), the attributed images'
+    passes shared with the validation's wherever they are the same images and statistics."""
     attributing = data.attribution_batches is not None and monitor is not None
     n_attributed = data.attribution_batches.n_images if attributing else 0
     first = lambda passed: tuple(values[:n_attributed] for values in passed[:3])
@@ -354,18 +355,17 @@ def validate_epoch(model: nn.Module, data: RunData, monitor: BNMonitor | None, d
         if attributing:  # what the EMA statistics give
             attributed = evaluate(model, data.attribution_batches, dtype)
         recalibrate_bn(model, data.precise_inputs, dtype)
-        if monitor is not None:
-            monitor.statistics_replaced()
     validated = evaluate(model, data.val_batches, dtype) if is_main else None
     if attributing and data.precise_inputs is not None:  # recomputed over the attribution's own images already
         passed = validated if validated is not None else evaluate(model, data.attribution_batches, dtype)
         recalibrated = (first(passed), running_statistics(model))  # every process: none recomputes again
     elif attributing and validated is not None:
         attributed = first(validated)
-    if not attributing:
-        return validated, None
-    return validated, monitor.validate(data.attribution_batches, data.attribution_inputs, step=step, epoch=epoch,
-                                       running=attributed, recalibrated=recalibrated, dtype=dtype)
+    attribution = monitor.validate(data.attribution_batches, data.attribution_inputs, step=step, epoch=epoch,
+                                   running=attributed, recalibrated=recalibrated, dtype=dtype) if attributing else None
+    if data.precise_inputs is not None and monitor is not None:  # after the attribution measured the shadows
+        monitor.statistics_replaced()
+    return validated, attribution
 
 
 def selected_accuracy(config: Config, val_acc: float, recalibrated: float) -> float:
