@@ -3,13 +3,15 @@
 Runs whose options differ only in seed form a group: drawn as the mean with a ±std band, summarised as
 mean ± std. A group is defined by every training option of config.json except those that change where or how
 fast a run went and not what it learned (seed, out, data_dir, device, workers, keep, eval_batch_size, compile,
-channels_last, deterministic and the derived steps_per_epoch, total_steps, total_epochs). The precision used,
-the number of processes and the per-device batch do define a group: they change what BN normalises over and
-the arithmetic. `model` and `skip` count through the model label, so `--model plain20` and `--model resnet20
---no-skip` are one group.
+channels_last, deterministic and the derived steps_per_epoch, total_steps, total_epochs, monitor_reason). The
+precision used, the number of processes and the per-device batch do define a group: they change what BN
+normalises over and the arithmetic. `model` and `skip` count through the model label, so `--model plain20` and
+`--model resnet20 --no-skip` are one group. A group's label is the model and each option whose value differs
+from the one most runs share (`plain20`, `plain20 bn_momentum=0.8`).
 """
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +29,8 @@ from . import common, plotting
 
 NOT_GROUPING = {  # options that change where or how fast a run went, not what it learned
     "seed", "out", "data_dir", "device", "precision", "workers", "keep", "eval_batch_size", "compile",
-    "channels_last", "deterministic", "device_used", "steps_per_epoch", "total_steps", "total_epochs"}
+    "channels_last", "deterministic", "device_used", "steps_per_epoch", "total_steps", "total_epochs",
+    "monitor_reason"}
 TRAIN_STYLE = {"linestyle": "--", "linewidth": 0.8}  # He et al. 2016, Fig. 6: "dashed lines denote training
 VAL_STYLE = {"linestyle": "-", "linewidth": 1.6}  # error, and bold lines denote testing error"
 SUMMARY_HEADER = ["group", "runs", "best acc %", "last acc %", "early acc %", "s/epoch", "params", "conv+fc MACs"]
@@ -72,12 +75,14 @@ def group_options(run: common.Run) -> dict:
 
 
 def group_labels(runs: list[common.Run]) -> list[str]:
-    """Each run's group label: its model label and every option whose value differs between runs. Runs share a
+    """Each run's group label: its model label and every option whose value differs from the one most runs
+    share, so that a study's baseline reads as the model and each intervention as what it changed. Runs share a
     label exactly when they share their group options."""
     keys = [group_options(run) for run in runs]
     names = list(dict.fromkeys(name for key in keys for name in key if name != "model"))
-    varying = [name for name in names if len({json.dumps(key.get(name)) for key in keys}) > 1]
-    return [" ".join([key["model"], *(f"{name}={key.get(name)}" for name in varying)]) for key in keys]
+    usual = {name: Counter(json.dumps(key.get(name)) for key in keys).most_common(1)[0][0] for name in names}
+    return [" ".join([key["model"], *(f"{name}={key.get(name)}" for name in names
+                                      if json.dumps(key.get(name)) != usual[name])]) for key in keys]
 
 
 def run_labels(runs: list[common.Run]) -> list[str]:

@@ -77,10 +77,23 @@ def test_seed_output_folder_and_machine_do_not_define_a_group():
             run_with_config("r2", "resnet20", seed=1, data_dir="/elsewhere", device_used="cuda", total_steps=90),
             run_with_config("r3", "resnet20", augment="none"),
             run_with_config("r4", "plain20", model="plain20"),
-            run_with_config("r5", "plain20", skip=False)]  # the same network as r4, named the other way
-    assert command.group_labels(runs) == ["resnet20 augment=crop-flip", "resnet20 augment=crop-flip",
-                                          "resnet20 augment=none", "plain20 augment=crop-flip",
-                                          "plain20 augment=crop-flip"]
+            run_with_config("r5", "plain20", skip=False),  # the same network as r4, named the other way
+            run_with_config("r6", "resnet20", monitor_reason="--monitor-every 10")]  # a description, not an option
+    assert command.group_labels(runs) == ["resnet20", "resnet20", "resnet20 augment=none", "plain20", "plain20",
+                                          "resnet20"]
+
+
+def test_a_group_label_names_what_differs_from_the_usual_value():
+    """A study: baselines read as the model, each intervention as the option it changed; no two groups share a
+    label, also where an older run's config.json lacks an option."""
+    runs = [run_with_config(f"{model}-s{seed}", model, model=model, bn_momentum=0.1, lr=0.2, seed=seed)
+            for model in ("plain20", "resnet20") for seed in range(3)]
+    runs += [run_with_config("p-m0.8", "plain20", model="plain20", bn_momentum=0.8, lr=0.2),
+             run_with_config("r-lr", "resnet20", bn_momentum=0.1, lr=0.05),
+             run_with_config("old", "resnet20", lr=0.2)]  # bn_momentum not recorded
+    assert command.group_labels(runs)[2:] == ["plain20", "resnet20", "resnet20", "resnet20",
+                                              "plain20 bn_momentum=0.8", "resnet20 lr=0.05",
+                                              "resnet20 bn_momentum=None"]
     assert command.run_labels([run_with_config("a/x", ""), run_with_config("b/x", ""),
                                run_with_config("c/y", "")]) == ["a/x", "b/x", "y"]
 
