@@ -48,6 +48,12 @@ RUN_METRICS = {  # name: (long name, units)
     "best_momentum_measured": ("the shadow momentum closest to the recomputed statistics over the run", "1"),
     "best_momentum_predicted": ("the lag model's best momentum from the run's median speed and noise", "1"),
 }
+POSSIBLE = {  # the values a run metric can take; a group's t-interval is intersected with them
+    **dict.fromkeys(("validations", "events", "running_error", "drift", "diffusion", "batch_noise", "angular_speed",
+                     "angular_equilibrium"), (0.0, math.inf)),
+    **dict.fromkeys(("event_share", "final_acc_running", "final_acc_recalibrated", "best_momentum_measured",
+                     "best_momentum_predicted"), (0.0, 1.0)),
+    "lag_spearman": (-1.0, 1.0), "lag_r2": (-math.inf, 1.0)}
 WARNING_RESULTS = {  # per horizon and rule, `warning_NAME`: (long name, units)
     "threshold": ("the rule's threshold, chosen on the choose_on seeds", "1"),
     "precision_chosen": ("precision on the choose_on seeds", "1"),
@@ -62,8 +68,9 @@ WARNING_RESULTS = {  # per horizon and rule, `warning_NAME`: (long name, units)
 HORIZONS = ("epoch", "last")  # a warning announces: any measurement since the last validation, or the last one
 
 
-def t_interval(values) -> tuple[float, float, float]:
-    """(mean, low, high): the 95% interval of the mean by Student's t; NaN bounds for one value."""
+def t_interval(values, possible: tuple[float, float] = (-math.inf, math.inf)) -> tuple[float, float, float]:
+    """(mean, low, high): the 95% interval of the mean by Student's t, intersected with the `possible` values (two
+    seeds' interval of a count would otherwise reach below 0); NaN bounds for one value."""
     values = np.asarray([v for v in values if np.isfinite(v)], dtype=np.float64)
     if len(values) == 0:
         return math.nan, math.nan, math.nan
@@ -71,7 +78,7 @@ def t_interval(values) -> tuple[float, float, float]:
     if len(values) < 2:
         return mean, math.nan, math.nan
     half = _t(len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values))
-    return mean, mean - half, mean + half
+    return mean, max(mean - half, possible[0]), min(mean + half, possible[1])
 
 
 def welch_interval(a, b) -> tuple[float, float, float]:
@@ -182,8 +189,8 @@ def trust_study(histories: list[dict], monitors: list[xr.Dataset | None], labels
         for name, value in values.items():
             per_run[name][i] = value
     group_names = list(dict.fromkeys(groups))
-    by_group = {name: np.array([t_interval(per_run[name][[g == group for g in groups]]) for group in group_names])
-                for name in RUN_METRICS}
+    by_group = {name: np.array([t_interval(per_run[name][[g == group for g in groups]], POSSIBLE.get(
+        name, (-math.inf, math.inf))) for group in group_names]) for name in RUN_METRICS}
     contrast = {name: np.array([welch_interval(per_run[name][[g == plain for g in groups]],
                                                per_run[name][[g == residual for g in groups]])
                                 for plain, residual in pairs]).reshape(len(pairs), 3) for name in RUN_METRICS}
@@ -191,7 +198,8 @@ def trust_study(histories: list[dict], monitors: list[xr.Dataset | None], labels
     data = {name: variable("run", per_run[name], long_name, units) for name, (long_name, units) in
             RUN_METRICS.items()}
     data.update({f"{name}_by_group": variable(("group", "statistic"), by_group[name],
-                                              f"{long_name}: mean over the group's seeds and 95% t-interval", units)
+                                              f"{long_name}: mean over the group's seeds and 95% t-interval"
+                                              + (" within the possible values" if name in POSSIBLE else ""), units)
                  for name, (long_name, units) in RUN_METRICS.items()})
     data.update({f"{name}_contrast": variable(("pair", "statistic"), contrast[name],
                                               f"{long_name}: plain minus residual, 95% Welch interval", units)
@@ -215,7 +223,8 @@ def trust_study(histories: list[dict], monitors: list[xr.Dataset | None], labels
               "horizon": ("horizon", list(HORIZONS))}
     definition = (f"an event: a validation whose loss with running BN statistics exceeds the loss with statistics "
                   f"recomputed over training images, on the same validation images, by {event_factor:g} x and by "
-                  f"{event_margin:g} nats; intervals: 95% Student t over a group's seeds, Welch for plain minus "
+                  f"{event_margin:g} nats; intervals: 95% Student t over a group's seeds (within the values a quantity "
+                  f"can take: counts and errors from 0, shares, accuracies and momenta 0-1), Welch for plain minus "
                   f"residual; warning rules scored per validation (announced by a measurement above the threshold "
                   f"since the previous validation), thresholds chosen on seeds {', '.join(map(str, choose_on))} "
                   "and scored on the others")

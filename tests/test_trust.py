@@ -24,11 +24,25 @@ def history(recalibrated, excess, steps=None) -> dict:
 def test_intervals_by_hand():
     mean, low, high = t_interval([1.0, 2.0, 3.0])
     assert (mean, high - mean) == pytest.approx((2.0, 4.303 / math.sqrt(3)))
+    assert t_interval([0.0, 1.0]) == pytest.approx((0.5, 0.5 - 12.706 / 2, 0.5 + 12.706 / 2))
+    assert t_interval([0.0, 1.0], (0.0, math.inf)) == pytest.approx((0.5, 0.0, 0.5 + 12.706 / 2))
+    assert t_interval([0.9, 1.0], (0.0, 1.0)) == pytest.approx((0.95, 0.95 - 12.706 * 0.05, 1.0))
     assert t_interval([5.0])[0] == 5 and math.isnan(t_interval([5.0])[1]) and math.isnan(t_interval([])[0])
     difference, low, high = welch_interval([1.0, 2.0, 3.0], [1.0, 1.0, 4.0])
     # variances 1/3 and 3/3: df = (4/3)^2 / ((1/3)^2/2 + 1/2) = 3.2 -> t(3) = 3.182
     assert difference == pytest.approx(0.0) and high == pytest.approx(3.182 * math.sqrt(4 / 3))
     assert welch_interval([1.0, 1.0], [0.0, 0.0]) == (1.0, 1.0, 1.0)
+
+
+def test_two_seeds_interval_stays_within_what_a_count_and_a_share_can_be():
+    """Seeds with no event and one event in two validations: t's interval of the mean, 0.5 +- 6.35, is cut at 0
+    events and at a share of 1; the excess, which can be negative, keeps its whole interval."""
+    runs = [history([0.5, 0.5], [0.0, 0.0]), history([0.5, 0.5], [0.0, 0.3])]
+    ds = trust_study(runs, [None, None], ["a", "b"], ["g", "g"], [0, 1], [])
+    assert ds.events_by_group.sel(group="g").values == pytest.approx([0.5, 0.0, 0.5 + 12.706 / 2])
+    assert ds.event_share_by_group.sel(group="g").values == pytest.approx([0.25, 0.0, 1.0])
+    assert ds.max_excess_by_group.sel(group="g", statistic="low") == pytest.approx(0.15 - 12.706 * 0.15)
+    assert "within the possible values" in ds.events_by_group.attrs["long_name"]
 
 
 def test_events_and_announcements_by_hand():
