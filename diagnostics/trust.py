@@ -106,11 +106,13 @@ def figure(ds: xr.Dataset):
     fig, axes = plotting.figure(2, 3, width=2 * plotting.COLUMN_WIDTH, height=4.6, sharex=True)
     groups = list(ds.group.values)
     x = np.arange(len(groups))
+    models_ = list(dict.fromkeys(str(group).split(" ")[0] for group in groups))  # a group label starts with its model
+    colours = {group: f"C{models_.index(str(group).split(' ')[0]) % 10}" for group in groups}  # one per model
     for axis, (name, title, scale, symlog) in zip(axes.flat, panels):
         axis.set_title(title, loc="left", fontsize=6)
         for i, group in enumerate(groups):
             runs = ds.group_of_run.values == group
-            colour = f"C{i % 10}"
+            colour = colours[group]
             if name is None:
                 excess, events = ds.excess.values[runs].ravel(), ds.event.values[runs].ravel()
                 keep = np.isfinite(excess)
@@ -145,7 +147,8 @@ def figure(ds: xr.Dataset):
             axis.text(0.5, 0.5, "no attributed validation (runs of version 2, or --attribution-images 0)",
                       ha="center", va="center", transform=axis.transAxes, fontsize=5, wrap=True)
     for axis in axes[-1]:
-        axis.set_xticks(x, [str(g) for g in groups], rotation=30, ha="right", fontsize=6)
+        axis.set_xticks(x, [str(g) for g in groups], rotation=30 if len(groups) <= 4 else 90,
+                        ha="right" if len(groups) <= 4 else "center", fontsize=6)
         axis.set_xlim(-0.6, len(groups) - 0.4)
     fig.tight_layout()
     return fig
