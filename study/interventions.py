@@ -12,7 +12,10 @@
 - events (the spike diagnosis's gap, `analyses.spikes.gap_mask`: running loss 1.25x and 0.1 nats over the
   recomputed) and the largest excess,
   both of the attribution (with --precise-bn: of the statistics before they are replaced);
-- the largest validation loss metrics.csv logged (with --precise-bn: with the recomputed statistics).
+- the largest validation loss metrics.csv logged (with --precise-bn: with the recomputed statistics);
+- the trainer's warning rule (`WARNING_RULE` above `WARNING_THRESHOLD`, chosen on the 20-layer pairs' seeds 0-1)
+  at the last measurement before each validation, as diagnostics.trust scores its "last" horizon: the events it
+  caught, and the validations it announced that were not events.
 """
 import csv
 import sys
@@ -22,9 +25,9 @@ import numpy as np
 import xarray as xr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from analyses.spikes import gap_mask  # noqa: E402
+from analyses.monitor import WARNING_RULE, WARNING_THRESHOLD  # noqa: E402
+from analyses.trust import announced, events_of, rule_scores  # noqa: E402
 from train import rundir  # noqa: E402
-
 
 
 def losses(run: Path) -> np.ndarray:
@@ -37,12 +40,17 @@ def own_error(ds: xr.Dataset, momentum: float) -> np.ndarray:
     return ds.shadow_error.sel(momentum=momentum, method="nearest").values
 
 
-def events(metrics: dict) -> tuple[int, float]:
-    """The attributed validations that are events (`analyses.spikes.gap_mask`, as diagnostics.trust counts them)
-    and the largest excess."""
-    excess = np.array(metrics["bn_excess"])
-    recomputed = np.array(metrics["val_loss_recalibrated"])
-    return int(gap_mask(recomputed + excess, recomputed).sum()), float(np.nanmax(excess))
+def events(metrics: dict) -> tuple[np.ndarray, float]:
+    """Per attributed validation, was it an event (`analyses.trust.events_of`: the spike diagnosis's gap, as
+    diagnostics.trust counts them), and the largest excess."""
+    return events_of(metrics, 1.25, 0.1), float(np.nanmax(metrics["bn_excess"]))
+
+
+def warned(ds: xr.Dataset, metrics: dict, flags: np.ndarray) -> str:
+    """`caught/events (false alarms)` of the trainer's rule at the last measurement before each validation."""
+    fired, _ = announced(ds.step.values, rule_scores(ds)[WARNING_RULE], int(ds.attrs.get("warn_after", 0)),
+                         metrics["step"], WARNING_THRESHOLD, int(ds.attrs.get("every", 1)))
+    return f"{(fired & flags).sum()}/{flags.sum()} ({(fired & ~flags).sum()})"
 
 
 def row(run: Path, base: Path) -> list[str]:
@@ -58,19 +66,20 @@ def row(run: Path, base: Path) -> list[str]:
         shadow = f"{np.nanmax(np.abs(mine - theirs) / np.abs(theirs)):.1e}"
     rms = lambda e: float(np.sqrt(np.nanmean(e ** 2)))
     metrics, base_metrics = rundir.read_metrics(run), rundir.read_metrics(base)
-    count, largest = events(metrics)
-    base_count, base_largest = events(base_metrics)
+    flags, largest = events(metrics)
+    base_flags, base_largest = events(base_metrics)
     recomputed = bool(config.get("precise_bn"))  # its running statistics are replaced before each validation
     error = "-" if recomputed else f"{rms(mine):.3f}"
     ratio = "-" if recomputed else f"{rms(mine) / rms(own_error(base_ds, base_momentum)):.2f}"
-    return [run.name, f"{np.max(np.abs(a[:n] - b[:n])):.1e}", shadow, error, ratio, f"{count} ({base_count})",
-            f"{largest:.2f} ({base_largest:.2f})",
-            f"{max(metrics['val_loss']):.2f} ({max(base_metrics['val_loss']):.2f})"]
+    return [run.name, f"{np.max(np.abs(a[:n] - b[:n])):.1e}", shadow, error, ratio,
+            f"{flags.sum()} ({base_flags.sum()})", f"{largest:.2f} ({base_largest:.2f})",
+            f"{max(metrics['val_loss']):.2f} ({max(base_metrics['val_loss']):.2f})", warned(ds, metrics, flags)]
 
 
 def main(root: Path) -> None:
     header = ["run", "max |loss diff|", "shadow check", "stats error", "x baseline's", "events (base)",
-              "max excess (base)", "max logged val_loss (base)"]
+              "max excess (base)", "max logged val_loss (base)",
+              "warning: caught/events (false)"]
     rows = []
     for run in sorted(root.iterdir()):
         model, _, rest = run.name.partition("-")
