@@ -150,3 +150,20 @@ def test_runs_without_attributed_validations_are_studied_not_a_traceback(tiny_ru
                                                            "--out", str(tmp_path / "out")])) == 0
     ds = xr.load_dataset(tmp_path / "out" / "trust.nc")
     assert ds.validations.values.tolist() == [0, 0, 2]
+
+
+def test_the_figure_colours_by_model_and_keeps_many_labels_apart():
+    """Six groups of two models: a model's groups share one colour, the other model's another, and the tick
+    labels stand upright (at 30 degrees, six study labels overlapped)."""
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import to_rgba
+    groups = [f"{model}{option}" for option in ("", " bn_momentum=0.8", " lr=0.05") for model in ("plain20", "resnet20")]
+    runs = [history([0.5, 0.5], [0.0, 0.3 * i]) for i in range(len(groups))]
+    ds = trust_study(runs, [None] * len(runs), groups, groups, [0] * len(runs), [])
+    fig = command.figure(ds)
+    events_axis = fig.axes[0]
+    colours = [to_rgba(c.get_edgecolor()[0]) for c in events_axis.collections]
+    assert len(colours) == len(groups)
+    assert colours[0] == colours[2] == colours[4] and colours[1] == colours[3] == colours[5] != colours[0]
+    assert all(label.get_rotation() == 90 for label in fig.axes[-1].get_xticklabels())
+    plt.close(fig)
