@@ -157,7 +157,8 @@ def test_the_figure_colours_by_model_and_keeps_many_labels_apart():
     labels stand upright (at 30 degrees, six study labels overlapped)."""
     import matplotlib.pyplot as plt
     from matplotlib.colors import to_rgba
-    groups = [f"{model}{option}" for option in ("", " bn_momentum=0.8", " lr=0.05") for model in ("plain20", "resnet20")]
+    groups = [f"{model}{option}" for option in ("", " bn_momentum=0.8", " lr=0.05")
+              for model in ("plain20", "resnet20")]
     runs = [history([0.5, 0.5], [0.0, 0.3 * i]) for i in range(len(groups))]
     ds = trust_study(runs, [None] * len(runs), groups, groups, [0] * len(runs), [])
     fig = command.figure(ds)
