@@ -361,8 +361,10 @@ def validate_epoch(model: nn.Module, data: RunData, monitor: BNMonitor | None, d
         recalibrated = (first(passed), running_statistics(model))  # every process: none recomputes again
     elif attributing and validated is not None:
         attributed = first(validated)
-    attribution = monitor.validate(data.attribution_batches, data.attribution_inputs, step=step, epoch=epoch,
-                                   running=attributed, recalibrated=recalibrated, dtype=dtype) if attributing else None
+    attribution = None
+    if attributing:
+        attribution = monitor.validate(data.attribution_batches, data.attribution_inputs, step=step, epoch=epoch,
+                                       running=attributed, recalibrated=recalibrated, dtype=dtype)
     if data.precise_inputs is not None and monitor is not None:  # after the attribution measured the shadows
         monitor.statistics_replaced()
     return validated, attribution
