@@ -14,6 +14,7 @@ per run of a plain/residual pair, with the mean and 95% t-interval over seeds an
   first BN layer): its largest, against the median of the other layers' errors;
 - the run's largest validation excess (monitor.nc `bn_excess`, as metrics.csv has it).
 """
+import re
 import sys
 from pathlib import Path
 
@@ -62,6 +63,15 @@ def measures(run: Path, root: Path) -> dict[str, float]:
             "largest excess": float(np.nanmax(ds.bn_excess.values))}
 
 
+def pair_member(name: str) -> str | None:
+    """The net of a run of a plain/residual pair, by run.sh's names: plain20-s0 -> plain20, resnet18-noskip-s1 ->
+    plain18; None for an intervention run (plain20-m0.8-s0) or anything else."""
+    net, _, seed = name.rpartition("-s")
+    if net.endswith("-noskip") and net.startswith("resnet"):
+        net = "plain" + net[len("resnet"):-len("-noskip")]
+    return net if re.fullmatch(r"(plain|resnet)\d+", net) and seed.isdigit() else None
+
+
 def spearman(a, b) -> float:
     ranks = [np.argsort(np.argsort(np.asarray(x))) for x in (a, b)]
     return float(np.corrcoef(*ranks)[0, 1])
@@ -75,9 +85,8 @@ def cell(values) -> str:
 def main(root: Path) -> None:
     runs = {}
     for run in sorted(root.iterdir()):
-        net, _, seed = run.name.partition("-")
-        finished = (run / "metrics.csv").is_file() and (run / "monitor.nc").is_file()
-        if seed.startswith("s") and seed[1:].isdigit() and finished:
+        net = pair_member(run.name)
+        if net and (run / "metrics.csv").is_file() and (run / "monitor.nc").is_file():
             runs.setdefault(net, []).append(measures(run, root))
     for plain in [net for net in runs if net.startswith("plain")]:
         residual = "resnet" + plain[len("plain"):]
