@@ -3,11 +3,13 @@
 Runs whose options differ only in seed form a group: drawn as the mean with a ±std band, summarised as
 mean ± std. A group is defined by every training option of config.json except those that change where or how
 fast a run went and not what it learned (seed, out, data_dir, device, workers, keep, eval_batch_size, compile,
-channels_last, deterministic and the derived steps_per_epoch, total_steps, total_epochs, monitor_reason). The
+channels_last, deterministic, the derived steps_per_epoch, total_steps, total_epochs, compile_used and the
+choices' reasons). A run of an older version is read in today's options (`train.config.older_options`). The
 precision used, the number of processes and the per-device batch do define a group: they change what BN
 normalises over and the arithmetic. `model` and `skip` count through the model label, so `--model plain20` and
 `--model resnet20 --no-skip` are one group. A group's label is the model and each option whose value differs
-from the one most runs share (`plain20`, `plain20 bn_momentum=0.8`).
+from the one more runs share than any other (`plain20`, `plain20 bn_momentum=0.8`); an option with no such
+value (a tie) is named on every label.
 """
 import json
 import sys
@@ -22,6 +24,7 @@ import models
 import resnet_diagnostics
 from analyses.curves import training_curves
 from analyses.flops import total_cost
+from train.config import older_options
 from train.errors import ArgumentParser, positive_int
 from train.progress import track
 
@@ -30,7 +33,7 @@ from . import common, plotting
 NOT_GROUPING = {  # options that change where or how fast a run went, not what it learned
     "seed", "out", "data_dir", "device", "precision", "workers", "keep", "eval_batch_size", "compile",
     "channels_last", "deterministic", "device_used", "steps_per_epoch", "total_steps", "total_epochs",
-    "monitor_reason"}
+    "compile_used", "compile_reason", "precision_reason", "monitor_reason"}
 TRAIN_STYLE = {"linestyle": "--", "linewidth": 0.8}  # He et al. 2016, Fig. 6: "dashed lines denote training
 VAL_STYLE = {"linestyle": "-", "linewidth": 1.6}  # error, and bold lines denote testing error"
 SUMMARY_HEADER = ["group", "runs", "best acc %", "last acc %", "early acc %", "s/epoch", "params", "conv+fc MACs"]
@@ -70,19 +73,26 @@ _COSTS: dict[tuple, tuple[int, int]] = {}
 
 def group_options(run: common.Run) -> dict:
     """What defines the run's group (see the module's docstring)."""
-    options = {key: value for key, value in run.config.items() if key not in NOT_GROUPING | {"model", "skip"}}
+    options = {key: value for key, value in older_options(run.config).items()
+               if key not in NOT_GROUPING | {"model", "skip"}}
     return {"model": run.label, **options}
 
 
 def group_labels(runs: list[common.Run]) -> list[str]:
-    """Each run's group label: its model label and every option whose value differs from the one most runs
-    share, so that a study's baseline reads as the model and each intervention as what it changed. Runs share a
-    label exactly when they share their group options."""
+    """Each run's group label: its model label and every option whose value differs from the one more runs share
+    than any other (where two values tie, none is usual), so that a study's baseline reads as the model and each
+    intervention as what it changed, whatever the order of the runs. Runs share a label exactly when they share
+    their group options."""
     keys = [group_options(run) for run in runs]
     names = list(dict.fromkeys(name for key in keys for name in key if name != "model"))
-    usual = {name: Counter(json.dumps(key.get(name)) for key in keys).most_common(1)[0][0] for name in names}
+
+    def usual(name: str) -> str | None:
+        counts = Counter(json.dumps(key.get(name)) for key in keys).most_common(2)
+        return counts[0][0] if len(counts) == 1 or counts[0][1] > counts[1][1] else None
+
+    usual_values = {name: usual(name) for name in names}
     return [" ".join([key["model"], *(f"{name}={key.get(name)}" for name in names
-                                      if json.dumps(key.get(name)) != usual[name])]) for key in keys]
+                                      if json.dumps(key.get(name)) != usual_values[name])]) for key in keys]
 
 
 def run_labels(runs: list[common.Run]) -> list[str]:

@@ -94,6 +94,25 @@ def test_a_group_label_names_what_differs_from_the_usual_value():
     assert command.group_labels(runs)[2:] == ["plain20", "resnet20", "resnet20", "resnet20",
                                               "plain20 bn_momentum=0.8", "resnet20 lr=0.05",
                                               "resnet20 bn_momentum=None"]
+
+
+def test_a_tie_names_the_option_on_every_label_whatever_the_order():
+    runs = [run_with_config(f"m{m}-s{seed}", "plain20", bn_momentum=m, seed=seed) for m in (0.8, 0.1)
+            for seed in (0, 1)]
+    expected = ["plain20 bn_momentum=0.8"] * 2 + ["plain20 bn_momentum=0.1"] * 2
+    assert command.group_labels(runs) == expected
+    assert command.group_labels(runs[::-1]) == expected[::-1]
+
+
+def test_two_versions_of_one_recipe_are_one_group():
+    """A seed run before the trainer recorded its choices' reasons, compile_used and recalibration_images (it
+    recomputed over as many images as it attributed), and one after: the same training, one group."""
+    old = run_with_config("s0", "plain20", compile=False, attribution_images=2000, monitor_reason="--monitor-every 10")
+    new = run_with_config("s1", "plain20", seed=1, compile="off", compile_used="off", compile_reason="--compile off",
+                          precision_reason="--precision fp32", attribution_images=2000, recalibration_images=2000,
+                          monitor_reason="--monitor-every 10")
+    other = run_with_config("s2", "plain20", seed=2, compile="off", attribution_images=2000, recalibration_images=512)
+    assert command.group_labels([old, new, other]) == ["plain20", "plain20", "plain20 recalibration_images=512"]
     assert command.run_labels([run_with_config("a/x", ""), run_with_config("b/x", ""),
                                run_with_config("c/y", "")]) == ["a/x", "b/x", "y"]
 
