@@ -344,6 +344,7 @@ class Prescription:
     noise: float  # median over layers of the batch noise
     angular_speed: float  # median over conv weights and measurements
     angular_equilibrium: float
+    replaced: bool  # the running statistics were recomputed before each validation (--precise-bn)
     measured_best: float  # the shadow momentum closest to the recomputed statistics over the validations
     measured_error: dict  # momentum -> RMS error over validations and layers
     predicted_best: float
@@ -356,8 +357,8 @@ class Prescription:
         else:
             w = self.worst
             out.append(f"BN statistics: the worst validation, epoch {w['epoch']}, read {w['running']:.4f} with running "
-                       f"statistics and {w['recalibrated']:.4f} with recomputed ones ({w['excess']:+.2f} ± "
-                       f"{w['se']:.2f} nats)")
+                       f"statistics{' (before --precise-bn replaced them)' if self.replaced else ''} and "
+                       f"{w['recalibrated']:.4f} with recomputed ones ({w['excess']:+.2f} ± {w['se']:.2f} nats)")
         if self.layers:
             out.append("  where: the running statistics were furthest off at " + ", ".join(
                 f"{name} ({error:.2g})" for name, error in self.layers) + " (normalisation error, RMS)")
@@ -388,6 +389,11 @@ class Prescription:
                     f"{self.measured_error.get(m, float('nan')):.2g} at the run's {m:g}")
         model = (f"the lag model's best is {self.predicted_best:.2g} (Spearman {rho:.2f}, R^2 {r2:.2f} of log errors, "
                  f"{n} points)")
+        if self.replaced:
+            return (f"nothing: the run recomputed its statistics before each validation (--precise-bn), so its "
+                    f"validations and checkpoints did not use the moving average; without that, of the shadows "
+                    f"(each restarted at every recomputation) BN momentum {best:g} came closest ({measured}), and "
+                    f"{model}")
         if best == m:
             return f"BN momentum {m:g} was already the truest of the shadows; nothing to change ({measured})"
         if not self.confirmed():
@@ -422,13 +428,14 @@ def prescription(ds: xr.Dataset, n_layers: int = 3) -> Prescription:
         rms = (np.sqrt(np.nanmean(errors ** 2, axis=(0, 2))) if np.isfinite(errors).any()
                else np.full(ds.sizes["momentum"], np.nan))
         measured = {float(m): float(e) for m, e in zip(ds.momentum.values, rms)}
-        if np.isfinite(rms).any():
+        if np.isfinite(rms).any() and np.nanmax(rms) > 0:  # all 0: a record that measured after a replacement
             measured_best = float(ds.momentum.values[int(np.nanargmin(rms))])
     median = lambda values: float(np.nanmedian(values)) if np.isfinite(values).any() else float("nan")
     drift, diffusion, noise = lag_inputs(*recorded_shifts(ds))
     conv = np.array([str(kind).startswith("conv") for kind in ds.weight_kind.values], dtype=bool)
     return Prescription(
-        worst=worst, layers=layers, momentum=momentum, drift=median(drift), diffusion=median(diffusion),
+        worst=worst, layers=layers, momentum=momentum, replaced=int(ds.attrs.get("statistics_replaced", 0)) > 0,
+        drift=median(drift), diffusion=median(diffusion),
         noise=median(noise), angular_speed=median(ds.angular_speed.values[:, conv]),
         angular_equilibrium=median(ds.angular_equilibrium.values), measured_best=measured_best,
         measured_error=measured, predicted_best=best_momentum(drift, diffusion, noise),
@@ -593,6 +600,7 @@ class BNMonitor:
         self.weights = [module.weight for _, module in weight_layers(model)]
         self.optimizer = optimizer
         self.calls = 0
+        self.replacements = 0  # statistics_replaced calls: a --precise-bn run validates with recomputed statistics
         self.records: dict[str, list] = {name: [] for name in ("step", "epoch", *RECORDED)}
         self.validations: dict[str, list] = {name: [] for name in VALIDATED}
         self.tracker = StatisticsTracker(model, SHADOW_MOMENTA)
@@ -714,7 +722,9 @@ class BNMonitor:
 
     def statistics_replaced(self) -> None:
         """Call after something replaced the running statistics between steps (`--precise-bn`): every shadow
-        starts again from them, as a run at its momentum would have been recalibrated too."""
+        starts again from them, as a run at its momentum would have been recalibrated too. Call it after
+        `validate`, which measures the shadows as they were, like the running statistics it attributes."""
+        self.replacements += 1
         self.tracker.resync()
 
     # -----------------------------------------------------------------------------------------------------------
@@ -816,7 +826,8 @@ class BNMonitor:
         """The measurements and validations so far, the shadow statistics and what the next measurement compares
         with, as tensors and lists (a checkpoint with weights_only=True can hold it): a resumed run measures as
         if it had not stopped."""
-        return {"calls": self.calls, "bn_layers": list(self.bn_names), "weight_layers": list(self.weight_names),
+        return {"calls": self.calls, "replacements": self.replacements, "bn_layers": list(self.bn_names),
+                "weight_layers": list(self.weight_names),
                 "records": {name: torch.as_tensor(self._stacked(self.records, name)) for name in self.records},
                 "validations": {name: torch.as_tensor(self._stacked(self.validations, name))
                                 for name in self.validations},
@@ -836,6 +847,10 @@ class BNMonitor:
             if state.get(key) is not None and not isinstance(state[key], kind):
                 raise ValueError(f"the monitor's saved {key} is a {type(state[key]).__name__}, not a {kind.__name__}")
         self.calls = int(state["calls"])
+        replacements = state.get("replacements", 0)  # a record of an older version: none counted
+        if not isinstance(replacements, int) or isinstance(replacements, bool) or replacements < 0:
+            raise ValueError(f"the monitor's saved replacements is {replacements!r}, not a count")
+        self.replacements = replacements
         shapes = self._shapes()
         for target, saved in ((self.records, state["records"]), (self.validations, state.get("validations", {}))):
             n = len(saved[next(iter(target))]) if next(iter(target)) in saved else 0
@@ -897,5 +912,6 @@ class BNMonitor:
                         dataset=dataset, split="train", n_images=len(self.labels), batch_size=len(self.labels),
                         bn_mode="eval and train", every=self.every, rule=rule, warn_rule=self.warn_rule,
                         warn_threshold=self.warn_threshold, warn_after=self.warn_after, probe=self.probe,
-                        bn_momentum=self.own_momenta, autocast=dtype_name(self.autocast)),
+                        bn_momentum=self.own_momenta, autocast=dtype_name(self.autocast),
+                        statistics_replaced=self.replacements),
         )

@@ -249,6 +249,15 @@ def test_a_saved_state_of_another_shape_or_version_is_one_error_or_resumes():
     resumed.load_state_dict(old)
     hand_loop(model, 2, resumed)
     assert resumed.dataset().sizes["step"] == 1 and resumed.calls == 5
+    assert resumed.replacements == 0 and resumed.dataset().attrs["statistics_replaced"] == 0
+    # the count of replaced statistics resumes; a hostile one is refused
+    monitor.statistics_replaced()
+    again = BNMonitor(model, *probe, every=2)
+    again.load_state_dict(monitor.state_dict())
+    assert again.replacements == 1
+    for hostile in (-1, True, "2", 1.5):
+        with pytest.raises(ValueError, match="replacements"):
+            BNMonitor(model, *probe, every=2).load_state_dict({**state, "replacements": hostile})
 
 
 def test_select_recalibrated_without_bn_keeps_a_best_checkpoint(tmp_path):
@@ -297,8 +306,22 @@ def test_under_precise_bn_the_shadows_are_measured_before_the_statistics_are_rep
     common = ("--attribution-images", "128", "--recalibration-images", "128", "--val-split", "64")
     precise = train_tiny(tmp_path / "precise", "plain20", "--precise-bn", "128", *common)
     ema = train_tiny(tmp_path / "ema", "plain20", *common)
-    with xr.open_dataset(precise / "monitor.nc") as a, xr.open_dataset(ema / "monitor.nc") as b:
-        first, second = a.shadow_error.values, b.shadow_error.values
+    a, b = (xr.load_dataset(run / "monitor.nc") for run in (precise, ema))
+    first, second = a.shadow_error.values, b.shadow_error.values
     assert first[0].min() > 1e-3
     np.testing.assert_allclose(first[0], second[0], rtol=1e-4)
     assert not np.allclose(first[1], second[1], rtol=1e-2)
+    assert (a.attrs["statistics_replaced"], b.attrs["statistics_replaced"]) == (2, 0)
+    assert prescription(a).what().startswith("nothing: the run recomputed its statistics before each validation")
+    assert "--precise-bn" in prescription(a).lines()[0] and "--precise-bn" not in prescription(b).lines()[0]
+    old_record = a.assign(shadow_error=a.shadow_error * 0)  # what a precise-bn run of fb0ca34's parent recorded
+    assert math.isnan(prescription(old_record).measured_best)
+
+
+def test_the_trainer_restarts_the_shadows_after_each_validation_measured_them(tmp_path, monkeypatch):
+    calls = []
+    for name in ("validate", "statistics_replaced"):
+        monkeypatch.setattr(BNMonitor, name, lambda self, *a, __f=getattr(BNMonitor, name), __n=name, **k: (
+            calls.append(__n), __f(self, *a, **k))[1])
+    train_tiny(tmp_path / "run", "plain20", "--precise-bn", "64", "--attribution-images", "64", "--val-split", "64")
+    assert calls == ["validate", "statistics_replaced"] * 2
