@@ -224,7 +224,8 @@ def trust_study(histories: list[dict], monitors: list[xr.Dataset | None], labels
     definition = (f"an event: a validation whose loss with running BN statistics exceeds the loss with statistics "
                   f"recomputed over training images, on the same validation images, by {event_factor:g} x and by "
                   f"{event_margin:g} nats; intervals: 95% Student t over a group's seeds (within the values a quantity "
-                  f"can take: counts and errors from 0, shares, accuracies and momenta 0-1), Welch for plain minus "
+                  f"can take: counts, errors, speeds and noise from 0, shares, accuracies and momenta 0-1, Spearman "
+                  f"-1 to 1, R^2 to 1), Welch for plain minus "
                   f"residual; warning rules scored per validation (announced by a measurement above the threshold "
                   f"since the previous validation), thresholds chosen on seeds {', '.join(map(str, choose_on))} "
                   "and scored on the others")

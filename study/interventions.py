@@ -48,8 +48,10 @@ def events(metrics: dict) -> tuple[np.ndarray, float]:
 
 def warned(ds: xr.Dataset, metrics: dict, flags: np.ndarray) -> str:
     """`caught/events (false alarms)` of the trainer's rule at the last measurement before each validation."""
+    attributed = np.isfinite(np.asarray(metrics["bn_excess"], dtype=np.float64))  # as diagnostics.trust scores
     fired, _ = announced(ds.step.values, rule_scores(ds)[WARNING_RULE], int(ds.attrs.get("warn_after", 0)),
-                         metrics["step"], WARNING_THRESHOLD, int(ds.attrs.get("every", 1)))
+                         np.asarray(metrics["step"])[attributed], WARNING_THRESHOLD, int(ds.attrs.get("every", 1)))
+    flags = flags[attributed]
     return f"{(fired & flags).sum()}/{flags.sum()} ({(fired & ~flags).sum()})"
 
 
