@@ -205,6 +205,7 @@ def trust_study(histories: list[dict], monitors: list[xr.Dataset | None], labels
                                               f"{long_name}: plain minus residual, 95% Welch interval", units)
                  for name, (long_name, units) in RUN_METRICS.items()})
     data.update(scores)
+    data.update(own_warnings(histories, monitors, events))
     validation_excess = [np.asarray(history["bn_excess"], dtype=np.float64) for history in histories]
     longest = max((len(v) for v in validation_excess), default=0)
     padded = np.full((len(labels), longest), np.nan)
@@ -233,6 +234,25 @@ def trust_study(histories: list[dict], monitors: list[xr.Dataset | None], labels
         definition, checkpoint=checkpoint, dataset=dataset, split="val", event_factor=event_factor,
         event_margin=event_margin, choose_on=list(choose_on),
         rules=[f"{k}: {v}" for k, v in WARNING_RULES.items()]))
+
+
+def own_warnings(histories, monitors, events) -> dict:
+    """The warnings the runs printed (monitor.nc `warning`, each run's rule as its trainer applied it) scored at
+    the last measurement before each attributed validation, over all runs: no threshold is chosen here."""
+    caught = missed = false_alarms = 0
+    for history, monitor, flags in zip(histories, monitors, events):
+        if monitor is None or not monitor.sizes.get("step", 0) or "warning" not in monitor:
+            continue
+        finite = np.isfinite(np.asarray(history["bn_excess"], dtype=np.float64))
+        fired, _ = announced(monitor.step.values, monitor.warning.values.astype(np.float64), 0,
+                             np.asarray(history["step"])[finite], 0.5, int(monitor.attrs.get("every", 1)))
+        caught += int((fired & flags[finite]).sum())
+        missed += int((~fired & flags[finite]).sum())
+        false_alarms += int((fired & ~flags[finite]).sum())
+    what = "validations announced by a warning the run printed at its last measurement before them"
+    return {"own_warning_caught": variable((), caught, f"events among the {what}", "1"),
+            "own_warning_missed": variable((), missed, "events not announced so", "1"),
+            "own_warning_false_alarms": variable((), false_alarms, f"{what} that were not events", "1")}
 
 
 def _warning_scores(histories, monitors, events, seeds, choose_on) -> dict:

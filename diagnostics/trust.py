@@ -89,6 +89,9 @@ def tables(ds: xr.Dataset) -> str:
                 for rule in WARNING_RULES]
         lines.append(common.format_table(["rule", "threshold", "P chosen", "R chosen", "P held out", "R held out",
                                           "lead chosen", "lead held out", "events chosen", "events held out"], rows))
+    caught, missed, false = (int(ds[f"own_warning_{name}"]) for name in ("caught", "missed", "false_alarms"))
+    lines.append(f"the warnings the runs printed, at the last measurement before each validation: {caught} of "
+                 f"{caught + missed} events announced, {false} false alarms")
     return "\n".join(lines)
 
 

@@ -13,9 +13,9 @@
   recomputed) and the largest excess,
   both of the attribution (with --precise-bn: of the statistics before they are replaced);
 - the largest validation loss metrics.csv logged (with --precise-bn: with the recomputed statistics);
-- the trainer's warning rule (`WARNING_RULE` above `WARNING_THRESHOLD`, chosen on the 20-layer pairs' seeds 0-1)
-  at the last measurement before each validation, as diagnostics.trust scores its "last" horizon: the events it
-  caught, and the validations it announced that were not events.
+- the warnings the run printed (the trainer's rule, `WARNING_RULE` above `WARNING_THRESHOLD`, chosen on the
+  20-layer pairs' seeds 0-1) at the last measurement before each validation (`analyses.trust.own_warnings`): the
+  events they caught, and the validations they announced that were not events.
 """
 import csv
 import sys
@@ -25,8 +25,7 @@ import numpy as np
 import xarray as xr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from analyses.monitor import WARNING_RULE, WARNING_THRESHOLD  # noqa: E402
-from analyses.trust import announced, events_of, rule_scores  # noqa: E402
+from analyses.trust import events_of, own_warnings  # noqa: E402
 from train import rundir  # noqa: E402
 
 
@@ -47,12 +46,10 @@ def events(metrics: dict) -> tuple[np.ndarray, float]:
 
 
 def warned(ds: xr.Dataset, metrics: dict, flags: np.ndarray) -> str:
-    """`caught/events (false alarms)` of the trainer's rule at the last measurement before each validation."""
-    attributed = np.isfinite(np.asarray(metrics["bn_excess"], dtype=np.float64))  # as diagnostics.trust scores
-    fired, _ = announced(ds.step.values, rule_scores(ds)[WARNING_RULE], int(ds.attrs.get("warn_after", 0)),
-                         np.asarray(metrics["step"])[attributed], WARNING_THRESHOLD, int(ds.attrs.get("every", 1)))
-    flags = flags[attributed]
-    return f"{(fired & flags).sum()}/{flags.sum()} ({(fired & ~flags).sum()})"
+    """`caught/events (false alarms)` of the warnings the run printed (`analyses.trust.own_warnings`)."""
+    scores = {k: int(v) for k, v in own_warnings([metrics], [ds], [flags]).items()}
+    caught, missed = scores["own_warning_caught"], scores["own_warning_missed"]
+    return f"{caught}/{caught + missed} ({scores['own_warning_false_alarms']})"
 
 
 def row(run: Path, base: Path) -> list[str]:

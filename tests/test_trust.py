@@ -91,6 +91,7 @@ def test_the_command_prints_the_tables_and_writes_its_files(tiny_runs, tmp_path,
     command.main([*runs, "--out", str(tmp_path / "out")])
     out = capsys.readouterr().out
     assert "plain minus residual" in out and "plain20 - resnet20" in out and "probe_excess" in out
+    assert "the warnings the runs printed, at the last measurement before each validation:" in out
     ds = xr.load_dataset(tmp_path / "out" / "trust.nc")
     assert ds.sizes["run"] == 4 and ds.sizes["group"] == 2 and (tmp_path / "out" / "trust.png").is_file()
 
@@ -168,3 +169,14 @@ def test_the_figure_colours_by_model_and_keeps_many_labels_apart():
     assert colours[0] == colours[2] == colours[4] and colours[1] == colours[3] == colours[5] != colours[0]
     assert all(label.get_rotation() == 90 for label in fig.axes[-1].get_xticklabels())
     plt.close(fig)
+
+
+def test_the_warnings_a_run_printed_are_scored_at_the_last_measurement_before_each_validation():
+    """Measurements every 2 steps; validations at 10, 20, 30 (events, events, none). Step 10 warned: caught; step
+    18 warned but 20, the last before the validation, did not: missed; step 30 warned: a false alarm."""
+    from analyses.trust import own_warnings
+    monitor = xr.Dataset({"warning": ("step", [False, True, True, False, False, True])},
+                         coords={"step": [8, 10, 18, 20, 28, 30]}, attrs={"every": 2})
+    h = history([0.5, 0.5, 0.5], [0.3, 0.3, 0.0], steps=[10, 20, 30])
+    scores = own_warnings([h, h], [monitor, None], [events_of(h, 1.25, 0.1)] * 2)
+    assert [int(scores[f"own_warning_{k}"].values) for k in ("caught", "missed", "false_alarms")] == [1, 1, 1]
