@@ -318,6 +318,12 @@ def definition(every: int, n_images: int, probe: str, rule: str) -> str:
             f"unscaling) and of the weight after the step; {rule}")
 
 
+def spearman(a, b) -> float:
+    """Spearman's rank correlation of two equally long sequences (ties ranked in order)."""
+    rank = lambda values: np.argsort(np.argsort(np.asarray(values, dtype=np.float64))).astype(np.float64)
+    return float(np.corrcoef(rank(a), rank(b))[0, 1])
+
+
 def agreement(predicted, measured) -> tuple[float, float, int]:
     """(Spearman rank correlation, R^2 of log10 measured by log10 predicted, points) over the entries where both
     are finite and positive: how well the lag model's predictions rank and match the measured errors."""
@@ -327,10 +333,8 @@ def agreement(predicted, measured) -> tuple[float, float, int]:
     if keep.sum() < 3:
         return float("nan"), float("nan"), int(keep.sum())
     x, y = np.log10(predicted[keep]), np.log10(measured[keep])
-    rank = lambda values: np.argsort(np.argsort(values)).astype(np.float64)
-    spearman = float(np.corrcoef(rank(x), rank(y))[0, 1])
     r2 = float(1 - ((y - x) ** 2).sum() / ((y - y.mean()) ** 2).sum())
-    return spearman, r2, int(keep.sum())
+    return spearman(x, y), r2, int(keep.sum())
 
 
 @dataclass

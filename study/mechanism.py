@@ -22,6 +22,7 @@ import numpy as np
 import xarray as xr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from analyses.monitor import spearman  # noqa: E402
 from analyses.trust import t_interval, welch_interval  # noqa: E402
 
 EVENT_EPOCHS = 6
@@ -70,11 +71,6 @@ def pair_member(name: str) -> str | None:
     if net.endswith("-noskip") and net.startswith("resnet"):
         net = "plain" + net[len("resnet"):-len("-noskip")]
     return net if re.fullmatch(r"(plain|resnet)\d+", net) and seed.isdigit() else None
-
-
-def spearman(a, b) -> float:
-    ranks = [np.argsort(np.argsort(np.asarray(x))) for x in (a, b)]
-    return float(np.corrcoef(*ranks)[0, 1])
 
 
 def cell(values) -> str:
