@@ -236,6 +236,12 @@ def trust_study(histories: list[dict], monitors: list[xr.Dataset | None], labels
         rules=[f"{k}: {v}" for k, v in WARNING_RULES.items()]))
 
 
+def attributed(history: dict, flags: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The steps and event flags of a run's attributed validations (those with a finite excess)."""
+    finite = np.isfinite(np.asarray(history["bn_excess"], dtype=np.float64))
+    return np.asarray(history["step"])[finite], flags[finite]
+
+
 def own_warnings(histories, monitors, events) -> dict:
     """The warnings the runs printed (monitor.nc `warning`, each run's rule as its trainer applied it) scored at
     the last measurement before each attributed validation, over all runs: no threshold is chosen here."""
@@ -243,12 +249,12 @@ def own_warnings(histories, monitors, events) -> dict:
     for history, monitor, flags in zip(histories, monitors, events):
         if monitor is None or not monitor.sizes.get("step", 0) or "warning" not in monitor:
             continue
-        finite = np.isfinite(np.asarray(history["bn_excess"], dtype=np.float64))
-        fired, _ = announced(monitor.step.values, monitor.warning.values.astype(np.float64), 0,
-                             np.asarray(history["step"])[finite], 0.5, int(monitor.attrs.get("every", 1)))
-        caught += int((fired & flags[finite]).sum())
-        missed += int((~fired & flags[finite]).sum())
-        false_alarms += int((fired & ~flags[finite]).sum())
+        val_steps, flags = attributed(history, flags)
+        fired, _ = announced(monitor.step.values, monitor.warning.values.astype(np.float64), 0, val_steps, 0.5,
+                             int(monitor.attrs.get("every", 1)))
+        caught += int((fired & flags).sum())
+        missed += int((~fired & flags).sum())
+        false_alarms += int((fired & ~flags).sum())
     what = "validations announced by a warning the run printed at its last measurement before them"
     return {"own_warning_caught": variable((), caught, f"events among the {what}", "1"),
             "own_warning_missed": variable((), missed, "events not announced so", "1"),
@@ -269,10 +275,9 @@ def _horizon_scores(histories, monitors, events, seeds, choose_on, last: bool) -
     for history, monitor, flags, seed in zip(histories, monitors, events, seeds):
         if monitor is None or not monitor.sizes.get("step", 0):
             continue
-        finite = np.isfinite(np.asarray(history["bn_excess"], dtype=np.float64))
+        within = int(monitor.attrs.get("every", 1)) if last else None
         runs.append((monitor.step.values, rule_scores(monitor), int(monitor.attrs.get("warn_after", 0)),
-                     np.asarray(history["step"])[finite], flags[finite], seed in choose_on,
-                     int(monitor.attrs.get("every", 1)) if last else None))
+                     *attributed(history, flags), seed in choose_on, within))
     results = {key: np.full(len(WARNING_RULES), np.nan) for key in WARNING_RESULTS}
 
     def pooled(rule, threshold, chosen):
