@@ -109,8 +109,10 @@ def figure(ds: xr.Dataset):
     fig, axes = plotting.figure(2, 3, width=2 * plotting.COLUMN_WIDTH, height=4.6, sharex=True)
     groups = list(ds.group.values)
     x = np.arange(len(groups))
-    models_ = list(dict.fromkeys(str(group).split(" ")[0] for group in groups))  # a group label starts with its model
-    colours = {group: f"C{models_.index(str(group).split(' ')[0]) % 10}" for group in groups}  # one per model
+    model_of = {group: str(group).split(" ")[0] for group in groups}  # a group label starts with its model
+    models_ = list(dict.fromkeys(model_of.values()))
+    colours = {group: f"C{models_.index(model) % 10}" for group, model in model_of.items()}  # one per model
+    upright = len(groups) > 4  # at 30 degrees, more labels overlap
     for axis, (name, title, scale, symlog) in zip(axes.flat, panels):
         axis.set_title(title, loc="left", fontsize=6)
         for i, group in enumerate(groups):
@@ -150,8 +152,8 @@ def figure(ds: xr.Dataset):
             axis.text(0.5, 0.5, "no attributed validation (runs of version 2, or --attribution-images 0)",
                       ha="center", va="center", transform=axis.transAxes, fontsize=5, wrap=True)
     for axis in axes[-1]:
-        axis.set_xticks(x, [str(g) for g in groups], rotation=30 if len(groups) <= 4 else 90,
-                        ha="right" if len(groups) <= 4 else "center", fontsize=6)
+        axis.set_xticks(x, [str(g) for g in groups], rotation=90 if upright else 30,
+                        ha="center" if upright else "right", fontsize=6)
         axis.set_xlim(-0.6, len(groups) - 0.4)
     fig.tight_layout()
     return fig
