@@ -82,8 +82,8 @@ def main(root: Path) -> None:
     rows = []
     for run in sorted(root.iterdir()):
         model, _, rest = run.name.partition("-")
-        if not rest or rest.startswith("s") or not (run / "metrics.csv").is_file():
-            continue
+        if not rest or rest.startswith(("s", "noskip-")) or not (run / "metrics.csv").is_file():
+            continue  # a run of the recipe, or the no-skip half of a pair (not a change of resnet18's recipe)
         metrics = rundir.read_metrics(run)
         if len(metrics["epoch"]) < rundir.read_config(run)["epochs"]:
             continue  # still training

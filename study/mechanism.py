@@ -75,12 +75,12 @@ def measures(run: Path, root: Path) -> dict[str, float]:
 
 
 def pair_member(name: str) -> str | None:
-    """The net of a run of a plain/residual pair, by run.sh's names: plain20-s0 -> plain20, resnet18-noskip-s1 ->
-    plain18; None for an intervention run (plain20-m0.8-s0) or anything else."""
+    """The net and change of a run of a plain/residual pair, by run.sh's names: plain20-s0 -> plain20,
+    resnet18-noskip-s1 -> plain18, plain56-warmup-s0 -> plain56-warmup (paired with resnet56-warmup); None for
+    anything else."""
     net, _, seed = name.rpartition("-s")
-    if net.endswith("-noskip") and net.startswith("resnet"):
-        net = "plain" + net[len("resnet"):-len("-noskip")]
-    return net if re.fullmatch(r"(plain|resnet)\d+", net) and seed.isdigit() else None
+    net = re.sub(r"^resnet(\d+)-noskip", r"plain\1", net)
+    return net if re.fullmatch(r"(plain|resnet)\d+(-[\w.]+)?", net) and seed.isdigit() else None
 
 
 def finished(run: Path) -> bool:
