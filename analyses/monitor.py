@@ -843,7 +843,7 @@ class BNMonitor:
 
     def load_state_dict(self, state: dict) -> None:
         """Continue the record `state_dict` returned (on resume); the layers must be this model's. A record of an
-        older version lacks the newer measurements: NaN there."""
+        older version lacks the newer measurements: NaN there (its warnings: none fired)."""
         if list(state["bn_layers"]) != self.bn_names or list(state["weight_layers"]) != self.weight_names:
             raise ValueError("the monitor's saved state is of another model")
         for key, kind in (("records", dict), ("validations", dict), ("tracker", dict), ("previous", list),
@@ -865,10 +865,11 @@ class BNMonitor:
                 if values.shape != (n, *shapes[name]):
                     raise ValueError(f"the monitor's saved {name} has the shape {values.shape}")
                 target[name] = [value if value.ndim else value.item() for value in values]
-        for name in ("step", "epoch", "val_step", "val_epoch", "val_images"):
+        for name in ("step", "epoch", "val_step", "val_epoch", "val_images"):  # an older record's missing count stays NaN
             target = self.records if name in self.records else self.validations
-            target[name] = [int(value) for value in target[name]]
-        self.records["warning"] = [bool(w) for w in self.records["warning"]]
+            target[name] = [int(value) if np.isfinite(value) else value for value in target[name]]
+        # an older record that did not keep whether a warning fired: none counted (NaN would read as fired)
+        self.records["warning"] = [bool(w) if np.isfinite(w) else False for w in self.records["warning"]]
         self.tracker.load_state_dict(state.get("tracker", {}))
         previous, before = state.get("previous") or [], state.get("before") or {}
         eps = {name: module.eps for name, module in models.bn_layers(self.model)}

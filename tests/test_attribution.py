@@ -260,6 +260,27 @@ def test_a_saved_state_of_another_shape_or_version_is_one_error_or_resumes():
             BNMonitor(model, *probe, every=2).load_state_dict({**state, "replacements": hostile})
 
 
+def test_an_older_record_without_warnings_or_image_counts_resumes_without_inventing_them():
+    """An early version-3 record kept neither whether each measurement's warning fired nor how many images each
+    validation attributed: it resumes, with no warning fired there (a NaN would read as one) and the counts NaN."""
+    torch.manual_seed(0)
+    model = models.build("resnet20", num_classes=4)
+    probe = torch.randn(8, 3, 32, 32), torch.randint(0, 4, (8,))
+    monitor = BNMonitor(model, *probe, every=2)
+    hand_loop(model, 4, monitor)
+    monitor.validate([(torch.randn(8, 3, 32, 32), torch.randint(0, 4, (8,)))], [torch.randn(16, 3, 32, 32)],
+                     step=4, epoch=1)
+    state = monitor.state_dict()
+    del state["records"]["warning"], state["validations"]["val_images"]
+    resumed = BNMonitor(model, *probe, every=2)
+    resumed.load_state_dict(state)
+    hand_loop(model, 2, resumed)
+    ds = resumed.dataset()
+    assert ds.sizes["step"] == 3 and ds.sizes["validation"] == 1
+    assert ds.warning.dtype == bool and not ds.warning.values[:2].any()
+    assert np.isnan(ds.val_images.values[0]) and int(ds.val_step.values[0]) == 4
+
+
 def test_select_recalibrated_without_bn_keeps_a_best_checkpoint(tmp_path):
     run = train_tiny(tmp_path / "nobn", "plain20", "--no-bn", "--select", "recalibrated", "--lr", "0.01")
     assert (run / "best.pt").is_file()
