@@ -39,8 +39,9 @@ In normalisation-error units:
     predicted error(m) = sqrt((v (1 - m) / m)^2 + ((1 - m)^2 q + m^2 s^2) / (m (2 - m))).
 
 v and q come from the shifts over one and two intervals D: shift^2 = v^2 D^2 + q D, shift2^2 = 4 v^2 D^2 + 2 q D
-(`lag_inputs`, mean squares over the measurements since the previous validation; a record without shift2 is
-taken as pure diffusion). Drift alone (the first version of this model) made the error fall as 1/m; on real
+(`lag_inputs`, mean squares over the measurements since the previous validation, from `warn_after` on: earlier
+ones measure the first steps' upheaval, not the steady motion the average trails, and one of them can outweigh a
+whole run; a record without shift2 is taken as pure diffusion). Drift alone (the first version of this model) made the error fall as 1/m; on real
 runs it falls nearer 1/sqrt(m), as diffusion does (docs/spikes.md). The predicted error is
 smallest where the lag and the noise balance: `best_momentum`. At each validation (`BNMonitor.validate`, or the
 trainer's) the model meets its measurement: every shadow's error against statistics recomputed over training
@@ -214,14 +215,16 @@ def recorded_shifts(ds: xr.Dataset) -> tuple[np.ndarray, ...]:
 
 
 def validation_predictions(ds: xr.Dataset) -> np.ndarray:
-    """(validation, momentum, depth): the lag model's error at each validation, from the measurements since the
-    previous one (a monitor dataset; one of a run recorded before input_shift: from input_speed x interval)."""
+    """(validation, momentum, depth): the lag model's error at each validation, from the armed measurements
+    (`warn_after` on) since the previous one (a monitor dataset; one of a run recorded before input_shift: from
+    input_speed x interval)."""
     steps = ds.step.values
+    armed = steps >= int(ds.attrs.get("warn_after", 0))
     shift, shift2, noise, interval = recorded_shifts(ds)
     out = np.full((ds.sizes.get("validation", 0), ds.sizes["momentum"], ds.sizes["depth"]), np.nan)
     previous = -1
     for i, val_step in enumerate(ds.val_step.values if "val_step" in ds else []):
-        window = (steps > previous) & (steps <= val_step)
+        window = (steps > previous) & (steps <= val_step) & armed
         if window.any():
             inputs = lag_inputs(shift[window], shift2[window], noise[window], interval[window])
             out[i] = predicted_error(*inputs, ds.momentum.values[:, None])
@@ -343,7 +346,7 @@ class Prescription:
     worst: dict | None  # epoch, running, recalibrated, excess, se of the validation of the largest excess
     layers: list[tuple[str, float]]  # the layers furthest off at that validation, with their error
     momentum: float  # the run's BN momentum
-    drift: float  # median over layers of the drift per step, from all measurements (lag_inputs)
+    drift: float  # median over layers of the drift per step, from the armed measurements (lag_inputs)
     diffusion: float  # median over layers of the diffusion per step
     noise: float  # median over layers of the batch noise
     angular_speed: float  # median over conv weights and measurements
@@ -435,7 +438,9 @@ def prescription(ds: xr.Dataset, n_layers: int = 3) -> Prescription:
         if np.isfinite(rms).any() and np.nanmax(rms) > 0:  # all 0: a record that measured after a replacement
             measured_best = float(ds.momentum.values[int(np.nanargmin(rms))])
     median = lambda values: float(np.nanmedian(values)) if np.isfinite(values).any() else float("nan")
-    drift, diffusion, noise = lag_inputs(*recorded_shifts(ds))
+    armed = ds.step.values >= int(ds.attrs.get("warn_after", 0))  # before: the first steps' upheaval
+    drift, diffusion, noise = lag_inputs(*(values[armed if armed.any() else slice(None)]
+                                           for values in recorded_shifts(ds)))
     conv = np.array([str(kind).startswith("conv") for kind in ds.weight_kind.values], dtype=bool)
     return Prescription(
         worst=worst, layers=layers, momentum=momentum, replaced=int(ds.attrs.get("statistics_replaced", 0)) > 0,
@@ -755,7 +760,7 @@ class BNMonitor:
         val_step = self.calls if step is None else step
         steps = np.asarray(self.records["step"])
         since = (steps > (self.validations["val_step"][-1] if self.validations["val_step"] else -1)) & (
-            steps <= val_step)
+            steps <= val_step) & (steps >= self.warn_after)
         predicted = np.full((len(self.momenta), len(self.bn_names)), np.nan)
         if since.any():
             inputs = lag_inputs(*(self._stacked(self.records, name)[since] for name in (

@@ -14,7 +14,7 @@ import xarray as xr
 import models
 from analyses.bn import recalibrate_bn
 from analyses.monitor import (BNMonitor, StatisticsTracker, agreement, attribute, best_momentum, lag_inputs,
-                              predicted_error, prescription)
+                              predicted_error, prescription, validation_predictions)
 from conftest import assert_no_hooks, train_tiny
 from train import checkpoint as ckpt
 from train import datasets, rundir
@@ -279,6 +279,38 @@ def test_an_older_record_without_warnings_or_image_counts_resumes_without_invent
     assert ds.sizes["step"] == 3 and ds.sizes["validation"] == 1
     assert ds.warning.dtype == bool and not ds.warning.values[:2].any()
     assert np.isnan(ds.val_images.values[0]) and int(ds.val_step.values[0]) == 4
+
+
+def test_the_lag_model_reads_only_the_armed_measurements():
+    """Before `warn_after` the first steps' upheaval (plain56's first measurement: a batch noise of 78 normalised
+    units, 0.03 after it) would outweigh a whole run in the lag model's mean squares and put its best momentum at
+    0.03 where every shadow said 0.8: the prescription and every validation's prediction, during training and
+    after it, come from the armed measurements alone."""
+    torch.manual_seed(0)
+    model = models.build("resnet20", num_classes=4)
+    monitor = BNMonitor(model, torch.randn(8, 3, 32, 32), torch.randint(0, 4, (8,)), every=2, warn_after=3)
+    hand_loop(model, 8, monitor)
+    monitor.validate([(torch.randn(8, 3, 32, 32), torch.randint(0, 4, (8,)))], [torch.randn(16, 3, 32, 32)],
+                     step=8, epoch=1)
+    ds = monitor.dataset()
+    assert list(ds.step.values) == [2, 4, 6, 8]  # the first one unarmed
+    np.testing.assert_allclose(validation_predictions(ds), ds.predicted_error.values, rtol=1e-12)
+    found = prescription(ds)
+    assert np.isfinite(found.predicted_best)
+
+    def upheaval(index: int) -> xr.Dataset:
+        changed = ds.copy(deep=True)
+        for name in ("batch_noise", "input_shift", "input_shift2"):
+            changed[name][index] = 1e3
+        return changed
+
+    before = upheaval(0)
+    assert prescription(before).predicted_best == found.predicted_best
+    assert (prescription(before).noise, prescription(before).diffusion) == (found.noise, found.diffusion)
+    np.testing.assert_array_equal(validation_predictions(before), validation_predictions(ds))
+    armed = upheaval(1)  # the same upheaval once armed does count
+    assert prescription(armed).noise > 100 * found.noise
+    assert not np.allclose(validation_predictions(armed), validation_predictions(ds), equal_nan=True)
 
 
 def test_select_recalibrated_without_bn_keeps_a_best_checkpoint(tmp_path):
