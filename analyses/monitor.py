@@ -39,14 +39,14 @@ In normalisation-error units:
     predicted error(m) = sqrt((v (1 - m) / m)^2 + ((1 - m)^2 q + m^2 s^2) / (m (2 - m))).
 
 v and q come from the shifts over one and two intervals D: shift^2 = v^2 D^2 + q D, shift2^2 = 4 v^2 D^2 + 2 q D
-(`lag_inputs`, mean squares over the measurements since the previous validation, from `warn_after` on: earlier
-ones measure the first steps' upheaval, not the steady motion the average trails, and one of them can outweigh a
-whole run; a record without shift2 is taken as pure diffusion). Drift alone (the first version of this model) made the error fall as 1/m; on real
-runs it falls nearer 1/sqrt(m), as diffusion does (docs/spikes.md). The predicted error is
-smallest where the lag and the noise balance: `best_momentum`. At each validation (`BNMonitor.validate`, or the
-trainer's) the model meets its measurement: every shadow's error against statistics recomputed over training
-images (`recalibrate_bn`), and the validation loss with running and with recomputed statistics on the same
-images (`attribute`): how much of the validation loss is BN statistics.
+(`lag_inputs`, mean squares over the measurements since the previous validation, from `lag_from` on, `lag_start`:
+earlier ones measure training's first upheaval, not the steady motion the average trails, and one of them can
+outweigh a whole run; a record without shift2 is taken as pure diffusion). Drift alone (the first version of
+this model) made the error fall as 1/m; on real runs it falls nearer 1/sqrt(m), as diffusion does
+(docs/spikes.md). The predicted error is smallest where the lag and the noise balance: `best_momentum`. At each
+validation (`BNMonitor.validate`, or the trainer's) the model meets its measurement: every shadow's error against
+statistics recomputed over training images (`recalibrate_bn`), and the validation loss with running and with
+recomputed statistics on the same images (`attribute`): how much of the validation loss is BN statistics.
 
 An early warning fires when the score of the rule `warn_rule` (WARNING_RULES, each measurement's scores kept in
 `warning_score`) exceeds `warn_threshold`, from step `warn_after` on: a validation now would be spoiled by BN
@@ -215,16 +215,16 @@ def recorded_shifts(ds: xr.Dataset) -> tuple[np.ndarray, ...]:
 
 
 def validation_predictions(ds: xr.Dataset) -> np.ndarray:
-    """(validation, momentum, depth): the lag model's error at each validation, from the armed measurements
-    (`warn_after` on) since the previous one (a monitor dataset; one of a run recorded before input_shift: from
+    """(validation, momentum, depth): the lag model's error at each validation, from the measurements since the
+    previous one, from `lag_from(ds)` on (a monitor dataset; one of a run recorded before input_shift: from
     input_speed x interval)."""
     steps = ds.step.values
-    armed = steps >= int(ds.attrs.get("warn_after", 0))
+    read = steps >= lag_from(ds)
     shift, shift2, noise, interval = recorded_shifts(ds)
     out = np.full((ds.sizes.get("validation", 0), ds.sizes["momentum"], ds.sizes["depth"]), np.nan)
     previous = -1
     for i, val_step in enumerate(ds.val_step.values if "val_step" in ds else []):
-        window = (steps > previous) & (steps <= val_step) & armed
+        window = (steps > previous) & (steps <= val_step) & read
         if window.any():
             inputs = lag_inputs(shift[window], shift2[window], noise[window], interval[window])
             out[i] = predicted_error(*inputs, ds.momentum.values[:, None])
@@ -301,6 +301,23 @@ def warning_rule(rule: str, threshold: float, after: int = 0) -> str:
             + (f", from step {after} on" if after else ""))
 
 
+def lag_start(steps_per_epoch: float = math.inf) -> int:
+    """The first step whose measurement the lag model reads: past training's first upheaval, which is the same
+    whatever the BN momentum (training never reads the running statistics), so runs at different momenta are
+    modelled over the same steps: those after which an average at PyTorch's default momentum 0.1 keeps under 1% of
+    its start (44), at most half an epoch. Earlier measurements (plain56's first: a batch noise of 78 normalised
+    units, 0.03 later) would outweigh a whole run in the model's mean squares."""
+    return int(min(math.ceil(math.log(0.01) / math.log(0.9)), steps_per_epoch // 2))
+
+
+def lag_from(ds: xr.Dataset) -> int:
+    """The first step the lag model reads in a monitor dataset: its `lag_from`; a record of an earlier version,
+    `lag_start` of its first validation's step (the trainer validates once an epoch), 0 without one."""
+    if "lag_from" in ds.attrs:
+        return int(ds.attrs["lag_from"])
+    return lag_start(int(ds.val_step.values[0])) if ds.sizes.get("validation", 0) else 0
+
+
 def warm_up_steps(model: nn.Module, weight: float = 0.01) -> int:
     """Optimiser steps after which the running statistics' initial values weigh less than `weight` in them
     (1 - momentum)^k < weight, for the BN layer of the smallest momentum (0 for a cumulative average): before
@@ -346,7 +363,7 @@ class Prescription:
     worst: dict | None  # epoch, running, recalibrated, excess, se of the validation of the largest excess
     layers: list[tuple[str, float]]  # the layers furthest off at that validation, with their error
     momentum: float  # the run's BN momentum
-    drift: float  # median over layers of the drift per step, from the armed measurements (lag_inputs)
+    drift: float  # median over layers of the drift per step, from step lag_from on (lag_inputs)
     diffusion: float  # median over layers of the diffusion per step
     noise: float  # median over layers of the batch noise
     angular_speed: float  # median over conv weights and measurements
@@ -438,9 +455,8 @@ def prescription(ds: xr.Dataset, n_layers: int = 3) -> Prescription:
         if np.isfinite(rms).any() and np.nanmax(rms) > 0:  # all 0: a record that measured after a replacement
             measured_best = float(ds.momentum.values[int(np.nanargmin(rms))])
     median = lambda values: float(np.nanmedian(values)) if np.isfinite(values).any() else float("nan")
-    armed = ds.step.values >= int(ds.attrs.get("warn_after", 0))  # before: the first steps' upheaval
-    drift, diffusion, noise = lag_inputs(*(values[armed if armed.any() else slice(None)]
-                                           for values in recorded_shifts(ds)))
+    read = ds.step.values >= lag_from(ds)  # before: training's first upheaval; none read: NaN
+    drift, diffusion, noise = lag_inputs(*(values[read] for values in recorded_shifts(ds)))
     conv = np.array([str(kind).startswith("conv") for kind in ds.weight_kind.values], dtype=bool)
     return Prescription(
         worst=worst, layers=layers, momentum=momentum, replaced=int(ds.attrs.get("statistics_replaced", 0)) > 0,
@@ -581,7 +597,8 @@ class BNMonitor:
     the model in one forward per mode. `autocast`: the dtype training runs in (None: fp32). `probe`: one
     phrase saying which images these are (in the attrs). `writer`: optionally a TensorBoard `SummaryWriter`
     (anything with `add_scalar` and `add_histogram`) that receives every measurement. `optimizer`: the run's
-    SGD (optional), whose learning rate, weight decay and momentum give `angular_equilibrium`.
+    SGD (optional), whose learning rate, weight decay and momentum give `angular_equilibrium`. `warn_after`: the
+    first step a warning may fire; `lag_from`: the first step whose measurement the lag model reads (`lag_start`).
 
     `step` must be called after every optimiser step (it follows the running buffers from step to step); after
     anything else replaces the running statistics (a recalibration), call `statistics_replaced()`.
@@ -590,7 +607,7 @@ class BNMonitor:
     def __init__(self, model: nn.Module, probe_images: torch.Tensor, probe_labels: torch.Tensor, *, every: int = 50,
                  autocast: torch.dtype | None = None, warn_rule: str = WARNING_RULE,
                  warn_threshold: float = WARNING_THRESHOLD,
-                 warn_after: int = 0, probe: str = "given", writer=None,
+                 warn_after: int = 0, lag_from: int = 0, probe: str = "given", writer=None,
                  on_warning: Callable[[BNWarning], None] | None = None, optimizer=None):
         if every < 0:
             raise ValueError(f"every must be 0 (off) or a positive number of steps, not {every}")
@@ -602,6 +619,7 @@ class BNMonitor:
         if warn_rule not in WARNING_RULES:
             raise ValueError(f"warn_rule must be one of {', '.join(WARNING_RULES)}, not {warn_rule!r}")
         self.warn_rule, self.warn_threshold, self.warn_after, self.probe = warn_rule, warn_threshold, warn_after, probe
+        self.lag_from = lag_from
         self.writer, self.on_warning = writer, on_warning
         self.bn_names = list(running_statistics(model))
         self.weight_names = [name for name, _ in weight_layers(model)]
@@ -760,7 +778,7 @@ class BNMonitor:
         val_step = self.calls if step is None else step
         steps = np.asarray(self.records["step"])
         since = (steps > (self.validations["val_step"][-1] if self.validations["val_step"] else -1)) & (
-            steps <= val_step) & (steps >= self.warn_after)
+            steps <= val_step) & (steps >= self.lag_from)
         predicted = np.full((len(self.momenta), len(self.bn_names)), np.nan)
         if since.any():
             inputs = lag_inputs(*(self._stacked(self.records, name)[since] for name in (
@@ -870,7 +888,7 @@ class BNMonitor:
                 if values.shape != (n, *shapes[name]):
                     raise ValueError(f"the monitor's saved {name} has the shape {values.shape}")
                 target[name] = [value if value.ndim else value.item() for value in values]
-        for name in ("step", "epoch", "val_step", "val_epoch", "val_images"):  # an older record's missing count stays NaN
+        for name in ("step", "epoch", "val_step", "val_epoch", "val_images"):  # an older record's missing: NaN
             target = self.records if name in self.records else self.validations
             target[name] = [int(value) if np.isfinite(value) else value for value in target[name]]
         # an older record that did not keep whether a warning fired: none counted (NaN would read as fired)
@@ -921,7 +939,7 @@ class BNMonitor:
             attrs=attrs(definition(self.every, len(self.labels), self.probe, rule), checkpoint=checkpoint,
                         dataset=dataset, split="train", n_images=len(self.labels), batch_size=len(self.labels),
                         bn_mode="eval and train", every=self.every, rule=rule, warn_rule=self.warn_rule,
-                        warn_threshold=self.warn_threshold, warn_after=self.warn_after, probe=self.probe,
-                        bn_momentum=self.own_momenta, autocast=dtype_name(self.autocast),
+                        warn_threshold=self.warn_threshold, warn_after=self.warn_after, lag_from=self.lag_from,
+                        probe=self.probe, bn_momentum=self.own_momenta, autocast=dtype_name(self.autocast),
                         statistics_replaced=self.replacements),
         )

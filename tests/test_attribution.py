@@ -13,8 +13,8 @@ import xarray as xr
 
 import models
 from analyses.bn import recalibrate_bn
-from analyses.monitor import (BNMonitor, StatisticsTracker, agreement, attribute, best_momentum, lag_inputs,
-                              predicted_error, prescription, validation_predictions)
+from analyses.monitor import (BNMonitor, StatisticsTracker, agreement, attribute, best_momentum, lag_from,
+                              lag_inputs, lag_start, predicted_error, prescription, validation_predictions)
 from conftest import assert_no_hooks, train_tiny
 from train import checkpoint as ckpt
 from train import datasets, rundir
@@ -281,19 +281,19 @@ def test_an_older_record_without_warnings_or_image_counts_resumes_without_invent
     assert np.isnan(ds.val_images.values[0]) and int(ds.val_step.values[0]) == 4
 
 
-def test_the_lag_model_reads_only_the_armed_measurements():
-    """Before `warn_after` the first steps' upheaval (plain56's first measurement: a batch noise of 78 normalised
-    units, 0.03 after it) would outweigh a whole run in the lag model's mean squares and put its best momentum at
-    0.03 where every shadow said 0.8: the prescription and every validation's prediction, during training and
-    after it, come from the armed measurements alone."""
+def test_the_lag_model_reads_the_measurements_from_lag_from_on():
+    """Training's first upheaval (plain56's first measurement: a batch noise of 78 normalised units, 0.03 after
+    it) would outweigh a whole run in the lag model's mean squares and put its best momentum at 0.03 where every
+    shadow said 0.8: the prescription and every validation's prediction, during training and after it, read the
+    measurements from `lag_from` on, whatever step the warning is armed from."""
     torch.manual_seed(0)
     model = models.build("resnet20", num_classes=4)
-    monitor = BNMonitor(model, torch.randn(8, 3, 32, 32), torch.randint(0, 4, (8,)), every=2, warn_after=3)
+    monitor = BNMonitor(model, torch.randn(8, 3, 32, 32), torch.randint(0, 4, (8,)), every=2, lag_from=3)
     hand_loop(model, 8, monitor)
     monitor.validate([(torch.randn(8, 3, 32, 32), torch.randint(0, 4, (8,)))], [torch.randn(16, 3, 32, 32)],
                      step=8, epoch=1)
     ds = monitor.dataset()
-    assert list(ds.step.values) == [2, 4, 6, 8]  # the first one unarmed
+    assert list(ds.step.values) == [2, 4, 6, 8] and ds.attrs["lag_from"] == 3  # the first one not read
     np.testing.assert_allclose(validation_predictions(ds), ds.predicted_error.values, rtol=1e-12)
     found = prescription(ds)
     assert np.isfinite(found.predicted_best)
@@ -308,9 +308,15 @@ def test_the_lag_model_reads_only_the_armed_measurements():
     assert prescription(before).predicted_best == found.predicted_best
     assert (prescription(before).noise, prescription(before).diffusion) == (found.noise, found.diffusion)
     np.testing.assert_array_equal(validation_predictions(before), validation_predictions(ds))
-    armed = upheaval(1)  # the same upheaval once armed does count
-    assert prescription(armed).noise > 100 * found.noise
-    assert not np.allclose(validation_predictions(armed), validation_predictions(ds), equal_nan=True)
+    read = upheaval(1)  # the same upheaval from lag_from on does count
+    assert prescription(read).noise > 100 * found.noise
+    assert not np.allclose(validation_predictions(read), validation_predictions(ds), equal_nan=True)
+    nothing = ds.assign_attrs(lag_from=100)  # nothing read: no inputs, not all of the measurements
+    assert np.isnan(prescription(nothing).predicted_best) and np.isnan(prescription(nothing).noise)
+    assert np.isnan(validation_predictions(nothing)).all()
+    older = ds.copy()
+    del older.attrs["lag_from"]  # a record of an earlier version: lag_start of its first validation's step
+    assert lag_from(older) == lag_start(8) == 4 and lag_start(156) == lag_start() == 44
 
 
 def test_select_recalibrated_without_bn_keeps_a_best_checkpoint(tmp_path):

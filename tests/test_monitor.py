@@ -206,6 +206,16 @@ def test_the_trainer_arms_the_warning_after_half_an_epoch_at_most(tiny_runs):
     # 4 steps an epoch: armed from step 2 (BN momentum 0.1 would need 44).
     ds = xr.load_dataset(tiny_runs["resnet20"] / "monitor.nc")
     assert ds.attrs["warn_after"] == 2 and "from step 2 on" in ds.attrs["rule"]
+    assert ds.attrs["lag_from"] == 2  # the lag model's start: the same half epoch at most (lag_start)
+
+
+def test_the_lag_model_starts_at_the_same_step_whatever_the_bn_momentum(tmp_path):
+    """At BN momentum 0.8 the warning is armed after 3 steps, but training's first upheaval is the same as at
+    0.1: the lag model reads from step 44 on (`lag_start`), as a momentum-0.1 run of the same recipe does."""
+    run = train_tiny(tmp_path / "m0.8", "resnet20", "--batch-size", "2", "--epochs", "1", "--bn-momentum", "0.8",
+                     "--monitor-every", "20")
+    ds = xr.load_dataset(run / "monitor.nc")
+    assert (ds.attrs["warn_after"], ds.attrs["lag_from"]) == (3, 44)
 
 
 def test_warning_lines_one_an_epoch_unless_the_loss_doubles():

@@ -21,7 +21,7 @@ import models
 from analyses.bn import recalibrate_bn, running_statistics
 from analyses.common import AUTOCAST, model_device, synchronize
 from analyses.evaluate import predict
-from analyses.monitor import Attribution, BNMonitor, prescription, warm_up_steps
+from analyses.monitor import Attribution, BNMonitor, lag_start, prescription, warm_up_steps
 
 from . import checkpoint as ckpt
 from . import rundir, schema
@@ -266,6 +266,7 @@ def build_monitor(config: Config, data: RunData, model: nn.Module, train_step: T
     monitor = BNMonitor(model, augmented_once(probe, data.spec, config.augment, data.batches.device), probe.labels,
                      every=config.monitor_every, autocast=train_step.dtype, optimizer=train_step.optimizer,
                      warn_after=min(warm_up_steps(model), config.steps_per_epoch // 2),
+                     lag_from=lag_start(config.steps_per_epoch),
                      probe=f"the first {len(probe)} training images, augmented once ({config.augment}, seed 0)",
                      on_warning=WarningLines(write) if write is not None else None)
     if resume is not None and resume.get("monitor") is not None:
