@@ -301,13 +301,19 @@ def warning_rule(rule: str, threshold: float, after: int = 0) -> str:
             + (f", from step {after} on" if after else ""))
 
 
+def forgetting_steps(momentum: float, weight: float = 0.01) -> int:
+    """Steps after which an exponential average of `momentum` keeps less than `weight` of its start:
+    (1 - momentum)^k < weight."""
+    return math.ceil(math.log(weight) / math.log(1 - momentum))
+
+
 def lag_start(steps_per_epoch: float = math.inf) -> int:
     """The first step whose measurement the lag model reads: past training's first upheaval, which is the same
     whatever the BN momentum (training never reads the running statistics), so runs at different momenta are
     modelled over the same steps: those after which an average at PyTorch's default momentum 0.1 keeps under 1% of
     its start (44), at most half an epoch. Earlier measurements (plain56's first: a batch noise of 78 normalised
     units, 0.03 later) would outweigh a whole run in the model's mean squares."""
-    return int(min(math.ceil(math.log(0.01) / math.log(0.9)), steps_per_epoch // 2))
+    return int(min(forgetting_steps(0.1), steps_per_epoch // 2))
 
 
 def lag_from(ds: xr.Dataset) -> int:
@@ -320,10 +326,10 @@ def lag_from(ds: xr.Dataset) -> int:
 
 def warm_up_steps(model: nn.Module, weight: float = 0.01) -> int:
     """Optimiser steps after which the running statistics' initial values weigh less than `weight` in them
-    (1 - momentum)^k < weight, for the BN layer of the smallest momentum (0 for a cumulative average): before
-    that, a gap says only that training has just begun."""
+    (`forgetting_steps`), for the BN layer of the smallest momentum (0 for a cumulative average): before that, a
+    gap says only that training has just begun."""
     momenta = [m.momentum for _, m in models.bn_layers(model) if m.momentum is not None and 0 < m.momentum < 1]
-    return math.ceil(math.log(weight) / math.log(1 - min(momenta))) if momenta else 0
+    return forgetting_steps(min(momenta), weight) if momenta else 0
 
 
 def definition(every: int, n_images: int, probe: str, rule: str) -> str:
