@@ -27,6 +27,7 @@ import xarray as xr
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from analyses.trust import events_of, own_warnings  # noqa: E402
 from train import rundir  # noqa: E402
+from mechanism import finished  # noqa: E402  (study/, this script's folder)
 
 
 def losses(run: Path) -> np.ndarray:
@@ -84,8 +85,7 @@ def main(root: Path) -> None:
         model, _, rest = run.name.partition("-")
         if not rest or rest.startswith(("s", "noskip-")) or not (run / "metrics.csv").is_file():
             continue  # a run of the recipe, or the no-skip half of a pair (not a change of resnet18's recipe)
-        metrics = rundir.read_metrics(run)
-        if len(metrics["epoch"]) < rundir.read_config(run)["epochs"]:
+        if not finished(run):
             continue  # still training
         base = root / f"{model}-{rest.rpartition('-')[2]}"
         rows.append(row(run, base))

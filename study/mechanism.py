@@ -7,7 +7,7 @@ nonnegative measure can take) and plain minus residual (Welch): `python study/me
   (`angular_equilibrium`) at the same measurements; then the median over the convs of each stage;
 - weight growth (`weight_norm` at the monitor's first measurement, step 10): the stem's conv and the median of
   stage 1's convs (a freshly initialised 3x3 conv of these nets has a norm of about 6: lr 0.2 without warm-up
-  grew plain56's a hundredfold in ten steps, which freezes them);
+  grew plain56's 20-40-fold in ten steps, which freezes them);
 - amplification (runs/study/amplification/RUN/spikes.nc, from `python -m diagnostics.spikes --amplification`):
   the gain at the last BN layer's input of a 10% scale error and of a 0.1-std mean shift planted in one layer's
   statistics, median over the source layers; the stem's scale gain; the loss change of a scale error in the stem
@@ -43,9 +43,9 @@ def weight_speed(monitor: xr.Dataset) -> dict[str, float]:
     speeds = {f"stage {s}": float(np.median(relative.values[convs & (stages == s)]))
               for s in sorted(set(stages[convs])) if s > 0}
     speeds["all convs"] = float(np.median(relative.values[convs]))
-    first = monitor.weight_norm.isel(step=0).values
-    speeds[f"stem conv's weight norm, step {int(monitor.step[0])}"] = float(first[0])
-    speeds[f"stage 1 convs' weight norm, step {int(monitor.step[0])}, median"] = float(np.median(first[convs & (stages == 1)]))
+    first, step = monitor.weight_norm.isel(step=0).values, int(monitor.step[0])
+    speeds[f"stem conv's weight norm, step {step}"] = float(first[0])
+    speeds[f"stage 1 convs' weight norm, step {step}, median"] = float(np.median(first[convs & (stages == 1)]))
     return speeds
 
 
@@ -117,9 +117,11 @@ def main(root: Path) -> None:
             print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
         both = [r for net in pair for r in pair[net]]
         if "stem scale loss" in names and len(both) >= 4:
+            excess = [r["excess at that epoch"] for r in both]
             for sensitivity in ("stem scale loss", "any layer's scale loss, largest"):
-                print(f"Spearman(excess, {sensitivity}) over the {len(both)} runs of both nets, at the amplification's "
-                      f"epoch: {spearman([r['excess at that epoch'] for r in both], [r[sensitivity] for r in both]):+.2f}")
+                rho = spearman(excess, [r[sensitivity] for r in both])
+                print(f"Spearman(excess, {sensitivity}) over the {len(both)} runs of both nets, at the "
+                      f"amplification's epoch: {rho:+.2f}")
         print()
 
 

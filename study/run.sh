@@ -37,7 +37,7 @@ resnet18() {
     train resnet18-s$seed resnet18 $seed --lr 0.1 --train-images 10000
   done
 }
-# plain56's stem and stage 1 grew a hundredfold in the first ten steps at lr 0.2 and froze (docs/spikes.md): the
+# plain56's stem and stage 1 grew 20-40-fold in the first ten steps at lr 0.2 and froze (docs/spikes.md): the
 # same pair with the lr warmed up linearly over the first epoch (156 steps), the paper's remedy for ResNet-110.
 warmup56() { for seed in 0 1; do train plain56-warmup-s$seed plain56 $seed --warmup 156; train resnet56-warmup-s$seed resnet56 $seed --warmup 156; done; }
 interventions() {  # each intervention on both models and both seeds before the next: a stopped study compares whole rows
