@@ -324,12 +324,13 @@ def lag_from(ds: xr.Dataset) -> int:
     return lag_start(int(ds.val_step.values[0])) if ds.sizes.get("validation", 0) else 0
 
 
-def warm_up_steps(model: nn.Module, weight: float = 0.01) -> int:
+def warm_up_steps(model: nn.Module, steps_per_epoch: float = math.inf, weight: float = 0.01) -> int:
     """Optimiser steps after which the running statistics' initial values weigh less than `weight` in them
-    (`forgetting_steps`), for the BN layer of the smallest momentum (0 for a cumulative average): before that, a
-    gap says only that training has just begun."""
+    (`forgetting_steps`), for the BN layer of the smallest momentum (0 for a cumulative average), at most half an
+    epoch: before that, a gap says only that training has just begun; a run at a small momentum still gets its
+    warnings from its first epoch on."""
     momenta = [m.momentum for _, m in models.bn_layers(model) if m.momentum is not None and 0 < m.momentum < 1]
-    return forgetting_steps(min(momenta), weight) if momenta else 0
+    return int(min(forgetting_steps(min(momenta), weight) if momenta else 0, steps_per_epoch // 2))
 
 
 def definition(every: int, n_images: int, probe: str, rule: str) -> str:

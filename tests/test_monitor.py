@@ -194,6 +194,8 @@ def test_the_trainer_prints_the_warning_and_counts_it(tmp_path, capsys):
 def test_the_warning_waits_for_the_running_statistics_to_warm_up():
     model = models.build("resnet20")
     assert warm_up_steps(model) == 44  # 0.9^44 = 0.0097: the initial statistics weigh under 1%
+    assert warm_up_steps(model, steps_per_epoch=61) == 30  # at most half an epoch
+    assert warm_up_steps(model, steps_per_epoch=float("inf")) == 44  # an iterable of unknown length
     for module in model.modules():
         if isinstance(module, nn.BatchNorm2d):
             module.momentum = None  # a cumulative average has no initial values to forget

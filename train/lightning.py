@@ -142,14 +142,13 @@ class BNMonitorCallback(pl.Callback):
         write = trainer.progress_bar_callback.print if trainer.progress_bar_callback is not None else print
         warn = self.print_warnings and trainer.is_global_zero
         _check_logits(pl_module, images[:1], labels)
-        warn_after, batches = warm_up_steps(pl_module), trainer.num_training_batches  # an iterable's is infinite
+        batches = trainer.num_training_batches  # an iterable's is infinite
         steps = batches if batches == float("inf") else int(batches) // max(1, trainer.accumulate_grad_batches)
-        warn_after = min(warn_after, steps // 2)  # the warm-up or half an epoch, whichever comes first (the trainer's)
         self.monitor = BNMonitor(
             pl_module, images, labels, every=self._every, autocast=AUTOCAST[PRECISIONS[str(trainer.precision)]],
             optimizer=trainer.optimizers[0] if trainer.optimizers else None, warn_rule=self.warn_rule,
             warn_threshold=self.warn_threshold,
-            warn_after=warn_after, lag_from=lag_start(steps),
+            warn_after=warm_up_steps(pl_module, steps), lag_from=lag_start(steps),
             probe=f"the first {len(labels)} training images, as the loader gave them",
             on_warning=WarningLines(write) if warn else None)
 

@@ -265,7 +265,7 @@ def build_monitor(config: Config, data: RunData, model: nn.Module, train_step: T
     probe = data.train[:config.monitor_images]
     monitor = BNMonitor(model, augmented_once(probe, data.spec, config.augment, data.batches.device), probe.labels,
                      every=config.monitor_every, autocast=train_step.dtype, optimizer=train_step.optimizer,
-                     warn_after=min(warm_up_steps(model), config.steps_per_epoch // 2),
+                     warn_after=warm_up_steps(model, config.steps_per_epoch),
                      lag_from=lag_start(config.steps_per_epoch),
                      probe=f"the first {len(probe)} training images, augmented once ({config.augment}, seed 0)",
                      on_warning=WarningLines(write) if write is not None else None)
