@@ -95,11 +95,24 @@ def tables(ds: xr.Dataset) -> str:
     return "\n".join(lines)
 
 
+def dodged(values: np.ndarray, step: float, width: float) -> np.ndarray:
+    """Horizontal offsets that set seeds of equal value (to 3 significant digits) side by side, centred, `step`
+    apart and `width` at most, so that a reader counts every seed: five runs of 5 events are five dots, not one."""
+    keys = [f"{value:.3g}" for value in values]
+    offsets = np.zeros(len(values))
+    for key in set(keys):
+        tied = [i for i, other in enumerate(keys) if other == key]
+        spacing = min(step, width / max(1, len(tied) - 1))
+        offsets[tied] = (np.arange(len(tied)) - (len(tied) - 1) / 2) * spacing
+    return offsets
+
+
 @plotting.styled
 def figure(ds: xr.Dataset):
-    """Per group, seeds as dots and the mean with its 95% interval: (a) events per run, (b) every validation's
-    excess (events filled), (c) accuracy with running and recomputed statistics, (d) the running statistics'
-    error, (e) the layers' input speed against BN's window, (f) best momentum, measured and predicted."""
+    """Per group, seeds as dots (equal values side by side) and the mean with its 95% interval: (a) events per
+    run, (b) every validation's excess (events filled), (c) accuracy with running and recomputed statistics, (d)
+    the running statistics' error, (e) the layers' input speed against BN's window, (f) best momentum, measured
+    and predicted."""
     panels = [("events", "(a) BN-statistics events per run", 1, False),
               (None, "(b) excess of each validation, nats\n(filled: events; dotted: the margin)", 1, True),
               ("final_acc", "(c) last validation accuracy, %\n(running ●, recomputed ○)", 100, False),
@@ -131,13 +144,14 @@ def figure(ds: xr.Dataset):
                      [("best_momentum_measured", "o"), ("best_momentum_predicted", "none")]
                      if name == "best_momentum" else [(name, "o")])
             for k, (variable, fill) in enumerate(pairs):
-                offset = (k - (len(pairs) - 1) / 2) * 0.25
+                offset = (k - (len(pairs) - 1) / 2) * 0.44
                 values = scale * ds[variable].values[runs]
-                axis.scatter(np.full(len(values), i + offset), values, s=8, edgecolors=colour, linewidths=0.6,
+                spread = dodged(values, 0.08, 0.36 if len(pairs) == 1 else 0.24)
+                axis.scatter(i + offset + spread, values, s=8, edgecolors=colour, linewidths=0.6,
                              facecolors=colour if fill == "o" else "none", zorder=3)
                 mean, low, high = scale * ds[f"{variable}_by_group"].sel(group=group).values
                 if np.isfinite(mean):
-                    axis.errorbar(i + offset + 0.1, mean, yerr=[[mean - low], [high - mean]] if np.isfinite(low)
+                    axis.errorbar(i + offset + np.abs(spread).max(initial=0) + 0.06, mean, yerr=[[mean - low], [high - mean]] if np.isfinite(low)
                                   else None, color=colour, fmt="_", markersize=8, capsize=2, linewidth=0.8)
         if symlog:
             axis.set_yscale("symlog", linthresh=0.1)

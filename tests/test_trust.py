@@ -175,6 +175,22 @@ def test_the_figure_colours_by_model_and_keeps_many_labels_apart():
     plt.close(fig)
 
 
+def test_seeds_of_equal_value_are_drawn_side_by_side_so_that_each_can_be_counted():
+    """Three seeds with 1 event each and one with 2: panel (a) shows four dots, the three tied ones at three
+    different places, the mean's bar beside them, not on them."""
+    import matplotlib.pyplot as plt
+    runs = [history([0.5, 0.5], [0.3, 0.0]) for _ in range(3)] + [history([0.5, 0.5], [0.3, 0.3])]
+    ds = trust_study(runs, [None] * 4, [f"plain20-s{seed}" for seed in range(4)], ["plain20"] * 4, [0, 1, 2, 3], [])
+    fig = command.figure(ds)
+    dots = fig.axes[0].collections[0].get_offsets()
+    assert sorted(dots[:, 1].tolist()) == [1, 1, 1, 2]
+    tied = dots[dots[:, 1] == 1, 0]
+    assert len(set(np.round(tied, 6))) == 3 and np.ptp(tied) <= 0.36 + 1e-9
+    bar = [line for line in fig.axes[0].lines if len(line.get_xdata())][0].get_xdata()[0]
+    assert bar > tied.max()
+    plt.close(fig)
+
+
 def test_the_warnings_a_run_printed_are_scored_at_the_last_measurement_before_each_validation():
     """Measurements every 2 steps; validations at 10, 20, 30 (events, events, none). Step 10 warned: caught; step
     18 warned but 20, the last before the validation, did not: missed; step 30 warned: a false alarm."""
