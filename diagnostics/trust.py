@@ -95,24 +95,40 @@ def tables(ds: xr.Dataset) -> str:
     return "\n".join(lines)
 
 
-def dodged(values: np.ndarray, step: float, width: float) -> np.ndarray:
-    """Horizontal offsets that set seeds of equal value (to 3 significant digits) side by side, centred, `step`
-    apart and `width` at most, so that a reader counts every seed: five runs of 5 events are five dots, not one."""
-    keys = [f"{value:.3g}" for value in values]
-    offsets = np.zeros(len(values))
-    for key in set(keys):
-        tied = [i for i, other in enumerate(keys) if other == key]
-        spacing = min(step, width / max(1, len(tied) - 1))
-        offsets[tied] = (np.arange(len(tied)) - (len(tied) - 1) / 2) * spacing
-    return offsets
+DOT = 8  # a seed's dot, points^2 (scatter's s)
+
+
+def dot_size(fig, axis, n_groups: int) -> tuple[float, float]:
+    """A dot's diameter with its edge in x data units and as a fraction of the axis height, from the axis's place
+    before tight_layout (which widens it: the estimate errs towards more room)."""
+    box, diameter = axis.get_position(), 1.15 * 2 * np.sqrt(DOT / np.pi)
+    return (diameter * (n_groups + 0.2) / (box.width * fig.get_figwidth() * 72),
+            diameter / (box.height * fig.get_figheight() * 72))
+
+
+def dodged(values: np.ndarray, step: float, width: float, tolerance: float) -> tuple[np.ndarray, dict]:
+    """Horizontal offsets that set seeds whose dots would cover each other (values within `tolerance` of the
+    first of their cluster) side by side, centred, `step` (a dot) apart, so that a reader counts every seed; a
+    cluster that `width` cannot hold stays in one place, its count written above it: {index: seeds}.
+    Missing values have no dot and no offset."""
+    offsets, counted = np.zeros(len(values)), {}
+    order = [i for i in np.argsort(values) if np.isfinite(values[i])]
+    while order:
+        cluster = [i for i in order if values[i] - values[order[0]] <= tolerance]
+        order = order[len(cluster):]
+        if len(cluster) > 1 and (len(cluster) - 1) * step <= width:
+            offsets[cluster] = (np.arange(len(cluster)) - (len(cluster) - 1) / 2) * step
+        elif len(cluster) > 1:
+            counted[cluster[0]] = len(cluster)
+    return offsets, counted
 
 
 @plotting.styled
 def figure(ds: xr.Dataset):
-    """Per group, seeds as dots (equal values side by side) and the mean with its 95% interval: (a) events per
-    run, (b) every validation's excess (events filled), (c) accuracy with running and recomputed statistics, (d)
-    the running statistics' error, (e) the layers' input speed against BN's window, (f) best momentum, measured
-    and predicted."""
+    """Per group, seeds as dots (those that would cover each other side by side, or one dot with their count above
+    it where a column cannot hold them) and beside them the mean with its 95% interval: (a) events per run, (b) every validation's excess
+    (events filled), (c) accuracy with running and recomputed statistics, (d) the running statistics' error, (e)
+    the layers' input speed against BN's window, (f) best momentum, measured and predicted."""
     panels = [("events", "(a) BN-statistics events per run", 1, False),
               (None, "(b) excess of each validation, nats\n(filled: events; dotted: the margin)", 1, True),
               ("final_acc", "(c) last validation accuracy, %\n(running ●, recomputed ○)", 100, False),
@@ -128,6 +144,15 @@ def figure(ds: xr.Dataset):
     upright = len(groups) > 4  # at 30 degrees, more labels overlap
     for axis, (name, title, scale, symlog) in zip(axes.flat, panels):
         axis.set_title(title, loc="left", fontsize=6)
+        pairs = ([("final_acc_running", "o"), ("final_acc_recalibrated", "none")] if name == "final_acc" else
+                 [("best_momentum_measured", "o"), ("best_momentum_predicted", "none")]
+                 if name == "best_momentum" else [(name, "o")])
+        every = np.ravel([scale * ds[variable].values for variable, _ in pairs]) if name else np.array([])
+        every = every[np.isfinite(every)]
+        log = name in ("running_error", "diffusion", "best_momentum") and (every > 0).any()
+        shown = np.log10(every[every > 0]) if log else every  # what the axis spaces evenly
+        dot_x, dot_y = dot_size(fig, axis, len(groups))
+        tolerance = dot_y * 1.1 * (np.ptp(shown) if len(shown) > 1 and np.ptp(shown) > 0 else 1.0)
         for i, group in enumerate(groups):
             runs = ds.group_of_run.values == group
             colour = colours[group]
@@ -140,28 +165,30 @@ def figure(ds: xr.Dataset):
                 axis.scatter(i + jitter, excess[keep], s=6, facecolors=np.where(events[keep], colour, "none"),
                              edgecolors=colour, linewidths=0.5)
                 continue
-            pairs = ([("final_acc_running", "o"), ("final_acc_recalibrated", "none")] if name == "final_acc" else
-                     [("best_momentum_measured", "o"), ("best_momentum_predicted", "none")]
-                     if name == "best_momentum" else [(name, "o")])
             for k, (variable, fill) in enumerate(pairs):
-                offset = (k - (len(pairs) - 1) / 2) * 0.44
+                side = 1 if k == len(pairs) - 1 else -1  # the mean's bar outside its dots: the last pair's right
+                centre = i + (k - (len(pairs) - 1) / 2) * 0.5
                 values = scale * ds[variable].values[runs]
-                spread = dodged(values, 0.08, 0.36 if len(pairs) == 1 else 0.24)
-                axis.scatter(i + offset + spread, values, s=8, edgecolors=colour, linewidths=0.6,
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    spaced = np.log10(values) if log else values
+                spread, counted = dodged(spaced, dot_x, 0.6 if len(pairs) == 1 else 0.3, tolerance)
+                axis.scatter(centre + spread, values, s=DOT, edgecolors=colour, linewidths=0.6,
                              facecolors=colour if fill == "o" else "none", zorder=3)
+                for index, seeds in counted.items():
+                    axis.annotate(f"{seeds}", (centre, values[index]), xytext=(0, 2.5), textcoords="offset points",
+                                  ha="center", va="bottom", fontsize=4.5, color=colour)
                 mean, low, high = scale * ds[f"{variable}_by_group"].sel(group=group).values
                 if np.isfinite(mean):
-                    axis.errorbar(i + offset + np.abs(spread).max(initial=0) + 0.06, mean, yerr=[[mean - low], [high - mean]] if np.isfinite(low)
-                                  else None, color=colour, fmt="_", markersize=8, capsize=2, linewidth=0.8)
+                    edge = np.abs(spread).max(initial=0) + 1.2 * dot_x  # half a dot, then the tick's half
+                    axis.errorbar(centre + side * edge, mean, fmt="_", markersize=4, capsize=1.5,
+                                  yerr=[[mean - low], [high - mean]] if np.isfinite(low) else None, color=colour,
+                                  linewidth=0.8)
         if symlog:
             axis.set_yscale("symlog", linthresh=0.1)
             axis.axhline(ds.attrs["event_margin"], color="grey", linewidth=0.5, linestyle=":")
-        if name in ("running_error", "diffusion", "best_momentum"):
-            finite = [v for v in np.ravel([ds[v].values for v in ([f"{name}_measured", f"{name}_predicted"]
-                                           if name == "best_momentum" else [name])]) if np.isfinite(v) and v > 0]
-            if finite:
-                axis.set_yscale("log")
-                plotting.plain_log_labels(axis.yaxis)
+        if log:
+            axis.set_yscale("log")
+            plotting.plain_log_labels(axis.yaxis)
         if not axis.has_data():
             axis.text(0.5, 0.5, "no attributed validation (runs of version 2, or --attribution-images 0)",
                       ha="center", va="center", transform=axis.transAxes, fontsize=5, wrap=True)

@@ -175,20 +175,54 @@ def test_the_figure_colours_by_model_and_keeps_many_labels_apart():
     plt.close(fig)
 
 
-def test_seeds_of_equal_value_are_drawn_side_by_side_so_that_each_can_be_counted():
-    """Three seeds with 1 event each and one with 2: panel (a) shows four dots, the three tied ones at three
-    different places, the mean's bar beside them, not on them."""
+def _dots_in_points(fig, axis):
+    """Every seed's dot of `axis` in points on the page: (x, y, series)."""
+    from matplotlib.collections import PathCollection
+    fig.canvas.draw()
+    scale = 72 / fig.dpi
+    scatters = [c for c in axis.collections if isinstance(c, PathCollection)]  # not the error bars' lines
+    return [(*(axis.transData.transform(xy) * scale), k) for k, dots in enumerate(scatters)
+            for xy in dots.get_offsets()]
+
+
+def test_seeds_whose_dots_would_cover_each_other_are_drawn_side_by_side_or_counted():
+    """Three seeds with 1 event each and one with 2: four dots in panel (a), the three tied ones at least a dot's
+    width apart on the page, the mean's bar and its tick right of them all. With twelve groups, five tied seeds
+    that a column cannot hold are one dot with "5" written above it."""
     import matplotlib.pyplot as plt
     runs = [history([0.5, 0.5], [0.3, 0.0]) for _ in range(3)] + [history([0.5, 0.5], [0.3, 0.3])]
     ds = trust_study(runs, [None] * 4, [f"plain20-s{seed}" for seed in range(4)], ["plain20"] * 4, [0, 1, 2, 3], [])
     fig = command.figure(ds)
-    dots = fig.axes[0].collections[0].get_offsets()
-    assert sorted(dots[:, 1].tolist()) == [1, 1, 1, 2]
-    tied = dots[dots[:, 1] == 1, 0]
-    assert len(set(np.round(tied, 6))) == 3 and np.ptp(tied) <= 0.36 + 1e-9
-    bar = [line for line in fig.axes[0].lines if len(line.get_xdata())][0].get_xdata()[0]
-    assert bar > tied.max()
+    axis = fig.axes[0]
+    dots = np.array(_dots_in_points(fig, axis))
+    diameter = 2 * math.sqrt(command.DOT / math.pi)
+    tied = np.sort(dots[np.isclose(dots[:, 1], dots[:, 1].min()), 0])
+    assert len(dots) == 4 and len(tied) == 3 and np.diff(tied).min() >= diameter
+    bar = [line for line in axis.lines if len(line.get_xdata())][0]
+    bar_x = axis.transData.transform((bar.get_xdata()[0], 0))[0] * 72 / fig.dpi
+    assert bar_x - bar.get_markersize() / 2 > dots[:, 0].max() + diameter / 2
     plt.close(fig)
+
+    groups = [f"plain20 lr={lr}" for lr in range(12)]
+    runs = [history([0.5, 0.5], [0.3, 0.0]) for _ in groups for _ in range(5)]
+    ds = trust_study(runs, [None] * len(runs), [f"{g}-s{seed}" for g in groups for seed in range(5)],
+                     [g for g in groups for _ in range(5)], [seed for _ in groups for seed in range(5)], [])
+    fig = command.figure(ds)
+    axis = fig.axes[0]
+    xs = sorted(x for x, _, _ in _dots_in_points(fig, axis))
+    counts = [text.get_text() for text in axis.texts]
+    assert len(xs) == 60
+    assert counts == ["5"] * 12 or (not counts and min(np.diff(xs)) >= 2 * math.sqrt(command.DOT / math.pi))
+    plt.close(fig)
+
+
+def test_dodging_leaves_missing_values_alone_and_spaces_only_what_would_overlap():
+    offsets, counted = command.dodged(np.array([np.nan, np.nan, 0.5, 0.6, 0.5001]), step=0.1, width=0.5,
+                                      tolerance=0.01)
+    assert offsets[:2].tolist() == [0, 0] and offsets[3] == 0 and sorted(offsets[[2, 4]]) == [-0.05, 0.05]
+    assert counted == {}
+    offsets, counted = command.dodged(np.array([1.0, 1.0, 1.0]), step=0.3, width=0.5, tolerance=0.01)
+    assert offsets.tolist() == [0, 0, 0] and counted == {0: 3}
 
 
 def test_the_warnings_a_run_printed_are_scored_at_the_last_measurement_before_each_validation():
