@@ -51,8 +51,8 @@ recomputed statistics on the same images (`attribute`): how much of the validati
 An early warning fires when the score of the rule `warn_rule` (WARNING_RULES, each measurement's scores kept in
 `warning_score`) exceeds `warn_threshold`, from step `warn_after` on: a validation now would be spoiled by BN
 statistics (docs/spikes.md scores the rules on real runs: the gap comes and goes within tens of steps). (The
-trainer arms it once the running statistics' initial values weigh under 1%, warm_up_steps,
-or after half an epoch, whichever comes first: earlier, a gap says only that training has just begun.)
+trainer and the Lightning callback arm it at `warm_up_steps`: once the running statistics' initial values weigh
+under 1%, or after half an epoch, whichever comes first; earlier, a gap says only that training has just begun.)
 
 In any training loop (three lines):
 
@@ -313,7 +313,7 @@ def lag_start(steps_per_epoch: float = math.inf) -> int:
     modelled over the same steps: those after which an average at PyTorch's default momentum 0.1 keeps under 1% of
     its start (44), at most half an epoch. Earlier measurements (plain56's first: a batch noise of 78 normalised
     units, 0.03 later) would outweigh a whole run in the model's mean squares."""
-    return int(min(forgetting_steps(0.1), steps_per_epoch // 2))
+    return int(min(forgetting_steps(0.1), steps_per_epoch / 2))
 
 
 def lag_from(ds: xr.Dataset) -> int:
@@ -327,10 +327,11 @@ def lag_from(ds: xr.Dataset) -> int:
 def warm_up_steps(model: nn.Module, steps_per_epoch: float = math.inf, weight: float = 0.01) -> int:
     """Optimiser steps after which the running statistics' initial values weigh less than `weight` in them
     (`forgetting_steps`), for the BN layer of the smallest momentum (0 for a cumulative average), at most half an
-    epoch: before that, a gap says only that training has just begun; a run at a small momentum still gets its
-    warnings from its first epoch on."""
+    epoch (`steps_per_epoch` optimiser steps; infinite for a loader of unknown length, no cap): before that, a gap
+    says only that training has just begun; a run at a small momentum still gets its warnings from its first
+    epoch on."""
     momenta = [m.momentum for _, m in models.bn_layers(model) if m.momentum is not None and 0 < m.momentum < 1]
-    return int(min(forgetting_steps(min(momenta), weight) if momenta else 0, steps_per_epoch // 2))
+    return int(min(forgetting_steps(min(momenta), weight) if momenta else 0, steps_per_epoch / 2))
 
 
 def definition(every: int, n_images: int, probe: str, rule: str) -> str:

@@ -206,6 +206,7 @@ def test_under_gradient_accumulation_it_measures_after_optimiser_steps_and_follo
     module, _ = fit(tmp_path, callbacks=[callback], accumulate=2, kind=Scheduled)
     ds = record(tmp_path / "logs" / "version_0" / "monitor.nc")
     assert list(ds.step.values) == [1, 2, 3, 4, 5, 6]
+    assert ds.attrs["warn_after"] == 1  # half an epoch of 3 optimiser steps, not of its 6 batches
     np.testing.assert_allclose(ds.lr.values, 0.2 / ds.step.values, rtol=1e-6)
     monitor = callback.monitor
     own = list(monitor.momenta).index(0.1)
