@@ -126,9 +126,10 @@ def dodged(values: np.ndarray, step: float, width: float, tolerance: float) -> t
 @plotting.styled
 def figure(ds: xr.Dataset):
     """Per group, seeds as dots (those that would cover each other side by side, or one dot with their count above
-    it where a column cannot hold them) and beside them the mean with its 95% interval: (a) events per run, (b) every validation's excess
-    (events filled), (c) accuracy with running and recomputed statistics, (d) the running statistics' error, (e)
-    the layers' input speed against BN's window, (f) best momentum, measured and predicted."""
+    it where a column cannot hold them) and beside them the mean with its 95% interval: (a) events per run, (b)
+    every validation's excess (events filled), (c) accuracy with running and recomputed statistics, (d) the
+    running statistics' error, (e) the layers' input speed against BN's window, (f) best momentum, measured and
+    predicted."""
     panels = [("events", "(a) BN-statistics events per run", 1, False),
               (None, "(b) excess of each validation, nats\n(filled: events; dotted: the margin)", 1, True),
               ("final_acc", "(c) last validation accuracy, %\n(running ●, recomputed ○)", 100, False),
