@@ -397,15 +397,26 @@ class Prescription:
         m = self.momentum
         if np.isfinite(self.diffusion) and np.isfinite(self.noise):
             lag = predicted_error(self.drift, self.diffusion, 0.0, m)
-            out.append(f"  why: each layer's input statistics drift {self.drift:.2g} and diffuse "
-                       f"{math.sqrt(self.diffusion):.2g} per sqrt(step) (medians over layers) against a batch noise "
-                       f"of {self.noise:.2g}; BN momentum {m:g} averages over ~{1 / m:.0f} steps, so the running "
+            out.append(f"  why: each layer's input statistics {self.motion()} (medians over layers) against a batch "
+                       f"noise of {self.noise:.2g}; BN momentum {m:g} averages over ~{1 / m:.0f} steps, so the running "
                        f"statistics trail by ~{lag:.2g} and keep ~{self.noise * math.sqrt(m / (2 - m)):.2g} of "
                        f"noise; the weights turned {self.angular_speed:.2g} rad/step (SGD's equilibrium "
                        f"{self.angular_equilibrium:.2g})")
         if np.isfinite(self.measured_best):
             out.append("  what: " + self.what())
         return out
+
+    def motion(self) -> str:
+        """How the layers' input statistics moved, in the lag model's two terms; a term the fit put at 0 (shifts
+        over two intervals at least twice those over one leave no room for diffusion, at most sqrt(2) times none
+        for drift; a record without shift2 has no drift term) is said to be unmeasurable, not a rate of 0."""
+        drift = f"drift {self.drift:.2g} per step" if self.drift > 0 else ""
+        diffusion = f"diffuse {math.sqrt(self.diffusion):.2g} per sqrt(step)" if self.diffusion > 0 else ""
+        if drift and diffusion:
+            return f"{drift} and {diffusion}"
+        if drift or diffusion:
+            return f"{drift or diffusion}, no {'diffusion' if drift else 'drift'} measurable beside it"
+        return "did not move measurably"
 
     def confirmed(self) -> bool:
         """A momentum to change to: the shadows' best differs from the run's, and the lag model, fitted to these

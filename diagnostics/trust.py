@@ -151,7 +151,10 @@ def figure(ds: xr.Dataset):
         every = np.ravel([scale * ds[variable].values for variable, _ in pairs]) if name else np.array([])
         every = every[np.isfinite(every)]
         log = name in ("running_error", "diffusion", "best_momentum") and (every > 0).any()
-        shown = np.log10(every[every > 0]) if log else every  # what the axis spaces evenly
+        # a 0 (the lag model's fit can put all of a run's motion in drift) has no place on a log axis: a triangle
+        # at a floor a factor 3 below the smallest value, said in the panel
+        floor = every[every > 0].min() / 3 if log and (every == 0).any() else np.nan
+        shown = np.log10(np.where(every > 0, every, floor)) if log else every  # what the axis spaces evenly
         dot_x, dot_y = dot_size(fig, axis, len(groups))
         tolerance = dot_y * 1.1 * (np.ptp(shown) if len(shown) > 1 and np.ptp(shown) > 0 else 1.0)
         for i, group in enumerate(groups):
@@ -170,11 +173,15 @@ def figure(ds: xr.Dataset):
                 side = 1 if k == len(pairs) - 1 else -1  # the mean's bar outside its dots: the last pair's right
                 centre = i + (k - (len(pairs) - 1) / 2) * 0.5
                 values = scale * ds[variable].values[runs]
+                zero = values == 0 if np.isfinite(floor) else np.zeros(len(values), dtype=bool)
+                values = np.where(zero, floor, values)
                 with np.errstate(divide="ignore", invalid="ignore"):
                     spaced = np.log10(values) if log else values
                 spread, counted = dodged(spaced, dot_x, 0.6 if len(pairs) == 1 else 0.3, tolerance)
-                axis.scatter(centre + spread, values, s=DOT, edgecolors=colour, linewidths=0.6,
-                             facecolors=colour if fill == "o" else "none", zorder=3)
+                for kept, marker in ((~zero, "o"), (zero, "v")):
+                    if kept.any():
+                        axis.scatter(centre + spread[kept], values[kept], s=DOT, marker=marker, edgecolors=colour,
+                                     linewidths=0.6, facecolors=colour if fill == "o" else "none", zorder=3)
                 for index, seeds in counted.items():
                     axis.annotate(f"{seeds}", (centre, values[index]), xytext=(0, 2.5), textcoords="offset points",
                                   ha="center", va="bottom", fontsize=4.5, color=colour)
@@ -190,6 +197,8 @@ def figure(ds: xr.Dataset):
         if log:
             axis.set_yscale("log")
             plotting.plain_log_labels(axis.yaxis)
+        if np.isfinite(floor):
+            axis.set_title(f"{title}\n(▽: 0, drawn at a third of the smallest value)", loc="left", fontsize=6)
         if not axis.has_data():
             axis.text(0.5, 0.5, "no attributed validation (runs of version 2, or --attribution-images 0)",
                       ha="center", va="center", transform=axis.transAxes, fontsize=5, wrap=True)

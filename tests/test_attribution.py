@@ -13,8 +13,8 @@ import xarray as xr
 
 import models
 from analyses.bn import recalibrate_bn
-from analyses.monitor import (BNMonitor, StatisticsTracker, agreement, attribute, best_momentum, lag_from,
-                              lag_inputs, lag_start, predicted_error, prescription, validation_predictions)
+from analyses.monitor import (BNMonitor, Prescription, StatisticsTracker, agreement, attribute, best_momentum,
+                              lag_from, lag_inputs, lag_start, predicted_error, prescription, validation_predictions)
 from conftest import assert_no_hooks, train_tiny
 from train import checkpoint as ckpt
 from train import datasets, rundir
@@ -94,6 +94,27 @@ def test_the_lag_model_matches_a_moving_average_of_a_statistic_moving_at_a_known
         scale_error = 1 - 1 / shadow["0"].var.add(1e-5).sqrt()
         measured = (mean_error.square() + scale_error.square()).mean().sqrt().item()
         assert measured == pytest.approx(predicted_error(v, q, noise, momentum), rel=0.15), momentum
+
+
+def test_the_why_line_says_which_motion_the_fit_could_not_measure_instead_of_a_rate_of_0():
+    """The lag model's fit puts one term at 0 where the shifts leave no room for it (over two intervals exactly
+    twice the shift over one: pure drift; no second shift: pure diffusion); the why-line then names the motion
+    it measured and says the other was not measurable, where it printed "diffuse 0 per sqrt(step)" (the demo's
+    resnet20)."""
+    def why(shift, shift2) -> str:
+        drift, diffusion, noise = lag_inputs([[shift]], [[shift2]], [[0.02]], [10])
+        found = Prescription(worst=None, layers=[], momentum=0.1, drift=float(drift[0]),
+                             diffusion=float(diffusion[0]), noise=float(noise[0]), angular_speed=0.002,
+                             angular_equilibrium=0.007, replaced=False, measured_best=float("nan"),
+                             measured_error={}, predicted_best=float("nan"), fit=(float("nan"), float("nan"), 0))
+        return found.lines()[1]
+
+    assert "drift 0.015 per step, no diffusion measurable beside it (medians over layers)" in why(0.15, 0.3)
+    assert "diffuse 0.095 per sqrt(step), no drift measurable beside it" in why(0.3, np.nan)
+    assert "drift 0.0071 per step and diffuse 0.059 per sqrt(step)" in why(0.2, 0.3)  # v^2 = 0.01 / 200, q = 0.035 / 10
+    assert "did not move measurably" in why(0.0, 0.0)
+    for line in (why(0.15, 0.3), why(0.3, np.nan)):
+        assert " 0 per" not in line and "trail by ~" in line
 
 
 def test_the_best_momentum_balances_lag_and_noise():

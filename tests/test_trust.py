@@ -216,6 +216,34 @@ def test_seeds_whose_dots_would_cover_each_other_are_drawn_side_by_side_or_count
     plt.close(fig)
 
 
+def test_a_diffusion_of_0_is_drawn_at_a_floor_of_the_log_axis_and_said():
+    """The lag model's fit can put all of a run's motion in drift (the demo's resnet20, resnet18-s0): its diffusion
+    of 0 had no place on panel (e)'s log axis and its dot vanished. Now every run has a dot there, the 0 a
+    triangle below the others, and the panel says so."""
+    import matplotlib.pyplot as plt
+    from matplotlib.markers import MarkerStyle
+    runs = [history([0.5, 0.5], [0.3, 0.0]) for _ in range(4)]
+    ds = trust_study(runs, [None] * 4, [f"{m}-s{s}" for m in ("plain20", "resnet20") for s in (0, 1)],
+                     ["plain20"] * 2 + ["resnet20"] * 2, [0, 1, 0, 1], [])
+    ds["diffusion"] = ("run", np.array([0.02, 0.03, 0.0, 0.025]))
+    fig = command.figure(ds)
+    axis = fig.axes[4]
+    assert axis.get_yscale() == "log" and "▽: 0" in axis.get_title(loc="left")
+    dots = np.array(_dots_in_points(fig, axis))
+    assert len(dots) == 4  # every run, the 0 included
+    zero_y = axis.transData.transform((0, 0.02 / 3))[1] * 72 / fig.dpi
+    assert np.isclose(dots[:, 1], zero_y).sum() == 1 and dots[:, 1].min() == pytest.approx(zero_y)
+    triangle = MarkerStyle("v")
+    triangle = triangle.get_path().transformed(triangle.get_transform()).vertices
+    at_floor = [c for c in axis.collections if len(c.get_offsets()) == 1 and c.get_offsets()[0][1] == 0.02 / 3]
+    assert len(at_floor) == 1 and np.allclose(at_floor[0].get_paths()[0].vertices, triangle)
+    plt.close(fig)
+    ds["diffusion"] = ("run", np.array([0.02, 0.03, 0.01, 0.025]))
+    fig = command.figure(ds)
+    assert "▽" not in fig.axes[4].get_title(loc="left") and len(_dots_in_points(fig, fig.axes[4])) == 4
+    plt.close(fig)
+
+
 def test_dodging_leaves_missing_values_alone_and_spaces_only_what_would_overlap():
     offsets, counted = command.dodged(np.array([np.nan, np.nan, 0.5, 0.6, 0.5001]), step=0.1, width=0.5,
                                       tolerance=0.01)
