@@ -26,7 +26,7 @@ from . import common
 
 
 def parser():
-    p = common.parser("benchmarks.spikes_cost", __doc__, models_default=None, repeats=1)
+    p = common.parser("benchmarks.spikes_cost", __doc__, models_default=None, repeats=3)
     p.add_argument("--run", type=Path, help="a run directory to diagnose (default: train a small one)")
     p.add_argument("--model", type=common.model_name, default="resnet20", help="the model of the run trained")
     p.add_argument("--dataset", choices=tuple(datasets.SPECS), default="fashion-mnist", help="the run's dataset")

@@ -6,7 +6,6 @@ import os
 import re
 import subprocess
 import sys
-import traceback
 from pathlib import Path
 
 import pytest
@@ -110,6 +109,31 @@ def test_train_throughput_smallest():
     assert any("resnet20 ours bf16 / typical fp32 loop" in line and "not measured" not in line for line in found)
 
 
+def test_with_native_bf16_the_3x_target_is_judged_on_the_compiled_bf16_loop_a_long_run_gets(monkeypatch):
+    """Issue 30 raised the native-bf16 target to 3x the typical fp32 loop, for the loop a long run trains:
+    compiled, as --compile auto chooses for he2016's 64,000 iterations (the eager bf16 loop was at its ceiling,
+    2.29x). On a CPU with native bf16 (here made to say so) the benchmark times the compiled bf16 loop by default
+    and judges the target on it; with --no-compile it says that target was not measured, and why."""
+    monkeypatch.setattr(common, "native_bf16", lambda device: (True, "this CPU has AMX (amx_bf16)"))
+    tiny = ["--models", "resnet20", "--steps", "1", "--batch-size", "4", "--workers", "0", "--compile-backend",
+            "eager", *TINY_DATA]
+    code, out, err = run_command(train_throughput, tiny)
+    assert code == 0, err
+    assert re.search(rf"^resnet20 +{NUMBER}( +{NUMBER} +{NUMBER}x){{3}}$", out, re.M), out  # fp32, bf16, bf16 compiled
+    assert "ours bf16 compiled" in out and "ours fp32 compiled" not in out
+    found = summaries(out)
+    target = [line for line in found if "ours bf16 compiled (a long run, as --compile auto trains it)" in line]
+    assert len(target) == 1 and re.search(r": [\d.]+x \(target >= 3\.00x\): (met|MISSED)$", target[0]), found
+    assert any("ours bf16 eager / typical fp32 loop" in line and "no target here" in line for line in found)
+    code, out, err = run_command(train_throughput, [*tiny, "--no-compile"])
+    assert code == 0, err
+    assert any("ours bf16 compiled" in line and "not measured (--no-compile was given" in line
+               for line in summaries(out)), out
+    cpu = torch.device("cpu")
+    assert train_throughput.compiled_variants(None, native=False, device=cpu) == ()
+    assert train_throughput.compiled_variants(True, native=False, device=cpu) == ("ours fp32", "ours bf16")
+
+
 def test_monitor_cost_measures_inside_the_trainers_epoch():
     code, out, err = run_command(monitor_cost, ["--models", "resnet20", "--steps", "2", "--every", "1", "--batch-size",
                                                 "4", "--probe-images", "3", "--attribution-images", "5", *TINY_DATA])
@@ -167,13 +191,7 @@ def test_depth_scaling_smallest():
 
 def test_spikes_cost_smallest():
     argv = ["--train-images", "16", "--epochs", "2", "--n-images", "8", "--recal-images", "8", *TINY_DATA]
-    try:
-        code, out, err = run_command(spikes_cost, argv)
-    except Exception as exc:
-        where = traceback.extract_tb(exc.__traceback__)[-1].filename
-        if where.endswith(("diagnostics/spikes.py", "analyses/spikes.py")):
-            pytest.xfail(f"the spike diagnosis itself fails ({type(exc).__name__}: {exc}); it is being rewritten")
-        raise
+    code, out, err = run_command(spikes_cost, argv)
     assert code == 0, err
     assert_machine_line(out.splitlines()[0])
     assert "2 epoch checkpoints" in out and "8 validation images" in out
