@@ -381,6 +381,7 @@ class Prescription:
     measured_error: dict  # momentum -> RMS error over validations and layers
     predicted_best: float
     fit: tuple[float, float, int]  # agreement(predicted_error, shadow_error)
+    drift_measured: bool = True  # False: a record without input_shift2, its shifts all taken as diffusion
 
     def lines(self) -> list[str]:
         out = []
@@ -409,9 +410,11 @@ class Prescription:
     def motion(self) -> str:
         """How the layers' input statistics moved, in the lag model's two terms; a term the fit put at 0 (shifts
         over two intervals at least twice those over one leave no room for diffusion, at most sqrt(2) times none
-        for drift; a record without shift2 has no drift term) is said to be unmeasurable, not a rate of 0."""
-        drift = f"drift {self.drift:.2g} per step" if self.drift > 0 else ""
+        for drift) is said to be unmeasurable, not a rate of 0; a record without shift2 never measured drift."""
         diffusion = f"diffuse {math.sqrt(self.diffusion):.2g} per sqrt(step)" if self.diffusion > 0 else ""
+        if not self.drift_measured:
+            return f"{diffusion or 'did not diffuse measurably'} (drift not measured: a record without input_shift2)"
+        drift = f"drift {self.drift:.2g} per step" if self.drift > 0 else ""
         if drift and diffusion:
             return f"{drift} and {diffusion}"
         if drift or diffusion:
@@ -475,7 +478,8 @@ def prescription(ds: xr.Dataset, n_layers: int = 3) -> Prescription:
             measured_best = float(ds.momentum.values[int(np.nanargmin(rms))])
     median = lambda values: float(np.nanmedian(values)) if np.isfinite(values).any() else float("nan")
     read = ds.step.values >= lag_from(ds)  # before: training's first upheaval; none read: NaN
-    drift, diffusion, noise = lag_inputs(*(values[read] for values in recorded_shifts(ds)))
+    shifts = [values[read] for values in recorded_shifts(ds)]
+    drift, diffusion, noise = lag_inputs(*shifts)
     conv = np.array([str(kind).startswith("conv") for kind in ds.weight_kind.values], dtype=bool)
     return Prescription(
         worst=worst, layers=layers, momentum=momentum, replaced=int(ds.attrs.get("statistics_replaced", 0)) > 0,
@@ -484,7 +488,7 @@ def prescription(ds: xr.Dataset, n_layers: int = 3) -> Prescription:
         angular_equilibrium=median(ds.angular_equilibrium.values), measured_best=measured_best,
         measured_error=measured, predicted_best=best_momentum(drift, diffusion, noise),
         fit=agreement(validation_predictions(ds), ds.shadow_error.values) if ds.sizes.get("validation", 0)
-        else (float("nan"), float("nan"), 0))
+        else (float("nan"), float("nan"), 0), drift_measured=bool(np.isfinite(shifts[1]).any()))
 
 
 @dataclass

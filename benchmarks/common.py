@@ -177,11 +177,13 @@ def timed(function: Callable[[], object], device: torch.device) -> float:
 
 
 def interleaved(runs: dict[str, Callable[[], object]], repeats: int, device: torch.device, progress: Progress,
-                warm_up: Iterable[str] | None = None) -> dict[str, float]:
+                warm_up: Iterable[str] | None = None, rounds: dict[str, list[float]] | None = None
+                ) -> dict[str, float]:
     """Median seconds of each run over `repeats` rounds that take every run in turn, after one warm-up round
     that is not counted (of the runs named in `warm_up`; default all): load that drifts during a benchmark
-    affects every run alike."""
-    seconds = {key: [] for key in runs}
+    affects every run alike. `rounds`, where given, receives each run's seconds round by round."""
+    seconds = rounds if rounds is not None else {}
+    seconds.update({key: [] for key in runs})
     warm_up = set(runs if warm_up is None else warm_up)
     for round_ in range(repeats + 1):
         for key, function in runs.items():

@@ -152,7 +152,7 @@ def figure(ds: xr.Dataset):
         every = every[np.isfinite(every)]
         log = name in ("running_error", "diffusion", "best_momentum") and (every > 0).any()
         # a 0 (the lag model's fit can put all of a run's motion in drift) has no place on a log axis: a triangle
-        # at a floor a factor 3 below the smallest value, said in the panel
+        # at a floor a factor 3 below the smallest positive value, said in the panel (a mean or bound of 0 there too)
         floor = every[every > 0].min() / 3 if log and (every == 0).any() else np.nan
         shown = np.log10(np.where(every > 0, every, floor)) if log else every  # what the axis spaces evenly
         dot_x, dot_y = dot_size(fig, axis, len(groups))
@@ -186,6 +186,8 @@ def figure(ds: xr.Dataset):
                     axis.annotate(f"{seeds}", (centre, values[index]), xytext=(0, 2.5), textcoords="offset points",
                                   ha="center", va="bottom", fontsize=4.5, color=colour)
                 mean, low, high = scale * ds[f"{variable}_by_group"].sel(group=group).values
+                if np.isfinite(floor):
+                    mean, low, high = (floor if value <= 0 else value for value in (mean, low, high))
                 if np.isfinite(mean):
                     edge = np.abs(spread).max(initial=0) + 1.2 * dot_x  # half a dot, then the tick's half
                     axis.errorbar(centre + side * edge, mean, fmt="_", markersize=4, capsize=1.5,
@@ -198,7 +200,8 @@ def figure(ds: xr.Dataset):
             axis.set_yscale("log")
             plotting.plain_log_labels(axis.yaxis)
         if np.isfinite(floor):
-            axis.set_title(f"{title}\n(▽: 0, drawn at a third of the smallest value)", loc="left", fontsize=6)
+            axis.set_title(f"{title}\n(triangles: 0, at a third of the smallest positive value)", loc="left",
+                           fontsize=6)
         if not axis.has_data():
             axis.text(0.5, 0.5, "no attributed validation (runs of version 2, or --attribution-images 0)",
                       ha="center", va="center", transform=axis.transAxes, fontsize=5, wrap=True)

@@ -98,22 +98,24 @@ def test_the_lag_model_matches_a_moving_average_of_a_statistic_moving_at_a_known
 
 def test_the_why_line_says_which_motion_the_fit_could_not_measure_instead_of_a_rate_of_0():
     """The lag model's fit puts one term at 0 where the shifts leave no room for it (over two intervals exactly
-    twice the shift over one: pure drift; no second shift: pure diffusion); the why-line then names the motion
-    it measured and says the other was not measurable, where it printed "diffuse 0 per sqrt(step)" (the demo's
-    resnet20)."""
+    twice the shift over one: pure drift; at most sqrt(2) times: pure diffusion); the why-line then names the
+    motion it measured and says the other was not measurable, where it printed "diffuse 0 per sqrt(step)" (the
+    demo's resnet20). A record without a second shift never measured drift, and says so."""
     def why(shift, shift2) -> str:
         drift, diffusion, noise = lag_inputs([[shift]], [[shift2]], [[0.02]], [10])
         found = Prescription(worst=None, layers=[], momentum=0.1, drift=float(drift[0]),
                              diffusion=float(diffusion[0]), noise=float(noise[0]), angular_speed=0.002,
                              angular_equilibrium=0.007, replaced=False, measured_best=float("nan"),
-                             measured_error={}, predicted_best=float("nan"), fit=(float("nan"), float("nan"), 0))
+                             measured_error={}, predicted_best=float("nan"), fit=(float("nan"), float("nan"), 0),
+                             drift_measured=bool(np.isfinite(shift2)))
         return found.lines()[1]
 
     assert "drift 0.015 per step, no diffusion measurable beside it (medians over layers)" in why(0.15, 0.3)
-    assert "diffuse 0.095 per sqrt(step), no drift measurable beside it" in why(0.3, np.nan)
+    assert "diffuse 0.077 per sqrt(step), no drift measurable beside it" in why(0.2, 0.2)  # q = 0.06 / 10, v^2 < 0
     assert "drift 0.0071 per step and diffuse 0.059 per sqrt(step)" in why(0.2, 0.3)  # v^2 = 0.01 / 200, q = 0.035 / 10
+    assert "diffuse 0.095 per sqrt(step) (drift not measured: a record without input_shift2)" in why(0.3, np.nan)
     assert "did not move measurably" in why(0.0, 0.0)
-    for line in (why(0.15, 0.3), why(0.3, np.nan)):
+    for line in (why(0.15, 0.3), why(0.2, 0.2), why(0.3, np.nan)):
         assert " 0 per" not in line and "trail by ~" in line
 
 
@@ -335,6 +337,11 @@ def test_the_lag_model_reads_the_measurements_from_lag_from_on():
     nothing = ds.assign_attrs(lag_from=100)  # nothing read: no inputs, not all of the measurements
     assert np.isnan(prescription(nothing).predicted_best) and np.isnan(prescription(nothing).noise)
     assert np.isnan(validation_predictions(nothing)).all()
+    assert found.drift_measured
+    before_shift2 = ds.drop_vars(["input_shift", "input_shift2"])  # a record of input_speed alone: no drift term
+    assert not prescription(before_shift2).drift_measured
+    why = [line for line in prescription(before_shift2).lines() if line.startswith("  why:")]
+    assert len(why) == 1 and "(drift not measured: a record without input_shift2)" in why[0]
     older = ds.copy()
     del older.attrs["lag_from"]  # a record of an earlier version: lag_start of its first validation's step
     assert lag_from(older) == lag_start(8) == 4 and lag_start(156) == lag_start() == 44

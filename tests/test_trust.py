@@ -221,14 +221,16 @@ def test_a_diffusion_of_0_is_drawn_at_a_floor_of_the_log_axis_and_said():
     of 0 had no place on panel (e)'s log axis and its dot vanished. Now every run has a dot there, the 0 a
     triangle below the others, and the panel says so."""
     import matplotlib.pyplot as plt
+    from matplotlib.collections import LineCollection
     from matplotlib.markers import MarkerStyle
     runs = [history([0.5, 0.5], [0.3, 0.0]) for _ in range(4)]
     ds = trust_study(runs, [None] * 4, [f"{m}-s{s}" for m in ("plain20", "resnet20") for s in (0, 1)],
                      ["plain20"] * 2 + ["resnet20"] * 2, [0, 1, 0, 1], [])
     ds["diffusion"] = ("run", np.array([0.02, 0.03, 0.0, 0.025]))
+    ds["diffusion_by_group"].loc[{"group": "resnet20"}] = [0.0125, 0.0, 0.17]  # a mean and a bound of 0 too
     fig = command.figure(ds)
     axis = fig.axes[4]
-    assert axis.get_yscale() == "log" and "▽: 0" in axis.get_title(loc="left")
+    assert axis.get_yscale() == "log" and "triangles: 0" in axis.get_title(loc="left")
     dots = np.array(_dots_in_points(fig, axis))
     assert len(dots) == 4  # every run, the 0 included
     zero_y = axis.transData.transform((0, 0.02 / 3))[1] * 72 / fig.dpi
@@ -237,10 +239,12 @@ def test_a_diffusion_of_0_is_drawn_at_a_floor_of_the_log_axis_and_said():
     triangle = triangle.get_path().transformed(triangle.get_transform()).vertices
     at_floor = [c for c in axis.collections if len(c.get_offsets()) == 1 and c.get_offsets()[0][1] == 0.02 / 3]
     assert len(at_floor) == 1 and np.allclose(at_floor[0].get_paths()[0].vertices, triangle)
+    bars = [segment[:, 1] for c in axis.collections if isinstance(c, LineCollection) for segment in c.get_segments()]
+    assert any(np.allclose(sorted(y), [0.02 / 3, 0.17]) for y in bars), bars  # its low bound of 0 at the floor
     plt.close(fig)
     ds["diffusion"] = ("run", np.array([0.02, 0.03, 0.01, 0.025]))
     fig = command.figure(ds)
-    assert "▽" not in fig.axes[4].get_title(loc="left") and len(_dots_in_points(fig, fig.axes[4])) == 4
+    assert "triangles" not in fig.axes[4].get_title(loc="left") and len(_dots_in_points(fig, fig.axes[4])) == 4
     plt.close(fig)
 
 
