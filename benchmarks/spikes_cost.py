@@ -35,7 +35,8 @@ def parser():
     p.add_argument("--epochs", type=positive_int, default=4, help="the run's epochs, each with a checkpoint")
     p.add_argument("--n-images", type=positive_int, help="validation images (default: all of the run's split)")
     p.add_argument("--batch-size", type=positive_int, help="evaluation batch (default: the run's training batch)")
-    p.add_argument("--recal-images", type=positive_int, default=2000, help="the diagnosis's recalibration images")
+    p.add_argument("--recal-images", type=positive_int,
+                   help="the diagnosis's recalibration images (default: its own, the run's --recalibration-images)")
     return p
 
 
@@ -80,16 +81,17 @@ def measure(args, device: torch.device) -> common.Report:
         batch_size = args.batch_size or rundir.read_config(run).get("per_device_batch") or 128
         shared = ["--data-dir", args.data_dir, "--device", device.type, "--batch-size", str(batch_size)]
         shared += ["--n-images", str(args.n_images)] if args.n_images else []
+        recal = args.recal_images or diagnostics_common.run_recal_images(
+            diagnostics_common.load_checkpoint(rundir.run_checkpoints(run)[0], baseline_args(run, shared)))
         runs = {"baseline": lambda: plain_validation(run, shared),
-                "diagnosis": lambda: common.quietly(spikes_main, [str(run), *shared, "--recal-images",
-                                                                  str(args.recal_images), "--out",
-                                                                  str(Path(folder) / "out")])}
+                "diagnosis": lambda: common.quietly(spikes_main, [str(run), *shared, "--recal-images", str(recal),
+                                                                  "--out", str(Path(folder) / "out")])}
         rounds = {}
         with common.progress(1 + 2 * args.repeats, "spikes_cost") as progress:
             seconds = common.interleaved(runs, args.repeats, device, progress, warm_up=["baseline"], rounds=rounds)
         n_val = validation_images(run, shared)
     report = common.Report(f"{epochs} epoch checkpoints of {run if args.run else 'a fresh ' + args.model + ' run'}, "
-                           f"{n_val} validation images in batches of {batch_size}, {args.recal_images} "
+                           f"{n_val} validation images in batches of {batch_size}, {recal} "
                            f"recalibration images; median of {args.repeats} interleaved rounds",
                            ["", "seconds (median)", "each round"],
                            [[f"{epochs} plain validation passes", f"{seconds['baseline']:.1f}",

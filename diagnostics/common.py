@@ -19,6 +19,7 @@ from analyses.common import AUTOCAST, forward_hooks, preserved_state
 from train import checkpoint as ckpt
 from train import rundir
 from train.batches import EvalBatches, recalibration_inputs
+from train.config import Config, older_options
 from train.datasets import (FOLDER, SPECS, SPLITS, DatasetSpec, Images, check_image_size, dataset_folders,
                             dataset_name, default_data_dir, folder_classes, get_spec, is_folder, load_split)
 from train.errors import (ArgumentParser, UserError, finite_float, first_line, positive_float, positive_int,
@@ -469,6 +470,19 @@ def read_monitor(run_dir: Path):
         return xr.load_dataset(path)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise UserError(f"{path} cannot be read ({first_line(exc)}); delete it or copy the run again") from None
+
+
+def run_recal_images(loaded: ckpt.Loaded) -> int:
+    """How many training images the run's own attribution recomputed BN statistics over (`--precise-bn`'s, else
+    `--recalibration-images`; a run of an older version as `train.config.older_options` reads it), so that a
+    diagnosis recomputes them as the trainer did and its recalibrated loss is the epoch line's on the same
+    images; the trainer's default for a run that records neither."""
+    values = older_options(loaded.config or {})
+    for key in ("precise_bn", "recalibration_images"):
+        n = values.get(key)
+        if isinstance(n, int) and not isinstance(n, bool) and n > 0:
+            return n
+    return Config.recalibration_images
 
 
 def run_recal_inputs(loaded: ckpt.Loaded, args, device, n_images: int) -> list:

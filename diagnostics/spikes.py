@@ -25,9 +25,10 @@ SHORT_CAUSE = {"BN statistics": "BN", "weights": "weights", "mixed": "mixed"}
 
 def parser():
     p = common.parser("spikes", __doc__, inputs="runs", n_images=None, batch_size=None)
-    p.add_argument("--recal-images", type=positive_int, default=2000,
+    p.add_argument("--recal-images", type=positive_int,
                    help="recompute BN statistics over the first N training images, augmented as the run trained "
-                        "(default 2000)")
+                        "(default: as many as the run's own attribution did, its --precise-bn or "
+                        "--recalibration-images, 512 unless changed: the recalibrated loss its epoch lines printed)")
     p.add_argument("--window", type=positive_int, default=3,
                    help="a spike is measured against the median of this many previous checkpoints (default 3)")
     p.add_argument("--factor", type=bounded_float(1.0, inclusive=False), default=3.0,
@@ -342,7 +343,8 @@ def main(argv=None) -> None:
     results, logged, per_run, monitors, recal_of = common.Results(), [], {}, {}, {}
     for source, loaded in common.checkpoints(sources, args, device):
         if source.label not in recal_of:  # a new run: its own recalibration images, no previous epoch
-            recal_of[source.label] = common.run_recal_inputs(loaded, args, device, args.recal_images)
+            recal_of[source.label] = common.run_recal_inputs(loaded, args, device,
+                                                             args.recal_images or common.run_recal_images(loaded))
             previous = None
             config = loaded.config or {}
             per_run[source.label] = {"bn_momentum": config.get("bn_momentum", np.nan),

@@ -1,6 +1,7 @@
 """Spike diagnosis: the rule, the share and its uncertainty on hand-set numbers; constructed models whose drift,
 mismatch floor, repair curve and amplification are known; corrupted checkpoints of a real run whose cause must be
 named (BN statistics, weights, or mixed with its share) and whose culprit layer must be found."""
+import dataclasses
 import math
 import os
 import shutil
@@ -354,6 +355,26 @@ def test_command_names_the_bn_layer_whose_statistics_were_corrupted(run, tmp_pat
     for key in ("definition", "rule", "checkpoint", "dataset", "split", "software", "created"):
         assert ds.attrs[key]
     assert (out / "spikes_repair.png").stat().st_size > 10_000
+
+
+def test_by_default_the_diagnosis_recomputes_over_the_images_the_trainer_did_and_reads_its_loss(tmp_path):
+    """Without --recal-images the diagnosis recomputes BN statistics over as many training images as the run's own
+    attribution did (--recalibration-images 64 here, not the 256 it has), so on the attributed validation images
+    its recalibrated loss is the one the epoch line printed; --precise-bn's images where the run had them, and the
+    trainer's default for a record that names neither."""
+    from diagnostics.common import run_recal_images
+    run = train_tiny(tmp_path / "run", "resnet20", "--attribution-images", "48", "--recalibration-images", "64")
+    out = tmp_path / "out"
+    assert main_guard(lambda: spikes_command([str(run), "--n-images", "48", "--out", str(out)])) == 0
+    ds = xr.load_dataset(out / "spikes.nc")
+    assert ds.attrs["recal_images"] == 64
+    logged = rundir.read_metrics(run)["val_loss_recalibrated"]
+    np.testing.assert_allclose(ds.val_loss.sel(bn="recalibrated").squeeze("model").values, logged, rtol=1e-5)
+    loaded = ckpt.load(run / "epoch_002.pt")
+    assert run_recal_images(loaded) == 64
+    for config, n in (({"precise_bn": 32, "recalibration_images": 512}, 32), ({"attribution_images": 100}, 100),
+                      ({}, 512), ({"recalibration_images": True}, 512)):
+        assert run_recal_images(dataclasses.replace(loaded, config=config)) == n, config
 
 
 def test_the_monitor_of_a_run_is_in_the_diagnosis(tiny_runs, tmp_path, capsys):
