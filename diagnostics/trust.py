@@ -200,8 +200,7 @@ def figure(ds: xr.Dataset):
             axis.set_yscale("log")
             plotting.plain_log_labels(axis.yaxis)
         if np.isfinite(floor):
-            axis.set_title(f"{title}\n(triangles: 0, at a third of the smallest positive value)", loc="left",
-                           fontsize=6)
+            axis.set_title(f"{title}\n(triangles: 0, drawn at the floor)", loc="left", fontsize=6)
         if not axis.has_data():
             axis.text(0.5, 0.5, "no attributed validation (runs of version 2, or --attribution-images 0)",
                       ha="center", va="center", transform=axis.transAxes, fontsize=5, wrap=True)

@@ -239,6 +239,10 @@ def test_a_diffusion_of_0_is_drawn_at_a_floor_of_the_log_axis_and_said():
     triangle = triangle.get_path().transformed(triangle.get_transform()).vertices
     at_floor = [c for c in axis.collections if len(c.get_offsets()) == 1 and c.get_offsets()[0][1] == 0.02 / 3]
     assert len(at_floor) == 1 and np.allclose(at_floor[0].get_paths()[0].vertices, triangle)
+    renderer = fig.canvas.get_renderer()
+    said, beside = (fig.axes[k]._left_title for k in (4, 5))  # the Text of set_title(loc="left")
+    gap = beside.get_window_extent(renderer).x0 - said.get_window_extent(renderer).x1
+    assert gap > 6 * fig.dpi / 72, gap  # (e)'s note ends at least 6 points before (f)'s title begins
     bars = [segment[:, 1] for c in axis.collections if isinstance(c, LineCollection) for segment in c.get_segments()]
     assert any(np.allclose(sorted(y), [0.02 / 3, 0.17]) for y in bars), bars  # its low bound of 0 at the floor
     plt.close(fig)
