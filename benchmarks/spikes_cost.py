@@ -78,11 +78,11 @@ def measure(args, device: torch.device) -> common.Report:
         epochs = len(rundir.run_checkpoints(run))
         if not epochs:
             raise UserError(f"--run {run} has no epoch checkpoints yet; let it finish an epoch")
-        batch_size = args.batch_size or rundir.read_config(run).get("per_device_batch") or 128
+        config = rundir.read_config(run)
+        batch_size = args.batch_size or config.get("per_device_batch") or 128
         shared = ["--data-dir", args.data_dir, "--device", device.type, "--batch-size", str(batch_size)]
         shared += ["--n-images", str(args.n_images)] if args.n_images else []
-        recal = args.recal_images or diagnostics_common.run_recal_images(
-            diagnostics_common.load_checkpoint(rundir.run_checkpoints(run)[0], baseline_args(run, shared)))
+        recal = args.recal_images or diagnostics_common.run_recal_images(config)
         runs = {"baseline": lambda: plain_validation(run, shared),
                 "diagnosis": lambda: common.quietly(spikes_main, [str(run), *shared, "--recal-images", str(recal),
                                                                   "--out", str(Path(folder) / "out")])}

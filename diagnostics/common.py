@@ -472,12 +472,13 @@ def read_monitor(run_dir: Path):
         raise UserError(f"{path} cannot be read ({first_line(exc)}); delete it or copy the run again") from None
 
 
-def run_recal_images(loaded: ckpt.Loaded) -> int:
-    """How many training images the run's own attribution recomputed BN statistics over (`--precise-bn`'s, else
-    `--recalibration-images`; a run of an older version as `train.config.older_options` reads it), so that a
-    diagnosis recomputes them as the trainer did and its recalibrated loss is the epoch line's on the same
-    images; the trainer's default for a run that records neither."""
-    values = older_options(loaded.config or {})
+def run_recal_images(config: dict | None) -> int:
+    """How many training images the run of this config (a checkpoint's, or config.json) had its attribution
+    recompute BN statistics over (`--precise-bn`'s, else `--recalibration-images`; a run of an older version as
+    `train.config.older_options` reads it), so that a diagnosis recomputes them as the trainer did and its
+    recalibrated loss is the epoch line's on the same images; the trainer's default for a run that records
+    neither."""
+    values = older_options(config or {})
     for key in ("precise_bn", "recalibration_images"):
         n = values.get(key)
         if isinstance(n, int) and not isinstance(n, bool) and n > 0:

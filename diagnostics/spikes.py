@@ -344,7 +344,7 @@ def main(argv=None) -> None:
     for source, loaded in common.checkpoints(sources, args, device):
         if source.label not in recal_of:  # a new run: its own recalibration images, no previous epoch
             recal_of[source.label] = common.run_recal_inputs(loaded, args, device,
-                                                             args.recal_images or common.run_recal_images(loaded))
+                                                             args.recal_images or common.run_recal_images(loaded.config))
             previous = None
             config = loaded.config or {}
             per_run[source.label] = {"bn_momentum": config.get("bn_momentum", np.nan),
