@@ -29,7 +29,7 @@ from train.progress import Progress
 from train.step import TrainStep
 from train.trainer import choose_device, cpu_flags, cpu_info, native_bf16, train_epoch
 
-BF16_FLAGS = ("avx512f", "avx512_bf16", "amx_bf16")  # avx512f alone: bf16 is emulated (slower than fp32)
+BF16_FLAGS = ("avx512f", "avx512_bf16", "amx_bf16")  # which of them make bf16 native: train.trainer.cpu_native_bf16
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -97,9 +97,8 @@ def bf16_plan(device: torch.device, forced: bool) -> tuple[bool, bool, str]:
     if native:
         return True, True, why
     if forced:
-        return True, False, f"--bf16 was given, though {why}: emulated, expect it slower than fp32"
-    flags = f"flags {flags_text()}" if device.type == "cpu" else why
-    return False, False, f"no native bf16: {flags}; --bf16 forces it"
+        return True, False, f"--bf16 was given, though not native here ({why}): expect it slower than fp32"
+    return False, False, f"no native bf16: {why}; --bf16 forces it"
 
 
 def bf16_note(measured: bool, why: str) -> str:

@@ -7,7 +7,7 @@ chooses takes at most 1/PAYBACK (10%) longer than with the better choice (eager:
 warm-up + steps x compiled step, as measured), which is what auto's rule promises; the warm-up auto assumes
 (`train.step.COMPILE_WARM_UP`) is at least the measured one; and the compiled first steps' losses agree with the
 eager ones (relative difference at most 1e-3 in fp32, 2e-2 in bf16). Each model trains in the precision
-`--precision auto` picks on the machine (bf16 only with AMX or a GPU's native bf16).
+`--precision auto` picks on the machine (bf16 where the CPU or GPU has it natively).
 
 Run: `python -m benchmarks.compile_choice [--models resnet20 plain20 resnet56] [--steps 20] [--backend inductor]`.
 """

@@ -181,7 +181,7 @@ def targets(name, rates, device, with_bf16: bool, native: bool, bf16_reason: str
                               reason="the 1.2x fp32 target is for CPUs without native bf16")]
     return [common.Target(f"{name} ours fp32 / typical fp32 loop on a CPU without native bf16", fp32, 1.2),
             common.Target(f"{name} ours bf16 / typical fp32 loop", bf16 if with_bf16 else None, None,
-                          reason="emulated bf16; the 3x target is for CPUs with native bf16" if with_bf16
+                          reason="bf16 not native here; the 3x target is for CPUs with native bf16" if with_bf16
                           else bf16_reason)]
 
 

@@ -190,7 +190,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=non_negative_int)
     g = p.add_argument_group("execution")
     g.add_argument("--precision", choices=PRECISIONS, help="auto (default): bf16 autocast where the GPU or CPU has "
-                   "AMX (amx_bf16), fp32 otherwise")
+                   "native bf16 (a CPU with AMX, or an AMD one with avx512_bf16), fp32 otherwise")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"))
     g.add_argument("--no-channels-last", dest="channels_last", action="store_false", default=None)
     g.add_argument("--compile", choices=COMPILE_MODES, nargs="?", const="on",

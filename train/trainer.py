@@ -89,17 +89,26 @@ def cpu_flags() -> set[str]:
     return set(cpu_info("flags").split())
 
 
-def cpu_has_native_bf16() -> bool:
-    """AMX (amx_bf16): bf16 autocast on a CPU is faster than fp32 only with it. Without any bf16 instructions
-    it is emulated (about 10x slower than fp32); with avx512_bf16 alone, measured on an Intel Xeon of
-    2026-12-06, plain20's training step took 1.3x fp32's. The environment variable RESNET_DIAG_NATIVE_BF16=1|0
-    overrides the flags (a container that hides them, or a test that runs as the other kind of CPU would)."""
+def cpu_native_bf16() -> tuple[bool, str]:
+    """Whether bf16 autocast trains faster than fp32 on this CPU, and why one thinks so: what plain20's training
+    step measured, bf16 against fp32 (docs/performance.md). With AMX (amx_bf16) bf16 is native and fast. With
+    avx512_bf16 alone it depends on the maker: 1.6x faster on an AMD EPYC (Zen 4) of 2026-12-07, 1.3x slower on an
+    Intel Xeon of 2026-12-06. Without bf16 instructions it is emulated (about 10x slower). The environment variable
+    RESNET_DIAG_NATIVE_BF16=1|0 overrides the flags (a container that hides them, a CPU not measured yet, or a test
+    that runs as the other kind of CPU would)."""
     override = os.environ.get(NATIVE_BF16_VARIABLE)
     if override is not None:
         if override.strip() not in ("0", "1"):
             raise UserError(f"{NATIVE_BF16_VARIABLE} must be 1 (the CPU has native bf16) or 0, not {override!r}")
-        return override.strip() == "1"
-    return "amx_bf16" in cpu_flags()
+        return override.strip() == "1", f"{NATIVE_BF16_VARIABLE}={override.strip()}"
+    flags = cpu_flags()
+    if "amx_bf16" in flags:
+        return True, "this CPU has AMX (amx_bf16)"
+    if "avx512_bf16" not in flags:
+        return False, "this CPU has no bf16 instructions (amx_bf16, avx512_bf16)"
+    if cpu_info("vendor_id") == "AuthenticAMD":
+        return True, "this AMD CPU has avx512_bf16 (measured 1.6x faster than fp32 on a Zen 4)"
+    return False, "this CPU has avx512_bf16 but no AMX (amx_bf16; measured 1.3x slower than fp32 on such a Xeon)"
 
 
 def native_bf16(device: torch.device) -> tuple[bool, str]:
@@ -107,8 +116,7 @@ def native_bf16(device: torch.device) -> tuple[bool, str]:
     if device.type == "cuda":
         native = torch.cuda.is_bf16_supported(including_emulation=False)
         return native, f"{torch.cuda.get_device_name(device)} {'has' if native else 'lacks'} native bf16"
-    native = cpu_has_native_bf16()
-    return native, f"this CPU {'has AMX (amx_bf16)' if native else 'lacks AMX (amx_bf16)'}"
+    return cpu_native_bf16()
 
 
 def resolve_precision(config: Config, device: torch.device) -> torch.dtype | None:
@@ -120,9 +128,10 @@ def resolve_precision(config: Config, device: torch.device) -> torch.dtype | Non
             native, why = native_bf16(device)
             precision, reason = ("bf16" if native else "fp32"), f"auto: {why}"
         config.precision_used, config.precision_reason = precision, reason
-    if config.precision_used == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
-        print("warning: this CPU has no AMX (amx_bf16); bf16 autocast will be slower than fp32",
-              file=sys.stderr)
+    if config.precision_used == "bf16" and device.type == "cpu":
+        native, why = cpu_native_bf16()
+        if not native:
+            print(f"warning: bf16 autocast will be slower than fp32 here: {why}", file=sys.stderr)
     return AUTOCAST[config.precision_used]
 
 
