@@ -3,7 +3,8 @@ timing, and the report (a table, then one `summary:` line per target saying whet
 
 A figure only means something next to the machine it came from, so every benchmark prints that machine first:
 CPU model, torch threads, the kernels torch dispatches to (`torch.backends.cpu.get_cpu_capability()`), the
-CPU flags that decide bf16 (avx512f, avx512_bf16, amx_bf16) and the GPU.
+CPU flags that bear on bf16 (avx512f, avx512_bf16, amx_bf16; which, with the vendor, make it native:
+`train.trainer.cpu_native_bf16`) and the GPU.
 """
 import argparse
 import contextlib
@@ -29,7 +30,7 @@ from train.progress import Progress
 from train.step import TrainStep
 from train.trainer import choose_device, cpu_flags, cpu_info, native_bf16, train_epoch
 
-BF16_FLAGS = ("avx512f", "avx512_bf16", "amx_bf16")  # which of them make bf16 native: train.trainer.cpu_native_bf16
+BF16_FLAGS = ("avx512f", "avx512_bf16", "amx_bf16")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -73,7 +74,7 @@ def cpu_model() -> str:
 
 
 def flags_text() -> str:
-    """`avx512f no, avx512_bf16 no, amx_bf16 no`: the flags that decide bf16 on a CPU."""
+    """`avx512f no, avx512_bf16 no, amx_bf16 no`: the flags that bear on bf16 on a CPU."""
     present = cpu_flags()
     return ", ".join(f"{flag} {'yes' if flag in present else 'no'}" for flag in BF16_FLAGS)
 
@@ -97,7 +98,7 @@ def bf16_plan(device: torch.device, forced: bool) -> tuple[bool, bool, str]:
     if native:
         return True, True, why
     if forced:
-        return True, False, f"--bf16 was given, though not native here ({why}): expect it slower than fp32"
+        return True, False, f"--bf16 was given, though bf16 is not native here: {why}"
     return False, False, f"no native bf16: {why}; --bf16 forces it"
 
 

@@ -119,8 +119,9 @@ def assert_no_hooks(model: nn.Module) -> None:
 
 def pytest_addoption(parser):
     parser.addoption("--cpu-bf16", choices=("native", "emulated"),
-                     help="run the suite as a CPU with (native) or without (emulated) native bf16 would: sets "
-                          "RESNET_DIAG_NATIVE_BF16 for the tests and the commands they start")
+                     help="run the suite as a CPU with (native) or without (emulated: emulated or slower than "
+                          "fp32) native bf16 would: sets RESNET_DIAG_NATIVE_BF16 for the tests and the commands "
+                          "they start")
 
 
 def pytest_configure(config):

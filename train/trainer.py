@@ -102,13 +102,17 @@ def cpu_native_bf16() -> tuple[bool, str]:
             raise UserError(f"{NATIVE_BF16_VARIABLE} must be 1 (the CPU has native bf16) or 0, not {override!r}")
         return override.strip() == "1", f"{NATIVE_BF16_VARIABLE}={override.strip()}"
     flags = cpu_flags()
+    if not flags:
+        return False, (f"this CPU's flags could not be read (/proc/cpuinfo); {NATIVE_BF16_VARIABLE}=1 if it has "
+                       "native bf16")
     if "amx_bf16" in flags:
         return True, "this CPU has AMX (amx_bf16)"
     if "avx512_bf16" not in flags:
-        return False, "this CPU has no bf16 instructions (amx_bf16, avx512_bf16)"
+        return False, "this CPU has no bf16 instructions (neither amx_bf16 nor avx512_bf16)"
     if cpu_info("vendor_id") == "AuthenticAMD":
-        return True, "this AMD CPU has avx512_bf16 (measured 1.6x faster than fp32 on a Zen 4)"
-    return False, "this CPU has avx512_bf16 but no AMX (amx_bf16; measured 1.3x slower than fp32 on such a Xeon)"
+        return True, "this AMD CPU has avx512_bf16, measured 1.6x faster than fp32 on a Zen 4"
+    return False, ("this CPU has avx512_bf16 but neither AMX nor an AMD core; "
+                   "measured 1.3x slower than fp32 on an Intel Xeon without AMX")
 
 
 def native_bf16(device: torch.device) -> tuple[bool, str]:
@@ -131,7 +135,8 @@ def resolve_precision(config: Config, device: torch.device) -> torch.dtype | Non
     if config.precision_used == "bf16" and device.type == "cpu":
         native, why = cpu_native_bf16()
         if not native:
-            print(f"warning: bf16 autocast will be slower than fp32 here: {why}", file=sys.stderr)
+            print(f"warning: training in bf16 where it is not native ({why}): expect it slower than fp32",
+                  file=sys.stderr)
     return AUTOCAST[config.precision_used]
 
 
