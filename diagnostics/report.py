@@ -499,7 +499,7 @@ def write_pdf(path: Path, page: dict) -> None:
                 pages.text(line.strip(), size=7.5, space_after=0.03)
         pages.text("Runs", size=11, weight="bold")
         for run in page["runs"]:
-            pages.text(f"{run.label}: {run.text} ({run.dataset}, {run.epochs} epochs)", size=8)
+            pages.text(f"{run.label}: {run.text} ({run.dataset}, {run.epochs} epochs, {run.precision})", size=8)
         pages.text("Sections", size=11, weight="bold")
         for view in page["sections"]:
             pages.text(f"{view.title}: {view.status}", size=8)

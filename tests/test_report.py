@@ -91,6 +91,9 @@ def test_the_page_holds_every_sections_figure_definition_table_command_and_prove
         epochs = " --epochs last" if name == "evaluate" else ""
         assert str(escape(f"python -m diagnostics.{name} {inputs}{epochs} --out {made.out}")) in made.html
         assert str(escape(ds.attrs["created"])) in made.html
+    for run in runs:  # what each run trained in, as its config.json says: a spike's size depends on it
+        config = json.loads((run / "config.json").read_text())
+        assert f"<td>{config['epochs']}</td><td>{config['precision_used']} on {config['device_used']}</td>" in made.html
     commit = torch.load(runs[0] / "epoch_002.pt", weights_only=True)["provenance"]["git_commit"]
     assert (commit or "not trained from a git checkout") in made.html
     pdf = (made.out / "report.pdf").read_bytes()
